@@ -1,0 +1,5 @@
+import sys
+
+from jax_brainage.cli import main
+
+sys.exit(main())
