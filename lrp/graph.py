@@ -1,0 +1,661 @@
+"""Program transformation: trace a model, find its rule sites, re-evaluate it with LRP backward rules.
+
+`trace` turns `apply_fn(variables, x)` into a flat list of primitive equations (jit, custom_jvp,
+custom_vjp, closed_call and remat sub-programs are inlined), each with its flax module path from
+`eqn.source_info.name_stack` (e.g. 'MRInet/conv1'). `analyse` finds the rule sites:
+
+- linear:  conv_general_dilated / dot_general with one input-dependent operand (nn.Conv, nn.Dense,
+           nn.ConvTranspose, einsum...), with the bias add (and, with a BatchNorm canonizer, the
+           per-element affine maps right after and right before it) folded in;
+- norm:    reduce_window_sum (sum and average pooling), reduce_sum (global pooling, means) and
+           the add/sub of two different activations (residual connections);
+- pass:    element-wise functions of one activation (ReLU, GELU, dividing by a constant, ...),
+           grouped by the activation they are computed from ('activation'); those with a
+           parameter operand are 'affine' (an unfolded BatchNorm) and have no default rule.
+
+Everything else (reshape, max-pooling, slicing, concatenation, ...) is re-bound as it is: its own
+VJP routes relevance (max-pooling: winner takes all). `Interpreter` evaluates the program with each
+site replaced by a `jax.custom_vjp` function whose backward pass is the site's rule, so that the
+VJP of the re-evaluated program is the relevance. Parameters are ordinary arguments: nothing is
+mutated, and the whole computation is one jittable, vmappable function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable, Optional
+
+import jax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
+import numpy as np
+
+from lrp.core import UnsupportedLayerError
+
+# ---------------------------------------------------------------------------------------------
+# Tracing and inlining
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class Const:
+  """A literal or a captured constant operand."""
+  value: Any
+
+
+@dataclasses.dataclass(eq=False)
+class Eqn:
+  prim: Any
+  params: dict
+  ins: list  # int (value id) or Const
+  outs: list  # int value ids
+  name: str  # module path, e.g. 'MRInet/conv1' ('' outside any module)
+
+
+@dataclasses.dataclass(eq=False)
+class Program:
+  """A flat program: value ids 0..n_params-1 are the parameter leaves, `data_id` is x."""
+  eqns: list
+  param_ids: list
+  data_id: int
+  out: Any  # int or Const
+  avals: dict  # id -> ShapedArray
+  treedef: Any
+
+
+_CALL_PARAMS = {
+    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+}
+
+
+def _join(prefix: str, name: str) -> str:
+  return "/".join(s for s in (prefix, name) if s)
+
+
+def _inline(jaxpr, consts, in_atoms, prefix, prog, counter):
+  env = {}
+
+  def read(a):
+    if isinstance(a, jex_core.Literal):
+      return Const(a.val)
+    return env[a]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = Const(c)
+  for v, a in zip(jaxpr.invars, in_atoms):
+    env[v] = a
+  for e in jaxpr.eqns:
+    ins = [read(a) for a in e.invars]
+    name = _join(prefix, str(e.source_info.name_stack))
+    key = _CALL_PARAMS.get(e.primitive.name)
+    sub = e.params.get(key) if key else None
+    if sub is not None:
+      if isinstance(sub, jex_core.ClosedJaxpr):
+        sub_jaxpr, sub_consts = sub.jaxpr, sub.consts
+      else:
+        sub_jaxpr, sub_consts = sub, ()
+      if len(sub_jaxpr.invars) != len(ins):  # e.g. custom_vjp variants with extra operands
+        ins = ins[len(ins) - len(sub_jaxpr.invars):]
+      outs = _inline(sub_jaxpr, sub_consts, ins, name, prog, counter)
+      for v, o in zip(e.outvars, outs):
+        env[v] = o
+      continue
+    outs = []
+    for v in e.outvars:
+      i = counter[0]
+      counter[0] += 1
+      prog.avals[i] = v.aval
+      env[v] = i
+      outs.append(i)
+    prog.eqns.append(Eqn(e.primitive, dict(e.params), ins, outs, name))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def trace(apply_fn: Callable, variables, x) -> Program:
+  """Flat program of `apply_fn(variables, x)` (x: one array, output: one array)."""
+  leaves, treedef = jax.tree.flatten(variables)
+
+  def flat_fn(leaves, x):
+    return apply_fn(jax.tree.unflatten(treedef, leaves), x)
+
+  closed = jax.make_jaxpr(flat_fn)(leaves, x)
+  jaxpr = closed.jaxpr
+  if len(jaxpr.outvars) != 1:
+    raise UnsupportedLayerError(
+        f"apply_fn must return one array [batch] or [batch, k], got {len(jaxpr.outvars)} outputs")
+  prog = Program([], [], -1, None, {}, treedef)
+  n = len(jaxpr.invars)
+  for i, v in enumerate(jaxpr.invars):
+    prog.avals[i] = v.aval
+  prog.param_ids = list(range(n - 1))
+  prog.data_id = n - 1
+  counter = [n]
+  outs = _inline(jaxpr, closed.consts, list(range(n)), "", prog, counter)
+  prog.out = outs[0]
+  return prog
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: rule sites
+# ---------------------------------------------------------------------------------------------
+
+_ELEMENTWISE = frozenset("""
+neg sign floor ceil round is_finite abs exp exp2 log log1p expm1 tanh logistic sin cos tan asin
+acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt erf erfc erf_inv lgamma digamma
+integer_pow pow square reciprocal max min add sub mul div rem atan2 nextafter select_n clamp
+convert_element_type copy copy_p eq ne lt le gt ge and or not xor stop_gradient
+""".split())
+_AFFINE = frozenset({"add", "sub", "mul", "div"})
+_STRUCTURAL_NONNEG = frozenset("""
+reshape transpose broadcast_in_dim squeeze expand_dims slice dynamic_slice
+reduce_window_max reduce_max concatenate convert_element_type copy copy_p rev gather
+reduce_window_sum reduce_sum cumsum cummax
+""".split())
+
+
+@dataclasses.dataclass(eq=False)
+class Site:
+  kind: str  # 'conv' | 'conv_transpose' | 'dense' | 'sum_pool' | 'sum' | 'residual' | 'activation' | 'affine'
+  name: str
+  first: bool = False
+  rule: Any = None
+
+  @property
+  def category(self) -> str:
+    if self.kind in ("conv", "conv_transpose", "dense"):
+      return "linear"
+    if self.kind in ("activation", "affine"):
+      return "pass"
+    return "norm"
+
+
+@dataclasses.dataclass(eq=False)
+class LinearSite(Site):
+  eqn: Eqn = None
+  x_pos: int = 0  # operand position of the activation
+  w: Any = None  # atom of the weight operand
+  root: int = -1  # value id of the (canonized) layer input
+  in_chain: list = dataclasses.field(default_factory=list)  # (op, atom, data_pos), root -> eqn input
+  out_chain: list = dataclasses.field(default_factory=list)  # (op, atom, data_pos), eqn out -> out
+  out: int = -1
+  x_nonneg: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class NormSite(Site):
+  eqn: Eqn = None
+  data_pos: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class GroupSite(Site):
+  root: int = -1
+
+
+@dataclasses.dataclass(eq=False)
+class Plan:
+  program: Program
+  steps: list  # ('eqn', Eqn) | ('site', LinearSite|NormSite) | ('member', Eqn, GroupSite)
+  sites: list
+  data: set
+  param: set
+
+
+def _conv_kind(eqn):
+  if eqn.prim.name == "dot_general":
+    return "dense"
+  if any(d > 1 for d in eqn.params.get("lhs_dilation", ()) or ()):
+    return "conv_transpose"
+  return "conv"
+
+
+def analyse(prog: Program, fold_affine: bool = False) -> Plan:
+  """Find the rule sites of a program (see the module docstring)."""
+  eqns = prog.eqns
+  data = {prog.data_id}
+  param = set(prog.param_ids)
+  for e in eqns:
+    ids = [a for a in e.ins if isinstance(a, int)]
+    if any(a in data for a in ids):
+      data.update(e.outs)
+    elif any(a in param for a in ids):
+      param.update(e.outs)
+  consumers: dict = {}
+  producer: dict = {}
+  for k, e in enumerate(eqns):
+    for a in e.ins:
+      if isinstance(a, int):
+        consumers.setdefault(a, []).append(k)
+    for o in e.outs:
+      producer[o] = k
+  if isinstance(prog.out, int):
+    consumers.setdefault(prog.out, []).append(-1)
+
+  def is_data(a):
+    return isinstance(a, int) and a in data
+
+  def shape(a):
+    return tuple(prog.avals[a].shape) if isinstance(a, int) else tuple(np.shape(a.value))
+
+  def affine_step(e, cur):
+    """(op, other atom, data position) if e is an affine map of `cur` by a constant operand."""
+    if e.prim.name not in _AFFINE or len(e.ins) != 2:
+      return None
+    dpos = [i for i, a in enumerate(e.ins) if is_data(a)]
+    if len(dpos) != 1 or e.ins[dpos[0]] != cur or shape(e.outs[0]) != shape(cur):
+      return None
+    if e.prim.name == "div" and dpos[0] != 0:
+      return None
+    return (e.prim.name, e.ins[1 - dpos[0]], dpos[0])
+
+  claimed: dict = {}  # eqn index -> site
+  site_end: dict = {}  # eqn index where a site is evaluated -> site
+  sites = []
+  # Linear sites, in program order, with their bias (and folded affine maps).
+  for k, e in enumerate(eqns):
+    if e.prim.name not in ("conv_general_dilated", "dot_general") or not is_data(e.outs[0]):
+      continue
+    dpos = [i for i, a in enumerate(e.ins) if is_data(a)]
+    if len(dpos) != 1:
+      raise UnsupportedLayerError(
+          f"layer '{e.name or e.prim.name}': {e.prim.name} of two activations (bilinear) has no LRP rule")
+    site = LinearSite(kind=_conv_kind(e), name=e.name, eqn=e, x_pos=dpos[0], w=e.ins[1 - dpos[0]])
+    claimed[k] = site
+    end = k
+    cur = e.outs[0]
+    while True:
+      cons = consumers.get(cur, [])
+      if len(cons) != 1 or cons[0] < 0:
+        break
+      step = affine_step(eqns[cons[0]], cur)
+      if step is None or cons[0] in claimed or (
+          step[0] in ("mul", "div") and not (fold_affine and step[1] in param)):
+        break
+      site.out_chain.append(step)
+      claimed[cons[0]] = site
+      end = cons[0]
+      cur = eqns[end].outs[0]
+    site.out = cur
+    u = e.ins[dpos[0]]
+    while fold_affine and u in producer:
+      pk = producer[u]
+      pe = eqns[pk]
+      if pk in claimed or consumers.get(u, []) != [k if not site.in_chain else site.in_chain[0][3]]:
+        break
+      d = [a for a in pe.ins if is_data(a)]
+      if len(d) != 1:
+        break
+      step = affine_step(pe, d[0])
+      if step is None or step[1] not in param:  # only parameters (BatchNorm), not literals
+        break
+      site.in_chain.insert(0, step + (pk,))
+      claimed[pk] = site
+      u = d[0]
+    site.in_chain = [s[:3] for s in site.in_chain]
+    site.root = u
+    site_end[end] = site
+    sites.append(site)
+
+  # Norm sites and element-wise groups.
+  root_of: dict = {}
+  groups: dict = {}
+  steps = []
+  for k, e in enumerate(eqns):
+    if k in claimed:
+      if k in site_end:
+        steps.append(("site", site_end[k]))
+      continue
+    if not any(is_data(a) for a in e.ins):
+      steps.append(("eqn", e))
+      continue
+    pname = e.prim.name
+    if pname in ("reduce_window_sum", "reduce_sum"):
+      site = NormSite(kind="sum_pool" if pname == "reduce_window_sum" else "sum", name=e.name,
+                      eqn=e, data_pos=[0])
+      sites.append(site)
+      steps.append(("site", site))
+      continue
+    if pname in _ELEMENTWISE and len(e.outs) == 1:
+      dops = [a for a in e.ins if is_data(a)]
+      roots = {root_of.get(a, a) for a in dops}
+      out_shape = shape(e.outs[0])
+      if len(roots) == 1 and all(shape(a) == out_shape for a in dops) and shape(next(iter(roots))) == out_shape:
+        r = next(iter(roots))
+        g = groups.get(r)
+        if g is None:
+          g = groups[r] = GroupSite(kind="activation", name=e.name, root=r)
+          sites.append(g)
+        if any(isinstance(a, int) and a in param for a in e.ins):
+          g.kind = "affine"
+          g.name = e.name
+        root_of[e.outs[0]] = r
+        steps.append(("member", e, g))
+        continue
+      if pname in ("add", "sub") and len(dops) == 2 and shape(dops[0]) == shape(dops[1]) == out_shape:
+        site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1])
+        sites.append(site)
+        steps.append(("site", site))
+        continue
+    if pname in ("add_any",) and len(e.ins) == 2:
+      site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1])
+      sites.append(site)
+      steps.append(("site", site))
+      continue
+    steps.append(("eqn", e))
+
+  _mark_nonneg_and_first(prog, steps, data, param)
+  return Plan(prog, steps, sites, data, param)
+
+
+def _literal_nonneg(a) -> bool:
+  if not isinstance(a, Const):
+    return False
+  try:
+    return bool(np.all(np.asarray(a.value) >= 0))
+  except Exception:  # noqa: BLE001 - non-numeric constants
+    return False
+
+
+def _mark_nonneg_and_first(prog, steps, data, param):
+  """Which activations are >= 0 (for the cost shortcut) and which linear sites come first."""
+  nonneg = set()
+  upstream = set()  # activations with a linear site upstream on the data path
+
+  def nn_(a):
+    return (isinstance(a, int) and a in nonneg) or _literal_nonneg(a)
+
+  for step in steps:
+    if step[0] == "site" and isinstance(step[1], LinearSite):
+      s = step[1]
+      s.x_nonneg = s.root in nonneg
+      s.first = s.root not in upstream
+      upstream.add(s.out)
+      continue
+    e = step[1].eqn if step[0] == "site" else step[1]
+    ins = e.ins
+    if any(isinstance(a, int) and a in upstream for a in ins):
+      upstream.update(e.outs)
+    name = e.prim.name
+    if name == "max":
+      ok = any(nn_(a) for a in ins)
+    elif name in ("abs", "exp", "exp2", "logistic", "sqrt", "rsqrt", "square"):
+      ok = True
+    elif name == "integer_pow":
+      ok = e.params.get("y", 1) % 2 == 0
+    elif name in ("add", "mul", "min", "concatenate", "clamp"):
+      ok = all(nn_(a) for a in ins)
+    elif name == "select_n":
+      ok = all(nn_(a) for a in ins[1:])
+    elif name == "pad":
+      ok = nn_(ins[0]) and nn_(ins[1])
+    elif name in _STRUCTURAL_NONNEG:
+      ok = nn_(ins[0])
+    else:
+      ok = False
+    if ok:
+      nonneg.update(e.outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The effective linear layer seen by the rules
+# ---------------------------------------------------------------------------------------------
+
+
+class LinearLayer:
+  """Static structure of a linear site: out = A * lin(a * x, w) + b (A, a: folded element-wise
+  scales of a canonized BatchNorm after/before the layer, b: effective bias, all optional).
+
+  Parameters travel separately as a dict pytree p = {'w', 'a', 'A', 'b'} (absent keys: None).
+  `forward(x, p, mode)` is the linear map (no bias) with the effective weights unmodified ('w'),
+  restricted to their positive ('pos') or negative ('neg') part, squared ('sq') or replaced by
+  ones ('ones'); `transpose(x, p, mode, s)` is its transpose applied to s (shape of x).
+  """
+
+  def __init__(self, site: LinearSite, x_nonneg: bool):
+    self.prim = site.eqn.prim
+    self.params = site.eqn.params
+    self.x_pos = site.x_pos
+    self.x_nonneg = x_nonneg
+    self.name = site.name
+
+  def lin(self, x, w):
+    args = (x, w) if self.x_pos == 0 else (w, x)
+    return self.prim.bind(*args, **self.params)
+
+  def forward(self, x, p, mode="w"):
+    w, a, A = p["w"], p.get("a"), p.get("A")
+    if mode == "ones":
+      return self.lin(x, jnp.ones_like(w))
+    if mode == "sq":
+      y = self.lin(x if a is None else jnp.square(a) * x, jnp.square(w))
+      return y if A is None else jnp.square(A) * y
+    if mode == "w":
+      y = self.lin(x if a is None else a * x, w)
+      return y if A is None else A * y
+    # Effective weight A_j w_ji a_i has the sign of the product of the three signs.
+    want = 1 if mode == "pos" else -1
+    total = 0.0
+    for ws, wpart in ((1, jnp.maximum(w, 0)), (-1, jnp.minimum(w, 0))):
+      for As, Apart in ((1, None if A is None else jnp.maximum(A, 0)),
+                        (-1, None if A is None else jnp.minimum(A, 0))):
+        if A is None and As < 0:
+          continue
+        for as_, apart in ((1, None if a is None else jnp.maximum(a, 0)),
+                           (-1, None if a is None else jnp.minimum(a, 0))):
+          if a is None and as_ < 0:
+            continue
+          if ws * As * as_ != want:
+            continue
+          y = self.lin(x if apart is None else apart * x, wpart)
+          total = total + (y if Apart is None else Apart * y)
+    return total
+
+  def transpose(self, x, p, mode, s):
+    _, vjp = jax.vjp(lambda u: self.forward(u, p, mode), x)
+    return vjp(s.astype(x.dtype) if s.dtype != x.dtype else s)[0]
+
+  def bias(self, p):
+    return p.get("b")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+def _fold_chain(chain, read, shape, dtype):
+  """(scale, shift) of a chain of affine steps, both broadcast to `shape` (None if identity)."""
+  A = B = None
+  for op, atom, dpos in chain:
+    v = jnp.broadcast_to(jnp.asarray(read(atom), dtype), shape)
+    if op == "add":
+      B = v if B is None else B + v
+    elif op == "sub" and dpos == 0:
+      B = -v if B is None else B - v
+    elif op == "sub":
+      A = -jnp.ones(shape, dtype) if A is None else -A
+      B = v if B is None else v - B
+    elif op == "mul":
+      A = v if A is None else A * v
+      B = None if B is None else B * v
+    else:  # div by the constant operand
+      A = 1.0 / v if A is None else A / v
+      B = None if B is None else B / v
+  return A, B
+
+
+def _zeros_like_tree(p):
+  return jax.tree.map(jnp.zeros_like, p)
+
+
+def _linear_site_fn(rule, layer: LinearLayer):
+  @jax.custom_vjp
+  def f(x, p):
+    z = layer.forward(x, p, "w")
+    return z if p.get("b") is None else z + p["b"]
+
+  def fwd(x, p):
+    z = f(x, p)
+    return z, (x, p, z)
+
+  def bwd(res, R):
+    x, p, z = res
+    return rule.linear(layer, x, p, z, R).astype(x.dtype), _zeros_like_tree(p)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def _norm_site_fn(rule, eqn: Eqn, data_pos):
+  def fn(*xs):
+    args = list(eqn.ins)
+    for i, x in zip(data_pos, xs):
+      args[i] = x
+    args = [a.value if isinstance(a, Const) else a for a in args]
+    return eqn.prim.bind(*args, **eqn.params)
+
+  @jax.custom_vjp
+  def f(*xs):
+    return fn(*xs)
+
+  def fwd(*xs):
+    y = fn(*xs)
+    return y, (xs, y)
+
+  def bwd(res, R):
+    xs, y = res
+    return tuple(r.astype(x.dtype) for r, x in zip(rule.norm(fn, xs, y, R), xs))
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+@jax.custom_vjp
+def _pass_to_root(root, value):
+  return value
+
+
+def _pass_fwd(root, value):
+  return value, (jnp.zeros_like(root), jnp.zeros_like(value))
+
+
+def _pass_bwd(res, R):
+  zr, zv = res
+  return R.astype(zr.dtype).reshape(zr.shape), zv
+
+
+_pass_to_root.defvjp(_pass_fwd, _pass_bwd)
+
+
+def _is_float(x):
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def evaluate(plan: Plan, leaves, x, probes_in=None, probes_out=None):
+  """Re-evaluate the program with the rules installed; the VJP of this function is the relevance.
+
+  Args:
+    plan: from `analyse`, with a rule on every site.
+    leaves: the parameter leaves (flattened variables).
+    x: the input, [batch, ...].
+    probes_in / probes_out: {site: zeros} added to a site's input / output, so that the
+      cotangent of a probe is the relevance at that layer's input / output.
+  Returns:
+    the model output (same value as apply_fn(variables, x)).
+  """
+  prog = plan.program
+  probes_in = probes_in or {}
+  probes_out = probes_out or {}
+  env = dict(zip(prog.param_ids, leaves))
+  env[prog.data_id] = x
+
+  def read(a):
+    return a.value if isinstance(a, Const) else env[a]
+
+  for step in plan.steps:
+    kind = step[0]
+    if kind == "eqn":
+      e = step[1]
+      out = e.prim.bind(*[read(a) for a in e.ins], **e.params)
+      for o, v in zip(e.outs, out if e.prim.multiple_results else [out]):
+        env[o] = v
+    elif kind == "member":
+      e, g = step[1], step[2]
+      vals = [jax.lax.stop_gradient(read(a)) if isinstance(a, int) and a in plan.data else read(a)
+              for a in e.ins]
+      out = e.prim.bind(*vals, **e.params)
+      if _is_float(out) and _is_float(env[g.root]):
+        out = _pass_to_root(env[g.root], out)  # Pass: relevance goes to the group's input
+      env[e.outs[0]] = out
+    else:
+      site = step[1]
+      if isinstance(site, LinearSite):
+        xin = env[site.root]
+        if site in probes_in:
+          xin = xin + probes_in[site]
+        e = site.eqn
+        w = read(site.w)
+        zshape = tuple(prog.avals[e.outs[0]].shape)
+        dtype = jnp.result_type(prog.avals[e.outs[0]].dtype)
+        a, c = _fold_chain(site.in_chain, read, tuple(xin.shape), xin.dtype)
+        A, B = _fold_chain(site.out_chain, read, zshape, dtype)
+        layer = LinearLayer(site, site.x_nonneg)
+        bias = B
+        if c is not None:  # a BatchNorm shift before the layer becomes part of its bias
+          cb = layer.forward(c, {"w": w, "A": A}, "w")
+          bias = cb if bias is None else bias + cb
+        p = {"w": w}
+        if a is not None:
+          p["a"] = a
+        if A is not None:
+          p["A"] = A
+        if bias is not None:
+          p["b"] = bias
+        out = _linear_site_fn(site.rule, layer)(xin, p)
+        if site in probes_out:
+          out = out + probes_out[site]
+        env[site.out] = out
+      else:
+        e = site.eqn
+        xs = [read(e.ins[i]) for i in site.data_pos]
+        if site in probes_in:
+          xs = [v + probes_in[site][j] for j, v in enumerate(xs)]
+        out = _norm_site_fn(site.rule, e, site.data_pos)(*xs)
+        if site in probes_out:
+          out = out + probes_out[site]
+        env[e.outs[0]] = out
+  return read(prog.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+
+def name_matches(pattern: str, name: str) -> bool:
+  """Whether a layer-name pattern selects a module path.
+
+  A pattern matches the full path ('MRInet/conv1'), any suffix of it at a '/' boundary
+  ('conv1', 'block1/conv1'), or, with wildcards, as an fnmatch glob over the full path or a
+  suffix ('*conv*', 'block?/conv1').
+  """
+  if not name:
+    return False
+  parts = name.split("/")
+  suffixes = ["/".join(parts[i:]) for i in range(len(parts))]
+  return any(s == pattern or fnmatch.fnmatchcase(s, pattern) for s in suffixes)
+
+
+def find_site(plan: Plan, name: str, categories=("linear", "norm")) -> Site:
+  """The one site selected by `name` (see `name_matches`), else LRPError listing the names."""
+  hits = [s for s in plan.sites if s.category in categories and name_matches(name, s.name)]
+  exact = [s for s in hits if s.name == name]
+  hits = exact or hits
+  if len(hits) != 1:
+    names = sorted({s.name for s in plan.sites if s.category in categories})
+    what = "no layer" if not hits else f"{len(hits)} layers"
+    raise UnsupportedLayerError(f"layer name {name!r} selects {what}; layers are: {', '.join(names)}")
+  return hits[0]
