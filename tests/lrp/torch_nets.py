@@ -10,7 +10,8 @@ Three nets, each a small version of something the study or a user of `lrp` relie
   times, flatten, dense + ReLU, dense 1. The 3/2 SAME pool has overlapping windows and
   asymmetric padding (XLA puts the odd pad voxel at the high end).
 - `batchnorm_net`: BatchNorm after convs and after a dense layer (eval mode, random running
-  statistics), folded by zennit's SequentialMergeBatchNorm and by `lrp.canonizers`.
+  statistics), folded by zennit's SequentialMergeBatchNorm (with upstream's fix of 0.5.1's
+  inexact identity, see `_exact_merge_batch_norm`) and by `lrp.canonizers`.
 - `residual_avgpool_net`: a residual block (conv + ReLU + conv, added to the block input) and
   average pooling. zennit has no rule for a plain `+` (it is not a module), so the torch replica
   adds through zennit's own `Sum` layer (stack, then sum), which zennit's composites map to the
@@ -396,13 +397,40 @@ def torch_forward(net: str, variables, x: np.ndarray) -> np.ndarray:
     return model(_to_torch_input(x))[:, 0].numpy()
 
 
+def _exact_merge_batch_norm():
+  """zennit's SequentialMergeBatchNorm with the merged BatchNorm made exactly the identity.
+
+  zennit 0.5.1 folds the statistics into the preceding layer and then sets the BatchNorm to
+  mean 0, var 1, scale 1, shift 0 but keeps its eps, so the "identity" divides by sqrt(1 + eps):
+  every folded BN scales the net by (1 + 1e-5)^-1/2, 1.5e-5 relative for three of them, more than
+  this check's tolerance and not what a canonizer should do. zennit fixed it upstream (it set eps
+  to 0, and since chr5tphr/zennit#240, for torch >= 2.10, var = eps = 0.5); this applies that fix.
+  """
+  import torch
+
+  zennit = import_zennit()
+
+  class ExactSequentialMergeBatchNorm(zennit.canonizers.SequentialMergeBatchNorm):
+    def register(self, linears, batch_norm):
+      self.batch_norm_eps = batch_norm.eps
+      super().register(linears, batch_norm)
+      batch_norm.running_var.data = torch.full_like(batch_norm.running_var.data, 0.5)
+      batch_norm.eps = 0.5
+
+    def remove(self):
+      super().remove()
+      self.batch_norm.eps = self.batch_norm_eps
+
+  return ExactSequentialMergeBatchNorm
+
+
 def zennit_composite(name: str, canonize: bool):
   """zennit's composite called `name` (SequentialPresetA built as a LayerMapComposite)."""
   import torch
 
   zennit = import_zennit()
   zc, zr, zt = zennit.composites, zennit.rules, zennit.types
-  canonizers = [zennit.canonizers.SequentialMergeBatchNorm()] if canonize else None
+  canonizers = [_exact_merge_batch_norm()()] if canonize else None
   common = dict(epsilon=EPSILON, stabilizer=STABILIZER, canonizers=canonizers)
   if name == "EpsilonPlus":
     return zc.EpsilonPlus(**common)
@@ -425,21 +453,27 @@ def zennit_composite(name: str, canonize: bool):
   raise ValueError(f"zennit_composite: unknown composite {name!r}")
 
 
-def zennit_relevance(net: str, variables, x: np.ndarray, composite: str) -> np.ndarray:
-  """zennit's relevance for the replica of `net`, starting from the output itself (regression).
+def zennit_attribution(net: str, variables, x: np.ndarray, composite: str):
+  """zennit's output and relevance for the replica of `net`, starting from the output itself.
 
   Args:
     x: input `[batch, x, y, z, 1]`.
   Returns:
-    relevance `[batch, x, y, z, 1]`, float64, channels-last like `x`.
+    (output `[batch]` of the canonized replica under the composite's hooks,
+     relevance `[batch, x, y, z, 1]`), float64, channels-last like `x`.
   """
   zennit = import_zennit()
   model = torch_replica(net, variables)
   inputs = _to_torch_input(x).requires_grad_(True)
   with zennit.attribution.Gradient(
       model, zennit_composite(composite, canonize=net == "batchnorm_net")) as attributor:
-    _, relevance = attributor(inputs, lambda output: output)
-  return np.moveaxis(relevance.detach().numpy(), 1, -1)
+    output, relevance = attributor(inputs, lambda output: output)  # regression: R = f(x)
+  return output.detach().numpy()[:, 0], np.moveaxis(relevance.detach().numpy(), 1, -1)
+
+
+def zennit_relevance(net: str, variables, x: np.ndarray, composite: str) -> np.ndarray:
+  """zennit's relevance `[batch, x, y, z, 1]` (see `zennit_attribution`)."""
+  return zennit_attribution(net, variables, x, composite)[1]
 
 
 def versions() -> dict[str, str]:
