@@ -70,17 +70,21 @@ class Composite:
     layer_map: sequence of (types, rule).
     name_map: sequence of (pattern or patterns, rule), or a dict {pattern: rule}.
     first_map: sequence of (types, rule) for the first linear layer(s) on the data path.
-    canonizers: e.g. (lrp.canonizers.BatchNormFold(),), applied when the model is traced.
+    canonizers: applied when the model is traced; None (every composite's default) means
+      (lrp.canonizers.BatchNormFold(),), () none (an unfolded BatchNorm then raises).
   """
 
   def __init__(self, layer_map: Sequence = (), name_map=(), first_map: Sequence = (),
-               canonizers: Iterable = ()):
+               canonizers: Iterable = None):
     if isinstance(name_map, dict):
       name_map = list(name_map.items())
     self.layer_map = tuple((frozenset(_kinds(t)), r) for t, r in layer_map)
     self.name_map = tuple((_patterns(p), r) for p, r in name_map)
     self.first_map = tuple((frozenset(_kinds(t)), r) for t, r in first_map)
-    self.canonizers = tuple(canonizers or ())
+    if canonizers is None:  # BatchNorm folding is always wanted; canonizers=() switches it off
+      from lrp.canonizers import BatchNormFold
+      canonizers = (BatchNormFold(),)
+    self.canonizers = tuple(canonizers)
 
   def __repr__(self):
     return f"{type(self).__name__}()"
@@ -128,21 +132,21 @@ def _base(stabilizer):
 class LayerMapComposite(Composite):
   """Rules by layer type only (zennit's LayerMapComposite)."""
 
-  def __init__(self, layer_map, canonizers=()):
+  def __init__(self, layer_map, canonizers=None):
     super().__init__(layer_map=layer_map, canonizers=canonizers)
 
 
 class SpecialFirstLayerMapComposite(Composite):
   """Rules by layer type, with a separate map for the first layer on the data path."""
 
-  def __init__(self, layer_map, first_map, canonizers=()):
+  def __init__(self, layer_map, first_map, canonizers=None):
     super().__init__(layer_map=layer_map, first_map=first_map, canonizers=canonizers)
 
 
 class NameMapComposite(Composite):
   """Rules by layer name/path only (zennit's NameMapComposite)."""
 
-  def __init__(self, name_map, canonizers=()):
+  def __init__(self, name_map, canonizers=None):
     super().__init__(name_map=name_map, canonizers=canonizers)
 
 
@@ -150,7 +154,7 @@ class EpsilonPlus(Composite):
   """ZPlus on convolutions (incl. transposed), Epsilon on dense layers (zennit's EpsilonPlus)."""
 
   def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), name_map=(), zero_bias=False,
-               canonizers=()):
+               canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.ZPlus(stabilizer, zero_bias=zero_bias)),
@@ -162,7 +166,7 @@ class EpsilonPlusFlat(Composite):
   """EpsilonPlus with Flat on the first linear layer on the data path (zennit's EpsilonPlusFlat)."""
 
   def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), first_map=(), name_map=(),
-               zero_bias=False, canonizers=()):
+               zero_bias=False, canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.ZPlus(stabilizer, zero_bias=zero_bias)),
@@ -175,7 +179,7 @@ class EpsilonAlpha2Beta1(Composite):
   """AlphaBeta(2, 1) on convolutions, Epsilon on dense layers."""
 
   def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), name_map=(), zero_bias=False,
-               canonizers=()):
+               canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.AlphaBeta(2.0, 1.0, stabilizer, zero_bias=zero_bias)),
@@ -187,7 +191,7 @@ class EpsilonAlpha2Beta1Flat(Composite):
   """EpsilonAlpha2Beta1 with Flat on the first linear layer on the data path."""
 
   def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), first_map=(), name_map=(),
-               zero_bias=False, canonizers=()):
+               zero_bias=False, canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.AlphaBeta(2.0, 1.0, stabilizer, zero_bias=zero_bias)),
@@ -206,7 +210,7 @@ class EpsilonGammaBox(Composite):
   """
 
   def __init__(self, low, high, epsilon=1e-6, gamma=0.25, stabilizer=1e-6, layer_map=(),
-               first_map=(), name_map=(), zero_bias=False, canonizers=()):
+               first_map=(), name_map=(), zero_bias=False, canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.Gamma(gamma, stabilizer, zero_bias=zero_bias)),
@@ -221,7 +225,7 @@ class SequentialPresetA(Composite):
   layers, max-pooling winner takes all."""
 
   def __init__(self, epsilon=0.1, stabilizer=1e-6, layer_map=(), name_map=(), zero_bias=False,
-               canonizers=()):
+               canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("convolution", R.AlphaBeta(1.0, 0.0, stabilizer, zero_bias=zero_bias)),
@@ -234,7 +238,7 @@ class EpsilonAll(Composite):
   max-pool networks without biases)."""
 
   def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), name_map=(), zero_bias=False,
-               canonizers=()):
+               canonizers=None):
     super().__init__(
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("linear", R.Epsilon(epsilon, zero_bias=zero_bias))],

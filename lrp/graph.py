@@ -188,6 +188,8 @@ class LinearSite(Site):
 class NormSite(Site):
   eqn: Eqn = None
   data_pos: list = dataclasses.field(default_factory=list)
+  post: list = dataclasses.field(default_factory=list)  # (op, atom): avg = sum / count
+  out: int = -1
 
 
 @dataclasses.dataclass(eq=False)
@@ -314,9 +316,23 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
     pname = e.prim.name
     if pname in ("reduce_window_sum", "reduce_sum"):
       site = NormSite(kind="sum_pool" if pname == "reduce_window_sum" else "sum", name=e.name,
-                      eqn=e, data_pos=[0])
+                      eqn=e, data_pos=[0], out=e.outs[0])
       sites.append(site)
-      steps.append(("site", site))
+      # Average pooling / mean: the division by the window size belongs to the site, so that the
+      # stabiliser acts on the average (as zennit's Norm on AvgPool does).
+      end = k
+      cons = consumers.get(site.out, [])
+      if len(cons) == 1 and cons[0] >= 0:
+        step = affine_step(eqns[cons[0]], site.out)
+        if step is not None and step[0] in ("mul", "div") and step[2] == 0 and step[1] not in param:
+          site.post.append(step[:2])
+          claimed[cons[0]] = site
+          site.out = eqns[cons[0]].outs[0]
+          end = cons[0]
+      if end == k:
+        steps.append(("site", site))
+      else:
+        site_end[end] = site
       continue
     if pname in _ELEMENTWISE and len(e.outs) == 1:
       dops = [a for a in e.ins if is_data(a)]
@@ -335,12 +351,12 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
         steps.append(("member", e, g))
         continue
       if pname in ("add", "sub") and len(dops) == 2 and shape(dops[0]) == shape(dops[1]) == out_shape:
-        site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1])
+        site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1], out=e.outs[0])
         sites.append(site)
         steps.append(("site", site))
         continue
     if pname in ("add_any",) and len(e.ins) == 2:
-      site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1])
+      site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1], out=e.outs[0])
       sites.append(site)
       steps.append(("site", site))
       continue
@@ -376,8 +392,9 @@ def _mark_nonneg_and_first(prog, steps, data, param):
       continue
     e = step[1].eqn if step[0] == "site" else step[1]
     ins = e.ins
+    outs = [step[1].out] if step[0] == "site" else e.outs
     if any(isinstance(a, int) and a in upstream for a in ins):
-      upstream.update(e.outs)
+      upstream.update(outs)
     name = e.prim.name
     if name == "max":
       ok = any(nn_(a) for a in ins)
@@ -395,8 +412,10 @@ def _mark_nonneg_and_first(prog, steps, data, param):
       ok = nn_(ins[0])
     else:
       ok = False
+    if ok and step[0] == "site" and step[1].post:
+      ok = all(_literal_nonneg(a) for _, a in step[1].post)
     if ok:
-      nonneg.update(e.outs)
+      nonneg.update(outs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,13 +528,16 @@ def _linear_site_fn(rule, layer: LinearLayer):
   return f
 
 
-def _norm_site_fn(rule, eqn: Eqn, data_pos):
+def _norm_site_fn(rule, eqn: Eqn, data_pos, post=()):
   def fn(*xs):
     args = list(eqn.ins)
     for i, x in zip(data_pos, xs):
       args[i] = x
     args = [a.value if isinstance(a, Const) else a for a in args]
-    return eqn.prim.bind(*args, **eqn.params)
+    y = eqn.prim.bind(*args, **eqn.params)
+    for op, v in post:
+      y = y * v if op == "mul" else y / v
+    return y
 
   @jax.custom_vjp
   def f(*xs):
@@ -623,10 +645,12 @@ def evaluate(plan: Plan, leaves, x, probes_in=None, probes_out=None):
         xs = [read(e.ins[i]) for i in site.data_pos]
         if site in probes_in:
           xs = [v + probes_in[site][j] for j, v in enumerate(xs)]
-        out = _norm_site_fn(site.rule, e, site.data_pos)(*xs)
+        post = [(op, jnp.broadcast_to(jnp.asarray(read(a)), prog.avals[site.out].shape))
+                for op, a in site.post]
+        out = _norm_site_fn(site.rule, e, site.data_pos, post)(*xs)
         if site in probes_out:
           out = out + probes_out[site]
-        env[e.outs[0]] = out
+        env[site.out] = out
   return read(prog.out)
 
 

@@ -86,7 +86,7 @@ def explain(apply_fn: Callable, variables, x, composite=None, seed=None,
 
   def probe(site):
     if where == "output":
-      out_id = site.out if isinstance(site, graph.LinearSite) else site.eqn.outs[0]
+      out_id = site.out
       return jnp.zeros(avals[out_id].shape, avals[out_id].dtype)
     if isinstance(site, graph.LinearSite):
       return jnp.zeros(avals[site.root].shape, avals[site.root].dtype)
