@@ -1,0 +1,89 @@
+"""MRInet: the source study's brain-age CNN (Hofmann et al. 2022), in flax linen.
+
+Five conv blocks (conv 3^3 or 1^3, SAME, ReLU; max-pool 3^3 stride 2 SAME), flatten, dropout 0.5,
+dense 64 ReLU, dense 1 whose bias starts at the mean training age. No batch norm, so LRP needs
+no canonizer. Channels last: `[batch, x, y, z, channel]`, any number of channels (sequences).
+Flatten order is channels-last as in the authors' Keras models, so their weights map 1:1.
+
+Parameter counts with one input channel (checked in tests): 781,265 at 198^3, 209,873 at 98^3.
+
+Layer names are stable, because LRP composites pick rules by layer name/path:
+`conv1` .. `conv5` (conv1 is the first layer on the data path), `dropout`, `dense1`, `age_head`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_brainage.errors import ConfigError, DataError
+
+# The study's layer table (paper.md): (features, kernel side) per conv block.
+STUDY_CONV_FEATURES = (16, 16, 32, 64, 32)
+STUDY_CONV_KERNELS = (3, 3, 3, 3, 1)
+
+# Keras' defaults (the authors' framework): Glorot-uniform kernels, zero biases.
+_kernel_init = nn.initializers.glorot_uniform()
+
+
+def pooled_size(side: int, num_pools: int = 5) -> int:
+  """Spatial side after `num_pools` SAME max-pools of stride 2: ceil(side / 2) each time."""
+  for _ in range(num_pools):
+    side = -(-side // 2)
+  return side
+
+
+class MRInet(nn.Module):
+  """The study's base model. `__call__(x, train)` returns predicted age `[batch]` (years, f32).
+
+  Attributes:
+    mean_age: initial output bias (years); set to the mean training age so that the untrained
+      net predicts the mean, and LRP relevance is relative to it.
+    conv_features, conv_kernels: per-block output channels and kernel side (the study's default).
+    dense_features: width of the hidden dense layer.
+    dropout_rate: dropout before `dense1`, only active with `train=True` (rng stream 'dropout').
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The age head
+      always computes in float32: bf16 steps are 0.25 years at 32-64 and 0.5 years above 64.
+    param_dtype: parameter dtype (float32).
+  """
+
+  mean_age: float = 50.0
+  conv_features: Sequence[int] = STUDY_CONV_FEATURES
+  conv_kernels: Sequence[int] = STUDY_CONV_KERNELS
+  dense_features: int = 64
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if len(self.conv_features) != len(self.conv_kernels):
+      raise ConfigError(
+          f"MRInet: conv_features {tuple(self.conv_features)} and conv_kernels "
+          f"{tuple(self.conv_kernels)} differ in length")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f"MRInet: dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """x: `[batch, x, y, z, channel]` image in [0, 1]; returns `[batch]` age in years (float32)."""
+    if x.ndim != 5:
+      raise DataError(f"MRInet: input must be [batch, x, y, z, channel], got shape {x.shape}")
+    x = x.astype(self.dtype)
+    for i, (features, k) in enumerate(zip(self.conv_features, self.conv_kernels), start=1):
+      x = nn.Conv(features, (k, k, k), padding="SAME", kernel_init=_kernel_init,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i}")(x)
+      x = nn.relu(x)
+      # Overlapping 3^3 windows with stride 2, padded as Keras/TF "SAME": out = ceil(n / 2).
+      x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding="SAME")
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+    x = nn.Dense(self.dense_features, kernel_init=_kernel_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="dense1")(x)
+    x = nn.relu(x)
+    age = nn.Dense(1, kernel_init=_kernel_init, bias_init=nn.initializers.constant(self.mean_age),
+                   dtype=jnp.float32, param_dtype=self.param_dtype,
+                   name="age_head")(x.astype(jnp.float32))
+    return age[:, 0]

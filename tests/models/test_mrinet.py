@@ -1,0 +1,184 @@
+"""MRInet against the study's numbers, hand-computed sizes and a PyTorch replica (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.models import MRInet, get_model, num_parameters, predicted_age
+
+# Keys of the 'rbg' PRNG: XLA on CPU compiles threefry programs slowly (seconds each).
+KEY = lambda seed: jax.random.key(seed, impl="rbg")
+
+
+def random_params(model, x_shape, seed=0, scale=1.0):
+  """Parameters drawn with numpy (no PRNG compile): N(0, scale^2 / fan_in) kernels and biases."""
+  shapes = jax.eval_shape(lambda: model.init(KEY(0), jnp.zeros(x_shape)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else leaf.shape[0]
+    return jnp.asarray(rng.normal(0, scale / np.sqrt(fan_in), leaf.shape), jnp.float32)
+
+  return jax.tree.map(draw, shapes)
+
+
+# The study's layer table: (features, kernel side); each conv is followed by max-pool 3/2 SAME.
+TABLE = [(16, 3), (16, 3), (32, 3), (64, 3), (32, 1)]
+
+
+def analytic_count(side: tuple[int, int, int], channels: int = 1) -> int:
+  total, c_in = 0, channels
+  for c, k in TABLE:
+    total += k**3 * c_in * c + c
+    c_in = c
+  flat = c_in
+  for s in side:
+    for _ in TABLE:
+      s = math.ceil(s / 2)  # TF "SAME" pooling with stride 2
+    flat *= s
+  return total + flat * 64 + 64 + 64 + 1
+
+
+@pytest.mark.parametrize("side,expected", [(198, 781_265), (98, 209_873)])
+def test_parameter_count_matches_the_study(side, expected):
+  shape = (1, side, side, side, 1)
+  assert analytic_count((side,) * 3) == expected
+  assert num_parameters(MRInet(), shape) == expected
+
+
+def test_parameter_count_with_three_sequences():
+  # Only conv1 grows: 27 weights per extra channel and output feature.
+  assert num_parameters(MRInet(), (1, 98, 98, 98, 3)) == 209_873 + 2 * 27 * 16
+  assert analytic_count((98,) * 3, channels=3) == 209_873 + 2 * 27 * 16
+
+
+def test_layer_names_and_shapes_at_anisotropic_odd_size():
+  # Hand computation of SAME 3/2 pooling, ceil(n / 2) five times:
+  # 33 -> 17 -> 9 -> 5 -> 3 -> 2 ; 20 -> 10 -> 5 -> 3 -> 2 -> 1 ; 27 -> 14 -> 7 -> 4 -> 2 -> 1.
+  shapes = jax.eval_shape(
+      lambda: MRInet().init(KEY(0), jnp.zeros((2, 33, 20, 27, 2))))["params"]
+  assert sorted(shapes) == ["age_head", "conv1", "conv2", "conv3", "conv4", "conv5", "dense1"]
+  assert shapes["conv1"]["kernel"].shape == (3, 3, 3, 2, 16)
+  assert shapes["conv5"]["kernel"].shape == (1, 1, 1, 64, 32)
+  assert shapes["dense1"]["kernel"].shape == (2 * 1 * 1 * 32, 64)
+  assert shapes["age_head"]["kernel"].shape == (64, 1)
+
+
+def _tf_same_pool(x: torch.Tensor) -> torch.Tensor:
+  """Max-pool 3^3 stride 2 with TensorFlow's SAME padding (extra padding goes after)."""
+  pads = []
+  for n in reversed(x.shape[2:]):  # F.pad takes the last dimension first
+    out = -(-n // 2)
+    total = max((out - 1) * 2 + 3 - n, 0)
+    pads += [total // 2, total - total // 2]
+  return F.max_pool3d(F.pad(x, pads, value=-math.inf), 3, stride=2)
+
+
+def _torch_mrinet(params, x: np.ndarray) -> np.ndarray:
+  """Keras MRInet re-typed in PyTorch (NCDHW, float64), weights taken from the flax tree."""
+  t = lambda a: torch.tensor(np.asarray(a, np.float64))
+  h = t(x).permute(0, 4, 1, 2, 3)
+  for i in range(1, 6):
+    p = params[f"conv{i}"]
+    h = F.conv3d(h, t(p["kernel"]).permute(4, 3, 0, 1, 2), t(p["bias"]), padding="same")
+    h = _tf_same_pool(F.relu(h))
+  h = h.permute(0, 2, 3, 4, 1).flatten(1)  # Keras flattens channels-last
+  h = F.relu(h @ t(params["dense1"]["kernel"]) + t(params["dense1"]["bias"]))
+  return (h @ t(params["age_head"]["kernel"]) + t(params["age_head"]["bias"]))[:, 0].numpy()
+
+
+def test_forward_matches_pytorch_replica():
+  model = MRInet(mean_age=47.0)
+  x = np.random.default_rng(1).uniform(size=(2, 33, 20, 27, 2)).astype(np.float32)
+  # Random biases too, so that bias handling and padding placement are both exercised.
+  params = random_params(model, x.shape, seed=2)
+  y = jax.jit(model.apply)({"params": params}, x)
+  assert y.shape == (2,) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), _torch_mrinet(params, np.asarray(x)),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_output_bias_is_mean_age():
+  model = MRInet(mean_age=52.3)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 32, 32, 32, 1)), jnp.float32)
+  params = jax.jit(model.init)(KEY(1), x)["params"]
+  assert all(float(jnp.abs(params[f"conv{i}"]["bias"]).max()) == 0 for i in range(1, 6))
+  assert float(params["age_head"]["bias"][0]) == pytest.approx(52.3)
+  # Zero input through ReLU layers with zero biases: only the output bias remains.
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply({"params": params}, jnp.zeros_like(x)), 52.3, rtol=1e-6)
+  # Zero weights: any input gives the output bias.
+  zeroed = dict(params, age_head=dict(params["age_head"],
+                                      kernel=jnp.zeros_like(params["age_head"]["kernel"])))
+  np.testing.assert_allclose(apply({"params": zeroed}, x), 52.3, rtol=1e-6)
+
+
+def test_dropout_only_in_training():
+  model = MRInet()
+  x = np.random.default_rng(0).uniform(size=(8, 32, 32, 32, 1)).astype(np.float32)
+  variables = {"params": random_params(model, x.shape, seed=1)}
+
+  def run(x, rngs, train):
+    _, state = model.apply(variables, x, train=train, rngs=rngs,
+                           capture_intermediates=lambda m, _: m.name == "dropout")
+    return state["intermediates"]["dropout"]["__call__"][0]
+
+  run = jax.jit(run, static_argnums=2)
+  dropout_output = lambda train, key=None: np.asarray(
+      run(x, {"dropout": key} if key is not None else {}, train))
+  features = dropout_output(False)
+  np.testing.assert_array_equal(features, dropout_output(False, KEY(5)))
+  dropped = dropout_output(True, KEY(5))
+  kept = dropped != 0
+  # Inverted dropout at rate 0.5: kept units are scaled by 1 / (1 - 0.5).
+  np.testing.assert_allclose(dropped[kept], 2 * features[kept], rtol=1e-6)
+  active = features != 0
+  assert active.sum() > 100
+  assert 0.35 < (~kept[active]).mean() < 0.65
+  assert not np.array_equal(dropped, dropout_output(True, KEY(6)))
+  with pytest.raises(Exception, match="dropout"):
+    model.apply(variables, x, train=True)  # training without a dropout key must fail loudly
+
+
+def test_bf16_compute_keeps_float32_params_and_output():
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 32, 1)).astype(np.float32)
+  f32 = MRInet(mean_age=50.0)
+  bf16 = MRInet(mean_age=50.0, dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(lambda: bf16.init(KEY(1), jnp.zeros(x.shape)))["params"]
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(shapes))
+  params = random_params(f32, x.shape, seed=1, scale=2.0)
+  y32 = jax.jit(f32.apply)({"params": params}, x)
+  y16 = jax.jit(bf16.apply)({"params": params}, x)
+  assert y16.dtype == jnp.float32
+  spread = float(jnp.max(jnp.abs(y32 - 50.0)))
+  assert spread > 0.05
+  np.testing.assert_allclose(y16, y32, atol=0.05 * spread)
+
+
+def test_registry_and_predicted_age():
+  model = get_model("mrinet", mean_age=40.0, dtype="bfloat16", conv_features=[8, 8, 8, 8, 8])
+  assert isinstance(model, MRInet) and model.dtype == jnp.bfloat16
+  assert model.conv_features == (8, 8, 8, 8, 8)
+  ages = jnp.array([40.5, 61.0])
+  np.testing.assert_array_equal(predicted_age(model, ages), ages)
+  with pytest.raises(ConfigError, match="mrinet2"):
+    get_model("mrinet2")
+  with pytest.raises(ConfigError, match="mean_ag"):
+    get_model("mrinet", mean_ag=40.0)
+  with pytest.raises(ConfigError, match="dtype"):
+    get_model("mrinet", dtype="float8")
+  with pytest.raises(ConfigError, match="conv_kernels"):
+    get_model("mrinet", conv_features=[8, 8])
+
+
+def test_bad_input_rank_is_a_one_line_error():
+  with pytest.raises(DataError, match=r"\[batch, x, y, z, channel\]"):
+    jax.eval_shape(lambda: MRInet().init(KEY(0), jnp.zeros((32, 32, 32, 1))))
