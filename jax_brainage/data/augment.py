@@ -144,6 +144,34 @@ def _shift_exact(image: jax.Array, shift: jax.Array, max_shift: int) -> jax.Arra
   return jax.lax.dynamic_slice(padded, start, image.shape)
 
 
+def _trilinear(image: jax.Array, coords: jax.Array) -> jax.Array:
+  """Samples image [X, Y, Z, C] at coords [3, X', Y', Z'] (voxels), zero outside -> [X', Y', Z', C].
+
+  Outside corners contribute zero, as in scipy's mode="grid-constant" (and jax's
+  map_coordinates mode="constant"). One gather of whole channel vectors per corner, with
+  indices and weights shared by all channels.
+  """
+  shape = image.shape[:3]
+  flat = image.reshape(-1, image.shape[3])
+  lo = jnp.floor(coords)
+  frac = coords - lo
+  lo = lo.astype(jnp.int32)
+  out = jnp.zeros(coords.shape[1:] + image.shape[3:], image.dtype)
+  for corner in range(8):
+    offs = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+    weight = jnp.ones(coords.shape[1:], image.dtype)
+    inside = jnp.ones(coords.shape[1:], bool)
+    linear = jnp.zeros(coords.shape[1:], jnp.int32)
+    for axis in range(3):
+      i = lo[axis] + offs[axis]
+      weight = weight * (frac[axis] if offs[axis] else 1.0 - frac[axis])
+      inside = inside & (i >= 0) & (i < shape[axis])
+      linear = linear * shape[axis] + jnp.clip(i, 0, shape[axis] - 1)
+    values = jnp.take(flat, linear.reshape(-1), axis=0).reshape(out.shape)
+    out = out + jnp.where(inside, weight, 0.0)[..., None] * values
+  return out
+
+
 def _rigid_resample(image: jax.Array, angles: jax.Array, shift: jax.Array) -> jax.Array:
   """Trilinear resampling of image [X, Y, Z, C] under rotation about the centre, then shift."""
   shape = image.shape[:3]
@@ -154,9 +182,7 @@ def _rigid_resample(image: jax.Array, angles: jax.Array, shift: jax.Array) -> ja
   # input = R^T (o - c - s) + c
   rel = grid - (centre + shift.astype(jnp.float32))[:, None, None, None]
   coords = jnp.einsum("ij,jxyz->ixyz", rot_t, rel) + centre[:, None, None, None]
-  resample = lambda channel: jax.scipy.ndimage.map_coordinates(  # noqa: E731
-      channel, list(coords), order=1, mode="constant", cval=0.0)
-  return jax.vmap(resample, in_axes=3, out_axes=3)(image)
+  return _trilinear(image, coords)
 
 
 def augment_example(aug_seed: jax.Array, image: jax.Array, cfg: AugmentConfig) -> jax.Array:

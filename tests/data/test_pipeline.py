@@ -1,0 +1,310 @@
+"""pipeline: order, coverage, process shards, evaluation padding, resume, workers, device mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jax_brainage import sharding as shd
+from jax_brainage.data import augment as aug
+from jax_brainage.data import pipeline as pl
+from jax_brainage.errors import ConfigError, DataError
+
+N, SHAPE = 26, (6, 7, 5, 2)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+  rng = np.random.default_rng(0)
+  volumes = rng.integers(0, 256, (N,) + SHAPE, dtype=np.uint8)
+  ages = rng.uniform(18, 82, N).astype(np.float32)
+  return volumes, ages
+
+
+def _host(cohort, **kw):
+  volumes, ages = cohort
+  kw.setdefault("batch_size", 4)
+  kw.setdefault("shard_index", 0)
+  kw.setdefault("shard_count", 1)
+  return pl.HostPipeline(pl.ArraySource(volumes, ages), **kw)
+
+
+def _indices(batches) -> list[list[int]]:
+  return [b["index"].tolist() for b in batches]
+
+
+def test_order_is_a_permutation_reproducible_per_seed_and_new_each_epoch():
+  rows = np.arange(100, 200)
+  a0 = pl.epoch_order(rows, seed=3, epoch=0)
+  np.testing.assert_array_equal(np.sort(a0), np.arange(100))
+  np.testing.assert_array_equal(a0, pl.epoch_order(rows, seed=3, epoch=0))
+  assert not np.array_equal(a0, pl.epoch_order(rows, seed=3, epoch=1))
+  assert not np.array_equal(a0, pl.epoch_order(rows, seed=4, epoch=0))
+  # Depends on the rows, not on how the selection is listed.
+  shuffled = rows[::-1]
+  np.testing.assert_array_equal(rows[a0], shuffled[pl.epoch_order(shuffled, seed=3, epoch=0)])
+  np.testing.assert_array_equal(pl.epoch_order(rows, 3, 0, shuffle=False), np.arange(100))
+
+
+def test_orders_look_uniformly_random():
+  # Position of row 0 over 400 epochs: roughly uniform over 10 slots (chi-square, 9 dof).
+  rows = np.arange(10)
+  pos = [int(np.flatnonzero(pl.epoch_order(rows, 0, e) == 0)[0]) for e in range(400)]
+  counts = np.bincount(pos, minlength=10)
+  chi2 = ((counts - 40.0) ** 2 / 40.0).sum()
+  assert chi2 < 33.7  # p = 1e-4 for 9 degrees of freedom
+
+
+def test_batches_follow_the_contract_and_every_example_once_per_epoch(cohort):
+  volumes, ages = cohort
+  rows = np.arange(2, 26)  # 24 subjects, batch 4 -> 6 full batches per epoch
+  batches = list(_host(cohort, rows=rows, seed=1, num_epochs=2))
+  assert len(batches) == 12
+  b = batches[0]
+  assert b["image"].dtype == np.uint8 and b["image"].shape == (4,) + SHAPE
+  assert b["age"].dtype == np.float32 and b["index"].dtype == np.int32
+  assert b["aug_seed"].dtype == np.uint32 and b["aug_seed"].shape == (4, 2)
+  assert b["mask"].dtype == bool and b["mask"].all()
+  for batch in batches:
+    np.testing.assert_array_equal(batch["image"], volumes[batch["index"]])
+    np.testing.assert_array_equal(batch["age"], ages[batch["index"]])
+  idx = np.array(_indices(batches))
+  for epoch in range(2):
+    np.testing.assert_array_equal(np.sort(idx[6 * epoch:6 * (epoch + 1)].ravel()), rows)
+  assert not np.array_equal(idx[:6], idx[6:])
+  # Same seed, same sequence; another seed, another one.
+  assert _indices(_host(cohort, rows=rows, seed=1, num_epochs=2)) == idx.tolist()
+  assert _indices(_host(cohort, rows=rows, seed=2, num_epochs=2)) != idx.tolist()
+
+
+def test_training_drops_the_remainder(cohort):
+  batches = list(_host(cohort, batch_size=8, num_epochs=1))  # 26 = 3 * 8 + 2
+  idx = np.array(_indices(batches)).ravel()
+  assert len(batches) == 3 and len(np.unique(idx)) == 24
+
+
+def test_aug_seed_depends_on_seed_epoch_and_subject_only(cohort):
+  seeds = {}
+  for bs in (2, 4):
+    for epoch, b in enumerate(_host(cohort, batch_size=bs, seed=5, num_epochs=1)):
+      for i, s in zip(b["index"], b["aug_seed"]):
+        seeds.setdefault(int(i), set()).add(tuple(s))
+  assert all(len(v) == 1 for v in seeds.values())  # independent of batch size / position
+  words = [next(iter(v)) for v in seeds.values()]
+  assert len(set(words)) == len(words)  # distinct per subject
+  e0 = list(_host(cohort, batch_size=2, seed=5, num_epochs=2))
+  first = {int(i): tuple(s) for b in e0[:13] for i, s in zip(b["index"], b["aug_seed"])}
+  second = {int(i): tuple(s) for b in e0[13:] for i, s in zip(b["index"], b["aug_seed"])}
+  assert all(first[i] != second[i] for i in first)  # new augmentation every epoch
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_partition_each_global_batch(cohort, count):
+  whole = list(_host(cohort, batch_size=8, seed=9, num_epochs=2))
+  shards = [list(_host(cohort, batch_size=8, seed=9, num_epochs=2, shard_index=i,
+                       shard_count=count)) for i in range(count)]
+  assert all(len(s) == len(whole) for s in shards)
+  for t, batch in enumerate(whole):
+    parts = [s[t]["index"] for s in shards]
+    assert all(len(p) == 8 // count for p in parts)
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) == len(joined)  # no overlap between processes
+    np.testing.assert_array_equal(joined, batch["index"])  # same global batch for any count
+    np.testing.assert_array_equal(np.concatenate([s[t]["image"] for s in shards]), batch["image"])
+
+
+def test_evaluation_covers_every_subject_once_with_a_masked_final_batch(cohort):
+  volumes, ages = cohort
+  rows = np.array([25, 3, 7, 11, 0, 19, 4, 8, 13, 21, 1])  # 11 subjects, batch 4
+  for count in (1, 2):
+    seen = []
+    for shard in range(count):
+      batches = list(_host(cohort, rows=rows, shuffle=False, drop_remainder=False,
+                           num_epochs=1, shard_index=shard, shard_count=count))
+      assert len(batches) == 3
+      for b in batches:
+        assert b["image"].shape[0] == 4 // count
+        seen.extend(b["index"][b["mask"]].tolist())
+        assert np.all(b["index"][~b["mask"]] == -1) and not b["image"][~b["mask"]].any()
+        np.testing.assert_array_equal(b["image"][b["mask"]], volumes[b["index"][b["mask"]]])
+    assert sorted(seen) == sorted(rows.tolist())
+    if count == 1:
+      assert seen == rows.tolist()  # evaluation keeps the given order
+
+
+def test_state_resume_gives_the_identical_continuation(cohort):
+  full = list(_host(cohort, seed=4, num_epochs=3))
+  it = iter(_host(cohort, seed=4, num_epochs=3))
+  head = [next(it) for _ in range(8)]  # crosses the epoch boundary (6 steps per epoch)
+  state = json.loads(json.dumps(it.get_state()))  # as saved in a checkpoint
+  assert state["step"] == 8
+  it.close()
+  resumed = iter(_host(cohort, seed=4, num_epochs=3))
+  resumed.set_state(state)
+  tail = list(resumed)
+  assert len(head) + len(tail) == len(full)
+  for a, b in zip(head + tail, full):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  # A state saved by one process count resumes on another (the global step is the state).
+  shard = iter(_host(cohort, seed=4, num_epochs=3, batch_size=4, shard_index=1, shard_count=2))
+  shard.set_state(state)
+  np.testing.assert_array_equal(next(shard)["index"], full[8]["index"][2:])
+
+
+def test_state_from_another_sequence_is_refused(cohort):
+  it = iter(_host(cohort, seed=4, rows=np.arange(20)))
+  next(it)
+  state = it.get_state()
+  with pytest.raises(ConfigError, match="seed"):
+    iter(_host(cohort, seed=5, rows=np.arange(20))).set_state(state)
+  with pytest.raises(ConfigError, match="rows_crc32"):
+    iter(_host(cohort, seed=4, rows=np.arange(1, 21))).set_state(state)
+  with pytest.raises(ConfigError):
+    iter(_host(cohort, seed=4)).set_state({"position": 3})
+
+
+def test_worker_processes_deliver_the_same_batches(cohort):
+  volumes, ages = cohort
+  ref = list(_host(cohort, seed=2, num_epochs=1))
+  it = iter(_host(cohort, seed=2, num_epochs=1, worker_count=2))
+  got = list(it)
+  assert len(got) == len(ref)
+  for a, b in zip(got, ref):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_memory_mapped_source_pickles_by_file_name(tmp_path, cohort):
+  volumes, ages = cohort
+  np.save(tmp_path / "volumes.npy", volumes)
+  src = pl.ArraySource(np.load(tmp_path / "volumes.npy", mmap_mode="r"), ages)
+  blob = pickle.dumps(src)
+  assert len(blob) < volumes.nbytes // 4  # not a copy of the volumes
+  back = pickle.loads(blob)
+  rows = np.array([5, 1, 17])
+  np.testing.assert_array_equal(back.read(rows), volumes[rows])
+
+
+def test_bad_arguments_are_one_line_errors(cohort):
+  volumes, ages = cohort
+  with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+    _host(cohort, batch_size=4, shard_count=3)
+  with pytest.raises(ConfigError, match="exceeds"):
+    _host(cohort, batch_size=64)
+  with pytest.raises(DataError, match="row 30"):
+    _host(cohort, rows=np.array([0, 30]), batch_size=2)
+  with pytest.raises(ConfigError, match="duplicates"):
+    _host(cohort, rows=np.array([0, 1, 1]), batch_size=2)
+  unlabelled = ages.copy()
+  unlabelled[3] = np.nan
+  with pytest.raises(DataError, match="sub-003"):
+    pl.HostPipeline(pl.ArraySource(volumes, unlabelled, [f"sub-{i:03d}" for i in range(N)]),
+                    batch_size=2, shard_count=1, shard_index=0)
+  pl.HostPipeline(pl.ArraySource(volumes, unlabelled), batch_size=2, shard_count=1,
+                  shard_index=0, require_ages=False)  # prediction on unlabelled data is fine
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_resident_equals_host_feed_sharded_over_data(cohort, train):
+  volumes, ages = cohort
+  mesh = shd.make_mesh()
+  assert shd.data_size(mesh) == 4
+  # Rotation (the costly compile) in the training case only.
+  cfg = aug.AugmentConfig(shift_voxels=1, rotate_degrees=8.0 if train else 0.0, flip_lr=True,
+                          noise_std=0.05)
+  kw = dict(batch_size=8, seed=11, rows=np.arange(1, 24), num_epochs=2, shuffle=train,
+            drop_remainder=train)
+  device = pl.DeviceResidentPipeline(volumes, ages, augment=cfg, mesh=mesh, **kw)
+  host = pl.DeviceFeed(iter(pl.HostPipeline(pl.ArraySource(volumes, ages), **kw)), mesh, cfg)
+  got, ref = list(device), list(host)
+  assert len(got) == len(ref) == (4 if train else 6)
+  for a, b in zip(got, ref):
+    assert set(a) == set(b) == {"image", "age", "index", "aug_seed", "mask"}
+    for k in a:
+      assert a[k].sharding.spec == P(shd.DATA_AXIS) and len(a[k].sharding.device_set) == 4
+      np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6, err_msg=k)
+    # Device d holds rows [2d, 2d + 2) of the global batch.
+    for shard in a["index"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(a["index"])[shard.index])
+  # Same state format: a host checkpoint resumes in device mode.
+  it = iter(device)
+  it.set_state(host.get_state() | {"step": 2})
+  np.testing.assert_array_equal(np.asarray(next(it)["index"]), np.asarray(ref[2]["index"]))
+  if not train:
+    # Without augmentation the images are the uint8 volumes / 255, padding rows zero.
+    plain = pl.DeviceResidentPipeline(volumes, ages, mesh=mesh, **kw)
+    for b in plain:
+      m = np.asarray(b["mask"])
+      np.testing.assert_allclose(np.asarray(b["image"])[m],
+                                 volumes[np.asarray(b["index"])[m]].astype(np.float64) / 255,
+                                 rtol=1e-6)
+      assert not np.asarray(b["image"])[~m].any()
+
+
+def test_device_order_is_computed_on_device_and_equals_numpy(cohort):
+  volumes, ages = cohort
+  rows = np.array([20, 2, 9, 14, 5, 0, 11, 25])
+  dev = pl.DeviceResidentPipeline(volumes, ages, batch_size=4, seed=2**40 + 7, rows=rows)
+  for epoch in (0, 1, 1000):
+    order = dev.order(epoch)
+    assert isinstance(order, jax.Array)
+    np.testing.assert_array_equal(np.asarray(order), pl.epoch_order(rows, 2**40 + 7, epoch))
+
+
+def test_fits_on_device_uses_memory_stats_or_a_configurable_budget():
+  class FakeGPU:
+    def memory_stats(self):
+      return {"bytes_limit": 80 * 2**30, "bytes_in_use": 10 * 2**30}
+
+  assert pl.fits_on_device(20 * 2**30, FakeGPU())  # the study's cohort on an H100
+  assert not pl.fits_on_device(40 * 2**30, FakeGPU())  # more than half of what is free
+  assert pl.fits_on_device(40 * 2**30, FakeGPU(), fraction=0.9)
+  cpu = jax.devices("cpu")[0]
+  assert pl.fits_on_device(2**20, cpu, cpu_bytes=2**21)
+  assert not pl.fits_on_device(2**22, cpu, cpu_bytes=2**21)
+  assert not pl.fits_on_device(2**62, cpu)
+
+
+def _fake_cache(tmp_path, volumes, ages):
+  (tmp_path / "cache").mkdir()
+  np.save(tmp_path / "cache" / "volumes.npy", volumes)
+  index = dict(format="jax-brainage-cache", format_version=1, shape=list(volumes.shape[1:4]),
+               sequences=["T1w", "FLAIR"], dtype="uint8", scaling="minmax",
+               preprocessing=dict(sequences=["T1w", "FLAIR"]),
+               subjects=[dict(subject_id=f"sub-{i:03d}", age=float(a), inverse={})
+                         for i, a in enumerate(ages)])
+  (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+  return tmp_path / "cache"
+
+
+def test_cache_source_and_batches_command(tmp_path, cohort, capsys):
+  volumes, ages = cohort
+  path = _fake_cache(tmp_path, volumes, ages)
+  src = pl.cache_source(path)
+  np.testing.assert_array_equal(src.read(np.array([4, 2])), volumes[[4, 2]])
+  np.testing.assert_allclose(src.ages, ages)
+  for mode in ("host", "device"):
+    rc = _batches(["--cache", str(path), "--batch-size", "4", "--epochs", "2", "--mode", mode])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert f"mode {mode}" in out[0] and "26 subjects" in out[0]
+    steps = [line for line in out if line.startswith("epoch ")]
+    assert len(steps) == 12 and "float32 (4, 6, 7, 5, 2)" in steps[0]
+    assert "sub-" in steps[0] and "volumes/s" in out[-1]
+  with pytest.raises(DataError, match="missing"):
+    _batches(["--cache", str(tmp_path / "missing"), "--quiet"])
+
+
+def _batches(argv: list[str]) -> int:
+  # The sub-command on its own parser (jax_brainage.cli imports every stage's module).
+  parser = argparse.ArgumentParser()
+  pl.add_parser(parser.add_subparsers(dest="command"))
+  args = parser.parse_args(["batches", *argv])
+  return args.func(args)
