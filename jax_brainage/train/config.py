@@ -1,0 +1,356 @@
+"""Experiment configs: the base ConfigDict, loading `configs/*.py`, command-line overrides, checks.
+
+A config file exposes `get_config(arg=None)` returning a locked `ml_collections.ConfigDict` built
+on `base_config()`; so every experiment has the same keys and types, and a typo'd or mistyped key
+is an error instead of a silently ignored setting. Overrides follow big_vision:
+
+    brainage train --config configs/cpu.py:arg --workdir W --config.optimizer.learning_rate 1e-3
+
+`fingerprint(config)` is the part of a config that defines the experiment (model, data, loss,
+optimiser, seed, ...); a workdir stores it, and resuming with a different one is refused.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+from jax_brainage.errors import ConfigError
+
+LOSSES = ("mse", "mae", "soft_label")
+SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Settings that may change between an interrupted run and its resumption: how long and how
+# verbosely to train, not what is trained.
+RESUMABLE_KEYS = ("num_epochs", "patience", "log_every_steps", "checkpoint_every_steps",
+                  "keep_checkpoints", "num_image_summaries", "init_from", "data.workers",
+                  "data.mode", "eval_batch_size")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with the study's defaults (MRInet, Adam 5e-4, MSE)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Input pipeline. Either a prepared cache (`brainage prepare`), or a simulated cohort that is
+  # simulated into `simulate.out` and prepared into `cache` on first use.
+  c.data = ml_collections.ConfigDict()
+  c.data.cache = ""                  # directory written by `brainage prepare`
+  c.data.sequences = ("T1w",)        # input channels, in this order, picked from the cache
+  c.data.image_shape = (0, 0, 0)     # expected cube (voxels); (0, 0, 0) = whatever the cache has
+  c.data.split_seed = 0              # 80/10/10 train/validation/test split
+  c.data.workers = 0                 # grain worker processes (0: in the main process)
+  c.data.mode = "auto"               # host (grain) | device (cohort resident on accelerators) |
+                                     # auto (device on an accelerator when it fits)
+  c.data.simulate = ml_collections.ConfigDict()
+  c.data.simulate.n = 0              # > 0: simulate this many subjects if `cache` is missing
+  c.data.simulate.resolution = 4     # mm (1, 2, 3 or 4)
+  c.data.simulate.seed = 0
+  c.data.simulate.out = ""           # where the simulated BIDS dataset goes
+
+  # Model: name from jax_brainage.models.MODELS; the rest are its fields.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mrinet"
+  c.model.dropout_rate = 0.5
+  c.model.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters
+  c.model.conv_features = ()         # MRInet / SFCN channels; () = the published network
+  c.model.dense_features = 64        # MRInet hidden dense width
+  c.model.age_range = (15.0, 85.0)   # SFCN age bins (years)
+  c.model.bin_width = 1.0            # SFCN bin width (years)
+
+  c.loss = "mse"                     # mse | mae | soft_label (SFCN's KL to Gaussian labels)
+  c.soft_label_sigma = 1.0           # years
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.shift_voxels = 0
+  c.augment.rotate_degrees = 0.0
+  c.augment.flip_lr = False
+  c.augment.noise_std = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 5e-4   # the study's Adam learning rate
+  c.optimizer.schedule = "constant"  # constant | cosine (decays to 0 at the last step)
+  c.optimizer.warmup_steps = 0       # linear warm-up from 0 before the schedule
+  c.optimizer.weight_decay = 0.0     # adamw only
+  c.optimizer.momentum = 0.9         # sgd only
+  c.optimizer.grad_clip_norm = 0.0   # 0: no clipping
+
+  c.batch_size = 8                   # global batch (all devices, all processes)
+  c.eval_batch_size = 0              # 0: same as batch_size
+  c.num_epochs = 50
+  c.patience = 10                    # epochs without a better validation loss; 0: never stop
+
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 0       # besides the end of every epoch; 0: epoch ends only
+  c.keep_checkpoints = 1             # latest checkpoints kept (the best is kept apart)
+  c.num_image_summaries = 2          # input mid-slices written to TensorBoard at the start
+  c.init_from = ""                   # workdir whose best parameters initialise the model
+  c.lock()
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; checks it.
+
+  Raises ConfigError naming the file if it is missing, has no `get_config`, or fails checks.
+  """
+  path, _, arg = str(spec).partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path} not found")
+  module_name = f"_brainage_config_{abs(hash(str(file.resolve())))}"
+  module_spec = importlib.util.spec_from_file_location(module_name, file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except ConfigError:
+    raise
+  except Exception as e:  # A config is user code: report where it broke, in one line.
+    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config(arg=None)")
+  config = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path}: get_config() must return an ml_collections.ConfigDict")
+  check_keys(config, base_config(), source=path)
+  validate(config)
+  return config
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+               source: str = "config", prefix: str = "") -> None:
+  """Every key of `config` exists in `reference` with a compatible type, and vice versa."""
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in reference:
+      raise ConfigError(f"{source}: unknown config key {name!r}")
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{source}: config key {name!r} must be a group of keys")
+      check_keys(value, ref, source, prefix=f"{name}.")
+    elif not _same_type(value, ref):
+      raise ConfigError(f"{source}: config key {name!r} must be {type(ref).__name__}, "
+                        f"got {value!r}")
+  for key in reference.keys():
+    if key not in config:
+      raise ConfigError(f"{source}: config key {prefix}{key!r} is missing (start from "
+                        "jax_brainage.train.config.base_config())")
+
+
+def _same_type(value: Any, ref: Any) -> bool:
+  if isinstance(ref, bool):
+    return isinstance(value, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(ref, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(ref, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(ref))
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b VALUE` / `--config.a.b=VALUE` pairs (values as Python literals).
+
+  Returns a checked copy; an unknown key, a missing value or a wrong type is a one-line
+  ConfigError naming the key.
+  """
+  config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
+  items = list(overrides)
+  i = 0
+  while i < len(items):
+    flag = items[i]
+    if not flag.startswith("--config."):
+      raise ConfigError(f"unrecognised argument {flag!r} (overrides look like "
+                        "--config.optimizer.learning_rate 1e-3)")
+    if "=" in flag:
+      flag, text = flag.split("=", 1)
+      i += 1
+    else:
+      if i + 1 >= len(items):
+        raise ConfigError(f"override {flag} has no value")
+      text = items[i + 1]
+      i += 2
+    set_key(config, flag[len("--config."):], text)
+  config.lock()
+  validate(config)
+  return config
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, text: str | Any) -> None:
+  """Sets `config.<dotted>` from a string (parsed as a Python literal) or a value."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+    node = node[part]
+  if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f"unknown config key {dotted!r}")
+  ref = node[leaf]
+  value = _parse(text, ref) if isinstance(text, str) else text
+  if not _same_type(value, ref):
+    raise ConfigError(f"config key {dotted!r} must be {type(ref).__name__}, got {text!r}")
+  if isinstance(ref, float):
+    value = float(value)
+  if isinstance(ref, (tuple, list)):
+    value = tuple(value)
+  with node.unlocked():
+    node[leaf] = value
+
+
+def _parse(text: str, ref: Any) -> Any:
+  if isinstance(ref, str):
+    return text
+  if isinstance(ref, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  if isinstance(ref, (tuple, list)) and not isinstance(value, (tuple, list)):
+    value = (value,)
+  return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for the first value that cannot work (names the key)."""
+  from jax_brainage.models import MODELS
+
+  def need(ok: bool, key: str, what: str) -> None:
+    if not ok:
+      raise ConfigError(f"config.{key}={_get(config, key)!r}: {what}")
+
+  need(config.model.name in MODELS, "model.name", f"unknown model (one of {sorted(MODELS)})")
+  need(config.loss in LOSSES, "loss", f"unknown loss (one of {LOSSES})")
+  need((config.loss == "soft_label") == (config.model.name == "sfcn"), "loss",
+       "soft_label goes with model.name='sfcn' (age-bin output) and only with it")
+  need(config.soft_label_sigma > 0, "soft_label_sigma", "must be > 0 years")
+  need(config.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
+       f"one of {COMPUTE_DTYPES}")
+  need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
+  need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
+       "channel counts must be positive")
+  need(config.model.dense_features > 0, "model.dense_features", "must be > 0")
+  lo, hi = config.model.age_range
+  need(lo < hi, "model.age_range", "must be (youngest, oldest) years")
+  need(config.model.bin_width > 0, "model.bin_width", "must be > 0 years")
+  need(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
+  need(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
+  need(math.isfinite(config.optimizer.learning_rate) and config.optimizer.learning_rate > 0,
+       "optimizer.learning_rate", "must be > 0")
+  need(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  need(config.optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0")
+  need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  need(config.batch_size > 0, "batch_size", "must be > 0")
+  need(config.eval_batch_size >= 0, "eval_batch_size", "must be >= 0 (0: batch_size)")
+  need(config.num_epochs > 0, "num_epochs", "must be > 0")
+  need(config.patience >= 0, "patience", "must be >= 0 (0: no early stopping)")
+  need(config.log_every_steps > 0, "log_every_steps", "must be > 0")
+  need(config.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
+  need(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+  need(config.num_image_summaries >= 0, "num_image_summaries", "must be >= 0")
+  need(config.data.mode in ("auto", "host", "device"), "data.mode", "auto, host or device")
+  need(config.data.workers >= 0, "data.workers", "must be >= 0")
+  need(len(config.data.sequences) > 0 and all(isinstance(s, str) for s in config.data.sequences),
+       "data.sequences", "a tuple of sequence names, e.g. ('T1w', 'FLAIR')")
+  need(len(set(config.data.sequences)) == len(config.data.sequences), "data.sequences",
+       "names a sequence twice")
+  shape = tuple(config.data.image_shape)
+  need(len(shape) == 3 and all(int(s) >= 0 for s in shape), "data.image_shape",
+       "(x, y, z) voxels, or (0, 0, 0) for the cache's shape")
+  need(bool(config.data.cache) or config.data.simulate.n > 0, "data.cache",
+       "set data.cache to a prepared cache (brainage prepare), or data.simulate.n > 0")
+  if config.data.simulate.n > 0:
+    need(config.data.simulate.resolution in (1, 2, 3, 4), "data.simulate.resolution",
+         "1, 2, 3 or 4 mm")
+    need(bool(config.data.cache) and bool(config.data.simulate.out), "data.simulate.out",
+         "a simulated cohort needs data.simulate.out and data.cache directories")
+  from jax_brainage.data.augment import AugmentConfig
+  AugmentConfig.from_config(config.augment)  # Raises its own one-line ConfigError.
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def model_kwargs(config: ml_collections.ConfigDict, mean_age: float) -> dict[str, Any]:
+  """The `get_model` fields this config sets for its model (mean_age: output bias, years)."""
+  m = config.model
+  dtype = {"float32": "float32", "bfloat16": "bfloat16"}[m.compute_dtype]
+  kwargs: dict[str, Any] = {"dropout_rate": float(m.dropout_rate), "dtype": dtype}
+  if m.name == "mrinet":
+    kwargs.update(mean_age=float(mean_age), dense_features=int(m.dense_features))
+    if m.conv_features:
+      kwargs["conv_features"] = tuple(int(f) for f in m.conv_features)
+  elif m.name == "sfcn":
+    kwargs.update(age_range=tuple(float(a) for a in m.age_range), bin_width=float(m.bin_width))
+    if m.conv_features:
+      kwargs["channels"] = tuple(int(f) for f in m.conv_features)
+  elif m.name == "sfcn_regression":
+    kwargs["mean_age"] = float(mean_age)
+    if m.conv_features:
+      kwargs["channels"] = tuple(int(f) for f in m.conv_features)
+  return kwargs
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings that define an experiment: all but `RESUMABLE_KEYS`, flattened to JSON."""
+  flat = _flatten(config.to_dict())
+  for key in RESUMABLE_KEYS:
+    flat.pop(key, None)
+  # Paths may be written differently (relative, symlinked) and still name the same data.
+  for key in ("data.cache", "data.simulate.out"):
+    if flat.get(key):
+      flat[key] = os.path.realpath(flat[key])
+  return flat
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def fingerprint_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+  """First key whose value differs, as 'key is A there, B here'; None if they agree."""
+  for key in sorted(set(stored) | set(current)):
+    a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+      a, b = list(a), list(b)
+    if a != b:
+      return f"config.{key} is {a!r} there, {b!r} here"
+  return None

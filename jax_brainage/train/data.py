@@ -1,0 +1,178 @@
+"""What the trainer reads: a random-access source of volumes, its train/validation/test split,
+and the facts the model is built from (cube shape, sequences, mean training age).
+
+Batches come from `jax_brainage.data.pipeline.make_pipeline` (grain on the host, or the cohort
+resident on the accelerators): global arrays split over 'data', `image` float32 `[B, X, Y, Z, C]`
+in [0, 1] (augmented for training), `age` float32 `[B]` (years), `index` int32 `[B]`, `mask`
+bool `[B]` (False for padding rows of the last evaluation batch). Their iterator state (the next
+global step and what fixes the sequence) is stored in every checkpoint, so a resumed run reads
+exactly the batches the interrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jax_brainage.data import pipeline as pipeline_lib
+from jax_brainage.data import splits as splits_lib
+from jax_brainage.errors import ConfigError, DataError
+
+
+class ChannelSource:
+  """A source's volumes restricted to some channels (the model's sequences), in a given order.
+
+  Args:
+    source: a `pipeline.Source` with `C_all` channels.
+    channels: for each model input channel, its channel in `source`.
+  """
+
+  def __init__(self, source: Any, channels: Sequence[int]):
+    self.source = source
+    self.channels = list(channels)
+    self.ages = source.ages
+    self.subject_ids = getattr(source, "subject_ids", None)
+    self.volume_shape = (*tuple(source.volume_shape)[:3], len(self.channels))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def volumes(self) -> np.ndarray | None:
+    """Volumes as an array view (device-resident mode), if the source has them in memory."""
+    volumes = getattr(self.source, "volumes", None)
+    return None if volumes is None else volumes[..., self.channels]
+
+  def read(self, rows: np.ndarray) -> np.ndarray:
+    """uint8 `[k, X, Y, Z, C]` of the given rows."""
+    return np.ascontiguousarray(self.source.read(rows)[..., self.channels])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingData:
+  """A cohort split for training.
+
+  Attributes:
+    source: random-access `pipeline.Source` whose channels are the model's `sequences`.
+    split: train / val / test rows of `source`.
+    sequences: names of the input channels, in order.
+    name: where the data came from (cache directory), for messages.
+  """
+
+  source: Any
+  split: splits_lib.Split
+  sequences: tuple[str, ...]
+  name: str = "<memory>"
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(int(s) for s in self.source.volume_shape[:3])
+
+  @property
+  def mean_train_age(self) -> float:
+    """Mean chronological age of the training split (years): MRInet's initial output bias."""
+    return float(np.mean(np.asarray(self.source.ages)[self.split.train]))
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    steps = len(self.split.train) // batch_size
+    if steps == 0:
+      raise ConfigError(f"config.batch_size={batch_size} exceeds the {len(self.split.train)} "
+                        f"training subjects of {self.name}")
+    return steps
+
+  def train_batches(self, mesh, batch_size: int, seed: int, augment: Any, mode: str = "host",
+                    workers: int = 0):
+    """Endless shuffled training batches (epoch after epoch) with `get_state`/`set_state`."""
+    return pipeline_lib.make_pipeline(
+        self.source, batch_size=batch_size, mode=mode, mesh=mesh, augment=augment, seed=seed,
+        rows=self.split.train, shuffle=True, drop_remainder=True, num_epochs=None,
+        worker_count=workers)
+
+  def eval_batches(self, mesh, batch_size: int, part: str = "val", mode: str = "host",
+                   workers: int = 0):
+    """One pass over a split in order; the last batch padded with `mask` False."""
+    return pipeline_lib.make_pipeline(
+        self.source, batch_size=batch_size, mode=mode, mesh=mesh, augment=None, seed=0,
+        rows=self.split[part], shuffle=False, drop_remainder=False, num_epochs=1,
+        worker_count=workers)
+
+  def check_against(self, sequences: Sequence[str], image_shape: Sequence[int]) -> None:
+    """DataError unless this data is the input the model was configured (or trained) for."""
+    if tuple(sequences) != self.sequences:
+      raise DataError(f"{self.name}: data has sequences {list(self.sequences)}, the model "
+                      f"expects {list(sequences)}")
+    shape = tuple(int(s) for s in image_shape)
+    if any(shape) and shape != self.image_shape:
+      raise DataError(f"{self.name}: volumes are {self.image_shape} voxels, the model expects "
+                      f"{shape}")
+
+
+def select_sequences(source: Any, available: Sequence[str], sequences: Sequence[str],
+                     name: str) -> Any:
+  """`source` restricted to `sequences` (by name, in that order); DataError if one is missing."""
+  available = tuple(available)
+  missing = [s for s in sequences if s not in available]
+  if missing:
+    raise DataError(f"{name}: has no sequence {missing[0]!r} (it has {list(available)})")
+  channels = [available.index(s) for s in sequences]
+  if channels == list(range(len(available))):
+    return source
+  return ChannelSource(source, channels)
+
+
+def from_arrays(images: np.ndarray, ages: np.ndarray, sequences: Sequence[str], *,
+                split: splits_lib.Split | None = None, split_seed: int = 0,
+                available: Sequence[str] | None = None, name: str = "<memory>") -> TrainingData:
+  """TrainingData over in-memory (or memory-mapped) volumes.
+
+  Args:
+    images: uint8 `[n, X, Y, Z, C_all]`; ages: float32 `[n]` (years).
+    sequences: the model's input channels, picked by name from `available` (the names of the
+      `C_all` channels; default: `sequences` itself).
+    split: train/val/test rows; default the study's seeded 80/10/10 split (`split_seed`).
+  """
+  source = pipeline_lib.ArraySource(images, np.asarray(ages, np.float32))
+  available = tuple(sequences if available is None else available)
+  if len(available) != images.shape[-1]:
+    raise DataError(f"{name}: {images.shape[-1]} channels but {len(available)} sequence names")
+  split = split or splits_lib.split_subjects(len(source), seed=split_seed)
+  return TrainingData(select_sequences(source, available, sequences, name), split,
+                      tuple(sequences), name)
+
+
+def open_training_data(config) -> TrainingData:
+  """TrainingData from `config.data`: a prepared cache (`brainage prepare`); with
+  `config.data.simulate.n > 0` a simulated cohort is written and prepared there first."""
+  cache_dir = Path(config.data.cache)
+  if not (cache_dir / "index.json").exists() and config.data.simulate.n > 0:
+    _simulate_and_prepare(config)
+  from jax_brainage.data import cache as cache_lib
+
+  cache = cache_lib.Cache.open(cache_dir)
+  source = pipeline_lib.ArraySource(cache.volumes, cache.ages, cache.subject_ids)
+  labelled = np.flatnonzero(np.isfinite(cache.ages))
+  if len(labelled) < len(cache.ages):
+    raise DataError(f"{cache_dir}: subject {cache.subject_ids[int(np.flatnonzero(~np.isfinite(cache.ages))[0])]} "
+                    "has no age; training needs every subject's age")
+  split = splits_lib.split_subjects(len(source), seed=int(config.data.split_seed))
+  return TrainingData(
+      select_sequences(source, cache.sequences, tuple(config.data.sequences), str(cache_dir)),
+      split, tuple(config.data.sequences), str(cache_dir))
+
+
+def _simulate_and_prepare(config) -> None:
+  """Simulates the configured cohort as a BIDS dataset and prepares its cache."""
+  from jax_brainage.data import bids
+  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.data import simulate
+
+  s = config.data.simulate
+  out = Path(s.out)
+  if not (out / "participants.tsv").exists():
+    simulate.simulate_dataset(out, n=int(s.n), resolution=int(s.resolution), seed=int(s.seed))
+  dataset = bids.read_bids(out)
+  cache_lib.prepare(dataset, config.data.cache,
+                    cache_lib.Preprocessing(sequences=tuple(dataset.sequences)))
