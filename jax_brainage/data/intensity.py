@@ -1,0 +1,150 @@
+"""Intensity scaling: the study's clip + min-max to uint8, or z-scores within the brain.
+
+The study stores every volume as uint8 after clipping at a ceiling and min-max scaling, and
+feeds the network `uint8 / 255` in [0, 1]. Here:
+
+- `minmax_uint8`: ceiling = a high percentile (default 99.5) of the brain's voxels (robust to a
+  few hot voxels, e.g. vessels in SWI or a bright FLAIR artefact); floor = min(0, brain minimum),
+  so that the background of skull-stripped images (0) maps to 0, like the cube's zero padding;
+  values are clipped to [floor, ceiling] and mapped linearly onto 0..255 (rounded). Voxels
+  outside the brain mask become 0.
+- `zscore`: (x - mean) / std over the brain's voxels, stored as float16; 0 outside the brain.
+
+Several sequences become the channels of one `[x, y, z, channel]` array (`scale_channels`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jax_brainage.errors import DataError
+
+SCALINGS = ("minmax", "zscore")
+DEFAULT_CEILING_PERCENTILE = 99.5
+UINT8_SCALE = np.float32(1.0 / 255.0)
+
+
+def storage_dtype(scaling: str) -> np.dtype:
+  """The dtype a scaling stores: uint8 for minmax, float16 for zscore."""
+  if scaling == "minmax":
+    return np.dtype(np.uint8)
+  if scaling == "zscore":
+    return np.dtype(np.float16)
+  raise ValueError(f"unknown intensity scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def _brain_values(data: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+  data = np.asarray(data)
+  if brain is None:
+    return data.reshape(-1)
+  brain = np.asarray(brain, dtype=bool)
+  if brain.shape != data.shape:
+    raise ValueError(f"brain mask shape {brain.shape} differs from image shape {data.shape}")
+  return data[brain]
+
+
+def minmax_uint8(
+    data: np.ndarray,
+    brain: np.ndarray | None = None,
+    *,
+    ceiling_percentile: float = DEFAULT_CEILING_PERCENTILE,
+    where: str = "image",
+) -> np.ndarray:
+  """Clips at a ceiling and min-max scales to uint8 0..255.
+
+  Args:
+    data: intensities `[x, y, z]` (any real dtype, arbitrary units).
+    brain: boolean brain mask `[x, y, z]`; None = every voxel is brain.
+    ceiling_percentile: percentile (0-100] of the brain's intensities used as the ceiling.
+    where: names the culprit (`subject: file (sequence)`) in errors.
+
+  Returns:
+    uint8 `[x, y, z]`: round(255 * (clip(x, floor, ceiling) - floor) / (ceiling - floor)) inside
+    the brain with floor = min(0, brain minimum), 0 outside.
+
+  Raises:
+    DataError: if the brain has no voxels or a constant intensity (nothing to scale).
+  """
+  if not 0 < ceiling_percentile <= 100:
+    raise ValueError(f"ceiling percentile must be in (0, 100], got {ceiling_percentile}")
+  values = _brain_values(data, brain)
+  if values.size == 0:
+    raise DataError(f"{where}: empty brain (no voxel inside the brain mask)")
+  values = values.astype(np.float64, copy=False)
+  ceiling = float(np.percentile(values, ceiling_percentile))
+  floor = min(0.0, float(values.min()))
+  if not ceiling > floor:
+    raise DataError(
+        f"{where}: no intensity range inside the brain (ceiling {ceiling:g} <= floor {floor:g})")
+  scaled = (np.clip(np.asarray(data, np.float64), floor, ceiling) - floor) * (
+      255.0 / (ceiling - floor))
+  out = np.rint(scaled).astype(np.uint8)
+  if brain is not None:
+    out[~np.asarray(brain, bool)] = 0
+  return out
+
+
+def zscore(
+    data: np.ndarray, brain: np.ndarray | None = None, *, where: str = "image"
+) -> np.ndarray:
+  """Z-scores within the brain: float16 `[x, y, z]`, (x - mean) / std inside, 0 outside."""
+  values = _brain_values(data, brain).astype(np.float64, copy=False)
+  if values.size == 0:
+    raise DataError(f"{where}: empty brain (no voxel inside the brain mask)")
+  mean, std = float(values.mean()), float(values.std())
+  if not std > 0:
+    raise DataError(f"{where}: constant intensity inside the brain (standard deviation 0)")
+  out = (np.asarray(data, np.float64) - mean) / std
+  if brain is not None:
+    out[~np.asarray(brain, bool)] = 0.0
+  # float16 holds z-scores to ~3 significant digits and saturates only beyond 65504.
+  return out.astype(np.float16)
+
+
+def scale(
+    data: np.ndarray,
+    brain: np.ndarray | None = None,
+    *,
+    scaling: str = "minmax",
+    ceiling_percentile: float = DEFAULT_CEILING_PERCENTILE,
+    where: str = "image",
+) -> np.ndarray:
+  """Scales one volume `[x, y, z]` with `scaling` ("minmax" -> uint8, "zscore" -> float16)."""
+  storage_dtype(scaling)  # Validates the name.
+  if scaling == "minmax":
+    return minmax_uint8(data, brain, ceiling_percentile=ceiling_percentile, where=where)
+  return zscore(data, brain, where=where)
+
+
+def scale_channels(
+    volumes: Sequence[np.ndarray],
+    brain: np.ndarray | None = None,
+    *,
+    scaling: str = "minmax",
+    ceiling_percentile: float = DEFAULT_CEILING_PERCENTILE,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+  """Scales each sequence on its own and stacks them as channels: `[x, y, z, channel]`."""
+  names = list(names) if names is not None else [f"channel {i}" for i in range(len(volumes))]
+  return np.stack([
+      scale(v, brain, scaling=scaling, ceiling_percentile=ceiling_percentile, where=n)
+      for v, n in zip(volumes, names)
+  ], axis=-1)
+
+
+def to_unit_float(image):
+  """Network input from a stored volume: uint8 -> float32 / 255 in [0, 1]; float -> float32.
+
+  Works on numpy and jax arrays alike (also inside `jax.jit`), any shape, e.g.
+  `[batch, x, y, z, channel]`; returns the same array type.
+  """
+  if image.dtype == np.uint8:
+    # Multiplying by the float32 reciprocal gives bit-identical results in numpy and XLA (which
+    # rewrites a division by a constant into this product anyway); 255 maps to exactly 1.0.
+    return image.astype(np.float32) * UINT8_SCALE
+  # kind "f" misses ml_dtypes' bfloat16 (kind "V"), hence the name test.
+  if image.dtype.kind == "f" or "float" in image.dtype.name:
+    return image.astype(np.float32)
+  raise TypeError(f"to_unit_float expects uint8 or floating images, got {image.dtype}")
