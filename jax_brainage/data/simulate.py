@@ -1,0 +1,448 @@
+"""The simulated 3D cohort with ground truth, and the `brainage simulate` command.
+
+A cohort is defined by a `CohortConfig`; `Cohort(config).subject(i)` is a pure function of
+(config, i), so subjects can be made alone, in any order, on any worker, or served straight to
+training without files. `write_cohort` writes a BIDS dataset:
+
+  dataset_description.json, participants.tsv (participant_id, age, sex, diabetes, hypertension,
+  smoking, bmi; never the latent brain age), sub-XXXX/anat/sub-XXXX_{T1w,FLAIR,swi}.nii.gz,
+  derivatives/simulation/: dataset_description.json, cohort.json (config, oracle MAE and what it
+  conditions on), brain_age.tsv (latent brain age, risk shift and effect sizes per subject),
+  atlas (NIfTI + TSV), sub-XXXX/anat/sub-XXXX_{seq}_ageingmask.nii.gz and _lesionmask.nii.gz.
+
+Model (see `simulation.population` and `simulation.render` for the formulas):
+  - age a ~ U(age_min, age_max), sex, risk factors with age- and sex-dependent prevalence;
+  - latent brain age b = a + R + N(0, sigma_brain_age), R the risk factors' shift (years);
+  - ageing driven by b: ventricle enlargement, cortical thinning (frontal more, and faster with
+    R), periventricular white-matter lesions (count steep in b), iron in the lentiform nucleus;
+  - nuisance that is not age: head size (by sex), rigid misalignment, smooth deformation, bias
+    field, intensity scale, noise; T1w, FLAIR and SWI contrasts from the same tissue maps;
+  - ground truth: per-sequence ageing masks |image(b) - image(b_ref)| > mask_threshold x scan
+    unit (same nuisance, same noise), lesion masks, b and each effect's size; the oracle MAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import functools
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from jax_brainage import fileio
+from jax_brainage.data.anatomy import Atlas, TemplateAnatomy, load_anatomy
+from jax_brainage.data.simulation import population, render
+from jax_brainage.data.simulation.config import SEQUENCES, CohortConfig
+from jax_brainage.errors import ConfigError, DataError
+
+__all__ = [
+    "CohortConfig", "Cohort", "SimulatedSubject", "SEQUENCES", "write_cohort", "add_parser", "run",
+    "subject_id",
+]
+
+# Streams of one subject's randomness, each from SeedSequence([seed, index, stream]).
+_STREAM_POPULATION, _STREAM_NUISANCE = 0, 1
+FORMAT_VERSION = 1
+
+
+def subject_id(index: int) -> str:
+  """BIDS participant label of subject `index` (0-based): 'sub-0001' for index 0."""
+  return f"sub-{index + 1:04d}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimulatedSubject:
+  """One simulated subject. Images are float32 `[X, Y, Z]` on the template grid (RAS+, `affine`),
+  integer-valued arbitrary units (stored exactly as int16); masks are bool `[X, Y, Z]`.
+
+  Attributes:
+    index: 0-based position in the cohort; subject_id: 'sub-0001' for index 0.
+    age: chronological age (years); sex: 'F' or 'M'.
+    risk_factors: {'diabetes', 'hypertension', 'smoking': bool, 'bmi': float (kg/m^2)}.
+    brain_age: latent brain age b (years); risk_shift: R (years), what risk factors add to b.
+    effects: each ageing effect's size (see `simulation.render.aged_tissue`).
+    nuisance: head_scale, rotation_deg, translation_mm, intensity scale per sequence.
+    images, reference_images: seq -> image at b, and at the reference brain age (no ageing).
+    ageing_masks: seq -> |images - reference_images| > mask_thresholds[seq].
+    lesion_mask: voxels at least `LESION_MASK_FRACTION` white-matter lesion.
+    brain_mask: the subject's brain (images are 0 outside).
+  """
+
+  index: int
+  subject_id: str
+  age: float
+  sex: str
+  risk_factors: dict[str, Any]
+  brain_age: float
+  risk_shift: float
+  effects: dict[str, float]
+  nuisance: dict[str, Any]
+  images: dict[str, np.ndarray]
+  reference_images: dict[str, np.ndarray]
+  affine: np.ndarray
+  ageing_masks: dict[str, np.ndarray]
+  mask_thresholds: dict[str, float]
+  lesion_mask: np.ndarray
+  brain_mask: np.ndarray
+
+  @property
+  def brain_age_gap(self) -> float:
+    """b - a (years): the true gap that risk factors and noise put in."""
+    return self.brain_age - self.age
+
+
+def _stream(seed: int, index: int, stream: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+
+
+class Cohort:
+  """A simulated cohort: random access to subjects, the atlas and the oracle MAE.
+
+  `cohort.subject(i)` depends only on (config, i): the same bytes in any process, in any order.
+  """
+
+  def __init__(self, config: CohortConfig, anatomy: TemplateAnatomy | None = None):
+    config.validate()
+    self.config = config
+    self._anatomy = anatomy
+
+  def __len__(self) -> int:
+    return self.config.n
+
+  def __getitem__(self, index: int) -> SimulatedSubject:
+    return self.subject(index)
+
+  def __iter__(self) -> Iterator[SimulatedSubject]:
+    return (self.subject(i) for i in range(len(self)))
+
+  @property
+  def anatomy(self) -> TemplateAnatomy:
+    if self._anatomy is None:
+      self._anatomy = load_anatomy(self.config.resolution_mm)
+    return self._anatomy
+
+  @property
+  def atlas(self) -> Atlas:
+    """Region atlas on the template grid (label image `[X, Y, Z]` + table)."""
+    return self.anatomy.atlas
+
+  @property
+  def affine(self) -> np.ndarray:
+    return self.anatomy.affine.copy()
+
+  def participants(self, index: int) -> population.Participants:
+    """Latent and observed variables of subject `index` (arrays of length 1); cheap, no images."""
+    self._check_index(index)
+    return population.sample_participants(
+        self.config, 1, _stream(self.config.seed, index, _STREAM_POPULATION)
+    )
+
+  def latent_table(self) -> dict[str, np.ndarray]:
+    """All subjects' latent variables without rendering: {'age', 'brain_age', ...} `[n]`."""
+    rows = [self.participants(i) for i in range(len(self))]
+    return {
+        f.name: np.concatenate([getattr(p, f.name) for p in rows])
+        for f in dataclasses.fields(population.Participants)
+    }
+
+  def _check_index(self, index: int) -> None:
+    if not isinstance(index, (int, np.integer)) or not 0 <= index < self.config.n:
+      raise DataError(f"subject index {index!r} out of range for a cohort of {self.config.n}")
+
+  def subject(self, index: int, brain_age: float | None = None) -> SimulatedSubject:
+    """Subject `index`; `brain_age` (years) renders the same person at another latent brain age
+    (a counterfactual: same nuisance, lesions nested) without changing its demographics."""
+    p = self.participants(index)
+    male = bool(p.male[0])
+    anatomy = self.anatomy
+    nuisance = render.draw_nuisance(
+        self.config, anatomy, male, _stream(self.config.seed, index, _STREAM_NUISANCE)
+    )
+    b = float(p.brain_age[0]) if brain_age is None else float(brain_age)
+    out = render.render(self.config, anatomy, b, float(p.risk_shift[0]), nuisance)
+    return SimulatedSubject(
+        index=int(index),
+        subject_id=subject_id(int(index)),
+        age=float(p.age[0]),
+        sex="M" if male else "F",
+        risk_factors={
+            "diabetes": bool(p.diabetes[0]),
+            "hypertension": bool(p.hypertension[0]),
+            "smoking": bool(p.smoking[0]),
+            "bmi": float(p.bmi[0]),
+        },
+        brain_age=b,
+        risk_shift=float(p.risk_shift[0]),
+        effects=out.effects,
+        nuisance={
+            "head_scale": nuisance.head_scale,
+            "rotation_deg": [float(v) for v in nuisance.rotation_deg],
+            "translation_mm": [float(v) for v in nuisance.translation_mm],
+            "intensity_scale": {s: nuisance.intensity_scale[s] for s in self.config.sequences},
+        },
+        images=out.images,
+        reference_images=out.reference_images,
+        affine=self.affine,
+        ageing_masks=out.ageing_masks,
+        mask_thresholds=out.mask_thresholds,
+        lesion_mask=out.lesion_mask,
+        brain_mask=out.brain_mask,
+    )
+
+  @functools.cache
+  def oracle_mae(self, condition_on: str = "latent") -> float:
+    """MAE (years) of the best possible predictor of age; see `simulation.population`.
+
+    "latent" conditions on (b, sex, diabetes, hypertension, smoking, BMI): a floor for any model
+    of images + participants.tsv. "brain_age" conditions on b alone.
+    """
+    return population.oracle_mae(self.config, condition_on)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing a BIDS dataset.
+# ------------------------------------------------------------------------------------------------
+
+_DERIV = Path("derivatives") / "simulation"
+_PARTICIPANT_COLUMNS = ("participant_id", "age", "sex", "diabetes", "hypertension", "smoking", "bmi")
+_EFFECT_COLUMNS = (
+    "ventricle_expansion_mm", "cortical_thinning", "frontal_thinning", "frontal_risk_thinning",
+    "lesion_count", "lesion_volume_ml", "iron_darkening",
+)
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, code: int):
+  import nibabel as nib
+
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_xyzt_units("mm")
+  img.set_qform(affine, code=code)
+  img.set_sform(affine, code=code)
+  return img
+
+
+def _write_subject(out_dir: Path, subject: SimulatedSubject, config: CohortConfig) -> None:
+  sid = subject.subject_id
+  anat = out_dir / sid / "anat"
+  deriv = out_dir / _DERIV / sid / "anat"
+  for seq in config.sequences:
+    fileio.save_nifti(
+        _nifti(subject.images[seq].astype(np.int16), subject.affine, code=1),
+        anat / f"{sid}_{seq}.nii.gz",
+    )
+    fileio.save_nifti(
+        _nifti(subject.ageing_masks[seq].astype(np.uint8), subject.affine, code=1),
+        deriv / f"{sid}_{seq}_ageingmask.nii.gz",
+    )
+  fileio.save_nifti(
+      _nifti(subject.lesion_mask.astype(np.uint8), subject.affine, code=1),
+      deriv / f"{sid}_lesionmask.nii.gz",
+  )
+
+
+def _subject_row(s: SimulatedSubject) -> dict[str, Any]:
+  return {
+      "participant_id": s.subject_id,
+      "age": s.age,
+      "sex": s.sex,
+      **{k: s.risk_factors[k] for k in ("diabetes", "hypertension", "smoking", "bmi")},
+      "brain_age": s.brain_age,
+      "risk_shift": s.risk_shift,
+      **{k: s.effects[k] for k in _EFFECT_COLUMNS},
+      "head_scale": s.nuisance["head_scale"],
+  }
+
+
+# Worker state: one Cohort per worker process, made once by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config_dict: dict[str, Any], anatomy: TemplateAnatomy, out_dir: str) -> None:
+  config = CohortConfig.from_dict(config_dict)
+  _WORKER.update(cohort=Cohort(config, anatomy), out_dir=Path(out_dir))
+
+
+def _work(index: int) -> dict[str, Any]:
+  cohort = _WORKER["cohort"]
+  subject = cohort.subject(index)
+  _write_subject(_WORKER["out_dir"], subject, cohort.config)
+  return _subject_row(subject)
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, (bool, np.bool_)):
+    return str(int(v))
+  if isinstance(v, float):
+    return f"{v:.4f}"
+  return str(v)
+
+
+def _tsv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  lines = ["\t".join(columns)]
+  lines += ["\t".join(_fmt(row[c]) for c in columns) for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _check_out_dir(out_dir: Path, config: CohortConfig) -> None:
+  """An output directory must be new, empty, or hold a (possibly interrupted) run of this exact
+  configuration, recognised by derivatives/simulation/config.json (written first)."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise DataError(f"--out {out_dir} exists and is not a directory")
+  if not out_dir.exists() or not any(out_dir.iterdir()):
+    return
+  config_json = out_dir / _DERIV / "config.json"
+  try:
+    previous = json.loads(config_json.read_text())
+  except (OSError, ValueError):
+    raise DataError(
+        f"--out {out_dir} is not empty and holds no simulated cohort ({config_json} missing); "
+        "choose a new directory"
+    ) from None
+  if previous != json.loads(json.dumps(config.to_dict())):
+    raise DataError(
+        f"--out {out_dir} holds a simulated cohort with another configuration ({config_json}); "
+        "choose a new directory"
+    )
+
+
+def write_cohort(
+    out_dir: str | os.PathLike, config: CohortConfig, workers: int | None = None,
+    progress: bool = False,
+) -> Path:
+  """Writes the BIDS dataset of `config` to `out_dir` with `workers` processes; returns its path.
+
+  Every file is written atomically; derivatives/simulation/config.json first, cohort.json last.
+  A directory with this configuration and a cohort.json is complete and is returned as it is;
+  an interrupted run of it (no cohort.json) is written again. Anything else is refused.
+  """
+  config.validate()
+  out_dir = Path(out_dir)
+  _check_out_dir(out_dir, config)
+  if (out_dir / _DERIV / "cohort.json").exists():
+    return out_dir  # complete, same configuration (checked above)
+  fileio.write_json(out_dir / _DERIV / "config.json", config.to_dict())
+  workers = max(1, min(workers or os.cpu_count() or 1, config.n))
+  anatomy = load_anatomy(config.resolution_mm)
+  cohort = Cohort(config, anatomy)
+  oracle = {c: cohort.oracle_mae(c) for c in ("latent", "brain_age")}
+
+  indices = range(config.n)
+  if workers == 1:
+    _init_worker(config.to_dict(), anatomy, str(out_dir))
+    rows = map(_work, indices)
+    pool = None
+  else:
+    # spawn: safe with JAX or threads in the parent; workers get the anatomy once, pickled.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(config.to_dict(), anatomy, str(out_dir)),
+    )
+    rows = pool.map(_work, indices, chunksize=max(1, min(8, config.n // (4 * workers))))
+  try:
+    if progress:
+      from tqdm import tqdm
+
+      rows = tqdm(rows, total=config.n, desc="simulate", unit="subject", file=sys.stderr)
+    rows = list(rows)
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+
+  deriv = out_dir / _DERIV
+  fileio.save_nifti(_nifti(cohort.atlas.labels, anatomy.affine, code=4), deriv / "atlas.nii.gz")
+  fileio.write_text(deriv / "atlas.tsv", cohort.atlas.table_tsv())
+  fileio.save_nifti(
+      _nifti(cohort.atlas.region_labels(), anatomy.affine, code=4), deriv / "atlas_regions.nii.gz"
+  )
+  fileio.write_text(deriv / "atlas_regions.tsv", cohort.atlas.region_table_tsv())
+  fileio.write_text(out_dir / "participants.tsv", _tsv(rows, _PARTICIPANT_COLUMNS))
+  fileio.write_json(out_dir / "participants.json", _PARTICIPANTS_SIDECAR)
+  latent_cols = ("participant_id", "age", "brain_age", "risk_shift", *_EFFECT_COLUMNS, "head_scale")
+  fileio.write_text(deriv / "brain_age.tsv", _tsv(rows, latent_cols))
+  fileio.write_json(deriv / "dataset_description.json", {
+      "Name": "jax-brainage simulation ground truth",
+      "BIDSVersion": "1.9.0",
+      "DatasetType": "derivative",
+      "GeneratedBy": [{"Name": "jax-brainage", "Description": "brainage simulate"}],
+  })
+  fileio.write_json(deriv / "cohort.json", {
+      "format_version": FORMAT_VERSION,
+      "config": config.to_dict(),
+      "oracle_mae": oracle["latent"],
+      "oracle_mae_conditions_on": ["brain_age", "sex", "diabetes", "hypertension", "smoking", "bmi"],
+      "oracle_mae_brain_age_only": oracle["brain_age"],
+      "reference_brain_age": config.brain_age_reference,
+      "mask_threshold": config.mask_threshold,
+      "lesion_mask_fraction": render.LESION_MASK_FRACTION,
+      "affine": anatomy.affine.tolist(),
+      "shape": list(anatomy.shape),
+  })
+  fileio.write_json(out_dir / "dataset_description.json", {
+      "Name": f"jax-brainage simulated cohort (seed {config.seed}, n {config.n}, "
+              f"{config.resolution_mm} mm)",
+      "BIDSVersion": "1.9.0",
+      "DatasetType": "raw",
+      "GeneratedBy": [{"Name": "jax-brainage", "Description": "brainage simulate"}],
+      "GeneratedOn": datetime.date.today().isoformat(),
+  })
+  return out_dir
+
+
+_PARTICIPANTS_SIDECAR = {
+    "age": {"Description": "chronological age", "Units": "years"},
+    "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
+    "diabetes": {"Description": "diabetes", "Levels": {"0": "no", "1": "yes"}},
+    "hypertension": {"Description": "hypertension", "Levels": {"0": "no", "1": "yes"}},
+    "smoking": {"Description": "current smoker", "Levels": {"0": "no", "1": "yes"}},
+    "bmi": {"Description": "body-mass index", "Units": "kg/m^2"},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  parser = subparsers.add_parser(
+      "simulate",
+      help="write a simulated BIDS cohort with ground truth",
+      description="Simulate a 3D multi-sequence cohort on the MNI152 template with known ground "
+      "truth (latent brain age, ageing and lesion masks, atlas, oracle MAE), as a BIDS dataset.",
+  )
+  parser.add_argument("--out", required=True, help="output directory (new or empty)")
+  parser.add_argument("--n", type=int, required=True, help="number of subjects")
+  parser.add_argument("--resolution", type=int, default=2, help="voxel size in mm: 1, 2, 3 or 4")
+  parser.add_argument("--seed", type=int, default=0, help="cohort seed")
+  parser.add_argument(
+      "--sequences", default=",".join(SEQUENCES), help="comma-separated subset of T1w,FLAIR,swi"
+  )
+  parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  parser.set_defaults(func=run)
+  return parser
+
+
+def run(args: argparse.Namespace) -> int:
+  sequences = tuple(s.strip() for s in str(args.sequences).split(",") if s.strip())
+  if args.workers is not None and args.workers < 1:
+    raise ConfigError(f"--workers {args.workers} must be at least 1")
+  if args.n is None or args.n < 1:
+    raise ConfigError(f"--n {args.n} must be at least 1")
+  if args.resolution not in (1, 2, 3, 4):
+    raise ConfigError(f"--resolution {args.resolution} must be 1, 2, 3 or 4 (mm)")
+  if args.seed < 0:
+    raise ConfigError(f"--seed {args.seed} must be non-negative")
+  config = CohortConfig(seed=args.seed, n=args.n, resolution_mm=args.resolution,
+                        sequences=sequences)
+  out = write_cohort(args.out, config, workers=args.workers, progress=sys.stderr.isatty())
+  cohort_json = json.loads((out / _DERIV / "cohort.json").read_text())
+  print(f"wrote {config.n} subjects to {out} (oracle MAE {cohort_json['oracle_mae']:.2f} years)")
+  return 0
