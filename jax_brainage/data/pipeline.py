@@ -189,12 +189,14 @@ class BatchPlan:
 
   def order(self, epoch: int) -> np.ndarray:
     """Positions into `rows` for an epoch, int64 [m] (last two epochs cached)."""
-    cache = self.__dict__.setdefault("_orders", {})
-    if epoch not in cache:
-      if len(cache) >= 2:
-        cache.pop(next(iter(cache)))
-      cache[epoch] = epoch_order(self.rows, self.seed, epoch, self.shuffle)
-    return cache[epoch]
+    # grain's reader threads call this concurrently: swap an immutable tuple, never mutate.
+    cached = self.__dict__.get("_orders", ())
+    for e, order in cached:
+      if e == epoch:
+        return order
+    order = epoch_order(self.rows, self.seed, epoch, self.shuffle)
+    self.__dict__["_orders"] = ((epoch, order),) + cached[:1]
+    return order
 
   def local_positions(self, step: int) -> tuple[int, np.ndarray]:
     """(epoch, positions into rows [local_batch], -1 for padding) of this process at a step."""
@@ -528,6 +530,32 @@ class DeviceFeed:
     self.batches.close()
 
 
+class HostFeedPipeline:
+  """A `HostPipeline` whose iterators deliver network inputs on the mesh (`DeviceFeed`).
+
+  Re-iterable: each `iter()` starts at step 0 (use `set_state` to resume).
+  """
+
+  mode = "host"
+
+  def __init__(self, host: HostPipeline, mesh: Mesh, augment: aug.AugmentConfig | None = None):
+    self.host = host
+    self.mesh = mesh
+    self.augment = aug.AugmentConfig.from_config(augment)
+    shd.check_batch_size(host.plan.batch_size, mesh, "batch_size")
+
+  @property
+  def plan(self) -> BatchPlan:
+    return self.host.plan
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.host.plan.steps_per_epoch
+
+  def __iter__(self) -> DeviceFeed:
+    return DeviceFeed(iter(self.host), self.mesh, self.augment)
+
+
 # ------------------------------------------------------------------------------------------------
 # Device-resident mode.
 # ------------------------------------------------------------------------------------------------
@@ -638,6 +666,8 @@ class DeviceResidentPipeline:
     self._batch_fn = self._build_batch_fn()
     self._orders: dict[int, jax.Array] = {}
 
+  mode = "device"
+
   @property
   def steps_per_epoch(self) -> int:
     return self.plan.steps_per_epoch
@@ -728,15 +758,18 @@ class DeviceResidentIterator:
 
 
 class SimulatorSource:
-  """Subjects generated on demand (pure in (seed, index)) and preprocessed exactly as `prepare`.
+  """Subjects simulated on demand (pure in (seed, index)) and preprocessed exactly as `prepare`.
+
+  The images are quantised to int16 as `brainage simulate` stores them, so a batch from this
+  source equals the same subject read from a simulated-then-prepared cache.
 
   Args:
     cohort_config: `CohortConfig` of the simulated cohort (its `n` is the number of subjects).
     preprocessing: `cache.Preprocessing`; default: the cohort's sequences, minmax uint8, the
-      cube shape of its resolution (98^3 at 2 mm).
+      cube shape of its resolution (`prune.default_cube_shape`: 98^3 at 2 mm, 50^3 at 4 mm).
 
-  Ages come from the cohort's participants table without generating images. Each `read`
-  simulates the requested subjects (in grain workers when `worker_count > 0`).
+  Ages come from the cohort's population model without rendering images; `read` renders and
+  preprocesses the requested subjects (in grain workers when `worker_count > 0`).
   """
 
   def __init__(self, cohort_config, preprocessing=None):
@@ -750,20 +783,9 @@ class SimulatorSource:
       raise ConfigError("the pipeline feeds uint8 volumes: simulator preprocessing must use "
                         "scaling='minmax'")
     self._cohort = simulate.Cohort(cohort_config)
-    self.ages = np.asarray(self._cohort_ages(), np.float32)
-    self.subject_ids = [f"sim{i:05d}" for i in range(len(self.ages))]
+    self.ages = np.asarray(self._cohort.latent_table()["age"], np.float32)
+    self.subject_ids = [simulate.subject_id(i) for i in range(len(self.ages))]
     self.volume_shape = tuple(self.read(np.array([0]))[0].shape)
-
-  def _cohort_ages(self) -> np.ndarray:
-    cohort = self._cohort
-    for name in ("ages", "age"):
-      value = getattr(cohort, name, None)
-      if value is not None and not callable(value):
-        return np.asarray(value)
-    participants = getattr(cohort, "participants", None)
-    if participants is not None and hasattr(participants, "age"):
-      return np.asarray(participants.age)
-    return np.array([cohort.subject(i).age for i in range(self.cohort_config.n)])
 
   def __len__(self) -> int:
     return len(self.ages)
@@ -780,16 +802,12 @@ class SimulatorSource:
     self._cohort = simulate.Cohort(self.cohort_config)
 
   def subject_images(self, i: int) -> dict[str, Any]:
-    """Sequence name -> nibabel image of simulated subject i."""
+    """Sequence name -> nibabel image of simulated subject i, as `brainage simulate` writes it."""
     import nibabel as nib
 
     subject = self._cohort.subject(int(i))
-    images = subject.images
-    affine = np.asarray(getattr(subject, "affine", None) if getattr(subject, "affine", None)
-                        is not None else np.eye(4), np.float64)
-    return {s: img if hasattr(img, "dataobj") else nib.Nifti1Image(np.asarray(img, np.float32),
-                                                                    affine)
-            for s, img in images.items()}
+    return {s: nib.Nifti1Image(subject.images[s].astype(np.int16), subject.affine)
+            for s in self.preprocessing.sequences}
 
   def read(self, rows: np.ndarray) -> np.ndarray:
     from jax_brainage.data import cache as cache_lib
@@ -812,18 +830,20 @@ def make_pipeline(source: Source, *, batch_size: int, mode: str = "auto", mesh: 
                   rows: np.ndarray | None = None, shuffle: bool = True,
                   drop_remainder: bool = True, num_epochs: int | None = None,
                   worker_count: int = 0, require_ages: bool = True,
-                  device_fraction: float = 0.5) -> DeviceFeed | DeviceResidentIterator:
-  """An iterator of network-ready global batches (see `DeviceFeed`), host or device-resident.
+                  device_fraction: float = 0.5) -> HostFeedPipeline | DeviceResidentPipeline:
+  """A re-iterable pipeline of network-ready global batches, host-fed or device-resident.
 
   Args:
     mode: "host" (grain), "device" (volumes resident on the accelerators), or "auto": device
-      when the platform is an accelerator, the source is an in-memory/memory-mapped array and
-      the selected volumes fit (`fits_on_device`) on every local device, else host.
+      when the platform is an accelerator, the source holds its volumes in an array or memory
+      map and the selected volumes fit (`fits_on_device`) on every local device, else host.
     Others: as in `HostPipeline` / `DeviceResidentPipeline`.
 
   Returns:
-    iterator with `get_state()` / `set_state(state)` (the same state in both modes) and
-    attributes `mode` and `steps_per_epoch`.
+    a pipeline with `mode`, `plan` and `steps_per_epoch`; each `iter()` yields dicts of global
+    arrays split over 'data' (`image` float32 [B, X, Y, Z, C] scaled to [0, 1] and augmented,
+    `age` float32 [B], `index` int32 [B], `aug_seed` uint32 [B, 2], `mask` bool [B]) and has
+    `get_state()` / `set_state(state)`, with the same state in both modes.
   """
   if mode not in ("host", "device", "auto"):
     raise ConfigError(f"pipeline mode {mode!r}: choose host, device or auto")
@@ -840,20 +860,15 @@ def make_pipeline(source: Source, *, batch_size: int, mode: str = "auto", mesh: 
     if volumes is None:
       raise ConfigError("device-resident mode needs volumes in an array or cache (not the "
                         "simulator): use mode='host'")
-    pipeline = DeviceResidentPipeline(
+    return DeviceResidentPipeline(
         volumes, source.ages, batch_size=batch_size, seed=seed, rows=rows, shuffle=shuffle,
         drop_remainder=drop_remainder, num_epochs=num_epochs, augment=augment, mesh=mesh,
         require_ages=require_ages)
-    it = iter(pipeline)
-  else:
-    pipeline = HostPipeline(
-        source, batch_size=batch_size, seed=seed, rows=rows, shuffle=shuffle,
-        drop_remainder=drop_remainder, num_epochs=num_epochs, worker_count=worker_count,
-        require_ages=require_ages)
-    it = DeviceFeed(iter(pipeline), mesh, augment)
-  it.mode = mode
-  it.steps_per_epoch = pipeline.steps_per_epoch
-  return it
+  host = HostPipeline(
+      source, batch_size=batch_size, seed=seed, rows=rows, shuffle=shuffle,
+      drop_remainder=drop_remainder, num_epochs=num_epochs, worker_count=worker_count,
+      require_ages=require_ages)
+  return HostFeedPipeline(host, mesh, augment)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -924,14 +939,15 @@ def run(args: argparse.Namespace) -> int:
                       "the host)")
   mesh = shd.make_mesh()
   augment = aug.AugmentConfig.training_default() if args.augment else aug.AugmentConfig()
-  it = make_pipeline(source, batch_size=args.batch_size, mode=args.mode, mesh=mesh,
-                     augment=augment, seed=args.shuffle_seed, rows=rows,
-                     shuffle=not args.eval, drop_remainder=not args.eval,
-                     num_epochs=args.epochs, worker_count=args.workers)
+  pipe = make_pipeline(source, batch_size=args.batch_size, mode=args.mode, mesh=mesh,
+                       augment=augment, seed=args.shuffle_seed, rows=rows,
+                       shuffle=not args.eval, drop_remainder=not args.eval,
+                       num_epochs=args.epochs, worker_count=args.workers)
+  it = iter(pipe)
   shape = tuple(source.volume_shape)
-  print(f"{what}: {len(rows)} subjects ({args.split}), volumes {shape} uint8; mode {it.mode}, "
+  print(f"{what}: {len(rows)} subjects ({args.split}), volumes {shape} uint8; mode {pipe.mode}, "
         f"{len(jax.devices())} {jax.devices()[0].platform} device(s), batch {args.batch_size}, "
-        f"{it.steps_per_epoch} steps/epoch, augment {'on' if augment.enabled else 'off'}")
+        f"{pipe.steps_per_epoch} steps/epoch, augment {'on' if augment.enabled else 'off'}")
   ids = getattr(source, "subject_ids", None)
   n_volumes, t_first, t0 = 0, None, time.perf_counter()
   try:
@@ -950,7 +966,7 @@ def run(args: argparse.Namespace) -> int:
         names = [ids[i] if ids is not None else str(i) for i in index[mask][:4]]
         more = " ..." if mask.sum() > 4 else ""
         img = batch["image"]
-        print(f"epoch {step // it.steps_per_epoch} step {step}: image {img.dtype} "
+        print(f"epoch {step // pipe.steps_per_epoch} step {step}: image {img.dtype} "
               f"{tuple(img.shape)} over {img.sharding.spec} | {int(mask.sum())} subjects, ages "
               f"{age.min():.1f}-{age.max():.1f} y | {', '.join(names)}{more}")
   finally:
@@ -958,5 +974,5 @@ def run(args: argparse.Namespace) -> int:
   elapsed = time.perf_counter() - (t_first or t0)
   rate = n_volumes / elapsed if n_volumes and elapsed > 0 else float("nan")
   print(f"{n_volumes} volumes after the first batch in {elapsed:.2f} s: {rate:.1f} volumes/s "
-        f"({it.mode} mode)")
+        f"({pipe.mode} mode)")
   return 0

@@ -308,3 +308,53 @@ def _batches(argv: list[str]) -> int:
   pl.add_parser(parser.add_subparsers(dest="command"))
   args = parser.parse_args(["batches", *argv])
   return args.func(args)
+
+
+def test_make_pipeline_is_reiterable_and_picks_host_on_cpu(cohort):
+  volumes, ages = cohort
+  source = pl.ArraySource(volumes, ages)
+  pipe = pl.make_pipeline(source, batch_size=8, mode="auto", shuffle=False,
+                          drop_remainder=False, num_epochs=1)
+  assert pipe.mode == "host" and pipe.steps_per_epoch == 4  # no accelerator here
+  first, second = list(pipe), list(pipe)  # evaluation runs every epoch on the same pipeline
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a["index"]), np.asarray(b["index"]))
+  seen = np.concatenate([np.asarray(b["index"])[np.asarray(b["mask"])] for b in first])
+  np.testing.assert_array_equal(seen, np.arange(N))
+  device = pl.make_pipeline(source, batch_size=8, mode="device", shuffle=False,
+                            drop_remainder=False, num_epochs=1)
+  assert device.mode == "device"
+  for a, b in zip(first, device):
+    np.testing.assert_allclose(np.asarray(a["image"]), np.asarray(b["image"]), rtol=1e-6)
+
+  class Generated:  # a source without an array of volumes (like the simulator)
+    def __init__(self):
+      self.ages, self.volume_shape = ages, SHAPE
+
+    def __len__(self):
+      return N
+
+    def read(self, rows):
+      return volumes[rows]
+
+  with pytest.raises(ConfigError, match="mode='host'"):
+    pl.make_pipeline(Generated(), batch_size=8, mode="device")
+  with pytest.raises(ConfigError, match="gpu"):
+    pl.make_pipeline(source, batch_size=8, mode="gpu")
+
+
+def test_simulator_source_equals_the_simulated_then_prepared_cache(tmp_path):
+  from jax_brainage.data import bids, cache, simulate
+  from jax_brainage.data.simulation.config import CohortConfig
+
+  cfg = CohortConfig(seed=3, n=2, resolution_mm=4, sequences=("T1w", "FLAIR"))
+  simulate.write_cohort(tmp_path / "bids", cfg, workers=1)
+  prepared = cache.prepare(bids.read_bids(tmp_path / "bids", sequences=cfg.sequences),
+                           tmp_path / "cache", cache.Preprocessing(sequences=cfg.sequences))
+  src = pl.SimulatorSource(cfg)
+  assert src.subject_ids == prepared.subject_ids
+  np.testing.assert_allclose(src.ages, prepared.ages, atol=1e-3)  # participants.tsv precision
+  np.testing.assert_array_equal(src.read(np.array([1, 0])), np.asarray(prepared.volumes)[[1, 0]])
+  assert src.volume_shape == prepared.volumes.shape[1:]
+  back = pickle.loads(pickle.dumps(src))  # what a grain worker receives
+  np.testing.assert_array_equal(back.read(np.array([1])), np.asarray(prepared.volumes)[[1]])
