@@ -78,8 +78,8 @@ def minmax_uint8(
   if not ceiling > floor:
     raise DataError(
         f"{where}: no intensity range inside the brain (ceiling {ceiling:g} <= floor {floor:g})")
-  scaled = (np.clip(np.asarray(data, np.float64), floor, ceiling) - floor) * (
-      255.0 / (ceiling - floor))
+  scaled = 255.0 * (np.clip(np.asarray(data, np.float64), floor, ceiling) - floor) / (
+      ceiling - floor)
   out = np.rint(scaled).astype(np.uint8)
   if brain is not None:
     out[~np.asarray(brain, bool)] = 0

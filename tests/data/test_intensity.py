@@ -1,0 +1,118 @@
+"""intensity.py: clip + min-max to uint8, z-scores, channels, to_unit_float (numpy and jax)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.stats
+
+from jax_brainage.data import intensity
+from jax_brainage.errors import DataError
+from tests.data.conftest import MNI_T1, NIBABEL_DATA
+
+
+def _replica_minmax(data, brain, q):
+  """The study's scaling written out independently (float64, per voxel)."""
+  values = np.sort(data[brain].astype(np.float64))
+  # Percentile by linear interpolation between order statistics (numpy's default method).
+  pos = (len(values) - 1) * q / 100
+  ceiling = values[int(np.floor(pos))] + (pos - np.floor(pos)) * (
+      values[int(np.ceil(pos))] - values[int(np.floor(pos))])
+  floor = min(0.0, values[0])
+  out = np.zeros(data.shape, np.uint8)
+  for idx in zip(*np.nonzero(brain)):
+    x = min(max(float(data[idx]), floor), ceiling)
+    out[idx] = int(np.floor(255 * (x - floor) / (ceiling - floor) + 0.5))
+  return out
+
+
+def test_minmax_matches_replica_on_real_image():
+  img = nib.load(f"{NIBABEL_DATA}/anatomical.nii")  # int16 with negative values
+  data = np.asanyarray(img.dataobj)[::2, ::2, ::2]
+  brain = data > 100
+  for q in (99.5, 90.0, 100.0):
+    ours = intensity.minmax_uint8(data, brain, ceiling_percentile=q)
+    ref = _replica_minmax(data, brain, q)
+    # Rounding of exact .5 ties may differ by one level (rint is round-half-even).
+    assert np.max(np.abs(ours.astype(int) - ref.astype(int))) <= 1
+    assert np.mean(ours != ref) < 1e-3
+    assert ours.dtype == np.uint8 and ours.max() == 255 and not ours[~brain].any()
+
+
+def test_minmax_keeps_zero_background_at_zero_and_clips_hot_voxels():
+  img = nib.load(MNI_T1)
+  data = np.asanyarray(img.dataobj)[::4, ::4, ::4].astype(np.float32)
+  data[10, 10, 10] = 10_000  # A hot voxel must not squash the rest of the range.
+  brain = data > 0
+  out = intensity.minmax_uint8(data, brain, ceiling_percentile=99.5)
+  ceiling = np.percentile(data[brain], 99.5)
+  assert out[10, 10, 10] == 255
+  assert np.sum(out == 255) == np.sum(data[brain] >= ceiling)
+  # floor = 0 for non-negative images: intensity v -> round(255 v / ceiling).
+  below = brain & (data < ceiling)
+  np.testing.assert_array_equal(out[below], np.rint(255 * data[below] / ceiling).astype(np.uint8))
+
+
+def test_minmax_negative_floor():
+  data = np.linspace(-50, 150, 1000).reshape(10, 10, 10)
+  out = intensity.minmax_uint8(data, None, ceiling_percentile=100)
+  np.testing.assert_array_equal(out, np.rint((data + 50) / 200 * 255).astype(np.uint8))
+
+
+def test_zscore_matches_scipy():
+  rng = np.random.default_rng(0)
+  data = rng.gamma(3.0, 40.0, size=(9, 10, 11))
+  brain = rng.random(data.shape) > 0.4
+  out = intensity.zscore(data, brain)
+  assert out.dtype == np.float16
+  np.testing.assert_allclose(out[brain], scipy.stats.zscore(data[brain]), rtol=1e-3, atol=2e-3)
+  assert not out[~brain].any()
+
+
+def test_scale_channels_each_sequence_on_its_own():
+  rng = np.random.default_rng(1)
+  t1 = rng.uniform(0, 100, (6, 7, 8))
+  flair = rng.uniform(0, 3, (6, 7, 8))
+  brain = t1 > 20
+  both = intensity.scale_channels([t1, flair], brain, names=["T1w", "FLAIR"])
+  assert both.shape == (6, 7, 8, 2) and both.dtype == np.uint8
+  np.testing.assert_array_equal(both[..., 0], intensity.minmax_uint8(t1, brain))
+  np.testing.assert_array_equal(both[..., 1], intensity.minmax_uint8(flair, brain))
+  z = intensity.scale_channels([t1, flair], brain, scaling="zscore")
+  assert z.dtype == np.float16
+
+
+def test_degenerate_brains_are_data_errors():
+  data = np.zeros((4, 4, 4))
+  with pytest.raises(DataError, match="sub-01: x.nii .T1w.: empty brain"):
+    intensity.minmax_uint8(data, data > 0, where="sub-01: x.nii (T1w)")
+  data[1:3, 1:3, 1:3] = 7.0
+  with pytest.raises(DataError, match="constant intensity"):
+    intensity.zscore(data, data > 0, where="sub-01")
+  with pytest.raises(DataError, match="no intensity range"):
+    intensity.minmax_uint8(-data, data > 0, where="sub-01")
+  with pytest.raises(ValueError, match="unknown intensity scaling"):
+    intensity.scale(data, scaling="robust")
+
+
+def test_to_unit_float_numpy_and_jax():
+  x = np.arange(256, dtype=np.uint8).reshape(4, 4, 4, 4, 1)
+  ref = x.astype(np.float64) / 255.0
+  ours = intensity.to_unit_float(x)
+  assert ours.dtype == np.float32 and ours.shape == x.shape
+  np.testing.assert_allclose(ours, ref, rtol=2e-7, atol=0)  # within 2 float32 ulps
+  assert ours.min() == 0.0 and ours.max() == 1.0
+  on_device = intensity.to_unit_float(jnp.asarray(x))
+  jitted = jax.jit(intensity.to_unit_float)(jnp.asarray(x))
+  assert isinstance(jitted, jax.Array) and jitted.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(on_device), ours)  # Same bits on host and device.
+  np.testing.assert_array_equal(np.asarray(jitted), ours)
+  f = np.array([0.25, -1.5], np.float16)
+  np.testing.assert_array_equal(intensity.to_unit_float(f), np.array([0.25, -1.5], np.float32))
+  assert intensity.to_unit_float(jnp.asarray(f)).dtype == jnp.float32
+  assert intensity.to_unit_float(jnp.ones(2, jnp.bfloat16)).dtype == jnp.float32
+  with pytest.raises(TypeError):
+    intensity.to_unit_float(np.arange(3, dtype=np.int32))
