@@ -214,8 +214,10 @@ def test_bad_arguments_are_one_line_errors(cohort):
 @pytest.mark.parametrize("train", [True, False])
 def test_device_resident_equals_host_feed_sharded_over_data(cohort, train):
   volumes, ages = cohort
-  mesh = shd.make_mesh()
-  assert shd.data_size(mesh) == 4
+  # Training on a 4-way 'data' mesh; evaluation on a 2 x 2 ('ensemble', 'data') mesh, where the
+  # batch is split over 'data' and repeated over 'ensemble'.
+  mesh = shd.make_mesh(ensemble=1 if train else 2)
+  assert shd.data_size(mesh) == (4 if train else 2)
   # Rotation (the costly compile) in the training case only.
   cfg = aug.AugmentConfig(shift_voxels=1, rotate_degrees=8.0 if train else 0.0, flip_lr=True,
                           noise_std=0.05)
@@ -230,7 +232,7 @@ def test_device_resident_equals_host_feed_sharded_over_data(cohort, train):
     for k in a:
       assert a[k].sharding.spec == P(shd.DATA_AXIS) and len(a[k].sharding.device_set) == 4
       np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6, err_msg=k)
-    # Device d holds rows [2d, 2d + 2) of the global batch.
+    # Each device holds its 'data' slice of the global batch.
     for shard in a["index"].addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(a["index"])[shard.index])
   # Same state format: a host checkpoint resumes in device mode.
