@@ -92,7 +92,7 @@ class Epsilon(Rule):
   def linear(self, layer, x, p, z, R):
     if self.zero_bias and layer.bias(p) is not None:
       z = z - layer.bias(p)
-    s = R / self._stab(z)
+    s = _ratio(R, self._stab(z))
     return x * layer.transpose(x, p, "w", s)
 
   def norm(self, fn, xs, y, R):
@@ -112,11 +112,11 @@ class ZPlus(Rule):
   def linear(self, layer, x, p, z, R):
     b = 0.0 if self.zero_bias else _bias(layer, p, "pos")
     if layer.x_nonneg:
-      s = R / self._stab(layer.forward(x, p, "pos") + b)
+      s = _ratio(R, self._stab(layer.forward(x, p, "pos") + b))
       return x * layer.transpose(x, p, "pos", s)
     xp, xn = _pos(x), _neg(x)
     za = layer.forward(xp, p, "pos") + layer.forward(xn, p, "neg") + b
-    s = R / self._stab(za)
+    s = _ratio(R, self._stab(za))
     return xp * layer.transpose(x, p, "pos", s) + xn * layer.transpose(x, p, "neg", s)
 
 
@@ -148,18 +148,18 @@ class AlphaBeta(Rule):
     a, b = self.alpha, self.beta
     if layer.x_nonneg:
       zp = layer.forward(x, p, "pos")
-      sa = R / self._stab(zp + bp)
+      sa = _ratio(R, self._stab(zp + bp))
       if b == 0.0:
         return x * (a * layer.transpose(x, p, "pos", sa))
       # W- x = W x - W+ x, and W-^T s = W^T s - W+^T s: two transposed passes instead of three.
       zw = z - _bias(layer, p)
-      sb = R / self._stab(zw - zp + bn)
+      sb = _ratio(R, self._stab(zw - zp + bn))
       return x * (layer.transpose(x, p, "pos", a * sa + b * sb) - b * layer.transpose(x, p, "w", sb))
     xp, xn = _pos(x), _neg(x)
-    sa = R / self._stab(layer.forward(xp, p, "pos") + layer.forward(xn, p, "neg") + bp)
+    sa = _ratio(R, self._stab(layer.forward(xp, p, "pos") + layer.forward(xn, p, "neg") + bp))
     out = a * (xp * layer.transpose(x, p, "pos", sa) + xn * layer.transpose(x, p, "neg", sa))
     if b != 0.0:
-      sb = R / self._stab(layer.forward(xp, p, "neg") + layer.forward(xn, p, "pos") + bn)
+      sb = _ratio(R, self._stab(layer.forward(xp, p, "neg") + layer.forward(xn, p, "pos") + bn))
       out = out - b * (xp * layer.transpose(x, p, "neg", sb) + xn * layer.transpose(x, p, "pos", sb))
     return out
 
@@ -194,7 +194,7 @@ class Gamma(Rule):
       zp = layer.forward(x, p, "pos")
       zpos = zw + g * zp + b + g * bp
       zneg = zw + g * (zw - zp) + b + g * bn
-      sp, sn = up / self._stab(zpos), dn / self._stab(zneg)
+      sp, sn = _ratio(up, self._stab(zpos)), _ratio(dn, self._stab(zneg))
       # W_g+^T sp + W_g-^T sn = W^T(sp + (1+g) sn) + g W+^T(sp - sn), using W- = W - W+.
       return x * (layer.transpose(x, p, "w", sp + (1 + g) * sn)
                   + g * layer.transpose(x, p, "pos", sp - sn))
@@ -202,7 +202,7 @@ class Gamma(Rule):
     f = layer.forward
     zpos = f(xp, p, "w") + g * f(xp, p, "pos") + f(xn, p, "w") + g * f(xn, p, "neg") + b + g * bp
     zneg = f(xp, p, "w") + g * f(xp, p, "neg") + f(xn, p, "w") + g * f(xn, p, "pos") + b + g * bn
-    sp, sn = up / self._stab(zpos), dn / self._stab(zneg)
+    sp, sn = _ratio(up, self._stab(zpos)), _ratio(dn, self._stab(zneg))
     t = layer.transpose
     tw = t(x, p, "w", sp + sn)
     return (x * tw + g * (xp * t(x, p, "pos", sp) + xn * t(x, p, "neg", sp)
@@ -231,7 +231,7 @@ class ZBox(Rule):
     hi = jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape)
     zw = z - _bias(layer, p)
     zb = zw - layer.forward(lo, p, "pos") - layer.forward(hi, p, "neg")
-    s = R / self._stab(zb)
+    s = _ratio(R, self._stab(zb))
     return (x * layer.transpose(x, p, "w", s) - lo * layer.transpose(x, p, "pos", s)
             - hi * layer.transpose(x, p, "neg", s))
 
@@ -254,7 +254,7 @@ class WSquare(Rule):
     zs = layer.forward(ones, p, "sq")
     if b is not None and not self.zero_bias:
       zs = zs + jnp.square(b)
-    return layer.transpose(x, p, "sq", R / self._stab(zs))
+    return layer.transpose(x, p, "sq", _ratio(R, self._stab(zs)))
 
 
 class Flat(Rule):
@@ -268,7 +268,7 @@ class Flat(Rule):
   def linear(self, layer, x, p, z, R):
     ones = jnp.ones_like(x)
     zs = layer.forward(ones, p, "ones")
-    return layer.transpose(x, p, "ones", R / self._stab(zs))
+    return layer.transpose(x, p, "ones", _ratio(R, self._stab(zs)))
 
 
 class Pass(Rule):
@@ -292,10 +292,17 @@ class Norm(Rule):
     return _proportional(fn, xs, y, R, self._stab)
 
 
+def _ratio(R, den):
+  """R / den, with 0 where den == 0 (only possible with eps = 0: that relevance is absorbed
+  instead of becoming NaN or Inf)."""
+  safe = jnp.where(den == 0, jnp.ones_like(den), den)
+  return jnp.where(den == 0, jnp.zeros_like(R), R / safe)
+
+
 def _proportional(fn, xs, y, R, stab):
   import jax  # local: keeps the module's import list short
 
-  s = R / stab(y)
+  s = _ratio(R, stab(y))
   _, vjp = jax.vjp(fn, *xs)
   cts = vjp(s)
   return [x * c for x, c in zip(xs, cts)]
