@@ -44,7 +44,7 @@ import torch_nets  # noqa: E402
 def golden_arrays(net: str, seed: int = GOLDEN_SEED) -> dict[str, np.ndarray]:
   """Everything one golden file holds for `net`, computed with torch and zennit."""
   variables = torch_nets.init_variables(net, seed)
-  x = torch_nets.random_input(seed)
+  x = torch_nets.random_input(net, seed)
   output = torch_nets.torch_forward(net, variables, x)
   # The replica must compute the flax net's function before its relevance means anything.
   with jax.enable_x64(True):

@@ -157,7 +157,7 @@ def test_golden_file_fits_this_suite(net):
   flax net with its stored weights computes what the torch replica computed."""
   golden = load_golden(net)
   assert set(golden.relevance) == set(nets.COMPOSITES)
-  assert golden.input.shape == nets.INPUT_SHAPE and golden.input.dtype == np.float64
+  assert golden.input.shape == nets.INPUT_SHAPES[net] and golden.input.dtype == np.float64
   assert nets.LOW <= golden.input.min() and golden.input.max() <= nets.HIGH
   assert str(golden.meta["net"]) == net
   for key, value in [("low", nets.LOW), ("high", nets.HIGH), ("epsilon", nets.EPSILON),
@@ -209,7 +209,7 @@ def test_torch_replica_computes_the_flax_net(net):
   """Weight transfer (flax channels-last -> torch channels-first, SAME pads, flatten order) on
   weights and input that are not the golden ones: same outputs to float64 round-off."""
   _require_zennit()
-  variables, x = nets.init_variables(net, TRANSFER_SEED), nets.random_input(TRANSFER_SEED)
+  variables, x = nets.init_variables(net, TRANSFER_SEED), nets.random_input(net, TRANSFER_SEED)
   with jax.enable_x64(True):
     expected = np.asarray(flax_forward(net)(variables, x))
   assert expected.shape == (x.shape[0],)

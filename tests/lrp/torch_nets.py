@@ -16,6 +16,9 @@ Three nets, each a small version of something the study or a user of `lrp` relie
   average pooling. zennit has no rule for a plain `+` (it is not a module), so the torch replica
   adds through zennit's own `Sum` layer (stack, then sum), which zennit's composites map to the
   Norm rule, as its ResNet canonizer does; average pooling is Norm in every composite as well.
+- `conv_variants_net`: the rest of what `lrp` covers of nn.Conv / nn.ConvTranspose: a stride-2
+  SAME first conv, a dilated conv, a grouped conv (feature_group_count=2) and an overlapping
+  transposed conv (kernel 3, stride 2), then max-pool 3/2 SAME and average pooling.
 
 Layouts: flax is channels-last, `[batch, x, y, z, channel]`, conv kernels `[kx, ky, kz, in, out]`,
 dense kernels `[in, out]`; torch is channels-first, `[batch, channel, x, y, z]`, conv weights
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NETS = ("mrinet_mini", "batchnorm_net", "residual_avgpool_net")
+NETS = ("mrinet_mini", "batchnorm_net", "residual_avgpool_net", "conv_variants_net")
 COMPOSITES = (
   "EpsilonPlus",
   "EpsilonPlusFlat",
@@ -46,8 +49,11 @@ COMPOSITES = (
   "EpsilonGammaBox",
   "SequentialPresetA",
 )
-# Input volume [batch, x, y, z, channel]: non-cubic so that an axis mix-up cannot pass unseen.
+# Input volumes [batch, x, y, z, channel]: non-cubic so that an axis mix-up cannot pass unseen.
 INPUT_SHAPE = (2, 12, 10, 8, 1)
+# Odd sizes for the stride-2 SAME conv: its padding is then symmetric, which torch can express
+# inside the conv (a pad module in front would feed ones into the padding under Flat / ZBox).
+INPUT_SHAPES = {net: INPUT_SHAPE for net in NETS} | {"conv_variants_net": (2, 11, 9, 7, 1)}
 # Inputs are drawn uniformly from [LOW, HIGH] (signed, like standardised intensities, so the
 # negative-input branches of ZPlus / AlphaBeta / Gamma are exercised); ZBox uses the same bounds.
 LOW, HIGH = -1.0, 1.0
@@ -114,7 +120,25 @@ class ResidualAvgPoolNet(nn.Module):
     return nn.Dense(1, name="dense2")(x)[:, 0]
 
 
+class ConvVariantsNet(nn.Module):
+  """Strided, dilated, grouped and transposed 3D convs. Input `[batch, 11, 9, 7, 1]`, output
+  `[batch]`."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3, 3), strides=(2, 2, 2), padding="SAME", name="conv1")(x))
+    x = nn.relu(nn.Conv(4, (3, 3, 3), kernel_dilation=(2, 2, 2), padding="SAME", name="conv2")(x))
+    x = nn.relu(nn.Conv(8, (3, 3, 3), feature_group_count=2, padding="SAME", name="conv3")(x))
+    x = nn.relu(nn.ConvTranspose(4, (3, 3, 3), strides=(2, 2, 2), padding="VALID", name="up")(x))
+    x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding="SAME")
+    x = nn.avg_pool(x, (2, 2, 2), strides=(2, 2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(8, name="dense1")(x))
+    return nn.Dense(1, name="dense2")(x)[:, 0]
+
+
 FLAX_NETS = {
+  "conv_variants_net": ConvVariantsNet,
   "mrinet_mini": MRInetMini,
   "batchnorm_net": BatchNormNet,
   "residual_avgpool_net": ResidualAvgPoolNet,
@@ -138,7 +162,7 @@ def init_variables(net: str, seed: int) -> dict[str, Any]:
   negative scales, which flip a folded kernel's sign.
   """
   rng = np.random.default_rng(seed)
-  x = jax.ShapeDtypeStruct(INPUT_SHAPE, jnp.float32)
+  x = jax.ShapeDtypeStruct(INPUT_SHAPES[net], jnp.float32)
   shapes = jax.eval_shape(flax_model(net).init, jax.random.key(0), x)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   values = []
@@ -165,9 +189,9 @@ def init_variables(net: str, seed: int) -> dict[str, Any]:
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def random_input(seed: int) -> np.ndarray:
-  """Input volume `[batch, x, y, z, 1]`, float64, uniform in [LOW, HIGH]."""
-  return np.random.default_rng(seed).uniform(LOW, HIGH, INPUT_SHAPE)
+def random_input(net: str, seed: int) -> np.ndarray:
+  """Input volume `[batch, x, y, z, 1]` for `net`, float64, uniform in [LOW, HIGH]."""
+  return np.random.default_rng(seed).uniform(LOW, HIGH, INPUT_SHAPES[net])
 
 
 def flatten_variables(variables) -> dict[str, np.ndarray]:
@@ -333,7 +357,26 @@ def _torch_modules():
       x = self.pool2(self.act4(self.conv4(self.pool1(x))))
       return self.dense2(self.act5(self.dense1(self.flatten(x))))
 
+  class TorchConvVariantsNet(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1, self.act1 = tnn.Conv3d(1, 4, 3, stride=2, padding=1), tnn.ReLU()
+      self.conv2, self.act2 = tnn.Conv3d(4, 4, 3, dilation=2, padding=2), tnn.ReLU()
+      self.conv3, self.act3 = tnn.Conv3d(4, 8, 3, padding=1, groups=2), tnn.ReLU()
+      self.up, self.act4 = tnn.ConvTranspose3d(8, 4, 3, stride=2), tnn.ReLU()
+      self.pad, self.pool1 = max_pool_3_2_same()
+      self.pool2 = tnn.AvgPool3d(2, 2)
+      self.flatten = ChannelsLastFlatten()
+      self.dense1, self.act5 = tnn.Linear(3 * 3 * 2 * 4, 8), tnn.ReLU()
+      self.dense2 = tnn.Linear(8, 1)
+
+    def forward(self, x):
+      x = self.act3(self.conv3(self.act2(self.conv2(self.act1(self.conv1(x))))))
+      x = self.pool2(self.pool1(self.pad(self.act4(self.up(x)))))
+      return self.dense2(self.act5(self.dense1(self.flatten(x))))
+
   return {
+    "conv_variants_net": TorchConvVariantsNet,
     "mrinet_mini": TorchMRInetMini,
     "batchnorm_net": TorchBatchNormNet,
     "residual_avgpool_net": TorchResidualAvgPoolNet,
@@ -359,6 +402,13 @@ def _flax_to_torch_state(net: str, variables, torch_model) -> dict:
     # flax [kx, ky, kz, in, out] -> torch [out, in, kx, ky, kz]
     state[f"{torch_conv[name]}.weight"] = t(np.transpose(params[name]["kernel"], (4, 3, 0, 1, 2)))
     state[f"{torch_conv[name]}.bias"] = t(params[name]["bias"])
+  if "up" in params:
+    # flax's ConvTranspose (transpose_kernel=False) correlates the dilated input with the kernel
+    # as stored; torch's is the gradient of a conv, which flips it: [kx, ky, kz, in, out] ->
+    # [in, out, kx, ky, kz] with every spatial axis reversed.
+    kernel = params["up"]["kernel"][::-1, ::-1, ::-1]
+    state["up.weight"] = t(np.transpose(kernel, (3, 4, 0, 1, 2)))
+    state["up.bias"] = t(params["up"]["bias"])
   for name in dense_names:
     state[f"{name}.weight"] = t(np.transpose(params[name]["kernel"]))  # [in, out] -> [out, in]
     state[f"{name}.bias"] = t(params[name]["bias"])
