@@ -7,13 +7,13 @@ sum(w * loss) / sum(w), and 0 for a batch whose weights are all 0. The `*_per_ex
 functions return the unreduced `[batch]` values, for metrics summed over many batches.
 
 Soft labels (SFCN, Peng et al. 2021): a Gaussian of standard deviation `sigma` (years) centred on
-the age, evaluated at the bin centres and normalised to sum to 1 over the bins; for ages inside the range and
-sigma >= the bin width, the label's mean is the age and its variance sigma^2. Ages outside the
-bin range: the Gaussian is still evaluated at the (in-range) centres and normalised, i.e. the
-label is the renormalised tail of the Gaussian; it is computed as a softmax of the log-density,
-so an age far outside the range gives all mass to the nearest edge bin instead of 0 / 0. Since
-the expectation over bins cannot leave [first centre, last centre], choose the bin range to
-cover the training ages with a margin of ~3 sigma.
+the age, evaluated at the bin centres and normalised to sum to 1 over the bins; for ages inside
+the range and sigma >= the bin width, the label's mean is the age and its variance sigma^2.
+Ages outside the bin range: the Gaussian is still evaluated at the (in-range) centres and
+normalised, i.e. the label is the renormalised tail of the Gaussian; computed as a softmax of
+the log-density, an age far outside the range gives all mass to the nearest edge bin instead of
+0 / 0. Since the expectation over bins cannot leave [first centre, last centre], choose the bin
+range to cover the training ages with a margin of ~3 sigma.
 (Peng et al.'s `num2vect` integrates the Gaussian over each bin and does not renormalise; with
 1-year bins, sigma = 1 year and ages 3 sigma inside the range, the two differ by < 0.02 per bin.)
 """

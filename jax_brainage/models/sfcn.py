@@ -21,8 +21,8 @@ parameters". Each further bin adds 65 parameters (64 weights + bias).
 The original's average pool has a fixed window [5, 6, 5], i.e. global pooling at 160x192x160;
 here the window is always the whole remaining volume, so any input size works.
 
-`SFCNRegression` is the plain regression variant: same trunk, a 1^3 conv to one output whose
-bias starts at the mean training age, trained with MSE.
+`SFCNRegression` is the plain regression variant: same trunk, one output (a dense layer on the
+pooled features, i.e. a 1^3 conv) whose bias starts at the mean training age, trained with MSE.
 
 Layer names (LRP composites and canonizers find layers by name): `conv1`..`conv6`, `bn1`..`bn6`,
 `dropout`, and `bin_head` (SFCN) or `age_head` (SFCNRegression). Each `convK` is directly
@@ -208,7 +208,10 @@ class SFCNRegression(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """x: `[batch, x, y, z, channel]`; returns `[batch]` age in years (float32)."""
     x = _sfcn_trunk(self, x, train)
-    age = nn.Conv(1, (1, 1, 1), kernel_init=_torch_kernel_init(),
-                  bias_init=nn.initializers.constant(self.mean_age), dtype=jnp.float32,
-                  param_dtype=self.param_dtype, name="age_head")(x.astype(jnp.float32))
-    return age.reshape((x.shape[0],))
+    # A Dense head (= a 1^3 conv on the pooled 1^3 map) so that LRP composites give it the
+    # signed dense rule, as MRInet's age_head: relevance must say older as well as younger.
+    age = nn.Dense(1, kernel_init=_torch_kernel_init(),
+                   bias_init=nn.initializers.constant(self.mean_age), dtype=jnp.float32,
+                   param_dtype=self.param_dtype,
+                   name="age_head")(x.reshape((x.shape[0], -1)).astype(jnp.float32))
+    return age[:, 0]

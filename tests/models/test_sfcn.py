@@ -193,7 +193,7 @@ def test_regression_variant():
   variables = jax.jit(model.init)(KEY(0), x)
   assert float(variables["params"]["age_head"]["bias"][0]) == pytest.approx(48.5)
   kernel = variables["params"]["age_head"]["kernel"]
-  assert kernel.shape == (1, 1, 1, 4, 1)
+  assert kernel.shape == (4, 1)
   zeroed = {**variables, "params": {**variables["params"], "age_head": {
       "kernel": jnp.zeros_like(kernel), "bias": variables["params"]["age_head"]["bias"]}}}
   y = jax.jit(model.apply)(zeroed, x)
