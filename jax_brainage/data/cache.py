@@ -32,12 +32,14 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -292,11 +294,41 @@ class Cache:
     values = [r["covariates"].get(name) for r in self.records]
     return np.array([v if isinstance(v, (int, float)) else np.nan for v in values], np.float64)
 
-  @property
+  @functools.cached_property
   def atlas(self) -> regions.Atlas | None:
     """The region atlas the cache was masked with, or None."""
     path = self.path / ATLAS
     return regions.load_atlas(path) if path.exists() else None
+
+  def preprocess(
+      self, images: Mapping[str, Any], *, subject: str | None = None, mask=None
+  ) -> tuple[np.ndarray, prune.CubeInverse]:
+    """New data (e.g. for `brainage predict`) prepared exactly as this cache's subjects.
+
+    Args:
+      images: sequence name -> image path or nibabel image, for each of `self.sequences`.
+      subject: subject id for error messages.
+      mask: optional brain mask (path or image).
+
+    Returns:
+      (cube `[X, Y, Z, C]` in the cache's dtype, `CubeInverse`).
+
+    Raises:
+      DataError: as `preprocess_subject`, or when the images' voxel size differs from the
+        cache's (a cube counted in voxels would then cover a different field of view).
+    """
+    cube, inverse = preprocess_subject(images, self.preprocessing, subject=subject, mask=mask,
+                                       atlas=self.atlas)
+    expected = self.index.get("voxel_size")
+    if expected is not None and self.preprocessing.voxel_size is None:
+      expected = np.broadcast_to(np.asarray(expected, np.float64), (3,))
+      if not np.allclose(inverse.voxel_size, expected, rtol=1e-3, atol=1e-3):
+        first = images[self.sequences[0]]
+        where = nifti.describe(first if isinstance(first, (str, os.PathLike)) else None, subject)
+        raise DataError(
+            f"{where}: voxel size {'x'.join(f'{v:g}' for v in inverse.voxel_size)} mm differs "
+            f"from the cache's {'x'.join(f'{v:g}' for v in expected)} mm ({self.path})")
+    return cube, inverse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +398,20 @@ def _install(tmp: Path, out: Path) -> None:
     os.rename(backup, out)
     raise
   shutil.rmtree(backup, ignore_errors=True)
+
+
+def _first_voxel_size(subjects: Sequence[bids.Subject], sequence: str, skip_bad: bool) -> float:
+  """Largest voxel edge (mm) of the first readable reference image (header only)."""
+  for subject in subjects:
+    path = subject.images[sequence]
+    try:
+      return float(max(nifti.voxel_size(nib.load(path).affine)))
+    except Exception as e:  # The full load in the worker reports it properly (or skips it).
+      if not skip_bad:
+        nifti.load_image(path, subject.subject_id)
+        raise DataError(f"{path}: {subject.subject_id}: unreadable image header "
+                        f"({type(e).__name__})") from None
+  raise DataError(f"no readable {sequence} image among {len(subjects)} subjects")
 
 
 def _remove_stale(out: Path) -> None:
@@ -438,13 +484,7 @@ def prepare(
     if prep.voxel_size is not None:
       shape = prune.default_cube_shape(prep.voxel_size)
     else:
-      first = subjects[0].images[prep.sequences[0]]
-      try:
-        zooms = nib.load(first).header.get_zooms()[:3]
-      except Exception as e:
-        raise DataError(f"{first}: {subjects[0].subject_id}: unreadable or corrupt image "
-                        f"({type(e).__name__}: {e})".splitlines()[0]) from None
-      shape = prune.default_cube_shape(float(max(zooms)))
+      shape = prune.default_cube_shape(_first_voxel_size(subjects, prep.sequences[0], skip_bad))
     prep = dataclasses.replace(prep, shape=shape)
 
   n = len(subjects)
@@ -523,9 +563,16 @@ def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, pr
   results: dict[int, dict[str, Any]] = {}
   failures: dict[int, str] = {}
   items = list(enumerate(subjects))
+  init_args = (volumes_path, prep.to_dict(), atlas_path)
+  pool = None
+  if workers > 1 and len(items) > 1:
+    # fork starts workers in milliseconds but copies a process with threads (e.g. an initialised
+    # JAX backend) in a broken state; then spawn fresh interpreters instead (seconds each).
+    method = "fork" if threading.active_count() == 1 and os.name == "posix" else "spawn"
+    pool = multiprocessing.get_context(method).Pool(
+        min(workers, len(items)), initializer=_init_worker, initargs=init_args)
   bar = tqdm(total=len(items), desc="prepare", unit="subject", disable=not progress,
              file=sys.stderr)
-  init_args = (volumes_path, prep.to_dict(), atlas_path)
 
   def collect(outcome) -> bool:
     i, result, error = outcome
@@ -539,7 +586,7 @@ def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, pr
     return True
 
   try:
-    if workers <= 1 or len(items) == 1:
+    if pool is None:
       _init_worker(*init_args)
       try:
         for item in items:
@@ -548,13 +595,9 @@ def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, pr
       finally:
         _WORKER.clear()
     else:
-      # spawn: the parent may hold JAX's threads, which fork would copy in a broken state.
-      ctx = multiprocessing.get_context("spawn")
-      with ctx.Pool(min(workers, len(items)), initializer=_init_worker,
-                    initargs=init_args) as pool:
+      with pool:  # Leaving the block terminates the workers, also on errors and Ctrl-C.
         for outcome in pool.imap_unordered(_work, items):
           if not collect(outcome):
-            pool.terminate()
             break
   finally:
     bar.close()

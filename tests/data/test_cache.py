@@ -313,3 +313,40 @@ def test_image_list_prepare_has_unknown_ages(dataset, tmp_path):
                        "--workers", "1", "--quiet"]) == 0
   c = cache.Cache.open(tmp_path / "pred")
   assert c.subject_ids == ["sub-01", "sub-02", "sub-03"] and np.all(np.isnan(c.ages))
+
+
+def test_cache_preprocesses_new_data_like_its_subjects(dataset, tmp_path):
+  ds = bids.read_bids(dataset, "T1w,FLAIR")
+  c = cache.prepare(ds, tmp_path / "cache", PREP)
+  t1 = _brain(2)
+  cube, inverse = c.preprocess({"T1w": nib.Nifti1Image(t1, AFFINE),
+                                "FLAIR": _flair_on_flipped_grid(t1)}, subject="new")
+  np.testing.assert_array_equal(cube, c.volumes[2])
+  coarse = oriented_affine(LAS, zooms=(3.0, 3.0, 3.0))
+  path = tmp_path / "new_T1w.nii.gz"
+  nib.save(nib.Nifti1Image(t1, coarse), path)
+  nib.save(nib.Nifti1Image(t1, coarse), tmp_path / "new_FLAIR.nii.gz")
+  with pytest.raises(DataError) as e:
+    c.preprocess({"T1w": path, "FLAIR": tmp_path / "new_FLAIR.nii.gz"}, subject="sub-new")
+  assert all(w in str(e.value) for w in ("sub-new", str(path), "3x3x3 mm", "2x2x2 mm"))
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path):
+  stale = tmp_path / ".cache.tmp-999999999-abc"  # No such process.
+  stale.mkdir()
+  (stale / "volumes.npy").write_bytes(b"half")
+  mine = tmp_path / f".cache.tmp-{__import__('os').getpid()}-live"  # A live process's: kept.
+  mine.mkdir()
+  cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache",
+                cache.Preprocessing(shape=(8, 8, 8)))
+  assert not stale.exists() and mine.exists()
+
+
+def test_default_shape_when_the_first_subject_is_bad(dataset, tmp_path):
+  bad = dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+  bad.write_bytes(b"not an image")
+  ds = bids.read_bids(dataset, "T1w")
+  with pytest.raises(DataError, match="sub-01.*corrupt"):
+    cache.prepare(ds, tmp_path / "strict", cache.Preprocessing())
+  c = cache.prepare(ds, tmp_path / "skip", cache.Preprocessing(), skip_bad=True)
+  assert c.shape == (98, 98, 98) and c.subject_ids == ["sub-02", "sub-03"]
