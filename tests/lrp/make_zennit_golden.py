@@ -10,6 +10,7 @@ timestamps, so regenerating on an unchanged zennit/torch rewrites identical byte
   output                 [batch] the torch replica's forward output (checks the flax weights)
   variables/<path>       flax variables, e.g. variables/params/conv1/kernel [kx, ky, kz, in, out]
   relevance/<composite>  zennit's relevance [batch, x, y, z, 1], starting from the output itself
+  contrast/<composite>   the same starting from f(x) - meta/contrast_reference (one composite)
   meta/...               net, seed, low, high, epsilon, stabilizer, gamma, torch and zennit versions
 `tests/lrp/test_zennit.py` checks `lrp` against these files without torch.
 """
@@ -56,10 +57,13 @@ def golden_arrays(net: str, seed: int = GOLDEN_SEED) -> dict[str, np.ndarray]:
     arrays[f"variables/{name}"] = value
   for composite in torch_nets.COMPOSITES:
     arrays[f"relevance/{composite}"] = torch_nets.zennit_relevance(net, variables, x, composite)
+  arrays[f"contrast/{torch_nets.CONTRAST_COMPOSITE}"] = torch_nets.zennit_relevance(
+    net, variables, x, torch_nets.CONTRAST_COMPOSITE, reference=torch_nets.CONTRAST_REFERENCE)
   meta = {
     "net": net, "seed": seed, "low": torch_nets.LOW, "high": torch_nets.HIGH,
     "epsilon": torch_nets.EPSILON, "stabilizer": torch_nets.STABILIZER,
     "gamma": torch_nets.GAMMA, "preset_a_epsilon": torch_nets.PRESET_A_EPSILON,
+    "contrast_reference": torch_nets.CONTRAST_REFERENCE,
     **{f"{k}_version": v for k, v in torch_nets.versions().items()},
   }
   for key, value in meta.items():

@@ -1,10 +1,12 @@
 """Cross-implementation check (lrp.md test group 9): `lrp` against zennit on identical weights.
 
 The nets (tests/lrp/torch_nets.py): an MRInet-like CNN with overlapping 3/2 SAME max-pools, a net
-with BatchNorm after convs and a dense layer, and a net with a residual sum and average pooling.
+with BatchNorm after convs and a dense layer, a net with a residual sum and average pooling, and
+a net with strided, dilated, grouped and transposed convolutions.
 Composites: every one zennit has (EpsilonPlus, EpsilonPlusFlat, EpsilonAlpha2Beta1,
 EpsilonAlpha2Beta1Flat, EpsilonGammaBox) and the study's preset A built in zennit from its rules.
-Relevance starts from the output itself (regression). Two halves:
+Relevance starts from the output itself (regression); one composite is also checked from a
+contrast f(x) - reference (the seed as a function of the output and as an array). Two halves:
 
 - golden: `lrp` against tests/lrp/golden/*.npz (zennit's relevance, written by
   make_zennit_golden.py, float64): runs everywhere, torch or not;
@@ -79,13 +81,15 @@ def lrp_composite(name: str):
   return getattr(composites, name)(stabilizer=nets.STABILIZER, **kwargs)
 
 
-def lrp_relevance(net: str, variables, x: np.ndarray, composite: str, dtype=np.float64):
-  """`lrp.relevance` of the flax net, starting from the output itself.
+def lrp_relevance(net: str, variables, x: np.ndarray, composite: str, dtype=np.float64,
+                  seed=None):
+  """`lrp.relevance` of the flax net, starting from the output itself unless `seed` is given.
 
   Args:
     variables: flax variables (nested dicts of arrays).
     x: input `[batch, x, y, z, 1]`.
     dtype: float64 (under jax.enable_x64) or float32.
+    seed: passed to lrp.relevance (None, an array or a function of the output).
   Returns:
     relevance `[batch, x, y, z, 1]` as a numpy array of `dtype`.
   """
@@ -93,7 +97,7 @@ def lrp_relevance(net: str, variables, x: np.ndarray, composite: str, dtype=np.f
   with jax.enable_x64(dtype == np.float64):
     variables = jax.tree.map(lambda a: np.asarray(a, dtype), variables)
     relevance = lrp.relevance(nets.flax_model(net).apply, variables, np.asarray(x, dtype),
-                              composite=comp)
+                              composite=comp, seed=seed)
     relevance = np.asarray(relevance)
   assert relevance.dtype == dtype, f"{net}/{composite}: relevance dtype {relevance.dtype}"
   return relevance
@@ -138,6 +142,7 @@ class Golden:
       self.output = f["output"]
       self.variables = {k[len("variables/"):]: f[k] for k in f.files if k.startswith("variables/")}
       self.relevance = {k[len("relevance/"):]: f[k] for k in f.files if k.startswith("relevance/")}
+      self.contrast = {k[len("contrast/"):]: f[k] for k in f.files if k.startswith("contrast/")}
       self.meta = {k[len("meta/"):]: f[k][()] for k in f.files if k.startswith("meta/")}
 
   def nested_variables(self):
@@ -157,12 +162,14 @@ def test_golden_file_fits_this_suite(net):
   flax net with its stored weights computes what the torch replica computed."""
   golden = load_golden(net)
   assert set(golden.relevance) == set(nets.COMPOSITES)
+  assert set(golden.contrast) == {nets.CONTRAST_COMPOSITE}
   assert golden.input.shape == nets.INPUT_SHAPES[net] and golden.input.dtype == np.float64
   assert nets.LOW <= golden.input.min() and golden.input.max() <= nets.HIGH
   assert str(golden.meta["net"]) == net
   for key, value in [("low", nets.LOW), ("high", nets.HIGH), ("epsilon", nets.EPSILON),
                      ("stabilizer", nets.STABILIZER), ("gamma", nets.GAMMA),
-                     ("preset_a_epsilon", nets.PRESET_A_EPSILON)]:
+                     ("preset_a_epsilon", nets.PRESET_A_EPSILON),
+                     ("contrast_reference", nets.CONTRAST_REFERENCE)]:
     assert float(golden.meta[key]) == value, f"{net}.npz meta/{key}"
   assert str(golden.meta["zennit_version"]).startswith("0.5")
   with jax.enable_x64(True):
@@ -176,6 +183,28 @@ def test_relevance_matches_golden(net, composite):
   """lrp == zennit's stored relevance on the stored weights and input (float64)."""
   actual = lrp_relevance_on_golden(net, composite)
   assert_relevance_close(actual, load_golden(net).relevance[composite], f"{net}/{composite}")
+
+
+def lrp_contrast(net: str, golden: Golden, seed_as: str) -> np.ndarray:
+  """lrp's relevance of f(x) - reference, the seed given as a function or as an array."""
+  reference = nets.CONTRAST_REFERENCE
+  if seed_as == "function":
+    seed = lambda output: output - reference
+  else:
+    seed = golden.output - reference  # [batch], the output's shape
+  return lrp_relevance(net, golden.nested_variables(), golden.input, nets.CONTRAST_COMPOSITE,
+                       seed=seed)
+
+
+@pytest.mark.parametrize("seed_as", ["function", "array"])
+@pytest.mark.parametrize("net", nets.NETS)
+def test_contrast_matches_golden(net, seed_as):
+  """A starting relevance other than the output (contrast against a reference prediction),
+  given as a function of the output or as an array, matches zennit's."""
+  golden = load_golden(net)
+  actual = lrp_contrast(net, golden, seed_as)
+  assert_relevance_close(actual, golden.contrast[nets.CONTRAST_COMPOSITE],
+                         f"{net}/{nets.CONTRAST_COMPOSITE} contrast ({seed_as})")
 
 
 @pytest.mark.parametrize("composite", nets.COMPOSITES)
@@ -233,3 +262,14 @@ def test_relevance_matches_zennit(net, composite):
     err_msg=f"golden/{net}.npz relevance/{composite} is stale: run make_zennit_golden.py")
   actual = lrp_relevance_on_golden(net, composite)
   assert_relevance_close(actual, expected, f"{net}/{composite} (live zennit)")
+
+
+@pytest.mark.parametrize("net", nets.NETS)
+def test_contrast_matches_zennit(net):
+  """lrp == zennit run now, starting from f(x) - reference."""
+  _require_zennit()
+  golden = load_golden(net)
+  expected = nets.zennit_relevance(net, golden.nested_variables(), golden.input,
+                                   nets.CONTRAST_COMPOSITE, reference=nets.CONTRAST_REFERENCE)
+  assert_relevance_close(lrp_contrast(net, golden, "function"), expected,
+                         f"{net}/{nets.CONTRAST_COMPOSITE} contrast (live zennit)")

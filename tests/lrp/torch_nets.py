@@ -63,6 +63,10 @@ STABILIZER = 1e-6
 GAMMA = 0.25
 PRESET_A_EPSILON = 0.1
 BATCHNORM_EPSILON = 1e-5  # flax and torch defaults agree
+# A contrast against a reference prediction: the starting relevance f(x) - CONTRAST_REFERENCE
+# (e.g. the brain age predicted for a reference subject), explained with CONTRAST_COMPOSITE.
+CONTRAST_REFERENCE = 0.5
+CONTRAST_COMPOSITE = "EpsilonPlusFlat"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,11 +507,14 @@ def zennit_composite(name: str, canonize: bool):
   raise ValueError(f"zennit_composite: unknown composite {name!r}")
 
 
-def zennit_attribution(net: str, variables, x: np.ndarray, composite: str):
-  """zennit's output and relevance for the replica of `net`, starting from the output itself.
+def zennit_attribution(net: str, variables, x: np.ndarray, composite: str,
+                       reference: float | None = None):
+  """zennit's output and relevance for the replica of `net`.
 
   Args:
     x: input `[batch, x, y, z, 1]`.
+    reference: None starts from the output itself (regression); a float starts from the
+      contrast f(x) - reference.
   Returns:
     (output `[batch]` of the canonized replica under the composite's hooks,
      relevance `[batch, x, y, z, 1]`), float64, channels-last like `x`.
@@ -515,15 +522,20 @@ def zennit_attribution(net: str, variables, x: np.ndarray, composite: str):
   zennit = import_zennit()
   model = torch_replica(net, variables)
   inputs = _to_torch_input(x).requires_grad_(True)
+  if reference is None:
+    start = lambda output: output
+  else:
+    start = lambda output: output - reference
   with zennit.attribution.Gradient(
       model, zennit_composite(composite, canonize=net == "batchnorm_net")) as attributor:
-    output, relevance = attributor(inputs, lambda output: output)  # regression: R = f(x)
+    output, relevance = attributor(inputs, start)
   return output.detach().numpy()[:, 0], np.moveaxis(relevance.detach().numpy(), 1, -1)
 
 
-def zennit_relevance(net: str, variables, x: np.ndarray, composite: str) -> np.ndarray:
+def zennit_relevance(net: str, variables, x: np.ndarray, composite: str,
+                     reference: float | None = None) -> np.ndarray:
   """zennit's relevance `[batch, x, y, z, 1]` (see `zennit_attribution`)."""
-  return zennit_attribution(net, variables, x, composite)[1]
+  return zennit_attribution(net, variables, x, composite, reference)[1]
 
 
 def versions() -> dict[str, str]:
