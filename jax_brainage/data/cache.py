@@ -85,7 +85,8 @@ class Preprocessing:
   def __post_init__(self):
     object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
     if self.scaling not in intensity.SCALINGS:
-      raise ConfigError(f"unknown scaling {self.scaling!r}; choose {' or '.join(intensity.SCALINGS)}")
+      raise ConfigError(
+          f"unknown scaling {self.scaling!r}; choose {' or '.join(intensity.SCALINGS)}")
     if self.shape is not None:
       shape = tuple(int(s) for s in self.shape)
       if len(shape) != 3 or min(shape) < 1:
@@ -289,9 +290,9 @@ class Cache:
 
   def covariate(self, name: str) -> np.ndarray:
     """A numeric covariate column as float64 `[n]` (NaN where missing or non-numeric)."""
-    if not any(name in r["covariates"] for r in self.records):
+    if not any(name in r.get("covariates", {}) for r in self.records):
       raise ConfigError(f"{self.path}: no covariate {name!r} in the cache")
-    values = [r["covariates"].get(name) for r in self.records]
+    values = [r.get("covariates", {}).get(name) for r in self.records]
     return np.array([v if isinstance(v, (int, float)) else np.nan for v in values], np.float64)
 
   @functools.cached_property
@@ -442,7 +443,8 @@ def _publish_permissions(tmp: Path) -> None:
 
 
 def _common_voxel_size(results: dict[int, dict[str, Any]]) -> tuple[float, ...]:
-  counts = collections.Counter(tuple(round(v, 3) for v in r["voxel_size"]) for r in results.values())
+  counts = collections.Counter(
+      tuple(round(v, 3) for v in r["voxel_size"]) for r in results.values())
   return counts.most_common(1)[0][0]
 
 

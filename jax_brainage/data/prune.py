@@ -182,7 +182,7 @@ def crop_or_pad(
 def place_in_grid(
     cube: np.ndarray, offset: Sequence[int], grid_shape: Sequence[int]
 ) -> np.ndarray:
-  """Inverse of `crop_or_pad`: puts a cube `[X, Y, Z(, k)]` back in a zero grid `[*grid_shape(, k)]`."""
+  """Inverse of `crop_or_pad`: a cube `[X, Y, Z(, k)]` back in a zero grid `[*grid_shape(, k)]`."""
   cube = np.asarray(cube)
   grid = np.zeros(tuple(grid_shape) + cube.shape[3:], dtype=cube.dtype)
   pairs = [_overlap(o, s, e) for o, s, e in zip(offset, cube.shape[:3], grid_shape)]
@@ -269,7 +269,7 @@ def to_cube(
   else:
     mask_data = np.asanyarray(getattr(mask, "dataobj", mask))
     if tuple(mask_data.shape[:3]) != tuple(img.shape[:3]):
-      raise DataError(
+      raise ValueError(
           f"brain mask shape {tuple(mask_data.shape)} differs from image shape {tuple(img.shape)}")
     brain, _, _, _ = canonical_grid(
         nifti.make_image(mask_data != 0, img.affine),
@@ -277,7 +277,8 @@ def to_cube(
   try:
     box = brain_box(brain)
   except ValueError:
-    raise DataError("empty brain: no nonzero voxel to centre the cube on") from None
+    where = nifti.describe(img.get_filename() if hasattr(img, "get_filename") else None, None)
+    raise DataError(f"{where}: empty brain (no nonzero voxel to centre the cube on)") from None
   if cube_shape is None:
     cube_shape = default_cube_shape(float(np.max(nifti.voxel_size(affine))))
   inverse = make_inverse(img, data.shape, affine, ornt, resampled, box, cube_shape)

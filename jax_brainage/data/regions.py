@@ -69,11 +69,13 @@ def read_label_table(path: str | os.PathLike) -> dict[int, str]:
 
 def load_atlas(path: str | os.PathLike) -> Atlas:
   """Reads a label image (and its table if present); labels must be integers."""
-  img = nifti.load_image(path, None, require_brain=True)
+  img = nifti.load_image(path, "atlas", require_brain=False)
   data = np.asanyarray(img.dataobj)
+  if not np.any(data):
+    raise DataError(f"atlas: {path}: no labelled voxel (every voxel is 0)")
   if data.dtype.kind == "f":
     if not np.array_equal(data, np.round(data)):
-      raise DataError(f"{path}: atlas has non-integer labels (is it a label image?)")
+      raise DataError(f"atlas: {path}: non-integer labels (is it a label image?)")
   labels = data.astype(np.int32)
   table = table_path(path)
   names = read_label_table(table) if table.exists() else {}
@@ -101,7 +103,8 @@ def parse_labels(spec: str | Sequence[int | str], atlas: Atlas) -> tuple[int, ..
       label = by_name[str(item).lower()]
     else:
       known = ", ".join(sorted(atlas.names.values())) or "none: the atlas has no label table"
-      raise ConfigError(f"--regions: unknown region {item!r} in atlas {atlas.path} (known: {known})")
+      raise ConfigError(
+          f"--regions: unknown region {item!r} in atlas {atlas.path} (known: {known})")
     if label not in present or label == 0:
       raise ConfigError(f"--regions: label {label} does not occur in atlas {atlas.path}")
     labels.append(label)

@@ -251,7 +251,8 @@ def test_regions_with_atlas_on_another_grid(dataset, tmp_path):
     ref = nib.processing.resample_from_to(nib.Nifti1Image(labels, affine),
                                           ((16, 16, 16), c.inverse(i).cube_affine), order=0)
     inside = np.isin(np.asanyarray(ref.dataobj), keep)
-    np.testing.assert_array_equal(c.volumes[i][..., 0], np.where(inside, whole.volumes[i][..., 0], 0))
+    np.testing.assert_array_equal(c.volumes[i][..., 0],
+                                  np.where(inside, whole.volumes[i][..., 0], 0))
     assert c.volumes[i][..., 0][inside].any() and inside.mean() < 0.9
 
 
@@ -350,3 +351,17 @@ def test_default_shape_when_the_first_subject_is_bad(dataset, tmp_path):
     cache.prepare(ds, tmp_path / "strict", cache.Preprocessing())
   c = cache.prepare(ds, tmp_path / "skip", cache.Preprocessing(), skip_bad=True)
   assert c.shape == (98, 98, 98) and c.subject_ids == ["sub-02", "sub-03"]
+
+
+def test_freesurfer_conformed_mgz(make_bids, tmp_path):
+  # FreeSurfer's conformed LIA orientation (brain.finalsurfs.mgz), here at 2 mm.
+  lia = np.array([[-2.0, 0, 0, 20], [0, 0, 2.0, -15], [0, -2.0, 0, 18], [0, 0, 0, 1]])
+  brains = [_brain(i).astype(np.float32) for i in range(2)]
+  root = make_bids({f"sub-{i}": {"age": 30 + i, "T1w": nib.MGHImage(b, lia)}
+                    for i, b in enumerate(brains)}, ext=".mgz")
+  c = cache.prepare(bids.read_bids(root, "T1w"), tmp_path / "c", cache.Preprocessing())
+  assert c.shape == (98, 98, 98)
+  for i, t1 in enumerate(brains):
+    back = prune.to_subject_space(np.asarray(c.volumes[i][..., 0]), c.inverse(i))
+    np.testing.assert_array_equal(back.affine, lia)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), _replica_uint8(t1, t1 > 0))

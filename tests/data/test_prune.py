@@ -44,7 +44,8 @@ def _check_round_trip(img, cube_shape, mask=None):
   np.testing.assert_allclose(orig_ijk, np.round(orig_ijk), atol=1e-6)
   orig_ijk = np.round(orig_ijk).astype(int)
   inside = np.all((orig_ijk >= 0) & (orig_ijk < original.shape), axis=1)
-  np.testing.assert_array_equal(cube[tuple(cube_ijk[inside].T)], original[tuple(orig_ijk[inside].T)])
+  np.testing.assert_array_equal(cube[tuple(cube_ijk[inside].T)],
+                                original[tuple(orig_ijk[inside].T)])
   assert not np.any(cube[tuple(cube_ijk[~inside].T)])
   if len(cube_ijk) == cube.size:
     assert covered.sum() == inside.sum()
@@ -108,7 +109,8 @@ def test_mask_defines_the_box():
   mask[2:5, 3:9, 4:6] = True  # A box smaller than the nonzero region.
   img = nib.Nifti1Image(data, oriented_affine(np.array([[1, -1], [0, 1], [2, 1]], float)))
   _, inverse = _check_round_trip(img, (8, 8, 8), mask=mask)
-  canonical_mask = np.asanyarray(nib.as_closest_canonical(nifti.make_image(mask, img.affine)).dataobj)
+  canonical = nib.as_closest_canonical(nifti.make_image(mask, img.affine))
+  canonical_mask = np.asanyarray(canonical.dataobj)
   hits = np.argwhere(canonical_mask)
   assert inverse.brain_box == tuple(zip(hits.min(0).tolist(), (hits.max(0) + 1).tolist()))
 
