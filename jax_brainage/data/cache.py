@@ -416,11 +416,21 @@ def _first_voxel_size(subjects: Sequence[bids.Subject], sequence: str, skip_bad:
 
 
 def _remove_stale(out: Path) -> None:
-  """Removes temporaries of earlier prepares of `out` that were killed (their process is gone)."""
+  """Cleans up after earlier prepares of `out` that were killed.
+
+  Removes their temporaries (when their process is gone). A run killed in the instant between
+  moving the old cache aside and moving the new one in leaves the old one as a backup: it is put
+  back if `out` is missing, else removed.
+  """
   for stale in out.parent.glob(f".{out.name}.tmp-*"):
     pid = stale.name[len(f".{out.name}.tmp-"):].split("-")[0]
     if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
       shutil.rmtree(stale, ignore_errors=True)
+  for backup in sorted(out.parent.glob(f".{out.name}.old-*")):
+    if not out.exists() and (backup / INDEX).is_file():
+      os.rename(backup, out)
+    elif out.exists():
+      shutil.rmtree(backup, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -474,6 +484,7 @@ def prepare(
       `voxel_size`, or no subject left.
   """
   out = Path(out)
+  _remove_stale(out)
   _check_out(out)
   if tuple(prep.sequences) != tuple(dataset.sequences):
     raise ConfigError(f"preprocessing sequences {prep.sequences} differ from the dataset's "
@@ -491,7 +502,6 @@ def prepare(
 
   n = len(subjects)
   out.parent.mkdir(parents=True, exist_ok=True)
-  _remove_stale(out)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
   try:
     if atlas is not None:
@@ -539,7 +549,7 @@ def prepare(
         "channels": len(prep.sequences),
         "dtype": np.dtype(prep.dtype).name,
         "scaling": prep.scaling,
-        "voxel_size": prep.voxel_size if prep.voxel_size is not None else (
+        "voxel_size": [float(prep.voxel_size)] * 3 if prep.voxel_size is not None else (
             list(_common_voxel_size(results))),
         "preprocessing": prep.to_dict(),
         "regions": None if prep.regions is None else {

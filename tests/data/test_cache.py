@@ -123,7 +123,7 @@ def test_default_shape_from_voxel_size(dataset, tmp_path):
   assert c.shape == (98, 98, 98)  # 2 mm voxels: the study's MNI cube
   c4 = cache.prepare(ds, tmp_path / "c4", cache.Preprocessing(voxel_size=4.0))
   assert c4.shape == (50, 50, 50) and c4.inverse(0).resampled
-  assert c4.index["voxel_size"] == 4.0
+  assert c4.index["voxel_size"] == [4.0, 4.0, 4.0]
 
 
 def _snapshot(path):
@@ -341,6 +341,13 @@ def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path):
   cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache",
                 cache.Preprocessing(shape=(8, 8, 8)))
   assert not stale.exists() and mine.exists()
+  # Killed between moving the old cache aside and the new one in: the old one comes back.
+  before = _snapshot(tmp_path / "cache")
+  (tmp_path / "cache").rename(tmp_path / ".cache.old-1234abcd")
+  with pytest.raises(ConfigError):
+    cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache", cache.Preprocessing(
+        sequences=("FLAIR",), shape=(8, 8, 8)))  # fails after the clean-up, before any work
+  assert _snapshot(tmp_path / "cache") == before
 
 
 def test_default_shape_when_the_first_subject_is_bad(dataset, tmp_path):
