@@ -311,9 +311,9 @@ def render(
   aged["lesion"] = _sample_sparse(tissue_a["lesion"], ya, _support_box(tissue_a["lesion"], margin))
   deep_box = _support_box(anatomy.deep_grey, margin)
   deep_a = _sample_sparse(anatomy.deep_grey, ya, deep_box)
-  # Template fractions sum to the brain mask, and trilinear sampling keeps sums: CSF for free.
-  ref = {k: _sample(getattr(anatomy, k), yv) for k in ("gm", "wm")}
-  ref["csf"] = np.maximum(brain[idx] - ref["gm"] - ref["wm"], 0.0)
+  # The reference takes the same arithmetic path as the aged image, so that rendering at the
+  # reference brain age reproduces it bit for bit.
+  ref = {k: _sample(getattr(anatomy, k), yv) for k in ("gm", "wm", "csf")}
   ref["lesion"] = np.zeros_like(ref["gm"])
   deep_r = _sample_sparse(anatomy.deep_grey, yv, deep_box)
 
