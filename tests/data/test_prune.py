@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import hypothesis
+import hypothesis.strategies as st
 import nibabel as nib
 import nibabel.processing
 import numpy as np
@@ -187,3 +189,23 @@ def test_wrong_cube_array_shape_is_an_error():
 def test_malformed_record():
   with pytest.raises(ValueError, match="malformed CubeInverse"):
     prune.CubeInverse.from_dict({"original_shape": [1, 2, 3]})
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    grid_shape=st.tuples(*[st.integers(1, 9)] * 3),
+    cube_shape=st.tuples(*[st.integers(1, 9)] * 3),
+    offset=st.tuples(*[st.integers(-10, 10)] * 3),
+    channels=st.sampled_from([None, 2]))
+def test_crop_or_pad_matches_numpy_pad(grid_shape, cube_shape, offset, channels):
+  extra = () if channels is None else (channels,)
+  size = int(np.prod(grid_shape + extra))
+  grid = np.arange(1, size + 1, dtype=np.int32).reshape(grid_shape + extra)
+  # Reference: pad the grid with zeros by 20 on every side, then slice the cube out.
+  padded = np.pad(grid, [(20, 20)] * 3 + [(0, 0)] * len(extra))
+  ref = padded[tuple(slice(o + 20, o + 20 + s) for o, s in zip(offset, cube_shape))]
+  cube = prune.crop_or_pad(grid, offset, cube_shape)
+  np.testing.assert_array_equal(cube, ref)
+  back = prune.place_in_grid(cube, offset, grid_shape)
+  kept = np.isin(grid, cube)  # values are unique: the voxels the cube covers
+  np.testing.assert_array_equal(back, np.where(kept, grid, 0))
