@@ -9,6 +9,9 @@ BatchNorm statistics are donated. Data stay on the device (the input pipeline is
   python benchmarks/bench_train_step.py --models mrinet98 --dtypes fp32 --batch-size 2 \
       --steps 5 --out bench.json                              # a short CPU run
 
+  python benchmarks/bench_train_step.py --models sfcn --shape 32,32,32 --batch-size 2 \
+      --steps 2                                               # smoke test of the SFCN path
+
 Models: mrinet98 (MRInet, 98^3, MNI 2 mm), mrinet198 (MRInet, 198^3, FreeSurfer 1 mm),
 sfcn (SFCN, 160x192x160, 70 one-year bins), sfcn_regression (SFCN trunk, one output).
 Prints a table; --out writes JSON with the device, date and library versions.
@@ -86,10 +89,11 @@ def _peak_bytes(device) -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def run_case(case: str, dtype: str, batch_size: int, steps: int, warmup: int,
-             channels: int) -> dict[str, Any]:
-  """Compiles and times one (model, dtype); returns a result row."""
-  name, shape = CASES[case]
+def run_case(case: str, dtype: str, batch_size: int, steps: int, warmup: int, channels: int,
+             shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
+  """Compiles and times one (model, dtype); `shape` overrides the model's input size (voxels)."""
+  name, default_shape = CASES[case]
+  shape = shape or default_shape
   model = models.get_model(name, dtype=DTYPES[dtype])
   input_shape = (batch_size, *shape, channels)
   rng = np.random.default_rng(0)
@@ -133,7 +137,7 @@ def run_case(case: str, dtype: str, batch_size: int, steps: int, warmup: int,
       "compile_s": round(compile_s, 3),
       "step_ms_median": round(1e3 * step_s, 3), "step_ms_mean": round(1e3 * total / steps, 3),
       "volumes_per_s": round(batch_size * steps / total, 3),
-      "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
+      "gflops_per_s": round(flops / step_s / 1e9, 2) if flops else None,
       "flops_per_step": flops, "peak_memory_bytes": _peak_bytes(jax.devices()[0]),
       "final_loss": float(loss),
   }
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--channels", type=int, default=1, help="input sequences")
+  parser.add_argument("--shape", default="",
+                      help="X,Y,Z voxels for every model instead of its own (quick CPU checks)")
   parser.add_argument("--out", default="", help="write results as JSON here")
   args = parser.parse_args(argv)
   cases = [c for c in args.models.split(",") if c]
@@ -172,31 +178,40 @@ def main(argv: list[str] | None = None) -> int:
   for d in dtypes:
     if d not in DTYPES:
       parser.error(f"--dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
-  if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-    parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+  if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.channels < 1:
+    parser.error("--batch-size, --steps and --channels must be >= 1, --warmup >= 0")
+  shape = None
+  if args.shape:
+    try:
+      shape = tuple(int(s) for s in args.shape.split(","))
+    except ValueError:
+      shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+      parser.error(f"--shape: expected X,Y,Z (positive integers), got {args.shape!r}")
 
   env = environment()
   print(f"# {env['device']} ({env['platform']}, {env['num_devices']} device(s)), {env['date']}, "
         f"jax {env['versions']['jax']}, flax {env['versions']['flax']}")
   header = (f"{'model':<16} {'input':<12} {'dtype':<5} {'batch':>5} {'params':>10} "
-            f"{'compile s':>9} {'step ms':>9} {'vol/s':>8} {'TFLOP/s':>8}")
+            f"{'compile s':>9} {'step ms':>9} {'vol/s':>8} {'GFLOP/s':>9}")
   print(header)
   print("-" * len(header))
   rows = []
   for case in cases:
     for dtype in dtypes:
       try:
-        row = run_case(case, dtype, args.batch_size, args.steps, args.warmup, args.channels)
+        row = run_case(case, dtype, args.batch_size, args.steps, args.warmup, args.channels,
+                       shape)
       except Exception as e:  # e.g. out of memory at 198^3: record it, go on with the rest
         row = {"model": case, "dtype": dtype, "batch_size": args.batch_size,
                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         print(f"{case:<16} {'':<12} {dtype:<5} {args.batch_size:>5}  failed: {row['error']}")
       else:
-        shape = "x".join(str(s) for s in row["input_shape"][:3])
-        tflops = f"{row['tflops_per_s']:.2f}" if row["tflops_per_s"] is not None else "-"
-        print(f"{case:<16} {shape:<12} {dtype:<5} {row['batch_size']:>5} {row['params']:>10,} "
+        size = "x".join(str(s) for s in row["input_shape"][:3])
+        gflops = f"{row['gflops_per_s']:.1f}" if row["gflops_per_s"] is not None else "-"
+        print(f"{case:<16} {size:<12} {dtype:<5} {row['batch_size']:>5} {row['params']:>10,} "
               f"{row['compile_s']:>9.1f} {row['step_ms_median']:>9.1f} "
-              f"{row['volumes_per_s']:>8.2f} {tflops:>8}")
+              f"{row['volumes_per_s']:>8.2f} {gflops:>9}")
       rows.append(row)
       sys.stdout.flush()
   if args.out:

@@ -28,13 +28,6 @@ STUDY_CONV_KERNELS = (3, 3, 3, 3, 1)
 _kernel_init = nn.initializers.glorot_uniform()
 
 
-def pooled_size(side: int, num_pools: int = 5) -> int:
-  """Spatial side after `num_pools` SAME max-pools of stride 2: ceil(side / 2) each time."""
-  for _ in range(num_pools):
-    side = -(-side // 2)
-  return side
-
-
 class MRInet(nn.Module):
   """The study's base model. `__call__(x, train)` returns predicted age `[batch]` (years, f32).
 
