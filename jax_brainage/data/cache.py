@@ -684,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
   sequences = bids.parse_sequences(args.sequences)
   if (args.regions is None) != (args.atlas is None):
     raise ConfigError("--regions and --atlas go together")
-  if len(args.data) == 1 and Path(args.data[0]).is_dir():
+  if len(args.data) == 1 and bids.split_image_name(Path(args.data[0]).name) is None:
     dataset = bids.read_bids(args.data[0], sequences, session=args.session,
                              mask_suffix=args.mask_suffix, skip_bad=args.skip_bad)
   else:

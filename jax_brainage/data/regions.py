@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 
 from jax_brainage.data import nifti

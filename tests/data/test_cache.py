@@ -306,6 +306,8 @@ def test_cli_errors_are_one_line(dataset, tmp_path):
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
   with pytest.raises(BrainAgeError, match="participants.tsv"):
     _prepare_cli(["--data", tmp_path, "--out", tmp_path / "c", "--quiet"])
+  with pytest.raises(DataError, match="nowhere: dataset directory not found"):
+    _prepare_cli(["--data", tmp_path / "nowhere", "--out", tmp_path / "c", "--quiet"])
 
 
 def test_image_list_prepare_has_unknown_ages(dataset, tmp_path):
