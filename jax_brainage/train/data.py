@@ -85,15 +85,17 @@ class TrainingData:
 
   def train_batches(self, mesh, batch_size: int, seed: int, augment: Any, mode: str = "host",
                     workers: int = 0):
-    """Endless shuffled training batches (epoch after epoch) with `get_state`/`set_state`."""
-    return pipeline_lib.make_pipeline(
+    """Iterator of endless shuffled training batches (epoch after epoch) with
+    `get_state`/`set_state`/`step`."""
+    return iter(pipeline_lib.make_pipeline(
         self.source, batch_size=batch_size, mode=mode, mesh=mesh, augment=augment, seed=seed,
         rows=self.split.train, shuffle=True, drop_remainder=True, num_epochs=None,
-        worker_count=workers)
+        worker_count=workers))
 
   def eval_batches(self, mesh, batch_size: int, part: str = "val", mode: str = "host",
                    workers: int = 0):
-    """One pass over a split in order; the last batch padded with `mask` False."""
+    """Re-iterable pipeline: each `iter()` is one pass over a split in order, the last batch
+    padded with `mask` False."""
     return pipeline_lib.make_pipeline(
         self.source, batch_size=batch_size, mode=mode, mesh=mesh, augment=None, seed=0,
         rows=self.split[part], shuffle=False, drop_remainder=False, num_epochs=1,
@@ -164,15 +166,18 @@ def open_training_data(config) -> TrainingData:
 
 
 def _simulate_and_prepare(config) -> None:
-  """Simulates the configured cohort as a BIDS dataset and prepares its cache."""
+  """Simulates the configured cohort as a BIDS dataset (all sequences of `config.data`) and
+  prepares its cache with the default cube for the resolution."""
   from jax_brainage.data import bids
   from jax_brainage.data import cache as cache_lib
   from jax_brainage.data import simulate
 
   s = config.data.simulate
-  out = Path(s.out)
-  if not (out / "participants.tsv").exists():
-    simulate.simulate_dataset(out, n=int(s.n), resolution=int(s.resolution), seed=int(s.seed))
-  dataset = bids.read_bids(out)
-  cache_lib.prepare(dataset, config.data.cache,
-                    cache_lib.Preprocessing(sequences=tuple(dataset.sequences)))
+  sequences = tuple(config.data.sequences)
+  cohort = simulate.CohortConfig(seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution),
+                                 sequences=sequences)
+  # write_cohort re-uses a complete directory of the same configuration (and refuses another).
+  out = simulate.write_cohort(s.out, cohort, workers=int(config.data.workers) or None)
+  dataset = bids.read_bids(out, sequences)
+  cache_lib.prepare(dataset, config.data.cache, cache_lib.Preprocessing(sequences=sequences),
+                    workers=max(1, int(config.data.workers)))

@@ -144,7 +144,7 @@ def make_train_step(config: ml_collections.ConfigDict, model,
     metrics = {
         "loss": loss,
         "mae": jnp.mean(jnp.abs(age - batch["age"])),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         # The first step whose loss was not finite (max int32 if none): found without a
         # host sync per step.
         "bad_step": jnp.where(jnp.isfinite(loss), _NO_BAD_STEP, state["step"]),
@@ -174,12 +174,11 @@ def make_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
   return eval_step
 
 
-def evaluate(eval_step: Callable, state: Any, batches: Any) -> dict[str, float]:
-  """Mean loss, MAE and RMSE (years) over one pass of `batches` (an evaluation pipeline,
-  rewound here; padding rows weigh 0)."""
-  batches.set_state({"step": 0})
+def evaluate(eval_step: Callable, state: Any, pipeline: Any) -> dict[str, float]:
+  """Mean loss, MAE and RMSE (years) over one pass of an evaluation pipeline (padding rows
+  weigh 0)."""
   total: dict[str, Any] | None = None
-  for batch in batches:
+  for batch in pipeline:
     sums = eval_step(state, batch)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     # Summing on device keeps the host out of the loop; one fetch at the end.
@@ -319,10 +318,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     progress["best_val_loss"] = _float(progress["best_val_loss"])
     batches.set_state(meta["data_state"])
   else:
+    source = _init_source(config.init_from, manifest) if config.init_from else None
     # Eager init: the random initialisers compile once per shape and process, not once per run.
     state = jax.device_put(setup.init(int(config.seed)), state_sharding)
-    if config.init_from:
-      state = _init_from(config.init_from, state, abstract_state, manifest)
+    if source is not None:
+      state = _init_from(source, state, abstract_state, manifest)
     checkpoints.save(ckpt_lib.LATEST, 0, state, _meta(progress, manifest, batches))
   step = int(sharding.to_host(state["step"]))
   if batches.step != step:
@@ -423,7 +423,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     bar.close()
     writer.close()
     batches.close()
-    val_batches.close()
 
   result = {"step": step, "epoch": progress["epoch"], "best_val_loss": progress["best_val_loss"],
             "best_val_mae": progress["best_val_mae"], "best_step": progress["best_step"],
@@ -495,13 +494,22 @@ def _check_finite(pending: list[dict[str, jax.Array]], last_good_step: int | Non
   return {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "mae", "grad_norm")}
 
 
-def _init_from(source: str, state: Any, abstract_state: Any,
-               manifest: dict[str, Any]) -> Any:
-  """Parameters (and BatchNorm statistics) from another workdir's best checkpoint."""
+def _init_source(source: str, manifest: dict[str, Any]) -> tuple[ckpt_lib.Checkpoints, str]:
+  """Opens another workdir's checkpoints (best, else latest) and checks they fit this model."""
   other = ckpt_lib.Checkpoints(source, read_only=True)
   which = ckpt_lib.BEST if other.latest_step(ckpt_lib.BEST) is not None else ckpt_lib.LATEST
-  if other.latest_step(which) is None:
+  step = other.latest_step(which)
+  if step is None:
     raise ConfigError(f"config.init_from={source!r}: no checkpoint there")
+  ckpt_lib.check_manifest(other.read_meta(which, step).get("manifest", {}), manifest,
+                          ckpt_lib.checkpoint_dir(source, which) / str(step))
+  return other, which
+
+
+def _init_from(source: tuple[ckpt_lib.Checkpoints, str], state: Any, abstract_state: Any,
+               manifest: dict[str, Any]) -> Any:
+  """Parameters (and BatchNorm statistics) from another workdir; optimiser and step fresh."""
+  other, which = source
   restored, _ = other.restore(which, abstract_state, manifest)
   other.close()
   return dict(state, params=restored["params"], model_state=restored["model_state"])

@@ -1,0 +1,227 @@
+"""The training loop on a tiny MRInet and a learnable synthetic cohort (16^3, 4 fake devices)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_brainage import models, sharding
+from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.train import checkpoint as ckpt_lib
+from jax_brainage.train import data as data_lib
+from jax_brainage.train import trainer
+
+EPOCHS = 6  # 32 training subjects / batch 8 = 4 steps per epoch
+
+
+def _restore_latest(workdir, config, data):
+  """Latest checkpoint's state as numpy, restored onto the experiment's own abstract state."""
+  setup = trainer.build_setup(config, data.image_shape, 1, data.mean_train_age,
+                              4 * config.num_epochs, sharding.make_mesh())
+  num_params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state["params"]))
+  ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  state, meta = ckpts.restore(ckpt_lib.LATEST, setup.abstract_state,
+                              trainer.model_manifest(config, data, num_params))
+  ckpts.close()
+  return jax.device_get(state), meta
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, make_config, blob_data):
+  """One full run; other tests compare against it (and reuse its compiled steps)."""
+  config = make_config(num_epochs=EPOCHS)
+  workdir = tmp_path_factory.mktemp("full")
+  result = trainer.train_and_evaluate(config, workdir, data=blob_data, quiet=True)
+  return config, workdir, result
+
+
+def test_loss_decreases_and_beats_the_mean_age_predictor(trained, blob_data):
+  config, workdir, result = trained
+  assert result["stopped"] == "done" and result["step"] == 4 * EPOCHS
+  history = result["history"]
+  assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+  assert min(h["val_loss"] for h in history[1:]) < 0.4 * history[0]["val_loss"]
+  # Independent baseline: always predict the mean training age (numpy).
+  ages = blob_data.source.ages
+  baseline = np.mean(np.abs(ages[blob_data.split.val] - ages[blob_data.split.train].mean()))
+  assert result["best_val_mae"] < 0.6 * baseline
+  # The best checkpoint is the epoch with the lowest validation loss.
+  best = min(history, key=lambda h: h["val_loss"])
+  assert result["best_step"] == best["step"]
+  assert ckpt_lib.Checkpoints(workdir, read_only=True).latest_step(ckpt_lib.BEST) == best["step"]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["best_step"] == best["step"]
+
+
+def test_resume_after_interruption_continues_exactly(trained, tmp_path, blob_data):
+  config, full_dir, full = trained
+  workdir = tmp_path / "resumed"
+  # Stop in the middle of an epoch (step 10 of 24), then resume in a fresh call.
+  first = trainer.train_and_evaluate(config, workdir, data=blob_data, quiet=True, max_steps=10)
+  assert first["stopped"] == "max_steps" and first["step"] == 10
+  second = trainer.train_and_evaluate(config, workdir, data=blob_data, quiet=True)
+  assert second["step"] == full["step"]
+  assert [h["val_loss"] for h in second["history"]] == [h["val_loss"] for h in full["history"]]
+  resumed, meta = _restore_latest(workdir, config, blob_data)
+  reference, ref_meta = _restore_latest(full_dir, config, blob_data)
+  assert meta["data_state"] == ref_meta["data_state"]
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_finished_run_is_not_trained_again(trained, blob_data):
+  config, workdir, full = trained
+  again = trainer.train_and_evaluate(config, workdir, data=blob_data, quiet=True)
+  assert again["step"] == full["step"] and again["history"] == full["history"]
+
+
+def test_tensorboard_has_scalars_and_input_images(trained):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  config, workdir, _ = trained
+  events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"images": 0})
+  events.Reload()
+  scalars = set(events.Tags()["scalars"])
+  assert {"train/loss", "train/mae", "train/learning_rate", "train/volumes_per_second",
+          "val/loss", "val/mae"} <= scalars
+  lr = [e.value for e in events.Scalars("train/learning_rate")]
+  np.testing.assert_allclose(lr, config.optimizer.learning_rate, rtol=1e-6)
+  assert [e.step for e in events.Scalars("val/loss")] == [4 * e for e in range(1, EPOCHS + 1)]
+  (tag,) = events.Tags()["images"]
+  assert tag.startswith("inputs/0_age_")
+  image = events.Images(tag)[0]
+  assert (image.height, image.width) == (16, 3 * 16)  # sagittal | coronal | axial
+
+
+def test_data_parallel_step_equals_single_device_step(make_config, blob_data):
+  """One update on 4 devices (batch split over 'data') == on 1 device, and == Adam by hand."""
+  config = make_config(**{"model.dropout_rate": 0.5})
+  model = models.get_model("mrinet", mean_age=50.0, conv_features=(4, 4, 8, 8, 4),
+                           dense_features=8, dropout_rate=0.5)
+  tx = optax.adam(config.optimizer.learning_rate)
+  state = trainer.init_state(model, tx, (16, 16, 16), 1, seed=3)
+  images = np.asarray(blob_data.source.read(np.arange(8)), np.float32) / 255.0
+  host_batch = {"image": images, "age": blob_data.source.ages[:8]}
+  step_fn = trainer.make_train_step(config, model, tx)
+
+  def run(devices):
+    mesh = sharding.make_mesh(devices=devices)
+    shardings = sharding.state_shardings(mesh, jax.eval_shape(lambda: state))
+    step = jax.jit(step_fn, out_shardings=(shardings, sharding.replicated(mesh)))
+    new_state, metrics = step(jax.device_put(state, shardings),
+                              sharding.global_batch(mesh, host_batch))
+    return jax.device_get(new_state), jax.device_get(metrics)
+
+  one, m1 = run(jax.devices()[:1])
+  four, m4 = run(jax.devices())
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  # Independent reference: the MSE gradient with the same dropout key, then Adam's first step
+  # by its formula (m_hat = g, v_hat = g^2): p - lr * g / (|g| + eps).
+  key = jax.random.fold_in(state["rng"], 0)
+
+  def mse(params):
+    out = model.apply({"params": params}, jnp.asarray(images), train=True, rngs={"dropout": key})
+    return jnp.mean((out - host_batch["age"]) ** 2)
+
+  grads = jax.grad(mse)(state["params"])
+  lr = config.optimizer.learning_rate
+  expected = jax.tree.map(lambda p, g: p - lr * g / (np.abs(g) + 1e-8), state["params"], grads)
+  for a, b in zip(jax.tree.leaves(four["params"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert int(four["step"]) == 1
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(make_config, blob_data,
+                                                                    tmp_path):
+  # A learning rate of 1e8 sends the weights to ~1e8 after one step: the second loss is inf.
+  config = make_config(**{"optimizer.learning_rate": 1e8, "checkpoint_every_steps": 1})
+  with pytest.raises(trainer.NonFiniteLossError) as info:
+    trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
+  message = str(info.value)
+  assert "\n" not in message and "at step 2" in message
+  assert f"{tmp_path / 'checkpoints' / 'latest'}/1" in message
+  ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+  assert ckpts.latest_step() == 1  # the last finite state, never the non-finite one
+  state, _ = _restore_latest(tmp_path, config, blob_data)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_workdir_of_another_experiment_is_refused(trained, make_config, blob_data):
+  _, workdir, _ = trained
+  other = make_config(num_epochs=EPOCHS, **{"optimizer.learning_rate": 1e-4})
+  with pytest.raises(ConfigError, match=r"holds a different experiment: "
+                                        r"config.optimizer.learning_rate is 0.01 there"):
+    trainer.train_and_evaluate(other, workdir, data=blob_data, quiet=True)
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained, make_config, blob_data, tmp_path):
+  _, workdir, _ = trained
+  wider = make_config(**{"model.dense_features": 32, "init_from": str(workdir)})
+  with pytest.raises(ConfigError, match="holds another architecture: model_kwargs"):
+    trainer.train_and_evaluate(wider, tmp_path, data=blob_data, quiet=True)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("data.image_shape", (32, 32, 32), r"volumes are \(16, 16, 16\) voxels, the model expects"),
+    ("data.sequences", ("FLAIR",), r"data has sequences \['T1w'\], the model expects \['FLAIR'\]"),
+])
+def test_data_that_does_not_match_the_model_is_refused(make_config, blob_data, tmp_path, key,
+                                                       value, match):
+  with pytest.raises(DataError, match=match) as info:
+    trainer.train_and_evaluate(make_config(**{key: value}), tmp_path, data=blob_data, quiet=True)
+  assert "\n" not in str(info.value)
+
+
+def test_missing_sequence_in_cache_is_refused():
+  images = np.zeros((10, 4, 4, 4, 2), np.uint8)
+  with pytest.raises(DataError, match="has no sequence 'swi'"):
+    data_lib.from_arrays(images, np.linspace(20, 80, 10), ("swi",), available=("T1w", "FLAIR"),
+                         name="cache-x")
+
+
+def test_sequences_are_picked_by_name_in_model_order():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (10, 4, 4, 4, 3)).astype(np.uint8)
+  data = data_lib.from_arrays(images, np.linspace(20, 80, 10), ("swi", "T1w"),
+                              available=("T1w", "FLAIR", "swi"))
+  np.testing.assert_array_equal(data.source.read(np.array([3, 1])), images[[3, 1]][..., [2, 0]])
+  assert data.source.volume_shape == (4, 4, 4, 2)
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("cosine", 0), ("cosine", 5),
+                                             ("constant", 5)])
+def test_learning_rate_schedules_follow_their_formulas(make_config, schedule, warmup):
+  config = make_config(**{"optimizer.schedule": schedule, "optimizer.warmup_steps": warmup})
+  lr, total = config.optimizer.learning_rate, 25
+  fn = trainer.make_schedule(config.optimizer, total)
+  for t in (0, 3, 5, 12, 24):
+    if t < warmup:
+      expected = lr * t / warmup
+    elif schedule == "constant":
+      expected = lr
+    else:
+      expected = lr * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (total - warmup)))
+    np.testing.assert_allclose(float(fn(t)), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_train_command_collects_config_overrides(tmp_path):
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="brainage")
+  trainer.add_parser(parser.add_subparsers(dest="command"))
+  args = parser.parse_args(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                            "--config.optimizer.learning_rate", "1e-3",
+                            "--config.data.sequences=('T1w','FLAIR')", "--quiet"])
+  assert args.overrides == ["--config.optimizer.learning_rate", "1e-3",
+                            "--config.data.sequences=('T1w','FLAIR')"]
+  assert args.quiet and args.func is trainer.run
+  with pytest.raises(SystemExit):
+    parser.parse_args(["train", "--config", "x.py", "--workdir", "w", "--bogus"])
