@@ -128,8 +128,10 @@ def augment_params(aug_seed: jax.Array, cfg: AugmentConfig) -> dict[str, jax.Arr
   flip = jax.random.bernoulli(jax.random.fold_in(key, _STREAM_FLIP), 0.5)
   flip = jnp.logical_and(flip, cfg.flip_lr)
   max_rad = np.deg2rad(cfg.rotate_degrees).astype(np.float32)
-  angles = jax.random.uniform(jax.random.fold_in(key, _STREAM_ROTATE), (3,), jnp.float32,
-                              -max_rad, max_rad) if cfg.rotate_degrees else jnp.zeros(3, jnp.float32)
+  angles = jnp.zeros(3, jnp.float32)
+  if cfg.rotate_degrees:
+    angles = jax.random.uniform(jax.random.fold_in(key, _STREAM_ROTATE), (3,), jnp.float32,
+                                -max_rad, max_rad)
   shift = jax.random.randint(jax.random.fold_in(key, _STREAM_SHIFT), (3,), -cfg.shift_voxels,
                              cfg.shift_voxels + 1, jnp.int32)
   return dict(flip=flip, angles=angles, shift=shift,

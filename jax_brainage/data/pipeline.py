@@ -28,6 +28,12 @@ Device-resident mode (`DeviceResidentPipeline`): the uint8 volumes of the select
 once on every device of the mesh; per epoch a jitted function computes the order on device, and
 per step a jitted `shard_map` lets every device gather, scale and augment its own share of the
 batch. The host only passes the step number.
+
+Trainers use `make_pipeline(source, mode="host" | "device" | "auto", ...)`: a re-iterable
+pipeline (`HostFeedPipeline` or `DeviceResidentPipeline`) whose iterators yield the same
+network-ready batches and share one JSON state format (`get_state` / `set_state`), so a checkpoint
+resumes in either mode and on any number of processes. `brainage batches` iterates it from a
+cache or straight from the simulator (`SimulatorSource`) and reports volumes/s.
 """
 
 from __future__ import annotations
@@ -38,13 +44,13 @@ import functools
 import os
 import time
 import zlib
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jax_brainage import sharding as shd
 from jax_brainage.data import augment as aug
@@ -721,7 +727,7 @@ class DeviceResidentPipeline:
 
 
 class DeviceResidentIterator:
-  """Iterator over a `DeviceResidentPipeline` with `get_state` / `set_state` (same format as host)."""
+  """Iterator over a `DeviceResidentPipeline`; `get_state` / `set_state` as in host mode."""
 
   def __init__(self, pipeline: DeviceResidentPipeline, step: int = 0):
     self.pipeline = pipeline
