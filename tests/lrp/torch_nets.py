@@ -5,7 +5,7 @@ golden files (tests/lrp/make_zennit_golden.py) share these definitions. Importin
 needs only numpy, jax and flax: torch and zennit are imported inside the functions that use them,
 so the golden-file test runs where torch is missing.
 
-Three nets, each a small version of something the study or a user of `lrp` relies on:
+Four nets, each a small version of something the study or a user of `lrp` relies on:
 - `mrinet_mini`: MRInet's pattern (paper.md): conv 3^3 SAME + ReLU + max-pool 3/2 SAME, three
   times, flatten, dense + ReLU, dense 1. The 3/2 SAME pool has overlapping windows and
   asymmetric padding (XLA puts the odd pad voxel at the high end).
@@ -325,12 +325,16 @@ def _torch_modules():
     def __init__(self):
       super().__init__()
       eps = BATCHNORM_EPSILON
-      self.conv1, self.bn1, self.act1 = tnn.Conv3d(1, 4, 3, padding=1), tnn.BatchNorm3d(4, eps), tnn.ReLU()
+      # SequentialMergeBatchNorm merges a BN into the module registered just before it.
+      self.conv1 = tnn.Conv3d(1, 4, 3, padding=1)
+      self.bn1, self.act1 = tnn.BatchNorm3d(4, eps), tnn.ReLU()
       self.pool1 = tnn.MaxPool3d(2, 2)
-      self.conv2, self.bn2, self.act2 = tnn.Conv3d(4, 6, 3, padding=1), tnn.BatchNorm3d(6, eps), tnn.ReLU()
+      self.conv2 = tnn.Conv3d(4, 6, 3, padding=1)
+      self.bn2, self.act2 = tnn.BatchNorm3d(6, eps), tnn.ReLU()
       self.pad2, self.pool2 = max_pool_3_2_same()
       self.flatten = ChannelsLastFlatten()
-      self.dense1, self.bn3, self.act3 = tnn.Linear(3 * 3 * 2 * 6, 8), tnn.BatchNorm1d(8, eps), tnn.ReLU()
+      self.dense1 = tnn.Linear(3 * 3 * 2 * 6, 8)
+      self.bn3, self.act3 = tnn.BatchNorm1d(8, eps), tnn.ReLU()
       self.dense2 = tnn.Linear(8, 1)
 
     def forward(self, x):
