@@ -27,6 +27,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
   os.close(fd)
   tmp = Path(tmp)
+  # mkstemp creates 0600; results are meant to be shared like any file the user writes.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
   try:
     yield tmp
     os.replace(tmp, path)
