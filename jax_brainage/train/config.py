@@ -123,7 +123,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config(arg=None)")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # e.g. an argument the config does not know (`file.py:bogus`)
+    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config file {path}: get_config() must return an ml_collections.ConfigDict")
   check_keys(config, base_config(), source=path)

@@ -1,0 +1,119 @@
+"""Orbax checkpoints (latest/best, manifests, shape checks) and the TensorBoard writer."""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_brainage import sharding
+from jax_brainage.errors import ConfigError
+from jax_brainage.train import checkpoint as ckpt_lib
+from jax_brainage.train.summary import SummaryWriter, encode_png, mid_slices
+
+MANIFEST = {"model": "mrinet", "model_kwargs": {"mean_age": 50.0, "dense_features": 8},
+            "image_shape": [16, 16, 16], "sequences": ["T1w"]}
+
+
+def _state(mesh, scale=1.0):
+  rng = np.random.default_rng(0)
+  host = {"step": np.int32(7), "params": {"w": rng.normal(size=(3, 4)).astype(np.float32) * scale,
+                                          "b": np.arange(4, dtype=np.float32)},
+          "rng": np.array([1, 2], np.uint32)}
+  return jax.device_put(host, sharding.replicated(mesh)), host
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def test_latest_and_best_round_trip_exactly_with_shardings(tmp_path):
+  mesh = sharding.make_mesh()
+  state, host = _state(mesh)
+  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    ckpts.save(ckpt_lib.LATEST, step, state, {"progress": {"epoch": step}, "manifest": MANIFEST})
+  ckpts.save(ckpt_lib.BEST, 2, state, {"progress": {"epoch": 2}, "manifest": MANIFEST})
+  ckpts.wait()
+  ckpts.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir()) == ["2", "3"]
+  reopened = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+  assert reopened.latest_step() == 3 and reopened.latest_step(ckpt_lib.BEST) == 2
+  restored, meta = reopened.restore(ckpt_lib.LATEST, _abstract(state), MANIFEST)
+  assert meta["progress"] == {"epoch": 3} and meta["step"] == 3
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+    assert a.dtype == b.dtype
+  assert restored["params"]["w"].sharding.is_equivalent_to(sharding.replicated(mesh), 2)
+
+
+def test_checkpoint_of_another_architecture_or_input_is_a_config_error(tmp_path):
+  mesh = sharding.make_mesh()
+  state, _ = _state(mesh)
+  ckpts = ckpt_lib.Checkpoints(tmp_path)
+  ckpts.save(ckpt_lib.LATEST, 1, state, {"manifest": MANIFEST})
+  ckpts.wait()
+  # mean_age only sets an initial bias: not an architecture difference.
+  same = dict(MANIFEST, model_kwargs={"mean_age": 61.0, "dense_features": 8})
+  ckpts.restore(ckpt_lib.LATEST, _abstract(state), same)
+  for changed, what in ((dict(MANIFEST, model="sfcn"), "model is 'mrinet' there"),
+                        (dict(MANIFEST, sequences=["FLAIR"]), "sequences is"),
+                        (dict(MANIFEST, image_shape=[32, 32, 32]), "image_shape is")):
+    with pytest.raises(ConfigError, match=f"holds another architecture: {what}") as info:
+      ckpts.restore(ckpt_lib.LATEST, _abstract(state), changed)
+    assert "checkpoints/latest/1" in str(info.value) and "\n" not in str(info.value)
+  wrong = dict(_abstract(state), params={"w": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+                                         "b": jax.ShapeDtypeStruct((4,), jnp.float32)})
+  with pytest.raises(ConfigError, match=r"params/w has shape \(3, 4\) there, \(3, 5\) here"):
+    ckpts.restore(ckpt_lib.LATEST, wrong, MANIFEST)
+  ckpts.close()
+
+
+def test_no_checkpoint_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match="no best checkpoint in"):
+    ckpt_lib.Checkpoints(tmp_path).read_meta(ckpt_lib.BEST)
+
+
+def test_png_encoder_decodes_with_pillow():
+  from PIL import Image
+
+  image = np.random.default_rng(0).integers(0, 256, (7, 11)).astype(np.uint8)
+  decoded = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+  np.testing.assert_array_equal(decoded, image)
+
+
+def test_mid_slices_show_each_plane_upright():
+  volume = np.zeros((4, 6, 8, 2), np.float32)
+  volume[2, :, 7, 0] = 1.0   # top (superior) row of the sagittal mid-slice, channel 0
+  volume[:, 3, 0, 1] = 0.5   # bottom (inferior) row of the coronal mid-slice, channel 1
+  image = mid_slices(volume)
+  side = 8
+  assert image.shape == (2 * side, 3 * side) and image.dtype == np.uint8
+  sagittal = image[:side, :side]
+  np.testing.assert_array_equal(sagittal[0, :6], 255)  # z = 7 is the top row
+  assert sagittal[1:].max() == 0
+  coronal_c1 = image[side:, side:2 * side]
+  np.testing.assert_array_equal(coronal_c1[7, :4], 128)  # z = 0 is the bottom row
+  assert coronal_c1[:7].max() == 0
+
+
+def test_summary_writer_scalars_and_images_read_back(tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  writer = SummaryWriter(tmp_path, enabled=True)
+  writer.scalars(3, {"train/loss": 2.5, "train/learning_rate": 5e-4})
+  writer.scalars(5, {"train/loss": 1.5})
+  writer.image(0, "inputs/0", np.full((4, 9), 200, np.uint8))
+  writer.close()
+  off = SummaryWriter(tmp_path / "off", enabled=False)
+  off.scalars(1, {"x": 1.0})
+  assert not (tmp_path / "off").exists()
+  events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 2.5), (5, 1.5)]
+  np.testing.assert_allclose(events.Scalars("train/learning_rate")[0].value, 5e-4, rtol=1e-6)
+  image = events.Images("inputs/0")[0]
+  assert (image.height, image.width) == (4, 9)
