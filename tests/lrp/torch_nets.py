@@ -126,19 +126,31 @@ class ResidualAvgPoolNet(nn.Module):
 
 class ConvVariantsNet(nn.Module):
   """Strided, dilated, grouped and transposed 3D convs. Input `[batch, 11, 9, 7, 1]`, output
-  `[batch]`."""
+  `[batch]`.
 
-  @nn.compact
+  The layers are defined in `setup` in reverse data-path order: the "first layer" of the Flat /
+  ZBox composites is the first on the data path (conv1), whatever the definition order (lrp.md
+  pitfall 6); the torch replica registers its modules in data-path order, which zennit needs.
+  """
+
+  def setup(self):
+    self.dense2 = nn.Dense(1)
+    self.dense1 = nn.Dense(8)
+    self.up = nn.ConvTranspose(4, (3, 3, 3), strides=(2, 2, 2), padding="VALID")
+    self.conv3 = nn.Conv(8, (3, 3, 3), feature_group_count=2, padding="SAME")
+    self.conv2 = nn.Conv(4, (3, 3, 3), kernel_dilation=(2, 2, 2), padding="SAME")
+    self.conv1 = nn.Conv(4, (3, 3, 3), strides=(2, 2, 2), padding="SAME")
+
   def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3, 3), strides=(2, 2, 2), padding="SAME", name="conv1")(x))
-    x = nn.relu(nn.Conv(4, (3, 3, 3), kernel_dilation=(2, 2, 2), padding="SAME", name="conv2")(x))
-    x = nn.relu(nn.Conv(8, (3, 3, 3), feature_group_count=2, padding="SAME", name="conv3")(x))
-    x = nn.relu(nn.ConvTranspose(4, (3, 3, 3), strides=(2, 2, 2), padding="VALID", name="up")(x))
+    x = nn.relu(self.conv1(x))
+    x = nn.relu(self.conv2(x))
+    x = nn.relu(self.conv3(x))
+    x = nn.relu(self.up(x))
     x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding="SAME")
     x = nn.avg_pool(x, (2, 2, 2), strides=(2, 2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(8, name="dense1")(x))
-    return nn.Dense(1, name="dense2")(x)[:, 0]
+    x = nn.relu(self.dense1(x))
+    return self.dense2(x)[:, 0]
 
 
 FLAX_NETS = {
