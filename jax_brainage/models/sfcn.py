@@ -25,6 +25,9 @@ here the window is always the whole remaining volume, so any input size works.
 `SFCNRegression` is the plain regression variant: same trunk, one output (a dense layer on the
 pooled features, i.e. a 1^3 conv) whose bias starts at the mean training age, trained with MSE.
 
+`variables_from_torch` loads a state dict of the reference PyTorch code (e.g. Peng et al.'s
+released UK Biobank model).
+
 Layer names (LRP composites and canonizers find layers by name): `conv1`..`conv6`, `bn1`..`bn6`,
 `dropout`, and `bin_head` (SFCN) or `age_head` (SFCNRegression). Each `convK` is directly
 followed by `bnK`, so a canonizer can fold them.
@@ -33,7 +36,7 @@ followed by `bnK`, so a canonizer can fold them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -92,7 +95,8 @@ def expected_age(log_probs: jnp.ndarray, bin_centers: jnp.ndarray) -> jnp.ndarra
 
 
 def _torch_kernel_init():
-  # PyTorch's default conv init (kaiming_uniform with a = sqrt(5)): U(+-1 / sqrt(fan_in)).
+  # PyTorch's default conv kernel init (kaiming_uniform, a = sqrt(5)): U(+-1 / sqrt(fan_in)).
+  # Biases start at 0 (PyTorch draws them from the same range; BatchNorm makes it moot).
   return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -100,7 +104,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
   """Blocks 1-6 and global average pooling, with layers named on `module` (flat names).
 
   Must be called from inside `module`'s compact `__call__`.
-  Returns `[batch, 1, 1, 1, channels[-1]]` in the compute dtype.
+  Returns `[batch, 1, 1, 1, channels[-1]]` (float32).
   """
   if x.ndim != 5:
     raise DataError(f"{type(module).__name__}: input must be [batch, x, y, z, channel], got "
@@ -125,8 +129,9 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
       # torch MaxPool3d(2, stride=2): VALID windows, odd remainders dropped.
       x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
     x = nn.relu(x)
-  # Global average pooling as one window over the whole volume (Peng's AvgPool3d([5, 6, 5])).
-  x = nn.avg_pool(x, x.shape[1:4], strides=(1, 1, 1), padding="VALID")
+  # Global average pooling as one window over the whole volume (Peng's AvgPool3d([5, 6, 5])),
+  # summed in float32 (bf16 sums of ~150 voxels lose digits); from here on all is float32.
+  x = nn.avg_pool(x.astype(jnp.float32), x.shape[1:4], strides=(1, 1, 1), padding="VALID")
   x = nn.Dropout(module.dropout_rate, deterministic=not train, name="dropout")(x)
   return x
 
@@ -179,7 +184,7 @@ class SFCN(nn.Module):
     x = _sfcn_trunk(self, x, train)
     logits = nn.Conv(self.bins.num_bins, (1, 1, 1), kernel_init=_torch_kernel_init(),
                      dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="bin_head")(x.astype(jnp.float32))
+                     name="bin_head")(x)
     return jax.nn.log_softmax(logits.reshape((x.shape[0], -1)), axis=-1)
 
   def predicted_age(self, log_probs: jnp.ndarray) -> jnp.ndarray:
@@ -214,5 +219,53 @@ class SFCNRegression(nn.Module):
     age = nn.Dense(1, kernel_init=_torch_kernel_init(),
                    bias_init=nn.initializers.constant(self.mean_age), dtype=jnp.float32,
                    param_dtype=self.param_dtype,
-                   name="age_head")(x.reshape((x.shape[0], -1)).astype(jnp.float32))
+                   name="age_head")(x.reshape((x.shape[0], -1)))
     return age[:, 0]
+
+
+def variables_from_torch(state_dict: Mapping[str, Any], model: SFCN) -> dict[str, Any]:
+  """Flax variables for `model` from a state dict of Peng et al.'s PyTorch SFCN.
+
+  Reads the reference code's names (`feature_extractor.conv_{i}.0` conv, `.1` BatchNorm,
+  `classifier.conv_6` head; a `module.` prefix from DataParallel is dropped), e.g. their UK
+  Biobank brain-age model (T1, 160x192x160 MNI 1 mm, bins 42-82 years: use
+  `SFCN(age_range=(42, 82))`). Arrays may be numpy or torch tensors; torch is not imported.
+  Input axes are taken in order: torch `[batch, channel, D, H, W]` = our `[batch, D, H, W,
+  channel]`.
+
+  Returns:
+    {"params": ..., "batch_stats": ...} (float32), usable as `model.apply(variables, x)`.
+  Raises:
+    DataError naming the first missing key or a head whose bin count does not match `model`.
+  """
+  state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+  def get(key: str) -> np.ndarray:
+    if key not in state:
+      raise DataError(f"SFCN state dict: missing {key!r}")
+    value = state[key]
+    value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    return value.astype(np.float32)
+
+  # torch conv weight [out, in, D, H, W] -> flax kernel [D, H, W, in, out]
+  kernel = lambda w: np.transpose(w, (2, 3, 4, 1, 0))
+  params: dict[str, Any] = {}
+  stats: dict[str, Any] = {}
+  n = len(model.channels)
+  for i in range(n):
+    conv, bn = f"feature_extractor.conv_{i}.0", f"feature_extractor.conv_{i}.1"
+    params[f"conv{i + 1}"] = {"kernel": kernel(get(f"{conv}.weight")), "bias": get(f"{conv}.bias")}
+    params[f"bn{i + 1}"] = {"scale": get(f"{bn}.weight"), "bias": get(f"{bn}.bias")}
+    stats[f"bn{i + 1}"] = {"mean": get(f"{bn}.running_mean"), "var": get(f"{bn}.running_var")}
+  head = f"classifier.conv_{n}"
+  head_kernel = kernel(get(f"{head}.weight"))
+  if head_kernel.shape[-1] != model.bins.num_bins:
+    raise DataError(f"SFCN state dict: {head}.weight has {head_kernel.shape[-1]} age bins, the "
+                    f"model {model.bins.num_bins} (age_range {tuple(model.age_range)}, bin_width "
+                    f"{model.bin_width})")
+  params["bin_head"] = {"kernel": head_kernel, "bias": get(f"{head}.bias")}
+  for i, c in enumerate(model.channels, start=1):
+    if params[f"conv{i}"]["kernel"].shape[-1] != c:
+      raise DataError(f"SFCN state dict: conv_{i - 1} has "
+                      f"{params[f'conv{i}']['kernel'].shape[-1]} channels, the model {c}")
+  return jax.tree.map(jnp.asarray, {"params": params, "batch_stats": stats})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.models import (SFCN, AgeBins, SFCNRegression, get_model, has_batch_stats,
-                                 num_parameters, predicted_age)
+                                 num_parameters, predicted_age, sfcn_variables_from_torch)
 
 # Keys of the 'rbg' PRNG: XLA on CPU compiles threefry programs slowly (seconds each).
 KEY = lambda seed: jax.random.key(seed, impl="rbg")
@@ -20,27 +20,30 @@ CHANNELS = [32, 64, 128, 256, 256, 64]
 
 
 class TorchSFCN(tnn.Module):
-  """The structure of Peng et al.'s reference SFCN (UKBiobank_deep_pretrain, dp_model/model_files/
-  sfcn.py): conv-BN-maxpool-ReLU x5, conv1-BN-ReLU, AvgPool, Dropout, conv1, log_softmax."""
+  """Peng et al.'s reference SFCN (UKBiobank_deep_pretrain, dp_model/model_files/sfcn.py), re-typed
+  with its module names: feature_extractor.conv_i = (conv, BN, maxpool, ReLU) for i < 5,
+  conv_5 = (conv 1^3, BN, ReLU); classifier = (average_pool, dropout, conv_6); log_softmax."""
 
   def __init__(self, in_channels=1, output_dim=40, dropout=0.5):
     super().__init__()
-    layers, c_in = [], in_channels
+    self.feature_extractor = tnn.Sequential()
+    c_in = in_channels
     for i, c in enumerate(CHANNELS):
       if i < len(CHANNELS) - 1:
-        layers += [tnn.Conv3d(c_in, c, 3, padding=1), tnn.BatchNorm3d(c), tnn.MaxPool3d(2, 2),
-                   tnn.ReLU()]
+        block = tnn.Sequential(tnn.Conv3d(c_in, c, 3, padding=1), tnn.BatchNorm3d(c),
+                               tnn.MaxPool3d(2, stride=2), tnn.ReLU())
       else:
-        layers += [tnn.Conv3d(c_in, c, 1), tnn.BatchNorm3d(c), tnn.ReLU()]
+        block = tnn.Sequential(tnn.Conv3d(c_in, c, 1, padding=0), tnn.BatchNorm3d(c), tnn.ReLU())
+      self.feature_extractor.add_module(f"conv_{i}", block)
       c_in = c
-    self.feature_extractor = tnn.Sequential(*layers)
-    self.dropout = tnn.Dropout(dropout)
-    self.head = tnn.Conv3d(c_in, output_dim, 1)
+    self.classifier = tnn.Sequential()
+    # The original's AvgPool3d([5, 6, 5]) is global at 160x192x160; global at any size here.
+    self.classifier.add_module("average_pool", tnn.AdaptiveAvgPool3d(1))
+    self.classifier.add_module("dropout", tnn.Dropout(dropout))
+    self.classifier.add_module(f"conv_{len(CHANNELS)}", tnn.Conv3d(c_in, output_dim, 1))
 
   def forward(self, x):
-    h = self.feature_extractor(x)
-    h = self.dropout(F.adaptive_avg_pool3d(h, 1))
-    return F.log_softmax(self.head(h).flatten(1), dim=1)
+    return F.log_softmax(self.classifier(self.feature_extractor(x)).flatten(1), dim=1)
 
 
 def analytic_count(in_channels=1, num_bins=40, regression=False):
@@ -107,19 +110,20 @@ def setup():
 def _to_torch(variables, x, num_bins):
   ref = TorchSFCN(in_channels=x.shape[-1], output_dim=num_bins, dropout=0.0).double()
   t = lambda a: torch.tensor(np.asarray(a, np.float64))
-  convs = [m for m in ref.feature_extractor if isinstance(m, tnn.Conv3d)] + [ref.head]
-  bns = [m for m in ref.feature_extractor if isinstance(m, tnn.BatchNorm3d)]
-  names = [f"conv{i}" for i in range(1, 7)] + ["bin_head"]
+  p, s = variables["params"], variables["batch_stats"]
+  blocks = [getattr(ref.feature_extractor, f"conv_{i}") for i in range(6)]
   with torch.no_grad():
-    for conv, name in zip(convs, names):
-      conv.weight.copy_(t(variables["params"][name]["kernel"]).permute(4, 3, 0, 1, 2))
-      conv.bias.copy_(t(variables["params"][name]["bias"]))
-    for i, bn in enumerate(bns, start=1):
-      bn.weight.copy_(t(variables["params"][f"bn{i}"]["scale"]))
-      bn.bias.copy_(t(variables["params"][f"bn{i}"]["bias"]))
-      bn.running_mean.copy_(t(variables["batch_stats"][f"bn{i}"]["mean"]))
-      bn.running_var.copy_(t(variables["batch_stats"][f"bn{i}"]["var"]))
-  return ref, bns, t(x).permute(0, 4, 1, 2, 3)
+    for i, block in enumerate(blocks, start=1):
+      conv, bn = block[0], block[1]
+      conv.weight.copy_(t(p[f"conv{i}"]["kernel"]).permute(4, 3, 0, 1, 2))
+      conv.bias.copy_(t(p[f"conv{i}"]["bias"]))
+      bn.weight.copy_(t(p[f"bn{i}"]["scale"]))
+      bn.bias.copy_(t(p[f"bn{i}"]["bias"]))
+      bn.running_mean.copy_(t(s[f"bn{i}"]["mean"]))
+      bn.running_var.copy_(t(s[f"bn{i}"]["var"]))
+    ref.classifier.conv_6.weight.copy_(t(p["bin_head"]["kernel"]).permute(4, 3, 0, 1, 2))
+    ref.classifier.conv_6.bias.copy_(t(p["bin_head"]["bias"]))
+  return ref, [b[1] for b in blocks], t(x).permute(0, 4, 1, 2, 3)
 
 
 def test_inference_matches_reference_code(setup):
@@ -209,3 +213,29 @@ def test_bad_input_is_a_one_line_error():
     jax.eval_shape(lambda: SFCN().init(KEY(0), jnp.zeros((32, 32, 32, 1))))
   with pytest.raises(ConfigError, match="bin_width"):
     get_model("sfcn", bin_widht=2.0)
+
+
+def test_loads_reference_state_dict():
+  torch.manual_seed(0)
+  ref = TorchSFCN(in_channels=1, output_dim=20, dropout=0.0)
+  with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+    for m in ref.modules():
+      if isinstance(m, tnn.BatchNorm3d):
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 1.5)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+  # As saved from a DataParallel model, like the released UK Biobank weights.
+  state = {f"module.{k}": v for k, v in ref.state_dict().items()}
+  model = SFCN(age_range=(40, 60))
+  variables = sfcn_variables_from_torch(state, model)
+  x = np.random.default_rng(0).uniform(size=(2, 33, 34, 35, 1)).astype(np.float32)
+  with torch.no_grad():
+    expected = ref.double().eval()(torch.tensor(x, dtype=torch.float64).permute(0, 4, 1, 2, 3))
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), expected.numpy(), rtol=1e-4,
+                             atol=1e-4)
+  with pytest.raises(DataError, match="20 age bins"):
+    sfcn_variables_from_torch(state, SFCN(age_range=(42, 82)))
+  del state["module.feature_extractor.conv_3.1.running_var"]
+  with pytest.raises(DataError, match="conv_3.1.running_var"):
+    sfcn_variables_from_torch(state, model)
