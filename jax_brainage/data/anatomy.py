@@ -247,11 +247,11 @@ def load_anatomy(resolution_mm: int) -> TemplateAnatomy:
   cerebellum = inside & ~brainstem & (y < -40) & (z < -8 - 0.35 * np.abs(x))
   hindbrain = brainstem | cerebellum
 
-  gm_dominant = (gm >= wm) & (gm >= csf)
   lentiform = inside & ~hindbrain & (gm >= 0.35) & _bilateral(x, y, z, (23, 2, 0), (10, 16, 11))
   caudate_thal = (
       inside & ~hindbrain & ~lentiform & (gm >= 0.35)
-      & (_bilateral(x, y, z, (13, 12, 10), (6, 12, 10)) | _bilateral(x, y, z, (11, -18, 6), (9, 12, 9)))
+      & (_bilateral(x, y, z, (13, 12, 10), (6, 12, 10))  # caudate
+         | _bilateral(x, y, z, (11, -18, 6), (9, 12, 9)))  # thalamus
   )
   deep = lentiform | caudate_thal
 

@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
-import functools
 import json
 import multiprocessing
 import os
@@ -197,12 +196,16 @@ class Cohort:
         brain_mask=out.brain_mask,
     )
 
-  @functools.cache
+  def __getstate__(self):
+    # Pickled to data-loader workers: send the config only; a worker reloads the anatomy (from
+    # the in-process or on-disk cache) on first use.
+    return {"config": self.config, "_anatomy": None}
+
   def oracle_mae(self, condition_on: str = "latent") -> float:
     """MAE (years) of the best possible predictor of age; see `simulation.population`.
 
     "latent" conditions on (b, sex, diabetes, hypertension, smoking, BMI): a floor for any model
-    of images + participants.tsv. "brain_age" conditions on b alone.
+    of images + participants.tsv. "brain_age" conditions on b alone. Cached per population model.
     """
     return population.oracle_mae(self.config, condition_on)
 
@@ -212,7 +215,9 @@ class Cohort:
 # ------------------------------------------------------------------------------------------------
 
 _DERIV = Path("derivatives") / "simulation"
-_PARTICIPANT_COLUMNS = ("participant_id", "age", "sex", "diabetes", "hypertension", "smoking", "bmi")
+_PARTICIPANT_COLUMNS = (
+    "participant_id", "age", "sex", "diabetes", "hypertension", "smoking", "bmi",
+)
 _EFFECT_COLUMNS = (
     "ventricle_expansion_mm", "cortical_thinning", "frontal_thinning", "frontal_risk_thinning",
     "lesion_count", "lesion_volume_ml", "iron_darkening",
@@ -377,7 +382,9 @@ def write_cohort(
       "format_version": FORMAT_VERSION,
       "config": config.to_dict(),
       "oracle_mae": oracle["latent"],
-      "oracle_mae_conditions_on": ["brain_age", "sex", "diabetes", "hypertension", "smoking", "bmi"],
+      "oracle_mae_conditions_on": [
+          "brain_age", "sex", "diabetes", "hypertension", "smoking", "bmi",
+      ],
       "oracle_mae_brain_age_only": oracle["brain_age"],
       "reference_brain_age": config.brain_age_reference,
       "mask_threshold": config.mask_threshold,
@@ -442,7 +449,10 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--seed {args.seed} must be non-negative")
   config = CohortConfig(seed=args.seed, n=args.n, resolution_mm=args.resolution,
                         sequences=sequences)
-  out = write_cohort(args.out, config, workers=args.workers, progress=sys.stderr.isatty())
+  try:
+    out = write_cohort(args.out, config, workers=args.workers, progress=sys.stderr.isatty())
+  except OSError as e:  # disk full, permissions: files already written stay whole (atomic writes)
+    raise DataError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
   cohort_json = json.loads((out / _DERIV / "cohort.json").read_text())
   print(f"wrote {config.n} subjects to {out} (oracle MAE {cohort_json['oracle_mae']:.2f} years)")
   return 0

@@ -48,19 +48,22 @@ class CohortConfig:
   # Ageing, driven by b (sizes at b = age_max; reference_brain_age None means age_min).
   reference_brain_age: float | None = None
   ventricle_expansion_mm: float = 3.5
-  cortical_thinning: float = 0.3  # fraction of cortical GM turned to CSF
-  frontal_weight: float = 1.6  # frontal cortex thins this many times faster
+  cortical_thinning: float = 0.22  # fraction of cortical GM turned to CSF
+  frontal_weight: float = 1.5  # frontal cortex thins this many times faster
   frontal_risk_thinning: float = 0.012  # extra frontal GM fraction lost per year of risk shift
   lesion_rate: float = 30.0  # expected number of white-matter lesions
   lesion_onset: float = 30.0  # brain age (years) below which no lesions appear
   lesion_radius_mm: tuple[float, float] = (1.5, 5.0)  # log-uniform radius range
   iron_darkening: float = 0.45  # fractional SWI signal loss in the lentiform nucleus
-  # Nuisance, independent of age.
-  head_scale_sd: float = 0.03  # log-scale, isotropic
+  # Nuisance, independent of age. Individual anatomy: baseline ventricle size (mm of outward
+  # displacement, either sign) and cortical thickness (GM fraction, either sign).
+  ventricle_size_sd_mm: float = 1.0
+  cortical_thickness_sd: float = 0.06
+  head_scale_sd: float = 0.04  # log-scale, isotropic
   head_scale_male: float = 0.016  # log-scale added for men, subtracted for women
-  rotation_sd_deg: float = 2.0
-  translation_sd_mm: float = 2.0
-  deformation_sd_mm: float = 1.5
+  rotation_sd_deg: float = 3.0
+  translation_sd_mm: float = 3.0
+  deformation_sd_mm: float = 2.5
   deformation_spacing_mm: float = 24.0
   bias_field_sd: float = 0.08  # log-intensity
   noise_sd: float = 0.03  # relative to white-matter intensity on T1w

@@ -110,7 +110,9 @@ def _latent_configurations(config: CohortConfig, age: np.ndarray, n_bmi: int):
     p_mid = p_mid * np.diff(edges)[:, None]  # [n_bmi, n_age]
     bmi_rows = np.concatenate([p_low[None], p_mid], axis=0)
     bmi_values = np.concatenate([[config.bmi_threshold], np.exp(mids)])
-    pd_, ph, ps = (prevalence(config, f, age, male) for f in ("diabetes", "hypertension", "smoking"))
+    pd_, ph, ps = (
+        prevalence(config, f, age, male) for f in ("diabetes", "hypertension", "smoking")
+    )
     for d in (0, 1):
       for h in (0, 1):
         for s in (0, 1):

@@ -3,25 +3,27 @@
 Ageing is a function of the latent brain age b through the progress p = (b - b_ref) /
 (age_max - b_ref), 0 for the young reference brain and 1 at b = age_max (negative below b_ref):
   - ventricles: outward displacement of s = ventricle_expansion_mm * (p + p|p|) / 2 mm around
-    the lateral ventricles (accelerating with age, like real ventricular enlargement);
+    the lateral ventricles (accelerating with age, like real ventricular enlargement), on top
+    of the individual's own ventricle size (a displacement of either sign at every age);
   - cortex: a fraction L = cortical_thinning * p * (1 + (frontal_weight - 1) * frontal)
     + frontal_risk_thinning * R * p * frontal of the cortical GM turns to CSF (more where sulci
-    are, i.e. next to CSF); R (years) is the risk factors' brain-age shift, so risk factors
-    accelerate frontal atrophy beyond what b alone does;
+    are, i.e. next to CSF), on top of the individual's own cortical thickness; R (years) is the
+    risk factors' brain-age shift, so risk factors accelerate frontal atrophy beyond b alone;
   - white-matter hyperintensities: count ~ Poisson(lesion_rate * ((b - onset)_+ / (age_max -
     onset))^2), drawn by inverse CDF from one uniform per subject so that counts (and lesions, in
     a fixed order) are nested across counterfactual brain ages; placed in periventricular WM;
     bright on FLAIR, dark on T1w;
   - iron: SWI signal in the lentiform nucleus drops by iron_darkening * p.
-Nuisance (not age): isotropic head scale (larger for men), rotation, translation, a smooth random
+Nuisance (not age): individual ventricle size and cortical thickness, isotropic head scale (larger for men), rotation, translation, a smooth random
 deformation, per-scan smooth bias field, intensity scale and Gaussian noise. The reference image
-is the same subject with p = 0 (no ageing, no lesions) and identical nuisance (same noise too),
-so |image - reference| is ageing alone.
+is the same individual at p = 0 (no ageing, no lesions) with identical nuisance (same noise
+too), so |image - reference| is ageing alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy import ndimage, stats
@@ -45,6 +47,8 @@ MAX_LESIONS = 400
 class Nuisance:
   """Per-subject variation that is not age (drawn from its own random stream)."""
 
+  ventricle_base_mm: float  # individual ventricle size: outward displacement at any age
+  cortex_base: float  # individual cortical thickness: GM fraction lost (<0: gained) at any age
   head_scale: float  # isotropic, >1 is a larger head
   rotation_deg: np.ndarray  # [3] about x, y, z
   translation_mm: np.ndarray  # [3]
@@ -107,7 +111,10 @@ def draw_nuisance(
   """Draws the subject's nuisance variation (fixed order of draws)."""
   r = anatomy.resolution_mm
   sign = 1.0 if male else -1.0
-  head_scale = float(np.exp(sign * config.head_scale_male + config.head_scale_sd * rng.standard_normal()))
+  ventricle_base = float(config.ventricle_size_sd_mm * rng.standard_normal())
+  cortex_base = float(config.cortical_thickness_sd * rng.standard_normal())
+  log_scale = sign * config.head_scale_male + config.head_scale_sd * rng.standard_normal()
+  head_scale = float(np.exp(log_scale))
   rotation = config.rotation_sd_deg * rng.standard_normal(3)
   translation = config.translation_sd_mm * rng.standard_normal(3)
   dmats = _control_axes(anatomy.shape, r, config.deformation_spacing_mm)
@@ -123,7 +130,7 @@ def draw_nuisance(
   lesion_draws = rng.random((MAX_LESIONS, 5))
   noise_seed = rng.integers(0, 2**32, size=4, dtype=np.uint64)
   return Nuisance(
-      head_scale=head_scale, rotation_deg=rotation, translation_mm=translation,
+      ventricle_base_mm=ventricle_base, cortex_base=cortex_base, head_scale=head_scale, rotation_deg=rotation, translation_mm=translation,
       deformation=deformation.astype(np.float32), bias=bias, intensity_scale=scale,
       lesion_uniform=lesion_uniform, lesion_draws=lesion_draws, noise_seed=noise_seed,
   )
@@ -193,38 +200,39 @@ def render_lesions(
 
 def aged_tissue(
     config: CohortConfig, anatomy: TemplateAnatomy, brain_age: float, risk_shift: float,
-    nuisance: Nuisance,
+    nuisance: Nuisance, lesions: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-  """Template-space tissue fractions after ageing to `brain_age`, and the effects' sizes.
+  """Template-space tissue fractions of this individual at `brain_age`, and the effects' sizes.
 
+  The individual's own cortical thickness (`nuisance.cortex_base`) applies at every age; the
+  effects are ageing's share only. `lesions=False` leaves lesions out (the reference image).
   Returns ({"gm", "wm", "csf", "lesion"} float32 `[X, Y, Z]` summing to the brain mask, effects).
   """
   p = progress(config, brain_age)
   frontal = anatomy.frontal
   base = config.cortical_thinning * p
   risk = config.frontal_risk_thinning * risk_shift * p
-  loss = anatomy.cortex_weight * (base * (1 + (config.frontal_weight - 1) * frontal) + risk * frontal)
+  regional = nuisance.cortex_base + base * (1 + (config.frontal_weight - 1) * frontal)
+  regional = regional + risk * frontal
+  loss = anatomy.cortex_weight * regional
   loss = loss * (0.75 + 0.5 * anatomy.sulcal_csf)  # sulci widen: cortex next to CSF goes first
   gm, csf = anatomy.gm, anatomy.csf
-  # Positive loss: GM -> CSF; negative (younger than the reference): CSF -> GM, as far as CSF allows.
+  # Positive loss: GM -> CSF; negative (younger than the reference): CSF -> GM while CSF lasts.
   moved = np.where(loss >= 0, np.minimum(loss, 0.95) * gm, -np.minimum(-loss * gm, csf))
   gm_a = gm - moved
   csf_a = csf + moved
 
   lam = lesion_rate(config, brain_age)
   count = int(stats.poisson.ppf(nuisance.lesion_uniform, lam)) if lam > 0 else 0
-  count = min(count, MAX_LESIONS)
+  count = min(count, MAX_LESIONS) if lesions else 0
   lesion_frac = render_lesions(config, anatomy, nuisance, count)
   lesion = anatomy.wm * lesion_frac  # lesions replace white matter only
   wm_a = anatomy.wm - lesion
 
-  cortex = anatomy.cortex_weight > 0
-  gm_cortex = float((gm * cortex).sum())
-  frontal_w = frontal * cortex
   effects = {
       "ventricle_expansion_mm": config.ventricle_expansion_mm * 0.5 * (p + p * abs(p)),
-      "cortical_thinning": float((moved * cortex).sum()) / gm_cortex,
-      "frontal_thinning": float((moved * frontal_w).sum()) / float((gm * frontal_w).sum()),
+      "cortical_thinning": base,  # nominal GM fraction lost outside the frontal lobe
+      "frontal_thinning": base * config.frontal_weight + risk,
       "frontal_risk_thinning": risk,
       "lesion_count": count,
       "lesion_volume_ml": float(lesion.sum()) * anatomy.voxel_volume_ml,
@@ -250,6 +258,16 @@ def _support_box(volume: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndar
   return lo, hi
 
 
+@functools.lru_cache(maxsize=8)
+def _anatomy_boxes(anatomy: TemplateAnatomy) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+  """Support boxes of the template's sparse maps, once per anatomy (hashed by identity)."""
+  return {
+      "brain": _support_box(anatomy.brain, 0.0),
+      "ventricle_field": _support_box(np.any(anatomy.ventricle_field != 0, axis=0), 0.0),
+      "deep_grey": _support_box(anatomy.deep_grey, 0.0),
+  }
+
+
 def _sample_sparse(volume: np.ndarray, coords: np.ndarray, box) -> np.ndarray:
   """`_sample`, computed only for coordinates inside `box` (the rest is 0 by construction)."""
   out = np.zeros(coords.shape[1], np.float32)
@@ -263,11 +281,14 @@ def _sample_sparse(volume: np.ndarray, coords: np.ndarray, box) -> np.ndarray:
   return out
 
 
-def _intensity(seq: str, tissue: dict[str, np.ndarray], deep: np.ndarray, iron: float) -> np.ndarray:
+def _intensity(
+    seq: str, tissue: dict[str, np.ndarray], deep: np.ndarray, iron: float
+) -> np.ndarray:
   """Noise-free intensity (T1w-WM units) from tissue fractions at the sampled voxels `[n]`."""
   c_gm, c_wm, c_csf, c_les = CONTRASTS[seq]
   total = tissue["gm"] + tissue["wm"] + tissue["csf"] + tissue["lesion"]
-  value = c_gm * tissue["gm"] + c_wm * tissue["wm"] + c_csf * tissue["csf"] + c_les * tissue["lesion"]
+  value = (c_gm * tissue["gm"] + c_wm * tissue["wm"] + c_csf * tissue["csf"]
+           + c_les * tissue["lesion"])
   value = value / np.maximum(total, 1e-3)  # fractions of the brain part of the voxel
   if seq == "swi":
     value = value * np.clip(1.0 - deep * (SWI_DEEP_GREY_BASELINE + iron), 0.05, None)
@@ -293,29 +314,37 @@ def render(
   r = float(anatomy.resolution_mm)
   shape = anatomy.shape
   coords = template_coordinates(config, anatomy, nuisance).reshape(3, -1)
-  brain = _sample(anatomy.brain, coords)
+  boxes = _anatomy_boxes(anatomy)
+  brain = _sample_sparse(anatomy.brain, coords, boxes["brain"])
   idx = np.flatnonzero(brain >= 0.5)  # the subject's brain mask; everything else stays 0
   yv = coords[:, idx]
 
   tissue_a, effects = aged_tissue(config, anatomy, brain_age, risk_shift, nuisance)
-  s = effects["ventricle_expansion_mm"]
-  # Sparse structures are sampled only where they can be non-zero (a speed-up, same result).
-  field_box = _support_box(np.any(anatomy.ventricle_field != 0, axis=0), 0.0)
-  if s != 0.0:
-    disp = np.stack([_sample_sparse(anatomy.ventricle_field[a], yv, field_box) for a in range(3)])
-    ya = yv - (s / r) * disp  # pull tissue from nearer the ventricles: they grow outward
+  # The reference: the same individual at the reference brain age, without lesions. Same code
+  # path as the aged image, so rendering at the reference age reproduces it bit for bit.
+  tissue_r, _ = aged_tissue(
+      config, anatomy, config.brain_age_reference, risk_shift, nuisance, lesions=False
+  )
+  s_a = nuisance.ventricle_base_mm + effects["ventricle_expansion_mm"]
+  s_r = nuisance.ventricle_base_mm
+  if s_a != 0.0 or s_r != 0.0:
+    # Sparse structures are sampled only where they can be non-zero (a speed-up, same result).
+    disp = np.stack([
+        _sample_sparse(anatomy.ventricle_field[a], yv, boxes["ventricle_field"]) for a in range(3)
+    ])
   else:
-    ya = yv
-  margin = abs(s) / r + 1
-  aged = {k: _sample(tissue_a[k], ya) for k in ("gm", "wm", "csf")}
-  aged["lesion"] = _sample_sparse(tissue_a["lesion"], ya, _support_box(tissue_a["lesion"], margin))
-  deep_box = _support_box(anatomy.deep_grey, margin)
-  deep_a = _sample_sparse(anatomy.deep_grey, ya, deep_box)
-  # The reference takes the same arithmetic path as the aged image, so that rendering at the
-  # reference brain age reproduces it bit for bit.
-  ref = {k: _sample(getattr(anatomy, k), yv) for k in ("gm", "wm", "csf")}
-  ref["lesion"] = np.zeros_like(ref["gm"])
-  deep_r = _sample_sparse(anatomy.deep_grey, yv, deep_box)
+    disp = np.zeros_like(yv)
+  deep_box = boxes["deep_grey"]
+  sampled = []
+  for tissue, shift in ((tissue_a, s_a), (tissue_r, s_r)):
+    # Pull tissue from nearer the ventricles: they grow outward by `shift` mm.
+    y = yv - (shift / r) * disp if shift != 0.0 else yv
+    margin = abs(shift) / r + 1
+    out = {k: _sample(tissue[k], y) for k in ("gm", "wm", "csf")}
+    out["lesion"] = _sample_sparse(tissue["lesion"], y, _support_box(tissue["lesion"], margin))
+    deep = _sample_sparse(anatomy.deep_grey, y, (deep_box[0] - margin, deep_box[1] + margin))
+    sampled.append((out, deep))
+  (aged, deep_a), (ref, deep_r) = sampled
 
   n = anatomy.brain.size
   x_idx = np.unravel_index(idx, shape)
