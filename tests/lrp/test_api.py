@@ -195,9 +195,14 @@ def test_vmap_over_stacked_members_equals_loop(mini):
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
   comp = lrp.composites.SequentialPresetA()
   got = jax.jit(jax.vmap(lambda v: lrp.relevance(model.apply, v, x, comp)))(stacked)
-  for m, v in enumerate(members):
-    want = jax.jit(lambda v: lrp.relevance(model.apply, v, x, comp))(v)
-    np.testing.assert_allclose(np.asarray(got[m]), np.asarray(want), rtol=2e-5, atol=1e-7)
+  single = jax.jit(lambda v: lrp.relevance(model.apply, v, x, comp))
+  wants = [single(v) for v in members]
+  for m in range(len(members)):
+    np.testing.assert_allclose(np.asarray(got[m]), np.asarray(wants[m]), rtol=2e-5, atol=1e-7)
+  # vmap over samples (each a batch of one) == the batched call
+  per_sample = jax.jit(jax.vmap(
+      lambda u: lrp.relevance(model.apply, members[0], u[None], comp)[0]))(x)
+  np.testing.assert_allclose(np.asarray(per_sample), np.asarray(wants[0]), rtol=2e-5, atol=1e-7)
 
 
 def test_sharded_input_over_devices(mini):

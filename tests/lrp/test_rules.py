@@ -19,8 +19,12 @@ LAYERS = {
     "conv3d": lambda bias: nn.Conv(3, (3, 3, 3), strides=(2, 1, 1), padding="SAME", use_bias=bias),
     "conv_transpose3d": lambda bias: nn.ConvTranspose(2, (2, 3, 2), strides=(2, 1, 2),
                                                       use_bias=bias),
+    "conv1d_grouped_dilated": lambda bias: nn.Conv(4, (3,), kernel_dilation=(2,), strides=(2,),
+                                                   feature_group_count=2, padding=((2, 1),),
+                                                   use_bias=bias),
 }
-SHAPES = {"dense": (2, 7), "conv3d": (2, 4, 3, 3, 2), "conv_transpose3d": (2, 2, 3, 2, 2)}
+SHAPES = {"dense": (2, 7), "conv3d": (2, 4, 3, 3, 2), "conv_transpose3d": (2, 2, 3, 2, 2),
+          "conv1d_grouped_dilated": (2, 9, 4)}
 
 
 class OneLayer(nn.Module):
