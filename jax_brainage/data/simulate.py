@@ -68,7 +68,9 @@ class SimulatedSubject:
     risk_factors: {'diabetes', 'hypertension', 'smoking': bool, 'bmi': float (kg/m^2)}.
     brain_age: latent brain age b (years); risk_shift: R (years), what risk factors add to b.
     effects: each ageing effect's size (see `simulation.render.aged_tissue`).
-    nuisance: head_scale, rotation_deg, translation_mm, intensity scale per sequence.
+    nuisance: what is not age: ventricle_size_mm (individual outward displacement),
+      cortex_thinner_by (individual GM fraction, either sign), head_scale, rotation_deg,
+      translation_mm, intensity_scale per sequence.
     images, reference_images: seq -> image at b, and at the reference brain age (no ageing).
     ageing_masks: seq -> |images - reference_images| > mask_thresholds[seq].
     lesion_mask: voxels at least `LESION_MASK_FRACTION` white-matter lesion.
@@ -137,6 +139,12 @@ class Cohort:
   def affine(self) -> np.ndarray:
     return self.anatomy.affine.copy()
 
+  def volume(self, index: int) -> np.ndarray:
+    """Images of subject `index` stacked as channels in `config.sequences` order: float32
+    `[X, Y, Z, C]`, no ground truth computed (for serving straight to training)."""
+    s = self.subject(index, ground_truth=False)
+    return np.stack([s.images[q] for q in self.config.sequences], axis=-1)
+
   def participants(self, index: int) -> population.Participants:
     """Latent and observed variables of subject `index` (arrays of length 1); cheap, no images."""
     self._check_index(index)
@@ -156,9 +164,13 @@ class Cohort:
     if not isinstance(index, (int, np.integer)) or not 0 <= index < self.config.n:
       raise DataError(f"subject index {index!r} out of range for a cohort of {self.config.n}")
 
-  def subject(self, index: int, brain_age: float | None = None) -> SimulatedSubject:
+  def subject(
+      self, index: int, brain_age: float | None = None, ground_truth: bool = True
+  ) -> SimulatedSubject:
     """Subject `index`; `brain_age` (years) renders the same person at another latent brain age
-    (a counterfactual: same nuisance, lesions nested) without changing its demographics."""
+    (a counterfactual: same nuisance, lesions nested) without changing its demographics.
+    `ground_truth=False` leaves reference images and ageing masks empty (faster; the images,
+    lesion mask and everything else are the same)."""
     p = self.participants(index)
     male = bool(p.male[0])
     anatomy = self.anatomy
@@ -166,7 +178,7 @@ class Cohort:
         self.config, anatomy, male, _stream(self.config.seed, index, _STREAM_NUISANCE)
     )
     b = float(p.brain_age[0]) if brain_age is None else float(brain_age)
-    out = render.render(self.config, anatomy, b, float(p.risk_shift[0]), nuisance)
+    out = render.render(self.config, anatomy, b, float(p.risk_shift[0]), nuisance, ground_truth)
     return SimulatedSubject(
         index=int(index),
         subject_id=subject_id(int(index)),
@@ -182,6 +194,8 @@ class Cohort:
         risk_shift=float(p.risk_shift[0]),
         effects=out.effects,
         nuisance={
+            "ventricle_size_mm": nuisance.ventricle_base_mm,
+            "cortex_thinner_by": nuisance.cortex_base,
             "head_scale": nuisance.head_scale,
             "rotation_deg": [float(v) for v in nuisance.rotation_deg],
             "translation_mm": [float(v) for v in nuisance.translation_mm],
@@ -263,6 +277,8 @@ def _subject_row(s: SimulatedSubject) -> dict[str, Any]:
       "risk_shift": s.risk_shift,
       **{k: s.effects[k] for k in _EFFECT_COLUMNS},
       "head_scale": s.nuisance["head_scale"],
+      "ventricle_size_mm": s.nuisance["ventricle_size_mm"],
+      "cortex_thinner_by": s.nuisance["cortex_thinner_by"],
   }
 
 
@@ -370,7 +386,8 @@ def write_cohort(
   fileio.write_text(deriv / "atlas_regions.tsv", cohort.atlas.region_table_tsv())
   fileio.write_text(out_dir / "participants.tsv", _tsv(rows, _PARTICIPANT_COLUMNS))
   fileio.write_json(out_dir / "participants.json", _PARTICIPANTS_SIDECAR)
-  latent_cols = ("participant_id", "age", "brain_age", "risk_shift", *_EFFECT_COLUMNS, "head_scale")
+  latent_cols = ("participant_id", "age", "brain_age", "risk_shift", *_EFFECT_COLUMNS,
+                 "head_scale", "ventricle_size_mm", "cortex_thinner_by")
   fileio.write_text(deriv / "brain_age.tsv", _tsv(rows, latent_cols))
   fileio.write_json(deriv / "dataset_description.json", {
       "Name": "jax-brainage simulation ground truth",

@@ -181,6 +181,15 @@ def test_subject_is_a_pure_function_of_seed_and_index(cohort):
   done = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], capture_output=True, text=True,
                         env=env, check=True, timeout=300)
   assert done.stdout.strip() == _digest(first)
+  # Without ground truth: the same images, faster; as a channels-last volume too.
+  fast = cohort.subject(3, ground_truth=False)
+  assert not fast.reference_images and not fast.ageing_masks
+  np.testing.assert_array_equal(fast.lesion_mask, first.lesion_mask)
+  vol = cohort.volume(3)
+  assert vol.shape == (50, 59, 48, 3) and vol.dtype == np.float32
+  for c, seq in enumerate(SEQS):
+    np.testing.assert_array_equal(fast.images[seq], first.images[seq])
+    np.testing.assert_array_equal(vol[..., c], first.images[seq])
   # Asking for fewer sequences changes nothing in those that remain.
   t1_only = simulate.Cohort(cohort.config.replace(sequences=("T1w",))).subject(3)
   assert set(t1_only.images) == {"T1w"}
@@ -311,7 +320,8 @@ def test_nuisance_is_not_age(cohort):
     assert sub.brain_mask.sum() / template == pytest.approx(sub.nuisance["head_scale"] ** 3,
                                                             rel=0.04)
   nuisance_free = simulate.Cohort(cfg.replace(
-      ventricle_size_sd_mm=0.0, cortical_thickness_sd=0.0, head_scale_sd=0.0, head_scale_male=0.0, rotation_sd_deg=0.0, translation_sd_mm=0.0,
+      ventricle_size_sd_mm=0.0, cortical_thickness_sd=0.0, head_scale_sd=0.0, head_scale_male=0.0,
+      rotation_sd_deg=0.0, translation_sd_mm=0.0,
       deformation_sd_mm=0.0, bias_field_sd=0.0, noise_sd=0.0, intensity_scale_sd=0.0))
   a, b = nuisance_free.subject(0, brain_age=18.0), nuisance_free.subject(1, brain_age=18.0)
   np.testing.assert_array_equal(a.images["T1w"], b.images["T1w"])  # only nuisance told them apart

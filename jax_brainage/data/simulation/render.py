@@ -14,8 +14,9 @@ Ageing is a function of the latent brain age b through the progress p = (b - b_r
     a fixed order) are nested across counterfactual brain ages; placed in periventricular WM;
     bright on FLAIR, dark on T1w;
   - iron: SWI signal in the lentiform nucleus drops by iron_darkening * p.
-Nuisance (not age): individual ventricle size and cortical thickness, isotropic head scale (larger for men), rotation, translation, a smooth random
-deformation, per-scan smooth bias field, intensity scale and Gaussian noise. The reference image
+Nuisance (not age): individual ventricle size and cortical thickness, isotropic head scale
+(larger for men), rotation, translation, a smooth random deformation, per-scan smooth bias
+field, intensity scale and Gaussian noise. The reference image
 is the same individual at p = 0 (no ageing, no lesions) with identical nuisance (same noise
 too), so |image - reference| is ageing alone.
 """
@@ -130,7 +131,8 @@ def draw_nuisance(
   lesion_draws = rng.random((MAX_LESIONS, 5))
   noise_seed = rng.integers(0, 2**32, size=4, dtype=np.uint64)
   return Nuisance(
-      ventricle_base_mm=ventricle_base, cortex_base=cortex_base, head_scale=head_scale, rotation_deg=rotation, translation_mm=translation,
+      ventricle_base_mm=ventricle_base, cortex_base=cortex_base, head_scale=head_scale,
+      rotation_deg=rotation, translation_mm=translation,
       deformation=deformation.astype(np.float32), bias=bias, intensity_scale=scale,
       lesion_uniform=lesion_uniform, lesion_draws=lesion_draws, noise_seed=noise_seed,
   )
@@ -308,9 +310,13 @@ class Rendered:
 
 def render(
     config: CohortConfig, anatomy: TemplateAnatomy, brain_age: float, risk_shift: float,
-    nuisance: Nuisance,
+    nuisance: Nuisance, ground_truth: bool = True,
 ) -> Rendered:
-  """Images of one subject at `brain_age`, its young reference and the ground-truth masks."""
+  """Images of one subject at `brain_age`, its young reference and the ground-truth masks.
+
+  `ground_truth=False` skips the reference images and ageing masks (empty dicts): images only,
+  about 40% faster, for serving subjects straight to training.
+  """
   r = float(anatomy.resolution_mm)
   shape = anatomy.shape
   coords = template_coordinates(config, anatomy, nuisance).reshape(3, -1)
@@ -322,9 +328,9 @@ def render(
   tissue_a, effects = aged_tissue(config, anatomy, brain_age, risk_shift, nuisance)
   # The reference: the same individual at the reference brain age, without lesions. Same code
   # path as the aged image, so rendering at the reference age reproduces it bit for bit.
-  tissue_r, _ = aged_tissue(
+  tissue_r = aged_tissue(
       config, anatomy, config.brain_age_reference, risk_shift, nuisance, lesions=False
-  )
+  )[0] if ground_truth else None
   s_a = nuisance.ventricle_base_mm + effects["ventricle_expansion_mm"]
   s_r = nuisance.ventricle_base_mm
   if s_a != 0.0 or s_r != 0.0:
@@ -336,7 +342,7 @@ def render(
     disp = np.zeros_like(yv)
   deep_box = boxes["deep_grey"]
   sampled = []
-  for tissue, shift in ((tissue_a, s_a), (tissue_r, s_r)):
+  for tissue, shift in ((tissue_a, s_a), (tissue_r, s_r))[: 2 if ground_truth else 1]:
     # Pull tissue from nearer the ventricles: they grow outward by `shift` mm.
     y = yv - (shift / r) * disp if shift != 0.0 else yv
     margin = abs(shift) / r + 1
@@ -344,7 +350,8 @@ def render(
     out["lesion"] = _sample_sparse(tissue["lesion"], y, _support_box(tissue["lesion"], margin))
     deep = _sample_sparse(anatomy.deep_grey, y, (deep_box[0] - margin, deep_box[1] + margin))
     sampled.append((out, deep))
-  (aged, deep_a), (ref, deep_r) = sampled
+  aged, deep_a = sampled[0]
+  ref, deep_r = sampled[1] if ground_truth else (None, None)
 
   n = anatomy.brain.size
   x_idx = np.unravel_index(idx, shape)
@@ -362,14 +369,16 @@ def render(
     for name, tissue, deep, iron in (
         ("aged", aged, deep_a, effects["iron_darkening"]),
         ("ref", ref, deep_r, 0.0),
-    ):
+    )[: 2 if ground_truth else 1]:
       value = _intensity(seq, tissue, deep, iron) * gain + np.float32(unit) * noise
       flat = np.zeros(n, np.float32)
       flat[idx] = np.clip(np.rint(value), 0, 32767)  # integer-valued: stored exactly as int16
       out[name] = flat.reshape(shape)
-    images[seq], references[seq] = out["aged"], out["ref"]
+    images[seq] = out["aged"]
     thresholds[seq] = float(config.mask_threshold * unit)
-    masks[seq] = np.abs(out["aged"] - out["ref"]) > thresholds[seq]
+    if ground_truth:
+      references[seq] = out["ref"]
+      masks[seq] = np.abs(out["aged"] - out["ref"]) > thresholds[seq]
 
   lesion_total = aged["gm"] + aged["wm"] + aged["csf"] + aged["lesion"]
   lesion_mask = np.zeros(n, bool)
