@@ -355,6 +355,10 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
         sites.append(site)
         steps.append(("site", site))
         continue
+    if _contains_linear(e.params):
+      raise UnsupportedLayerError(
+          f"layer '{e.name or pname}': a {pname} (control flow) contains convolutions or dense "
+          "layers; LRP rules cannot be installed inside it (unroll the loop / use Python control flow)")
     if pname in ("add_any",) and len(e.ins) == 2:
       site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1], out=e.outs[0])
       sites.append(site)
@@ -364,6 +368,15 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
 
   _mark_nonneg_and_first(prog, steps, data, param)
   return Plan(prog, steps, sites, data, param)
+
+
+def _contains_linear(params) -> bool:
+  """Whether a higher-order primitive's sub-programs contain a conv or dot_general."""
+  for sub in jex_core.jaxprs_in_params(params):
+    for e in sub.eqns:
+      if e.primitive.name in ("conv_general_dilated", "dot_general") or _contains_linear(e.params):
+        return True
+  return False
 
 
 def _literal_nonneg(a) -> bool:

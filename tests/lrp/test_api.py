@@ -96,6 +96,12 @@ def test_unfolded_batchnorm_and_bilinear_layers_raise_naming_them():
   with pytest.raises(lrp.UnsupportedLayerError, match="bilinear"):
     lrp.relevance(lambda v, u: jnp.einsum("bi,bi->b", u @ v, u), jnp.eye(4), x)
 
+  def scanned(v, u):  # dense layers inside lax.scan: no rule can be installed there
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ v), None), u, None, length=2)[0].sum(1)
+
+  with pytest.raises(lrp.UnsupportedLayerError, match="scan"):
+    lrp.relevance(scanned, jnp.eye(4), x)
+
 
 # ------------------------------------------------------------------ canonizers
 
