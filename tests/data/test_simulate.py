@@ -179,7 +179,7 @@ def test_subject_is_a_pure_function_of_seed_and_index(cohort):
   # Another interpreter (fresh hash seeds, fresh caches) makes the same bytes.
   env = {**os.environ, "PYTHONPATH": str(Path(simulate.__file__).parents[2]), "PYTHONHASHSEED": "1"}
   done = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], capture_output=True, text=True,
-                        env=env, check=True, timeout=300)
+                        env=env, check=True, timeout=300, stdin=subprocess.DEVNULL)
   assert done.stdout.strip() == _digest(first)
   # Without ground truth: the same images, faster; as a channels-last volume too.
   fast = cohort.subject(3, ground_truth=False)
