@@ -313,6 +313,8 @@ def test_nuisance_is_not_age(cohort):
   gap = log_scale[True].mean() - log_scale[False].mean()
   assert abs(gap - 2 * cfg.head_scale_male) < 4 * cfg.head_scale_sd * np.sqrt(2 / 1500)
   assert abs(log_scale[True].std() - cfg.head_scale_sd) < 0.1 * cfg.head_scale_sd
+  mid = 0.5 * (log_scale[True].mean() + log_scale[False].mean())
+  assert abs(mid - cfg.head_scale_mean) < 4 * cfg.head_scale_sd / np.sqrt(3000)
   # The head scale is visible as brain volume: the mask's volume over the template's ~ scale^3.
   template = (cohort.anatomy.brain > 0.5).sum()
   for i in (4, 5, 6):
@@ -320,7 +322,8 @@ def test_nuisance_is_not_age(cohort):
     assert sub.brain_mask.sum() / template == pytest.approx(sub.nuisance["head_scale"] ** 3,
                                                             rel=0.04)
   nuisance_free = simulate.Cohort(cfg.replace(
-      ventricle_size_sd_mm=0.0, cortical_thickness_sd=0.0, head_scale_sd=0.0, head_scale_male=0.0,
+      ventricle_size_sd_mm=0.0, cortical_thickness_sd=0.0, head_scale_mean=0.0, head_scale_sd=0.0,
+      head_scale_male=0.0,
       rotation_sd_deg=0.0, translation_sd_mm=0.0,
       deformation_sd_mm=0.0, bias_field_sd=0.0, noise_sd=0.0, intensity_scale_sd=0.0))
   a, b = nuisance_free.subject(0, brain_age=18.0), nuisance_free.subject(1, brain_age=18.0)

@@ -59,7 +59,9 @@ class CohortConfig:
   # displacement, either sign) and cortical thickness (GM fraction, either sign).
   ventricle_size_sd_mm: float = 1.0
   cortical_thickness_sd: float = 0.06
-  head_scale_sd: float = 0.04  # log-scale, isotropic
+  # Head size, log-scale isotropic: mean below 0 because the MNI152 brain is larger than most.
+  head_scale_mean: float = -0.04
+  head_scale_sd: float = 0.035
   head_scale_male: float = 0.016  # log-scale added for men, subtracted for women
   rotation_sd_deg: float = 3.0
   translation_sd_mm: float = 3.0

@@ -114,7 +114,8 @@ def draw_nuisance(
   sign = 1.0 if male else -1.0
   ventricle_base = float(config.ventricle_size_sd_mm * rng.standard_normal())
   cortex_base = float(config.cortical_thickness_sd * rng.standard_normal())
-  log_scale = sign * config.head_scale_male + config.head_scale_sd * rng.standard_normal()
+  log_scale = (config.head_scale_mean + sign * config.head_scale_male
+               + config.head_scale_sd * rng.standard_normal())
   head_scale = float(np.exp(log_scale))
   rotation = config.rotation_sd_deg * rng.standard_normal(3)
   translation = config.translation_sd_mm * rng.standard_normal(3)
