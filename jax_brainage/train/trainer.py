@@ -311,7 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                   workers=int(config.data.workers))
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=int(config.keep_checkpoints))
   progress = {"epoch": 0, "best_val_loss": math.inf, "best_val_mae": math.nan,
-              "best_step": -1, "bad_epochs": 0, "history": [], "stopped": ""}
+              "best_step": -1, "bad_epochs": 0, "history": [], "stopped": "",
+              # Summed over all runs of this experiment (resumptions included).
+              "train_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
   if checkpoints.latest_step() is not None:
     state, meta = checkpoints.restore(ckpt_lib.LATEST, abstract_state, manifest)
     progress.update(meta["progress"])
@@ -334,6 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   history: list[dict[str, Any]] = progress["history"]
   stop = _finished(progress, step, total_steps, config)
   start_time = time.perf_counter()
+  train_seconds_before = float(progress["train_seconds"] or 0.0)
+  start_step = step
   steps_timed, timed_seconds = 0, 0.0
   bar = progress_bar(total_steps, initial=step, quiet=quiet)
   pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched (no sync per step)
@@ -343,11 +347,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     nonlocal last_good
     # Never write parameters that came out of a non-finite step.
     _check_finite(pending, last_good, workdir)
+    progress["train_seconds"] = train_seconds_before + time.perf_counter() - start_time
+    progress["timed_steps"] += steps_timed - counted[0]
+    progress["timed_seconds"] += timed_seconds - counted[1]
+    counted[:] = [steps_timed, timed_seconds]
     checkpoints.save(which, step, state, _meta(progress, manifest, batches))
     if which == ckpt_lib.LATEST:
       last_good = step
 
   interval_start, interval_steps, compiled = time.perf_counter(), 0, False
+  counted = [0, 0.0]  # timed steps and seconds already added to `progress`
   try:
     while not stop:
       batch = next(batches)
@@ -427,9 +436,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   result = {"step": step, "epoch": progress["epoch"], "best_val_loss": progress["best_val_loss"],
             "best_val_mae": progress["best_val_mae"], "best_step": progress["best_step"],
             "stopped": progress["stopped"] or "done", "num_params": num_params,
-            "train_seconds": time.perf_counter() - start_time,
-            "volumes_per_second": (steps_timed * batch_size / timed_seconds
-                                   if timed_seconds > 0 else math.nan),
+            # A call that found the experiment finished reports the experiment's time.
+            "train_seconds": train_seconds_before + (
+                time.perf_counter() - start_time if step > start_step else 0.0),
+            "volumes_per_second": _throughput(progress, steps_timed - counted[0],
+                                              timed_seconds - counted[1], batch_size),
             "history": history}
   if sharding.is_main_process():
     fileio.write_json(workdir / "metrics.json", _jsonable(result))
@@ -460,6 +471,13 @@ def _claim_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def _meta(progress: dict[str, Any], manifest: dict[str, Any], batches: Any) -> dict[str, Any]:
   return _jsonable({"progress": progress, "manifest": manifest,
                     "data_state": batches.get_state()})
+
+
+def _throughput(progress: dict[str, Any], steps: int, seconds: float, batch_size: int) -> float:
+  """Training volumes/s over all runs of the experiment (compilation and validation excluded)."""
+  steps += int(progress["timed_steps"] or 0)
+  seconds += float(progress["timed_seconds"] or 0.0)
+  return steps * batch_size / seconds if seconds > 0 else math.nan
 
 
 def _float(x: Any) -> float:

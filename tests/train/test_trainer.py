@@ -78,6 +78,10 @@ def test_finished_run_is_not_trained_again(trained, blob_data):
   config, workdir, full = trained
   again = trainer.train_and_evaluate(config, workdir, data=blob_data, quiet=True)
   assert again["step"] == full["step"] and again["history"] == full["history"]
+  # Training time and throughput are those of the experiment, not of the idle re-run.
+  assert 0 < again["train_seconds"] <= full["train_seconds"]
+  assert again["train_seconds"] > 0.5 * full["train_seconds"]
+  np.testing.assert_allclose(again["volumes_per_second"], full["volumes_per_second"], rtol=1e-6)
 
 
 def test_tensorboard_has_scalars_and_input_images(trained):
