@@ -4,19 +4,26 @@ A cohort is defined by a `CohortConfig`; `Cohort(config).subject(i)` is a pure f
 (config, i), so subjects can be made alone, in any order, on any worker, or served straight to
 training without files. `write_cohort` writes a BIDS dataset:
 
-  dataset_description.json, participants.tsv (participant_id, age, sex, diabetes, hypertension,
-  smoking, bmi; never the latent brain age), sub-XXXX/anat/sub-XXXX_{T1w,FLAIR,swi}.nii.gz,
-  derivatives/simulation/: dataset_description.json, cohort.json (config, oracle MAE and what it
-  conditions on), brain_age.tsv (latent brain age, risk shift and effect sizes per subject),
-  atlas (NIfTI + TSV), sub-XXXX/anat/sub-XXXX_{seq}_ageingmask.nii.gz and _lesionmask.nii.gz.
+  dataset_description.json, participants.tsv + .json (participant_id, age, sex, diabetes,
+  hypertension, smoking, bmi; never the latent brain age),
+  sub-XXXX/anat/sub-XXXX_{T1w,FLAIR,swi}.nii.gz (int16, template grid, skull-stripped),
+  derivatives/simulation/: dataset_description.json, config.json (written first), cohort.json
+  (written last: config, oracle MAE and what it conditions on), brain_age.tsv (latent brain age,
+  risk shift, effect sizes and individual nuisance per subject), atlas.nii.gz + atlas.tsv
+  (11 structures with region and lobe), atlas_regions.nii.gz + .tsv (cortical / subcortical /
+  cerebellum, for regional models), sub-XXXX/anat/sub-XXXX_{seq}_ageingmask.nii.gz and
+  sub-XXXX_lesionmask.nii.gz (uint8).
+Every file is a deterministic function of the configuration: the same bytes on any machine,
+with any number of workers.
 
 Model (see `simulation.population` and `simulation.render` for the formulas):
   - age a ~ U(age_min, age_max), sex, risk factors with age- and sex-dependent prevalence;
   - latent brain age b = a + R + N(0, sigma_brain_age), R the risk factors' shift (years);
   - ageing driven by b: ventricle enlargement, cortical thinning (frontal more, and faster with
     R), periventricular white-matter lesions (count steep in b), iron in the lentiform nucleus;
-  - nuisance that is not age: head size (by sex), rigid misalignment, smooth deformation, bias
-    field, intensity scale, noise; T1w, FLAIR and SWI contrasts from the same tissue maps;
+  - nuisance that is not age: individual ventricle size and cortical thickness, head size (by
+    sex), rigid misalignment, smooth deformation, bias field, intensity scale, noise; T1w, FLAIR
+    and SWI contrasts from the same tissue maps;
   - ground truth: per-sequence ageing masks |image(b) - image(b_ref)| > mask_threshold x scan
     unit (same nuisance, same noise), lesion masks, b and each effect's size; the oracle MAE.
 """
@@ -26,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime
 import json
 import multiprocessing
 import os
@@ -415,7 +421,6 @@ def write_cohort(
       "BIDSVersion": "1.9.0",
       "DatasetType": "raw",
       "GeneratedBy": [{"Name": "jax-brainage", "Description": "brainage simulate"}],
-      "GeneratedOn": datetime.date.today().isoformat(),
   })
   return out_dir
 

@@ -181,6 +181,11 @@ def test_subject_is_a_pure_function_of_seed_and_index(cohort):
   done = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], capture_output=True, text=True,
                         env=env, check=True, timeout=300, stdin=subprocess.DEVNULL)
   assert done.stdout.strip() == _digest(first)
+  # A pickled cohort (as data-loader workers get it) carries its config, not the anatomy.
+  import pickle
+  blob = pickle.dumps(cohort)
+  assert len(blob) < 10_000
+  assert _digest(pickle.loads(blob).subject(3)) == _digest(first)
   # Without ground truth: the same images, faster; as a channels-last volume too.
   fast = cohort.subject(3, ground_truth=False)
   assert not fast.reference_images and not fast.ageing_masks
@@ -380,6 +385,12 @@ def test_write_cohort_bids_layout(tmp_path, cohort):
   assert meta["oracle_mae"] == pytest.approx(population.oracle_mae(config, "latent"))
   assert meta["oracle_mae"] < meta["oracle_mae_brain_age_only"]
   assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+  # Byte for byte the same dataset from one process as from two.
+  again = simulate.write_cohort(tmp_path / "again", config, workers=1)
+  files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+  for f in files:
+    assert (out / f).read_bytes() == (again / f).read_bytes(), f
   # The same configuration again: complete, returned as it is. Another one: refused.
   before = (out / "participants.tsv").stat().st_mtime_ns
   simulate.write_cohort(out, config, workers=1)
