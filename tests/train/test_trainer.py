@@ -84,6 +84,26 @@ def test_finished_run_is_not_trained_again(trained, blob_data):
   np.testing.assert_allclose(again["volumes_per_second"], full["volumes_per_second"], rtol=1e-6)
 
 
+def test_early_stopping_after_patience_epochs_without_improvement(trained, make_config,
+                                                                  blob_data, tmp_path):
+  _, _, full = trained
+  losses = [h["val_loss"] for h in full["history"]]
+  # With patience 1, training stops after the first epoch that does not beat the best so far;
+  # the runs agree until then (same seed, same data order).
+  worse = [e for e in range(1, len(losses)) if losses[e] >= min(losses[:e])]
+  assert worse, "the reference run never plateaus; choose another seed"
+  stop_epoch = worse[0] + 1
+  config = make_config(num_epochs=EPOCHS, patience=1)
+  result = trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
+  assert result["stopped"] == "early_stopping"
+  assert result["epoch"] == stop_epoch and result["step"] == 4 * stop_epoch
+  assert [h["val_loss"] for h in result["history"]] == losses[:stop_epoch]
+  best_epoch = int(np.argmin(losses[:stop_epoch])) + 1
+  assert result["best_step"] == 4 * best_epoch
+  assert ckpt_lib.Checkpoints(tmp_path, read_only=True).latest_step(ckpt_lib.BEST) == \
+      4 * best_epoch
+
+
 def test_tensorboard_has_scalars_and_input_images(trained):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
