@@ -87,7 +87,7 @@ def _zennit_times(variables, x, repeats, names):
   for i in range(1, 6):
     k = np.asarray(p[f"conv{i}"]["kernel"])
     conv = tnn.Conv3d(c_in, k.shape[-1], k.shape[0], padding=k.shape[0] // 2)
-    conv.weight.data = torch.from_numpy(np.ascontiguousarray(k.transpose(4, 3, 0, 1, 2)))
+    conv.weight.data = torch.from_numpy(np.array(k.transpose(4, 3, 0, 1, 2)))
     conv.bias.data = torch.from_numpy(np.array(p[f"conv{i}"]["bias"]))
     layers += [conv, tnn.ReLU(), SamePad3d(), tnn.MaxPool3d(3, 2)]
     c_in = k.shape[-1]
@@ -95,13 +95,13 @@ def _zennit_times(variables, x, repeats, names):
   for name in ("dense1", "age_head"):
     k = np.asarray(p[name]["kernel"])
     lin = tnn.Linear(*k.shape)
-    lin.weight.data = torch.from_numpy(np.ascontiguousarray(k.T))
+    lin.weight.data = torch.from_numpy(np.array(k.T))
     lin.bias.data = torch.from_numpy(np.array(p[name]["bias"]))
     dense.append(lin)
   net = tnn.Sequential(*layers, Flatten(), dense[0], tnn.ReLU(), dense[1]).eval()
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   net = net.to(dev)
-  xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 4, 1, 2, 3))).to(dev)
+  xt = torch.from_numpy(np.array(np.asarray(x).transpose(0, 4, 1, 2, 3))).to(dev)
 
   def sync():
     if dev == "cuda":
