@@ -1,0 +1,322 @@
+"""`brainage demo`: the whole path on a simulated cohort, from nothing to a test-set MAE.
+
+    brainage demo --workdir W [--preset tiny|cpu|gpu] [--data-dir DIR] [--quiet]
+        [--config.KEY VALUE ...]
+
+Stages (each reused when a previous run of the same demo completed it):
+  1. simulate the preset's cohort as a BIDS dataset into W/data (or --data-dir), with its ground
+     truth and oracle MAE (`brainage simulate`);
+  2. prepare the cube cache W/cache (`brainage prepare`);
+  3. train the preset's config with W as the training workdir (`brainage train`; an interrupted
+     run resumes from W/checkpoints/latest);
+  4. predict the held-out test split (the seeded 80/10/10 split the trainer used) with the best
+     checkpoint, exactly as `brainage predict` does, into W/test_predictions.tsv;
+  5. write W/summary.json (mae, rmse, r, oracle_mae, split sizes, timings, ...) and the scatter
+     plot W/test_scatter.png (predicted vs true age, identity line, oracle MAE band).
+
+Presets are configs/{tiny,cpu,mrinet_2mm}.py: tiny (4 mm, 120 subjects, a narrow MRInet; a
+smoke test in minutes), cpu (4 mm, 600 subjects, the study's MRInet; under 30 minutes on 2 CPU
+cores, test MAE within ~1.5x the oracle MAE) and gpu (2 mm, 2637 subjects as in the study,
+98^3 cubes; for an accelerator). The default is gpu when JAX has an accelerator, else cpu.
+A workdir belongs to one preset: another preset's workdir is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jax_brainage import fileio, plots, predict
+from jax_brainage.errors import ConfigError, DataError
+
+PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "mrinet_2mm.py"}
+DEMO_RECORD = "demo.json"
+SUMMARY = "summary.json"
+PREDICTIONS = "test_predictions.tsv"
+SCATTER = "test_scatter.png"
+SUMMARY_KEYS = ("mae", "rmse", "r", "oracle_mae", "n_train", "n_val", "n_test", "train_seconds",
+                "volumes_per_second", "preset", "data_dir")
+
+
+def default_preset() -> str:
+  """gpu on an accelerator, cpu otherwise."""
+  return "cpu" if jax.default_backend() == "cpu" else "gpu"
+
+
+def configs_dir() -> Path:
+  """The repository's configs/ directory (beside the package)."""
+  return Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_config(preset: str, workdir: Path, data_dir: Path,
+                  overrides: Sequence[str] = ()):
+  """The preset's training config with the demo's data locations and `--config.KEY VALUE`
+  overrides applied (a locked, validated ConfigDict)."""
+  from jax_brainage.train import config as config_lib
+
+  if preset not in PRESETS:
+    raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+  path = configs_dir() / PRESETS[preset]
+  if not path.is_file():
+    raise ConfigError(f"preset {preset}: config file {path} not found (run from a source "
+                      "checkout of jax-brainage)")
+  config = config_lib.load_config(str(path))
+  config = config_lib.apply_overrides(config, list(overrides))
+  with config.unlocked():
+    config.data.simulate.out = str(data_dir.resolve())
+    config.data.cache = str((workdir / "cache").resolve())
+  if config.data.simulate.n <= 0:
+    raise ConfigError(f"preset {preset}: config.data.simulate.n must be > 0 for the demo")
+  config_lib.validate(config)
+  return config
+
+
+def _claim(workdir: Path, preset: str, data_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+  """Reads or creates W/demo.json; one-line ConfigError if W belongs to something else."""
+  record_path = workdir / DEMO_RECORD
+  if record_path.is_file():
+    try:
+      record = json.loads(record_path.read_text(encoding="utf-8"))
+      made_by = record["preset"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f"{record_path}: unreadable demo record ({type(e).__name__})") from None
+    if made_by != preset:
+      raise ConfigError(f"--workdir {workdir} holds a demo of the {made_by!r} preset, not "
+                        f"{preset!r}; use another --workdir (or --preset {made_by})")
+    if record.get("data_dir") != str(data_dir):
+      raise ConfigError(f"--workdir {workdir} holds a demo on data {record.get('data_dir')}, "
+                        f"not {data_dir}; use another --workdir")
+    if list(record.get("overrides", [])) != list(overrides):
+      raise ConfigError(f"--workdir {workdir} holds a demo with overrides "
+                        f"{record.get('overrides', [])}, not {list(overrides)}; use another "
+                        "--workdir")
+    return record
+  if (workdir / "config.json").exists():
+    raise ConfigError(f"--workdir {workdir} holds a training run that is not a demo; use "
+                      "another --workdir")
+  record = {"preset": preset, "data_dir": str(data_dir), "overrides": list(overrides),
+            "created": _now(), "stages": {}}
+  fileio.write_json(record_path, record)
+  return record
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _log(quiet: bool, text: str) -> None:
+  if not quiet:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
+             data_dir: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+             quiet: bool = False, workers: int | None = None) -> dict[str, Any]:
+  """Simulate, prepare, train, predict the test split and summarise; returns the summary.
+
+  Args:
+    workdir: the demo's directory (also the training workdir).
+    preset: "tiny", "cpu" or "gpu"; default `default_preset()`.
+    data_dir: where the simulated BIDS dataset goes (default W/data).
+    overrides: `--config.KEY VALUE` pairs (flat list) applied to the preset's config.
+    quiet: no progress bars or stage messages.
+    workers: processes for simulation and preparation (default: CPU count, at most 8).
+  Returns:
+    the summary dict written to W/summary.json (ages and errors in years).
+  """
+  from jax_brainage.data import bids
+  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.data import simulate, splits
+  from jax_brainage.train import trainer
+
+  preset = preset or default_preset()
+  if preset not in PRESETS:
+    raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+  workdir = Path(workdir).resolve()
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
+  data_dir = Path(data_dir).resolve() if data_dir is not None else workdir / "data"
+  overrides = [str(o) for o in overrides]
+  workers = workers or min(os.cpu_count() or 1, 8)
+  config = preset_config(preset, workdir, data_dir, overrides)
+  workdir.mkdir(parents=True, exist_ok=True)
+  record = _claim(workdir, preset, data_dir, overrides)
+  stages = record.setdefault("stages", {})
+  sequences = tuple(config.data.sequences)
+  t_start = time.perf_counter()
+
+  def save_record():
+    fileio.write_json(workdir / DEMO_RECORD, record)
+
+  # 1. Simulate (write_cohort returns a complete dataset of this configuration as it is).
+  s = config.data.simulate
+  cohort_config = simulate.CohortConfig(seed=int(s.seed), n=int(s.n),
+                                        resolution_mm=int(s.resolution), sequences=sequences)
+  t0 = time.perf_counter()
+  cohort_json = data_dir / "derivatives" / "simulation" / "cohort.json"
+  reused = cohort_json.is_file()
+  _log(quiet, f"simulate {s.n} subjects at {s.resolution} mm -> {data_dir}"
+       + (" (reused)" if reused else ""))
+  simulate.write_cohort(data_dir, cohort_config, workers=workers, progress=not quiet)
+  if not reused:
+    stages["simulate_seconds"] = time.perf_counter() - t0
+    save_record()
+  oracle = json.loads(cohort_json.read_text(encoding="utf-8"))
+
+  # 2. Prepare the cache (reused when it is complete and made from this dataset).
+  cache_dir = Path(config.data.cache)
+  t0 = time.perf_counter()
+  cache = None
+  if (cache_dir / cache_lib.INDEX).is_file():
+    cache = cache_lib.Cache.open(cache_dir)
+    if (Path(cache.index.get("source", "")).resolve() != data_dir.resolve()
+        or cache.sequences != sequences or len(cache) != int(s.n)):
+      _log(quiet, f"cache {cache_dir} is not of {data_dir}; preparing it again")
+      cache = None
+  if cache is None:
+    _log(quiet, f"prepare {cache_dir}")
+    dataset = bids.read_bids(data_dir, sequences)
+    shape = tuple(int(v) for v in config.data.image_shape)
+    prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None)
+    cache = cache_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
+    stages["prepare_seconds"] = time.perf_counter() - t0
+    save_record()
+  else:
+    _log(quiet, f"prepare {cache_dir} (reused)")
+
+  # 3. Train (resumes an interrupted run; a finished one is not trained again).
+  metrics_path = workdir / "metrics.json"
+  train = stages.get("train")
+  if train is None or not metrics_path.is_file():
+    _log(quiet, f"train configs/{PRESETS[preset]} in {workdir}")
+    result = trainer.train_and_evaluate(config, workdir, quiet=quiet)
+    vps = result["volumes_per_second"]
+    train = {"train_seconds": result["train_seconds"],
+             "volumes_per_second": vps if math.isfinite(vps) else None,
+             "step": result["step"], "epoch": result["epoch"], "stopped": result["stopped"],
+             "best_step": result["best_step"], "best_val_mae": result["best_val_mae"],
+             "num_params": result["num_params"]}
+    stages["train"] = train
+    save_record()
+  else:
+    _log(quiet, f"train (reused: {train['stopped']} at step {train['step']})")
+
+  # 4. Predict the held-out test split with the best checkpoint.
+  trained = predict.load_trained(workdir, "best")
+  split = splits.split_subjects(len(cache), seed=int(config.data.split_seed))
+  test = split.test
+  predictor = predict.Predictor(trained, int(config.eval_batch_size or config.batch_size))
+  t0 = time.perf_counter()
+  volumes = np.asarray(cache.volumes[test])
+  predicted = predictor(volumes)
+  predict_seconds = time.perf_counter() - t0
+  ages = cache.ages[test]
+  predictions = [
+      predict.Prediction(cache.subject_ids[i], cache.records[i].get("session"),
+                         float(cache.ages[i]), float(p))
+      for i, p in zip(test, predicted)]
+  predict.write_predictions(workdir / PREDICTIONS, predictions)
+  metrics = predict.summary_metrics(ages, predicted)
+
+  # 5. Summary and plot.
+  plots.scatter_predicted_vs_true(
+      workdir / SCATTER, ages, predicted, mae=metrics["mae"], oracle_mae=oracle["oracle_mae"],
+      title=f"brainage demo ({preset}): held-out test split, best checkpoint")
+  summary = {
+      "preset": preset,
+      "mae": metrics["mae"],
+      "rmse": metrics["rmse"],
+      "r": metrics["r"],
+      "mean_brain_age_gap": metrics["mean_gap"],
+      "oracle_mae": float(oracle["oracle_mae"]),
+      "mae_over_oracle": metrics["mae"] / float(oracle["oracle_mae"]),
+      "n": len(cache),
+      "n_train": int(len(split.train)),
+      "n_val": int(len(split.val)),
+      "n_test": int(len(split.test)),
+      "train_seconds": train["train_seconds"],
+      "volumes_per_second": train["volumes_per_second"],
+      "predict_seconds": predict_seconds,
+      "best_val_mae": train["best_val_mae"],
+      "best_step": train["best_step"],
+      "epochs": train["epoch"],
+      "steps": train["step"],
+      "stopped": train["stopped"],
+      "num_params": train["num_params"],
+      "checkpoint": f"{trained.checkpoint}/{trained.step}",
+      "model": trained.manifest["model"],
+      "image_shape": list(trained.image_shape),
+      "sequences": list(trained.sequences),
+      "resolution_mm": int(s.resolution),
+      "simulate_seconds": stages.get("simulate_seconds"),
+      "prepare_seconds": stages.get("prepare_seconds"),
+      "total_seconds_this_run": time.perf_counter() - t_start,
+      "data_dir": str(data_dir),
+      "cache_dir": str(cache_dir),
+      "workdir": str(workdir),
+      "predictions": PREDICTIONS,
+      "scatter_plot": SCATTER,
+      "config": f"configs/{PRESETS[preset]}",
+      "overrides": overrides,
+      "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "date": _now(),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "numpy": np.__version__},
+  }
+  summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in summary.items()}
+  fileio.write_json(workdir / SUMMARY, summary)
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `brainage demo`."""
+  from jax_brainage.train import trainer
+
+  p = subparsers.add_parser(
+      "demo", help="simulate, prepare, train and evaluate on a held-out test split, end to end",
+      description=__doc__.split("\n\n")[0] + " Override preset keys with --config.KEY VALUE.")
+  p.add_argument("--workdir", required=True, type=Path, help="the demo's directory")
+  p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                 help="tiny (minutes), cpu (<30 min on 2 cores), gpu (accelerator); default: "
+                      "gpu on an accelerator, else cpu")
+  p.add_argument("--data-dir", type=Path, default=None,
+                 help="where the simulated BIDS dataset goes (default WORKDIR/data)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="processes for simulation and preparation (default: CPU count, <= 8)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+  p.set_defaults(func=run, overrides=[])
+  # The same `--config.KEY VALUE` collection as `brainage train`.
+  p.__class__ = trainer._TrainParser
+  return p
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.workers is not None and args.workers < 1:
+    raise ConfigError(f"--workers {args.workers} must be at least 1")
+  summary = run_demo(args.workdir, args.preset, data_dir=args.data_dir,
+                     overrides=getattr(args, "overrides", []) or [], quiet=args.quiet,
+                     workers=args.workers)
+  vps = summary["volumes_per_second"]
+  print(f"brainage demo ({summary['preset']}): test MAE {summary['mae']:.2f} years "
+        f"(oracle {summary['oracle_mae']:.2f}, ratio {summary['mae_over_oracle']:.2f}), RMSE "
+        f"{summary['rmse']:.2f}, r {summary['r']:.3f} on {summary['n_test']} test subjects; "
+        f"trained {summary['train_seconds']:.0f} s"
+        + (f" at {vps:.1f} volumes/s" if vps else "")
+        + f"; {Path(summary['workdir']) / SUMMARY}")
+  return 0

@@ -1,0 +1,51 @@
+"""Small figures of results (matplotlib, Agg backend; written atomically)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jax_brainage import fileio
+
+
+def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predicted: np.ndarray,
+                              *, mae: float | None = None, oracle_mae: float | None = None,
+                              title: str = "Brain age on the held-out test split") -> None:
+  """Predicted vs chronological age (years) with the identity line, as a PNG.
+
+  Args:
+    path: PNG to write.
+    ages, predicted: `[n]` chronological and predicted ages (years).
+    mae: the test MAE (years), shown in the legend.
+    oracle_mae: the best achievable MAE on the cohort (years), noted on the plot.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+  ages = np.asarray(ages, np.float64)
+  predicted = np.asarray(predicted, np.float64)
+  fig = Figure(figsize=(5.0, 5.0), dpi=120)
+  ax = fig.add_subplot()
+  lo = float(min(ages.min(), predicted.min())) - 2.0
+  hi = float(max(ages.max(), predicted.max())) + 2.0
+  ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="identity")
+  label = f"test subjects (n={len(ages)})"
+  if mae is not None:
+    label += f", MAE {mae:.2f} y"
+  ax.scatter(ages, predicted, s=14, alpha=0.75, color="tab:blue", label=label)
+  if oracle_mae is not None:
+    ax.fill_between([lo, hi], [lo - oracle_mae, hi - oracle_mae], [lo + oracle_mae, hi + oracle_mae],
+                    color="tab:green", alpha=0.12, label=f"identity +/- oracle MAE {oracle_mae:.2f} y")
+  ax.set_xlim(lo, hi)
+  ax.set_ylim(lo, hi)
+  ax.set_aspect("equal")
+  ax.set_xlabel("chronological age (years)")
+  ax.set_ylabel("predicted brain age (years)")
+  ax.set_title(title, fontsize=10)
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  with fileio.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png")
