@@ -314,22 +314,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
               "best_step": -1, "bad_epochs": 0, "history": [], "stopped": "",
               # Summed over all runs of this experiment (resumptions included).
               "train_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
-  if checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(ckpt_lib.LATEST, abstract_state, manifest)
-    progress.update(meta["progress"])
-    progress["best_val_loss"] = _float(progress["best_val_loss"])
-    batches.set_state(meta["data_state"])
-  else:
-    source = _init_source(config.init_from, manifest) if config.init_from else None
-    # Eager init: the random initialisers compile once per shape and process, not once per run.
-    state = jax.device_put(setup.init(int(config.seed)), state_sharding)
-    if source is not None:
-      state = _init_from(source, state, abstract_state, manifest)
-    checkpoints.save(ckpt_lib.LATEST, 0, state, _meta(progress, manifest, batches))
-  step = int(sharding.to_host(state["step"]))
-  if batches.step != step:
-    raise ConfigError(f"checkpoint in {workdir}: data position {batches.step} differs from "
-                      f"training step {step}")
+  try:
+    if checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore(ckpt_lib.LATEST, abstract_state, manifest)
+      progress.update(meta["progress"])
+      progress["best_val_loss"] = _float(progress["best_val_loss"])
+      batches.set_state(meta["data_state"])
+    else:
+      source = _init_source(config.init_from, manifest) if config.init_from else None
+      # Eager init: random initialisers compile once per shape and process, not once per run.
+      state = jax.device_put(setup.init(int(config.seed)), state_sharding)
+      if source is not None:
+        state = _init_from(source, state, abstract_state, manifest)
+      checkpoints.save(ckpt_lib.LATEST, 0, state, _meta(progress, manifest, batches))
+    step = int(sharding.to_host(state["step"]))
+    if batches.step != step:
+      raise ConfigError(f"checkpoint in {workdir}: data position {batches.step} differs from "
+                        f"training step {step}")
+  except BaseException:
+    checkpoints.close()
+    batches.close()
+    raise
 
   # --- Loop. -------------------------------------------------------------------------------------
   writer = SummaryWriter(workdir / "tensorboard")
