@@ -155,10 +155,10 @@ def open_training_data(config) -> TrainingData:
 
   cache = cache_lib.Cache.open(cache_dir)
   source = pipeline_lib.ArraySource(cache.volumes, cache.ages, cache.subject_ids)
-  labelled = np.flatnonzero(np.isfinite(cache.ages))
-  if len(labelled) < len(cache.ages):
-    raise DataError(f"{cache_dir}: subject {cache.subject_ids[int(np.flatnonzero(~np.isfinite(cache.ages))[0])]} "
-                    "has no age; training needs every subject's age")
+  unlabelled = np.flatnonzero(~np.isfinite(cache.ages))
+  if len(unlabelled):
+    raise DataError(f"{cache_dir}: subject {cache.subject_ids[int(unlabelled[0])]} has no age; "
+                    "training needs every subject's age")
   split = splits_lib.split_subjects(len(source), seed=int(config.data.split_seed))
   return TrainingData(
       select_sequences(source, cache.sequences, tuple(config.data.sequences), str(cache_dir)),

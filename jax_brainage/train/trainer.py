@@ -11,6 +11,7 @@ Workdir layout:
     W/config.json          the experiment (full config + fingerprint); a different one is refused
     W/checkpoints/latest/  to resume;  W/checkpoints/best/  lowest validation loss
     W/tensorboard/         event files;  W/metrics.json  per-epoch history and the final result
+    W/split.json           train/val/test rows (and subject ids) of the data it was trained on
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import optax
 
 from jax_brainage import fileio, models, sharding
 from jax_brainage.errors import BrainAgeError, ConfigError
+from jax_brainage.data import splits as splits_lib
 from jax_brainage.models import losses
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
@@ -291,6 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   eval_batch_size = int(config.eval_batch_size or batch_size)
   steps_per_epoch = data.steps_per_epoch(batch_size)
   total_steps = steps_per_epoch * int(config.num_epochs)
+  if sharding.is_main_process():
+    # The held-out test subjects, for `brainage predict` and the demo's evaluation.
+    splits_lib.save_split(workdir / "split.json", data.split,
+                          getattr(data.source, "subject_ids", None),
+                          seed=int(config.data.split_seed), source=data.name)
 
   # --- Model and optimiser; sharding; update step (built once per experiment and mesh). ---------
   mesh = sharding.make_mesh(devices=devices)

@@ -56,6 +56,8 @@ def test_loss_decreases_and_beats_the_mean_age_predictor(trained, blob_data):
   assert ckpt_lib.Checkpoints(workdir, read_only=True).latest_step(ckpt_lib.BEST) == best["step"]
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["best_step"] == best["step"]
+  split = json.loads((workdir / "split.json").read_text())
+  assert split["test"] == blob_data.split.test.tolist() and split["seed"] == 0
 
 
 def test_resume_after_interruption_continues_exactly(trained, tmp_path, blob_data):
