@@ -10,7 +10,8 @@ Stages (each reused when a previous run of the same demo completed it):
   3. train the preset's config with W as the training workdir (`brainage train`; an interrupted
      run resumes from W/checkpoints/latest);
   4. predict the held-out test split (the seeded 80/10/10 split the trainer used) with the best
-     checkpoint, exactly as `brainage predict` does, into W/test_predictions.tsv;
+     checkpoint and `brainage predict`'s jitted batches, from the test subjects' cached cubes
+     (the preprocessing predict applies to new files), into W/test_predictions.tsv;
   5. write W/summary.json (mae, rmse, r, oracle_mae, split sizes, timings, ...) and the scatter
      plot W/test_scatter.png (predicted vs true age, identity line, oracle MAE band).
 
@@ -38,7 +39,7 @@ import jax
 import numpy as np
 
 from jax_brainage import fileio, plots, predict
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import ConfigError
 
 PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "mrinet_2mm.py"}
 DEMO_RECORD = "demo.json"
@@ -214,7 +215,13 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
 
   # 4. Predict the held-out test split with the best checkpoint.
   trained = predict.load_trained(workdir, "best")
-  split = splits.split_subjects(len(cache), seed=int(config.data.split_seed))
+  # The trainer records its split (W/split.json, checked against the cache's subject ids);
+  # older workdirs without it get the same seeded split recomputed.
+  split_path = workdir / "split.json"
+  if split_path.is_file():
+    split = splits.load_split(split_path, cache.subject_ids)
+  else:
+    split = splits.split_subjects(len(cache), seed=int(config.data.split_seed))
   test = split.test
   predictor = predict.Predictor(trained, int(config.eval_batch_size or config.batch_size))
   t0 = time.perf_counter()

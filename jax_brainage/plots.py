@@ -37,8 +37,9 @@ def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predict
     label += f", MAE {mae:.2f} y"
   ax.scatter(ages, predicted, s=14, alpha=0.75, color="tab:blue", label=label)
   if oracle_mae is not None:
-    ax.fill_between([lo, hi], [lo - oracle_mae, hi - oracle_mae], [lo + oracle_mae, hi + oracle_mae],
-                    color="tab:green", alpha=0.12, label=f"identity +/- oracle MAE {oracle_mae:.2f} y")
+    ax.fill_between([lo, hi], [lo - oracle_mae, hi - oracle_mae],
+                    [lo + oracle_mae, hi + oracle_mae], color="tab:green", alpha=0.12,
+                    label=f"identity +/- oracle MAE {oracle_mae:.2f} y")
   ax.set_xlim(lo, hi)
   ax.set_ylim(lo, hi)
   ax.set_aspect("equal")

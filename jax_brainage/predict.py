@@ -299,6 +299,10 @@ def predict_dataset(trained: TrainedModel, dataset, *, batch_size: int = 8, work
     (predictions in dataset order, skipped (subject id, reason)).
   """
   cache = cache if cache is not None else open_training_cache(trained)
+  if tuple(cache.shape) != trained.image_shape:
+    raise DataError(f"{cache.path}: cubes are {tuple(cache.shape)} voxels, the model of "
+                    f"{trained.workdir} expects {trained.image_shape} (was the cache prepared "
+                    "again with another shape?)")
   prep_cache, channels = preprocessor_for(trained, cache)
   if tuple(dataset.sequences) != tuple(prep_cache.sequences):
     raise DataError(f"{dataset.root or 'data'}: has sequences {list(dataset.sequences)}, the "
@@ -323,7 +327,7 @@ def predict_dataset(trained: TrainedModel, dataset, *, batch_size: int = 8, work
     if not done:
       return
     volumes = np.stack([c for _, c in done])
-    predictor.check(volumes.shape, f"{done[0][0].subject_id}")
+    predictor.check(volumes.shape, done[0][0].subject_id)
     ages = predictor(volumes)
     for (subject, _), a in zip(done, ages):
       results.append(Prediction(subject.subject_id, subject.session, subject.age, float(a)))

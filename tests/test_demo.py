@@ -41,6 +41,14 @@ def test_summary_agrees_with_predictions_and_ground_truth(workdir):
   assert summary["n_test"] == len(rows) >= 2
   assert abs(summary["n_train"] - 0.8 * n) < 1 and abs(summary["n_test"] - 0.1 * n) < 1
 
+  # The test subjects are the ones the trainer held out (never trained or validated on).
+  split_path = workdir / "split.json"
+  if split_path.exists():
+    split = json.loads(split_path.read_text())["subject_ids"]
+    ids = [r["participant_id"] for r in rows]
+    assert sorted(ids) == sorted(split["test"])
+    assert not set(ids) & (set(split["train"]) | set(split["val"]))
+
   # Test subjects are simulated ones, with the simulator's ages; the oracle is the simulator's.
   participants = {p["participant_id"]: float(p["age"])
                   for p in read_tsv(workdir / "data" / "participants.tsv")}
@@ -87,7 +95,7 @@ def test_workdir_of_another_preset_is_refused(workdir, capsys):
   assert len(err.splitlines()) == 1 and "'tiny' preset" in err, err
 
 
-def test_training_workdir_without_model_is_refused_by_predict_not_demo(tmp_path, capsys):
+def test_workdir_of_another_training_run_is_refused(tmp_path, capsys):
   # A workdir holding some other training run is not silently taken over by the demo.
   (tmp_path / "config.json").write_text('{"fingerprint": {}, "config": {}}')
   assert cli(["demo", "--workdir", str(tmp_path), "--preset", "tiny", "--quiet"]) == 2
