@@ -59,7 +59,8 @@ class TrainedModel:
       mean_train_age, ...; see `train.trainer.model_manifest`).
     model: the flax module.
     variables: {"params": ..., **model_state} as host numpy arrays.
-    config: the training config as stored in W/config.json (a plain dict).
+    config: the training config as stored in W/config.json (a plain dict; data.cache made
+      absolute).
   """
 
   workdir: Path
@@ -103,7 +104,12 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str = "best") -> Traine
     raise ConfigError(f"--workdir {workdir}: no trained model there (no config.json; run "
                       "`brainage train` or `brainage demo` first)")
   try:
-    config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
+    record = json.loads(config_path.read_text(encoding="utf-8"))
+    config = record["config"]
+    # The fingerprint holds the cache as an absolute path: a relative config.data.cache was
+    # relative to where training ran, not to where predict runs.
+    cache = (record.get("fingerprint") or {}).get("data.cache") or config["data"]["cache"]
+    config = dict(config, data=dict(config["data"], cache=cache))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"{config_path}: unreadable experiment record ({type(e).__name__})") from None
   if not (workdir / "checkpoints" / checkpoint).is_dir():
