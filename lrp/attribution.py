@@ -61,7 +61,10 @@ def integrated_gradients(apply_fn: Callable, variables, x, seed=None, *, baselin
   Args:
     baseline: x0, broadcastable to x (default zeros).
   """
-  x0 = jnp.zeros_like(x) if baseline is None else jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+  if baseline is None:
+    x0 = jnp.zeros_like(x)
+  else:
+    x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
   alphas = (jnp.arange(n_steps, dtype=x.dtype) + 0.5) / n_steps
   if seed is not None and callable(seed):
     c = _cotangent(seed, apply_fn(variables, x))  # one cotangent for the whole path

@@ -119,7 +119,8 @@ class Composite:
                 " or map 'affine' to a rule)" if site.kind == "affine" else "")
         raise UnsupportedLayerError(f"{where} has no rule in {self!r}{hint}")
       if site.category not in rule.sites:
-        raise UnsupportedLayerError(f"{where} cannot take rule {rule!r} (serves {sorted(rule.sites)})")
+        raise UnsupportedLayerError(
+            f"{where} cannot take rule {rule!r} (serves {sorted(rule.sites)})")
       site.rule = rule
     return plan
 

@@ -1,4 +1,4 @@
-"""Program transformation: trace a model, find its rule sites, re-evaluate it with LRP backward rules.
+"""Program transformation: trace a model, find its rule sites, re-evaluate it with LRP rules.
 
 `trace` turns `apply_fn(variables, x)` into a flat list of primitive equations (jit, custom_jvp,
 custom_vjp, closed_call and remat sub-programs are inlined), each with its flax module path from
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 from jax.extend import core as jex_core
@@ -158,7 +158,8 @@ reduce_window_sum reduce_sum cumsum cummax
 
 @dataclasses.dataclass(eq=False)
 class Site:
-  kind: str  # 'conv' | 'conv_transpose' | 'dense' | 'sum_pool' | 'sum' | 'residual' | 'activation' | 'affine'
+  # 'conv' | 'conv_transpose' | 'dense' | 'sum_pool' | 'sum' | 'residual' | 'activation' | 'affine'
+  kind: str
   name: str
   first: bool = False
   rule: Any = None
@@ -178,8 +179,9 @@ class LinearSite(Site):
   x_pos: int = 0  # operand position of the activation
   w: Any = None  # atom of the weight operand
   root: int = -1  # value id of the (canonized) layer input
-  in_chain: list = dataclasses.field(default_factory=list)  # (op, atom, data_pos), root -> eqn input
-  out_chain: list = dataclasses.field(default_factory=list)  # (op, atom, data_pos), eqn out -> out
+  # (op, atom, data_pos) steps: root -> eqn input, and eqn output -> site output
+  in_chain: list = dataclasses.field(default_factory=list)
+  out_chain: list = dataclasses.field(default_factory=list)
   out: int = -1
   x_nonneg: bool = False
 
@@ -263,7 +265,8 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
     dpos = [i for i, a in enumerate(e.ins) if is_data(a)]
     if len(dpos) != 1:
       raise UnsupportedLayerError(
-          f"layer '{e.name or e.prim.name}': {e.prim.name} of two activations (bilinear) has no LRP rule")
+          f"layer '{e.name or e.prim.name}': {e.prim.name} of two activations (bilinear) "
+          "has no LRP rule")
     site = LinearSite(kind=_conv_kind(e), name=e.name, eqn=e, x_pos=dpos[0], w=e.ins[1 - dpos[0]])
     claimed[k] = site
     end = k
@@ -338,7 +341,8 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
       dops = [a for a in e.ins if is_data(a)]
       roots = {root_of.get(a, a) for a in dops}
       out_shape = shape(e.outs[0])
-      if len(roots) == 1 and all(shape(a) == out_shape for a in dops) and shape(next(iter(roots))) == out_shape:
+      same_shape = all(shape(a) == out_shape for a in dops)
+      if len(roots) == 1 and same_shape and shape(next(iter(roots))) == out_shape:
         r = next(iter(roots))
         g = groups.get(r)
         if g is None:
@@ -350,7 +354,7 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
         root_of[e.outs[0]] = r
         steps.append(("member", e, g))
         continue
-      if pname in ("add", "sub") and len(dops) == 2 and shape(dops[0]) == shape(dops[1]) == out_shape:
+      if pname in ("add", "sub") and len(dops) == 2 and same_shape:
         site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1], out=e.outs[0])
         sites.append(site)
         steps.append(("site", site))
@@ -358,7 +362,7 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
     if _contains_linear(e.params):
       raise UnsupportedLayerError(
           f"layer '{e.name or pname}': a {pname} (control flow) contains convolutions or dense "
-          "layers; LRP rules cannot be installed inside it (unroll the loop / use Python control flow)")
+          "layers; LRP rules cannot be installed inside it (unroll it in Python)")
     if pname in ("add_any",) and len(e.ins) == 2:
       site = NormSite(kind="residual", name=e.name, eqn=e, data_pos=[0, 1], out=e.outs[0])
       sites.append(site)
@@ -694,5 +698,6 @@ def find_site(plan: Plan, name: str, categories=("linear", "norm")) -> Site:
   if len(hits) != 1:
     names = sorted({s.name for s in plan.sites if s.category in categories})
     what = "no layer" if not hits else f"{len(hits)} layers"
-    raise UnsupportedLayerError(f"layer name {name!r} selects {what}; layers are: {', '.join(names)}")
+    raise UnsupportedLayerError(
+        f"layer name {name!r} selects {what}; layers are: {', '.join(names)}")
   return hits[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

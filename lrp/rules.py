@@ -133,7 +133,8 @@ class AlphaBeta(Rule):
   def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stab = 1e-6,
                zero_bias: bool = False):
     if alpha < 0 or beta < 0:
-      raise CompositeError(f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+      raise CompositeError(
+          f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
     if abs((alpha - beta) - 1.0) > 1e-12:
       raise CompositeError(f"AlphaBeta needs alpha - beta = 1, got alpha={alpha}, beta={beta}")
     self.alpha = float(alpha)
@@ -154,13 +155,15 @@ class AlphaBeta(Rule):
       # W- x = W x - W+ x, and W-^T s = W^T s - W+^T s: two transposed passes instead of three.
       zw = z - _bias(layer, p)
       sb = _ratio(R, self._stab(zw - zp + bn))
-      return x * (layer.transpose(x, p, "pos", a * sa + b * sb) - b * layer.transpose(x, p, "w", sb))
+      return x * (layer.transpose(x, p, "pos", a * sa + b * sb)
+                  - b * layer.transpose(x, p, "w", sb))
     xp, xn = _pos(x), _neg(x)
     sa = _ratio(R, self._stab(layer.forward(xp, p, "pos") + layer.forward(xn, p, "neg") + bp))
     out = a * (xp * layer.transpose(x, p, "pos", sa) + xn * layer.transpose(x, p, "neg", sa))
     if b != 0.0:
       sb = _ratio(R, self._stab(layer.forward(xp, p, "neg") + layer.forward(xn, p, "pos") + bn))
-      out = out - b * (xp * layer.transpose(x, p, "neg", sb) + xn * layer.transpose(x, p, "pos", sb))
+      out = out - b * (xp * layer.transpose(x, p, "neg", sb)
+                       + xn * layer.transpose(x, p, "pos", sb))
     return out
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,7 +74,8 @@ def _dense_replica(model, variables, x, ones_kernel=False):
 
 RULES = {
     "epsilon": (lambda: rules.Epsilon(1e-6), lambda M, b, x, R, M1: replica.epsilon(M, b, x, R)),
-    "epsilon_big": (lambda: rules.Epsilon(0.3), lambda M, b, x, R, M1: replica.epsilon(M, b, x, R, 0.3)),
+    "epsilon_big": (lambda: rules.Epsilon(0.3),
+                    lambda M, b, x, R, M1: replica.epsilon(M, b, x, R, 0.3)),
     "epsilon_zero_bias": (lambda: rules.Epsilon(1e-6, zero_bias=True),
                           lambda M, b, x, R, M1: replica.epsilon(M, 0 * b, x, R)),
     "zplus": (lambda: rules.ZPlus(), lambda M, b, x, R, M1: replica.zplus(M, b, x, R)),
@@ -107,8 +106,9 @@ def test_rule_matches_dense_replica(kind, bias, relu_first):
         got = np.asarray(lrp.relevance(model.apply, variables, x, comp, seed=R))
         for i in range(x.shape[0]):
           want = ref(M, b, xin[i].reshape(-1), R[i].reshape(-1), M1)
-          np.testing.assert_allclose(got[i].reshape(-1), want, rtol=1e-7, atol=1e-9,
-                                     err_msg=f"{rname} {kind} bias={bias} relu={relu_first} seed={seed}")
+          np.testing.assert_allclose(
+              got[i].reshape(-1), want, rtol=1e-7, atol=1e-9,
+              err_msg=f"{rname} {kind} bias={bias} relu={relu_first} seed={seed}")
 
 
 def test_alpha_beta_golden_example():
