@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "jax_brainage.data.simulate",  # brainage simulate
     "jax_brainage.data.cache",  # brainage prepare
     "jax_brainage.data.pipeline",  # brainage batches
+    "jax_brainage.train.trainer",  # brainage train
 )
 
 
