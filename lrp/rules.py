@@ -230,13 +230,20 @@ class ZBox(Rule):
     self._stab = Stabilizer.ensure(stabilizer)
 
   def linear(self, layer, x, p, z, R):
-    lo = jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape)
-    hi = jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape)
+    # Bounds without a batch axis give batch-free W+ l and W- h: computed once, broadcast.
+    bshape = (1,) + tuple(x.shape[1:])
+    try:
+      batch_free = jnp.broadcast_shapes(jnp.shape(self.low), jnp.shape(self.high), bshape) == bshape
+    except ValueError:
+      batch_free = False
+    shape = bshape if batch_free else x.shape
+    lo = jnp.broadcast_to(jnp.asarray(self.low, x.dtype), shape)
+    hi = jnp.broadcast_to(jnp.asarray(self.high, x.dtype), shape)
     zw = z - _bias(layer, p)
     zb = zw - layer.forward(lo, p, "pos") - layer.forward(hi, p, "neg")
     s = _ratio(R, self._stab(zb))
-    return (x * layer.transpose(x, p, "w", s) - lo * layer.transpose(x, p, "pos", s)
-            - hi * layer.transpose(x, p, "neg", s))
+    # x W^T s - l W+^T s - h W-^T s with W- = W - W+: two transposed passes instead of three.
+    return (x - hi) * layer.transpose(x, p, "w", s) + (hi - lo) * layer.transpose(x, p, "pos", s)
 
 
 class WSquare(Rule):
