@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "jax_brainage.data.cache",  # brainage prepare
     "jax_brainage.data.pipeline",  # brainage batches
     "jax_brainage.train.trainer",  # brainage train
+    "jax_brainage.predict",  # brainage predict
+    "jax_brainage.demo",  # brainage demo: simulate -> prepare -> train -> predict -> summary
 )
 
 
