@@ -2,7 +2,16 @@
 
 Five conv blocks (conv 3^3 or 1^3, SAME, ReLU; max-pool 3^3 stride 2 SAME), flatten, dropout 0.5,
 dense 64 ReLU, dense 1 whose bias starts at the mean training age. No batch norm, so LRP needs
-no canonizer. Channels last: `[batch, x, y, z, channel]`, any number of channels (sequences).
+no canonizer.
+
+Optional output scale (not in the study; `age_scale=1.0`, the default, is the study's network):
+age = age_scale * age_head(h), with the head's bias starting at mean_age / age_scale, i.e.
+age = mean_age + age_scale * (standardised head output). With age_scale = the training ages'
+standard deviation (years) the head learns a unit-variance target, so Adam's per-parameter step
+(~learning rate) moves the prediction by ~lr standard deviations instead of ~lr years: the
+raw-years head needs hundreds of steps to leave the mean age, during which most ReLUs die.
+The scale is a constant (no parameter), and for LRP a constant element-wise multiply that
+passes relevance through unchanged. Channels last: `[batch, x, y, z, channel]`, any number of channels (sequences).
 Flatten order is channels-last as in the authors' Keras models, so their weights map 1:1.
 
 Parameter counts with one input channel (checked in tests): 781,265 at 198^3, 209,873 at 98^3.
@@ -13,6 +22,7 @@ Layer names are stable, because LRP composites pick rules by layer name/path:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -36,6 +46,9 @@ class MRInet(nn.Module):
       net predicts the mean, and LRP relevance is relative to it.
     conv_features, conv_kernels: per-block output channels and kernel side (the study's default).
     dense_features: width of the hidden dense layer.
+    age_scale: constant output scale (years per head unit, > 0); 1.0 is the study's network.
+      The trainer sets it to the training ages' standard deviation when
+      `config.model.scale_output` is on.
     dropout_rate: dropout before `dense1`, only active with `train=True` (rng stream 'dropout').
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The age head
       always computes in float32: bf16 steps are 0.25 years at 32-64 and 0.5 years above 64.
@@ -43,6 +56,7 @@ class MRInet(nn.Module):
   """
 
   mean_age: float = 50.0
+  age_scale: float = 1.0
   conv_features: Sequence[int] = STUDY_CONV_FEATURES
   conv_kernels: Sequence[int] = STUDY_CONV_KERNELS
   dense_features: int = 64
@@ -57,6 +71,9 @@ class MRInet(nn.Module):
           f"{tuple(self.conv_kernels)} differ in length")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"MRInet: dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if not (math.isfinite(self.age_scale) and self.age_scale > 0):
+      raise ConfigError(f"MRInet: age_scale must be a finite number of years > 0, got "
+                        f"{self.age_scale}")
     super().__post_init__()
 
   @nn.compact
@@ -76,7 +93,11 @@ class MRInet(nn.Module):
     x = nn.Dense(self.dense_features, kernel_init=_kernel_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="dense1")(x)
     x = nn.relu(x)
-    age = nn.Dense(1, kernel_init=_kernel_init, bias_init=nn.initializers.constant(self.mean_age),
+    # The bias starts where the (scaled) output is the mean age.
+    age = nn.Dense(1, kernel_init=_kernel_init,
+                   bias_init=nn.initializers.constant(self.mean_age / self.age_scale),
                    dtype=jnp.float32, param_dtype=self.param_dtype,
                    name="age_head")(x.astype(jnp.float32))
+    if self.age_scale != 1.0:  # Python-level: the study's network has no multiply at all.
+      age = age * jnp.float32(self.age_scale)
     return age[:, 0]

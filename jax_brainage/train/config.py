@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters
   c.model.conv_features = ()         # MRInet / SFCN channels; () = the published network
   c.model.dense_features = 64        # MRInet hidden dense width
+  c.model.scale_output = False       # MRInet: age = mean + SD * head (SD of the training ages,
+                                     # years) instead of raw years; False is the study's network
   c.model.age_range = (15.0, 85.0)   # SFCN age bins (years)
   c.model.bin_width = 1.0            # SFCN bin width (years)
 
@@ -263,6 +265,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
        "channel counts must be positive")
   need(config.model.dense_features > 0, "model.dense_features", "must be > 0")
+  need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
+       "scales a regression output in years; sfcn predicts age bins")
   lo, hi = config.model.age_range
   need(lo < hi, "model.age_range", "must be (youngest, oldest) years")
   need(config.model.bin_width > 0, "model.bin_width", "must be > 0 years")
@@ -308,8 +312,15 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return node
 
 
-def model_kwargs(config: ml_collections.ConfigDict, mean_age: float) -> dict[str, Any]:
-  """The `get_model` fields this config sets for its model (mean_age: output bias, years)."""
+def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
+                 age_scale: float = 1.0) -> dict[str, Any]:
+  """The `get_model` fields this config sets for its model.
+
+  Args:
+    mean_age: the mean training age (years): the regression models' initial output.
+    age_scale: the training ages' standard deviation (years); the output scale of a regression
+      model when `config.model.scale_output` is on (ignored otherwise).
+  """
   m = config.model
   dtype = {"float32": "float32", "bfloat16": "bfloat16"}[m.compute_dtype]
   kwargs: dict[str, Any] = {"dropout_rate": float(m.dropout_rate), "dtype": dtype}
@@ -317,6 +328,8 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float) -> dict[str
     kwargs.update(mean_age=float(mean_age), dense_features=int(m.dense_features))
     if m.conv_features:
       kwargs["conv_features"] = tuple(int(f) for f in m.conv_features)
+    if m.scale_output:
+      kwargs["age_scale"] = float(age_scale)
   elif m.name == "sfcn":
     kwargs.update(age_range=tuple(float(a) for a in m.age_range), bin_width=float(m.bin_width))
     if m.conv_features:
@@ -325,6 +338,9 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float) -> dict[str
     kwargs["mean_age"] = float(mean_age)
     if m.conv_features:
       kwargs["channels"] = tuple(int(f) for f in m.conv_features)
+    if m.scale_output:
+      # A model without an `age_scale` field refuses it in get_model (one-line ConfigError).
+      kwargs["age_scale"] = float(age_scale)
   return kwargs
 
 

@@ -90,10 +90,23 @@ def per_example_loss(config: ml_collections.ConfigDict, model, outputs: jax.Arra
   return losses.squared_error_per_example(outputs, ages)
 
 
+def train_age_scale(config: ml_collections.ConfigDict, data: data_lib.TrainingData) -> float:
+  """The regression output scale (years): the training split's age standard deviation when
+  `config.model.scale_output` is on, else 1.0 (the study's raw-years output)."""
+  if not config.model.scale_output:
+    return 1.0
+  ages = np.asarray(data.source.ages, np.float64)[data.split.train]
+  sd = float(np.std(ages))
+  if not (math.isfinite(sd) and sd > 0):
+    raise ConfigError(f"config.model.scale_output: the training ages of {data.name} have no "
+                      f"spread (standard deviation {sd} years)")
+  return sd
+
+
 def model_manifest(config: ml_collections.ConfigDict, data: data_lib.TrainingData,
                    num_params: int) -> dict[str, Any]:
   """What a checkpoint was trained as: enough to rebuild the model and check its input."""
-  kwargs = config_lib.model_kwargs(config, data.mean_train_age)
+  kwargs = config_lib.model_kwargs(config, data.mean_train_age, train_age_scale(config, data))
   return {"model": config.model.name, "model_kwargs": kwargs,
           "image_shape": list(data.image_shape), "sequences": list(data.sequences),
           "mean_train_age": data.mean_train_age, "num_params": int(num_params),
@@ -218,8 +231,12 @@ _MAX_SETUPS = 4
 
 
 def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
-                channels: int, mean_age: float, total_steps: int, mesh) -> Setup:
+                channels: int, mean_age: float, total_steps: int, mesh, *,
+                age_scale: float = 1.0) -> Setup:
   """Model, optimiser, shardings and jitted steps for an experiment on `mesh`.
+
+  mean_age and age_scale (years) are the mean and, with `config.model.scale_output`, the standard
+  deviation of the training ages (`train_age_scale`).
 
   Shapes come from `jax.eval_shape`; the update step is jitted with the state donated and
   explicit output shardings. Setups are kept for the few most recent experiments, so a run
@@ -227,10 +244,11 @@ def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
   compile again.
   """
   key = (json.dumps([config_lib.fingerprint(config), list(image_shape), channels, mean_age,
-                     total_steps], sort_keys=True, default=str), mesh)
+                     age_scale, total_steps], sort_keys=True, default=str), mesh)
   if key in _SETUPS:
     return _SETUPS[key]
-  model = models.get_model(config.model.name, **config_lib.model_kwargs(config, mean_age))
+  model = models.get_model(config.model.name,
+                           **config_lib.model_kwargs(config, mean_age, age_scale))
   schedule = make_schedule(config.optimizer, total_steps)
   tx = make_optimizer(config.optimizer, schedule)
   init = functools.partial(init_state, model, tx, tuple(image_shape), channels)
@@ -304,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   sharding.check_batch_size(batch_size, mesh)
   sharding.check_batch_size(eval_batch_size, mesh, key="config.eval_batch_size")
   setup = build_setup(config, data.image_shape, len(data.sequences), data.mean_train_age,
-                      total_steps, mesh)
+                      total_steps, mesh, age_scale=train_age_scale(config, data))
   schedule, abstract_state, state_sharding = (setup.schedule, setup.abstract_state,
                                               setup.state_sharding)
   train_step, eval_step = setup.train_step, setup.eval_step

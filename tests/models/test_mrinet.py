@@ -182,3 +182,56 @@ def test_registry_and_predicted_age():
 def test_bad_input_rank_is_a_one_line_error():
   with pytest.raises(DataError, match=r"\[batch, x, y, z, channel\]"):
     jax.eval_shape(lambda: MRInet().init(KEY(0), jnp.zeros((32, 32, 32, 1))))
+
+
+def test_age_scale_multiplies_the_head_and_keeps_the_study_network():
+  """age = age_scale * (w . h + b): checked against the PyTorch replica times the scale and
+  against hand-set head values; the parameter count is the study's."""
+  x = np.random.default_rng(3).uniform(size=(2, 33, 20, 27, 1)).astype(np.float32)
+  plain, scaled = MRInet(mean_age=47.0), MRInet(mean_age=47.0, age_scale=12.5)
+  assert num_parameters(scaled, (1, 98, 98, 98, 1)) == 209_873
+  params = random_params(plain, x.shape, seed=4)
+  y = jax.jit(scaled.apply)({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(y), 12.5 * _torch_mrinet(params, x), rtol=1e-5,
+                             atol=1e-3)
+  # Zero head kernel: every input gives 12.5 * b.
+  head = dict(kernel=jnp.zeros_like(params["age_head"]["kernel"]), bias=jnp.array([3.0]))
+  y = jax.jit(scaled.apply)({"params": dict(params, age_head=head)}, x)
+  np.testing.assert_allclose(np.asarray(y), [37.5, 37.5], rtol=1e-6)
+
+
+def test_age_scale_starts_at_the_mean_age():
+  model = MRInet(mean_age=52.3, age_scale=18.5, conv_features=(4, 4, 4, 4, 4),
+                 dense_features=8)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 32, 1)), jnp.float32)
+  params = jax.jit(model.init)(KEY(1), x)["params"]
+  assert float(params["age_head"]["bias"][0]) == pytest.approx(52.3 / 18.5)
+  # Zero input, zero hidden biases: only the bias survives, scaled back to years.
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, jnp.zeros_like(x)), 52.3,
+                             rtol=1e-6)
+  for bad in (0.0, -3.0, float("nan")):
+    with pytest.raises(ConfigError, match="age_scale"):
+      MRInet(age_scale=bad)
+  assert get_model("mrinet", age_scale=7.0).age_scale == 7.0
+
+
+def test_lrp_through_the_age_scale_is_gradient_times_input():
+  """LRP-0 on a ReLU / max-pool network without biases equals gradient x input (the scale is a
+  constant multiply that passes relevance) and conserves the output exactly."""
+  import lrp
+
+  model = MRInet(mean_age=0.0, age_scale=9.0, conv_features=(4, 4, 4, 4, 4), dense_features=8)
+  x = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 32, 32, 32, 1)), jnp.float32)
+  params = random_params(model, x.shape, seed=6, scale=2.0)
+  params = jax.tree.map(lambda p: jnp.zeros_like(p) if p.ndim == 1 else p, params)
+  variables = {"params": params}
+  relevance = jax.jit(lambda v, x: lrp.relevance(
+      model.apply, v, x, composite=lrp.composites.EpsilonAll(epsilon=0.0, stabilizer=1e-12)))(
+          variables, x)
+  grad = jax.grad(lambda x: jnp.sum(model.apply(variables, x)))(x)
+  output = np.asarray(model.apply(variables, x), np.float64)
+  assert np.all(np.abs(output) > 1e-3)
+  np.testing.assert_allclose(np.asarray(relevance), np.asarray(grad * x), rtol=1e-3,
+                             atol=1e-5 * np.abs(output).max())
+  np.testing.assert_allclose(np.asarray(relevance, np.float64).sum((1, 2, 3, 4)), output,
+                             rtol=1e-3)
