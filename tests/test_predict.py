@@ -4,7 +4,6 @@ subject at a time with the input scaled in numpy."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -38,19 +37,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-  """The `brainage` entry point as cli.main runs it (one-line errors, exit code 2)."""
-  parser = argparse.ArgumentParser(prog="brainage")
-  sub = parser.add_subparsers(dest="command", required=True)
-  predict.add_parser(sub)
-  demo.add_parser(sub)
-  args = parser.parse_args(argv)
-  try:
-    return int(args.func(args) or 0)
-  except BrainAgeError as e:
-    import sys
+  """The `brainage` entry point itself (one-line errors, exit code 2)."""
+  from jax_brainage.cli import main
 
-    print(f"brainage {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  return main(argv)
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
