@@ -36,6 +36,7 @@ followed by `bnK`, so a canonizer can fold them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -195,10 +196,13 @@ class SFCN(nn.Module):
 class SFCNRegression(nn.Module):
   """SFCN trunk with a single regression output. Returns `[batch]` age in years (float32).
 
-  Attributes as `SFCN`, plus `mean_age`, the initial output bias (years).
+  Attributes as `SFCN`, plus `mean_age`, the initial output bias (years), and `age_scale`, a
+  constant output scale (years per head unit; 1.0 = raw years), as in MRInet: with the training
+  ages' standard deviation the head learns a unit-variance target.
   """
 
   mean_age: float = 50.0
+  age_scale: float = 1.0
   channels: Sequence[int] = SFCN_CHANNELS
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
@@ -208,6 +212,9 @@ class SFCNRegression(nn.Module):
 
   def __post_init__(self):
     _check_common(self)
+    if not (math.isfinite(self.age_scale) and self.age_scale > 0):
+      raise ConfigError(f"SFCNRegression: age_scale must be a finite number of years > 0, got "
+                        f"{self.age_scale}")
     super().__post_init__()
 
   @nn.compact
@@ -217,9 +224,11 @@ class SFCNRegression(nn.Module):
     # A Dense head (= a 1^3 conv on the pooled 1^3 map) so that LRP composites give it the
     # signed dense rule, as MRInet's age_head: relevance must say older as well as younger.
     age = nn.Dense(1, kernel_init=_torch_kernel_init(),
-                   bias_init=nn.initializers.constant(self.mean_age), dtype=jnp.float32,
-                   param_dtype=self.param_dtype,
+                   bias_init=nn.initializers.constant(self.mean_age / self.age_scale),
+                   dtype=jnp.float32, param_dtype=self.param_dtype,
                    name="age_head")(x.reshape((x.shape[0], -1)))
+    if self.age_scale != 1.0:  # Python-level: the plain network has no multiply at all.
+      age = age * jnp.float32(self.age_scale)
     return age[:, 0]
 
 

@@ -206,6 +206,24 @@ def test_regression_variant():
   np.testing.assert_array_equal(predicted_age(model, y), y)
 
 
+def test_regression_age_scale_multiplies_the_head():
+  """age = age_scale * (w . h + b), b starting at mean_age / age_scale: the scaled model equals
+  the plain one with its head weights and bias multiplied by the scale, by hand."""
+  kw = dict(channels=[4, 4, 4, 4, 4, 4], dropout_rate=0.0)
+  plain = SFCNRegression(mean_age=48.5, **kw)
+  scaled = SFCNRegression(mean_age=48.5, age_scale=12.0, **kw)
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 32, 32, 32, 1)), jnp.float32)
+  variables = jax.jit(scaled.init)(KEY(0), x)
+  assert float(variables["params"]["age_head"]["bias"][0]) == pytest.approx(48.5 / 12.0)
+  head = variables["params"]["age_head"]
+  by_hand = {**variables, "params": {**variables["params"], "age_head": {
+      "kernel": head["kernel"] * 12.0, "bias": head["bias"] * 12.0}}}
+  np.testing.assert_allclose(scaled.apply(variables, x), plain.apply(by_hand, x), rtol=1e-5)
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ConfigError, match="age_scale"):
+      SFCNRegression(age_scale=bad)
+
+
 def test_bad_input_is_a_one_line_error():
   with pytest.raises(DataError, match="too small"):
     jax.eval_shape(lambda: SFCN().init(KEY(0), jnp.zeros((1, 16, 32, 32, 1))))
