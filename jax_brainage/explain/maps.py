@@ -1,0 +1,404 @@
+"""Relevance maps of brain-age models: which voxels made the estimate older or younger.
+
+    from jax_brainage import predict
+    from jax_brainage.explain import maps
+    trained = predict.load_trained("runs/tiny")
+    R = maps.relevance(trained, volumes)            # [n, X, Y, Z, C] cube space
+    img = maps.to_subject_space(R[0, ..., 0], inverse)   # the subject's own grid and affine
+
+Methods (`METHODS`, by snake_case name): every LRP composite of `lrp.composites` and four
+gradient baselines. LRP starts from the predicted age itself (years), so positive relevance pushes
+the estimate older and negative younger (relative to what biases absorb, e.g. the output bias at
+the mean training age); the baselines take the gradient of the predicted age.
+
+Inputs are the cache's stored cubes (uint8 for minmax scaling, float16 for z-scores) or network
+inputs (float32); they are scaled to network inputs on the device exactly as in training, so
+relevance is with respect to the network input (intensities in [0, 1] for minmax caches). One
+jitted function per (model, method) computes fixed-size batches split over the devices (the last
+batch is padded and the padding dropped); random methods (SmoothGrad) draw their noise from
+`fold_in(PRNGKey(seed), row)`, so a subject's map does not depend on its batch.
+
+Ensembles (`jax_brainage.ensemble.store.Ensemble`): every member of every sub-ensemble is explained
+in one jitted `vmap` over its stacked parameters; a sub-ensemble's map is its level-1 head's
+weighted sum of its members' maps and the ensemble's map the sum of all members' maps weighted by
+their effective weights in the multi-level head (exact for a linear head: the intercept gets no
+relevance). Sub-ensembles may read different sequences: the ensemble's map has one channel per
+sequence of any sub-ensemble (`EnsembleMaps.sequences`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+
+import lrp
+from jax_brainage import sharding
+from jax_brainage.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------------------------------------
+# Methods.
+
+Attribute = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One attribution method.
+
+  Attributes:
+    name: snake_case name (the `--composite` value).
+    kind: "lrp" (a composite of `lrp.composites`) or "baseline" (gradient-based).
+    summary: one line on what it does.
+    attribute: `attribute(apply_fn, variables, x [n, ...], *, keys [n, 2] uint32, low, high)
+      -> [n, ...]`, traceable; `low`/`high` bound the input (for ZBox), broadcastable to x.
+  """
+
+  name: str
+  kind: str
+  summary: str
+  attribute: Attribute
+
+
+def _lrp(make_composite: Callable[[Any, Any], Any]) -> Attribute:
+  def attribute(apply_fn, variables, x, *, keys, low, high):
+    del keys
+    return lrp.relevance(apply_fn, variables, x, composite=make_composite(low, high))
+  return attribute
+
+
+def _per_sample(fn: Callable) -> Attribute:
+  """A baseline whose randomness must not depend on the batch: one sample at a time (vmap)."""
+  def attribute(apply_fn, variables, x, *, keys, low, high):
+    del low, high
+    return jax.vmap(lambda xi, k: fn(apply_fn, variables, xi[None], k)[0])(x, keys)
+  return attribute
+
+
+def _gradient(apply_fn, variables, x, *, keys, low, high):
+  del keys, low, high
+  return lrp.attribution.gradient(apply_fn, variables, x)
+
+
+def _gradient_x_input(apply_fn, variables, x, *, keys, low, high):
+  del keys, low, high
+  return lrp.attribution.gradient_x_input(apply_fn, variables, x)
+
+
+def _integrated_gradients(apply_fn, variables, x, *, keys, low, high):
+  del keys, low, high
+  # Baseline: the all-zero input (background intensity of a minmax cube), 32 midpoint steps.
+  return lrp.attribution.integrated_gradients(apply_fn, variables, x, n_steps=32)
+
+
+_C = lrp.composites
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("epsilon_plus_flat", "lrp",
+           "ZPlus on convolutions, Epsilon on dense layers, Flat on the first layer",
+           _lrp(lambda lo, hi: _C.EpsilonPlusFlat())),
+    Method("epsilon_plus", "lrp", "ZPlus on convolutions, Epsilon on dense layers",
+           _lrp(lambda lo, hi: _C.EpsilonPlus())),
+    Method("epsilon_gamma_box", "lrp",
+           "Gamma(0.25) on convolutions, Epsilon on dense layers, ZBox(input bounds) first",
+           _lrp(lambda lo, hi: _C.EpsilonGammaBox(lo, hi))),
+    Method("epsilon_alpha2_beta1", "lrp", "AlphaBeta(2, 1) on convolutions, Epsilon on dense",
+           _lrp(lambda lo, hi: _C.EpsilonAlpha2Beta1())),
+    Method("epsilon_alpha2_beta1_flat", "lrp",
+           "AlphaBeta(2, 1) on convolutions, Epsilon on dense, Flat on the first layer",
+           _lrp(lambda lo, hi: _C.EpsilonAlpha2Beta1Flat())),
+    Method("sequential_preset_a", "lrp",
+           "the study's preset: AlphaBeta(1, 0) on convolutions, Epsilon(0.1) on dense layers",
+           _lrp(lambda lo, hi: _C.SequentialPresetA())),
+    Method("epsilon_all", "lrp", "Epsilon(1e-6) on every layer (close to gradient x input)",
+           _lrp(lambda lo, hi: _C.EpsilonAll())),
+    Method("gradient", "baseline", "gradient of the predicted age (years per unit intensity)",
+           _gradient),
+    Method("gradient_x_input", "baseline", "input times the gradient of the predicted age",
+           _gradient_x_input),
+    Method("smoothgrad", "baseline",
+           "mean gradient over 16 noisy copies (noise SD 10% of the intensity range)",
+           _per_sample(lambda f, v, x, k: lrp.attribution.smoothgrad(
+               f, v, x, key=k, n_samples=16, noise_level=0.1))),
+    Method("integrated_gradients", "baseline",
+           "Integrated Gradients from the all-zero input, 32 midpoint steps",
+           _integrated_gradients),
+)}
+DEFAULT_METHOD = "epsilon_plus_flat"
+
+
+def get_method(name: str) -> Method:
+  """The method called `name`; ConfigError naming the known ones otherwise."""
+  key = str(name).strip().lower().replace("-", "_")
+  if key not in METHODS:
+    raise ConfigError(f"--composite {name!r}: unknown method; choose one of "
+                      f"{', '.join(METHODS)}")
+  return METHODS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: what is explained.
+
+
+def regression_apply(model) -> Callable:
+  """`apply_fn(variables, x [n, X, Y, Z, C] float32) -> predicted age [n]` (years) of a
+  regression model, the function every method explains."""
+  from jax_brainage import models
+
+  if not getattr(model, "is_regression", True) or isinstance(model, models.SFCN):
+    raise ConfigError(f"{type(model).__name__}: relevance maps explain regression models "
+                      "(mrinet, sfcn_regression); SFCN's age-bin distribution has no single "
+                      "output to start from")
+
+  def apply_fn(variables, x):
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+  return apply_fn
+
+
+def _bounds(x: jax.Array, stored_dtype: np.dtype) -> tuple[Any, Any]:
+  """Input bounds for ZBox: [0, 1] for minmax (uint8) cubes, else each sample's and channel's
+  range `[n, 1, 1, 1, C]`."""
+  if stored_dtype == np.uint8:
+    return 0.0, 1.0
+  axes = tuple(range(1, x.ndim - 1))
+  return jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+
+
+def _network_input(volumes: jax.Array) -> jax.Array:
+  from jax_brainage.data import intensity
+  return intensity.to_unit_float(volumes)
+
+
+class Explainer:
+  """Jitted, data-parallel relevance of fixed-size batches for one model or a member stack.
+
+  Args:
+    model: the flax module (a regression model).
+    variables: its variables; with `stacked=True` every leaf has a leading member axis [M, ...].
+    method: a `Method` or its name.
+    batch_size: volumes per call (rounded up to a multiple of the devices).
+    seed: seed of the random methods (SmoothGrad).
+    stacked: explain every member of a stack at once (one vmap).
+    devices: devices to split batches over (default: this process's).
+  """
+
+  def __init__(self, model, variables, method: Method | str = DEFAULT_METHOD, *,
+               batch_size: int = 8, seed: int = 0, stacked: bool = False,
+               devices: Sequence[jax.Device] | None = None):
+    self.method = get_method(method) if isinstance(method, str) else method
+    self.mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
+    n = sharding.data_size(self.mesh)
+    self.batch_size = max(n, int(math.ceil(max(1, batch_size) / n)) * n)
+    self.stacked = stacked
+    self.seed = int(seed)
+    self._batch_sharding = sharding.batch_sharding(self.mesh)
+    self._variables = sharding.put_replicated(self.mesh, variables)
+    apply_fn = regression_apply(model)
+    attribute = self.method.attribute
+    self._compiled: dict[Any, Callable] = {}
+
+    def one(variables, volumes, keys):
+      x = _network_input(volumes)
+      low, high = _bounds(x, volumes.dtype)
+      r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high)
+      return r.astype(jnp.float32), apply_fn(variables, x)
+
+    fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
+    self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+
+  def __call__(self, volumes: np.ndarray, rows: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Relevance and predicted age of volumes `[n, X, Y, Z, C]`.
+
+    Args:
+      volumes: uint8 / float16 cubes as stored, or float32 network inputs.
+      rows: int `[n]` identities of the volumes for the random methods' keys (default 0..n-1).
+    Returns:
+      (relevance float32 `[n, X, Y, Z, C]` (`[M, n, ...]` for a stack), predicted age float32
+      `[n]` (`[M, n]`), years).
+    """
+    volumes = np.asarray(volumes)
+    if volumes.ndim != 5:
+      raise DataError(f"volumes must be [n, X, Y, Z, C], got shape {volumes.shape}")
+    rows = np.arange(len(volumes)) if rows is None else np.asarray(rows)
+    rel, pred = [], []
+    for start in range(0, len(volumes), self.batch_size):
+      r, p = self._batch(volumes[start:start + self.batch_size],
+                         rows[start:start + self.batch_size])
+      rel.append(r)
+      pred.append(p)
+    axis = 1 if self.stacked else 0
+    if not rel:
+      return (np.zeros(volumes.shape, np.float32), np.zeros((0,), np.float32))
+    return np.concatenate(rel, axis=axis), np.concatenate(pred, axis=axis)
+
+  def _batch(self, chunk: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k = len(chunk)
+    if k < self.batch_size:  # one compiled shape: pad with zero volumes, dropped below
+      chunk = np.concatenate([chunk, np.zeros((self.batch_size - k, *chunk.shape[1:]),
+                                              chunk.dtype)])
+      rows = np.concatenate([rows, np.zeros(self.batch_size - k, rows.dtype)])
+    base = jax.random.PRNGKey(self.seed)
+    keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
+    volumes = jax.device_put(np.ascontiguousarray(chunk), self._batch_sharding)
+    keys = jax.device_put(keys, self._batch_sharding)
+    r, p = jax.device_get(self._fn(self._variables, volumes, keys))
+    if self.stacked:
+      return np.asarray(r)[:, :k], np.asarray(p)[:, :k]
+    return np.asarray(r)[:k], np.asarray(p)[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles.
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleMaps:
+  """Relevance of an ensemble, cube space, float32.
+
+  Attributes:
+    members: sub-ensemble name -> `[M, n, X, Y, Z, C_sub]` (each member's own map).
+    subs: sub-ensemble name -> `[n, X, Y, Z, C_sub]` (level-1 head-weighted sum of its members).
+    ensemble: `[n, X, Y, Z, len(sequences)]` (members weighted by their effective weights).
+    sequences: the ensemble map's channels (every sub-ensemble's sequences, first seen first).
+    sub_sequences: sub-ensemble name -> its channels.
+    member_predictions: sub-ensemble name -> `[M, n]` predicted ages (years).
+  """
+
+  members: dict[str, np.ndarray]
+  subs: dict[str, np.ndarray]
+  ensemble: np.ndarray
+  sequences: tuple[str, ...]
+  sub_sequences: dict[str, tuple[str, ...]]
+  member_predictions: dict[str, np.ndarray]
+
+
+def is_ensemble(obj: Any) -> bool:
+  """Whether `obj` is an ensemble (has sub-ensembles and a head), not a single trained model."""
+  return hasattr(obj, "subs") and hasattr(obj, "head")
+
+
+def ensemble_sequences(ensemble) -> tuple[str, ...]:
+  """Every sub-ensemble's sequences, in first-seen order (the ensemble map's channels)."""
+  out: list[str] = []
+  for sub in ensemble.subs:
+    out += [s for s in sub.sequences if s not in out]
+  return tuple(out)
+
+
+def _sub_model(sub):
+  from jax_brainage.train import trainer
+  return trainer.build_model(sub.manifest)
+
+
+def _sub_inputs(ensemble, inputs) -> dict[str, np.ndarray]:
+  names = [sub.name for sub in ensemble.subs]
+  if isinstance(inputs, Mapping):
+    missing = [n for n in names if n not in inputs]
+    if missing:
+      raise DataError(f"no input volumes for sub-ensemble {missing[0]!r}")
+    return {n: np.asarray(inputs[n]) for n in names}
+  inputs = np.asarray(inputs)
+  for sub in ensemble.subs:
+    if tuple(sub.sequences) != tuple(ensemble.subs[0].sequences):
+      raise DataError("the sub-ensembles read different sequences: give the inputs as "
+                      "{sub-ensemble name: volumes}")
+  return {n: inputs for n in names}
+
+
+def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
+                  batch_size: int = 8, seed: int = 0, rows: np.ndarray | None = None,
+                  explainers: dict[str, Explainer] | None = None) -> EnsembleMaps:
+  """Relevance of every member, sub-ensemble and the ensemble.
+
+  Args:
+    ensemble: a `jax_brainage.ensemble.store.Ensemble`.
+    inputs: {sub-ensemble name: volumes `[n, X, Y, Z, C_sub]`}, or one array for all when
+      every sub-ensemble reads the same sequences.
+    method, batch_size, seed, rows: as for `Explainer`.
+    explainers: reuse compiled explainers across calls ({sub name: Explainer}, filled in).
+  """
+  inputs = _sub_inputs(ensemble, inputs)
+  weights_total = ensemble.head.member_weights()
+  sequences = ensemble_sequences(ensemble)
+  explainers = {} if explainers is None else explainers
+  members, subs, preds, sub_seq = {}, {}, {}, {}
+  total = None
+  for sub in ensemble.subs:
+    if sub.name not in explainers:
+      explainers[sub.name] = Explainer(_sub_model(sub), sub.variables, method,
+                                       batch_size=batch_size, seed=seed, stacked=True)
+    r, p = explainers[sub.name](inputs[sub.name], rows)  # [M, n, ...], [M, n]
+    level1 = np.asarray(ensemble.head.level1[sub.name].weights, np.float64)
+    w = np.asarray(weights_total[sub.name], np.float64)
+    if r.shape[0] != len(w) or len(level1) != len(w):
+      raise ConfigError(f"sub-ensemble {sub.name}: {r.shape[0]} members, but the head weighs "
+                        f"{len(w)}")
+    members[sub.name], preds[sub.name] = r, p
+    subs[sub.name] = np.tensordot(level1, r, axes=1).astype(np.float32)
+    contribution = np.tensordot(w, r, axes=1)  # [n, X, Y, Z, C_sub]
+    if total is None:
+      total = np.zeros(contribution.shape[:-1] + (len(sequences),), np.float64)
+    sub_seq[sub.name] = tuple(sub.sequences)
+    for c, s in enumerate(sub.sequences):
+      total[..., sequences.index(s)] += contribution[..., c]
+  return EnsembleMaps(members=members, subs=subs, ensemble=total.astype(np.float32),
+                      sequences=sequences, sub_sequences=sub_seq, member_predictions=preds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-call entry point.
+
+
+def relevance(trained_or_ensemble, volumes, method: Method | str = DEFAULT_METHOD, *,
+              batch_size: int = 8, seed: int = 0) -> np.ndarray:
+  """Cube-space relevance of a trained model or an ensemble, batched and jitted.
+
+  Args:
+    trained_or_ensemble: `predict.TrainedModel` or `ensemble.store.Ensemble`.
+    volumes: `[n, X, Y, Z, C]` cubes (uint8/float16 as cached, or float32 network inputs); for
+      an ensemble whose sub-ensembles read different sequences, {sub name: volumes}.
+    method: a name of `METHODS` (default `DEFAULT_METHOD`).
+    batch_size: volumes per jitted call; seed: seed of the random methods.
+  Returns:
+    float32 `[n, X, Y, Z, C]` (for an ensemble: `C` = `ensemble_sequences`), positive = older.
+  """
+  if is_ensemble(trained_or_ensemble):
+    return ensemble_maps(trained_or_ensemble, volumes, method, batch_size=batch_size,
+                         seed=seed).ensemble
+  trained = trained_or_ensemble
+  return Explainer(trained.model, trained.variables, method, batch_size=batch_size,
+                   seed=seed)(volumes)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to the subject.
+
+
+def to_subject_space(relevance_cube: np.ndarray, cube_inverse, *,
+                     preserve_sum: bool = True) -> nib.Nifti1Image:
+  """A cube-space map `[X, Y, Z]` (or `[X, Y, Z, k]`) on the subject's own grid and affine.
+
+  The exact inverse of the preprocessing's crop/pad and reorientation (`prune.to_subject_space`):
+  without resampling every cube voxel lands on the voxel it came from, with its value, and voxels
+  outside the cube are 0. If the cube was resampled from the subject's grid (`--voxel-size`),
+  the map is interpolated (linear) and, with `preserve_sum`, scaled by the ratio of the voxel
+  volumes so that relevance summed over a region keeps its meaning (years).
+
+  Returns:
+    float32 `Nifti1Image` `[*original_shape(, k)]` with the original affine.
+  """
+  from jax_brainage.data import nifti, prune
+
+  img = prune.to_subject_space(np.asarray(relevance_cube, np.float32), cube_inverse, order=1)
+  data = np.asarray(img.dataobj, np.float32)
+  if cube_inverse.resampled and preserve_sum:
+    cube_voxel = abs(np.linalg.det(np.asarray(cube_inverse.grid_affine)[:3, :3]))
+    own_voxel = abs(np.linalg.det(np.asarray(cube_inverse.original_affine)[:3, :3]))
+    data = data * np.float32(own_voxel / cube_voxel)
+  return nifti.make_image(data, np.asarray(cube_inverse.original_affine, np.float64))
