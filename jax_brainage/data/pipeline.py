@@ -60,6 +60,7 @@ STATE_VERSION = 1
 # Hash streams: two shuffle keys (lexicographic sort: ties are practically impossible) and the
 # two words of an example's augmentation seed.
 _STREAM_ORDER0, _STREAM_ORDER1, _STREAM_AUG0, _STREAM_AUG1 = 0x51, 0x52, 0xA1, 0xA2
+_STREAM_REPEAT = 0xB0  # repeated rows of a bootstrap resample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,12 +147,13 @@ class BatchPlan:
   num_epochs: int | None = None
   shard_index: int = 0
   shard_count: int = 1
+  allow_duplicates: bool = False
 
   def __post_init__(self):
     rows = np.asarray(self.rows)
     if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= 2**31)):
       raise ConfigError("pipeline rows must be a 1-D array of non-negative row numbers")
-    if len(np.unique(rows)) != len(rows):
+    if not self.allow_duplicates and len(np.unique(rows)) != len(rows):
       raise ConfigError("pipeline rows contain duplicates: each subject must appear once")
     object.__setattr__(self, "rows", rows.astype(np.int32))
     if len(rows) == 0:
@@ -193,6 +195,26 @@ class BatchPlan:
     """crc32 of the rows: a resumed run must iterate the same selection."""
     return zlib.crc32(self.rows.tobytes())
 
+  @functools.cached_property
+  def keys(self) -> np.ndarray:
+    """uint32 [m]: what the order and augmentation hashes see for each position of `rows`.
+
+    The row itself, so plans without repeated rows (the usual case) hash exactly as before;
+    the k-th repeat (k >= 1) of a row in a bootstrap resample gets hash(row, k), so that its
+    copies land at independent places of an epoch with independent augmentations.
+    """
+    rows = self.rows.astype(np.uint32)
+    if not self.allow_duplicates:
+      return rows
+    sort = np.argsort(self.rows, kind="stable")
+    sorted_rows = self.rows[sort]
+    first = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1]
+    starts = np.repeat(first, np.diff(np.r_[first, len(sorted_rows)]))
+    occurrence = np.empty(len(rows), np.int64)
+    occurrence[sort] = np.arange(len(sorted_rows)) - starts
+    repeat = hash_words((rows, occurrence.astype(np.uint32), np.uint32(_STREAM_REPEAT)))
+    return np.where(occurrence > 0, repeat, rows).astype(np.uint32)
+
   def order(self, epoch: int) -> np.ndarray:
     """Positions into `rows` for an epoch, int64 [m] (last two epochs cached)."""
     # grain's reader threads call this concurrently: swap an immutable tuple, never mutate.
@@ -200,7 +222,7 @@ class BatchPlan:
     for e, order in cached:
       if e == epoch:
         return order
-    order = epoch_order(self.rows, self.seed, epoch, self.shuffle)
+    order = epoch_order(self.keys, self.seed, epoch, self.shuffle)
     self.__dict__["_orders"] = ((epoch, order),) + cached[:1]
     return order
 
@@ -756,6 +778,218 @@ class DeviceResidentIterator:
 
   def close(self) -> None:
     pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Ensemble members: one plan per member, batches stacked [member, batch, ...].
+# ------------------------------------------------------------------------------------------------
+
+
+def bootstrap_rows(rows: np.ndarray, seed: int) -> np.ndarray:
+  """A bootstrap resample of `rows`: as many draws with replacement, int32 [m], in draw order.
+
+  A pure function of (rows, seed): member m of an ensemble draws with its own seed.
+  """
+  rows = np.asarray(rows, np.int32)
+  lo, hi = _seed_words(seed)
+  rng = np.random.default_rng([int(lo), int(hi), _STREAM_REPEAT])
+  return rows[rng.integers(0, len(rows), len(rows))]
+
+
+class _ReadMembers:
+  """grain map function: global step -> this process's rows of every member's batch.
+
+  Each distinct subject of the step is read once, however many members draw it.
+  """
+
+  def __init__(self, plans: Sequence[BatchPlan], source: Source):
+    self.plans = list(plans)
+    self.source = source
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    rows, seeds = _member_rows(self.plans, step)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    image = self.source.read(unique)[inverse.reshape(rows.shape)]
+    age = np.asarray(self.source.ages, np.float32)[rows]
+    return dict(image=image, age=age, index=rows, aug_seed=seeds,
+                mask=np.ones(rows.shape, bool))
+
+
+def _member_rows(plans: Sequence[BatchPlan], step: int) -> tuple[np.ndarray, np.ndarray]:
+  """(rows int32 [M, local_batch], aug seeds uint32 [M, local_batch, 2]) of a training step."""
+  rows, seeds = [], []
+  for plan in plans:
+    epoch, pos = plan.local_positions(step)
+    if np.any(pos < 0):  # member plans drop the last incomplete batch: never padded
+      raise ConfigError("member pipelines must drop the last incomplete batch")
+    rows.append(plan.rows[pos])
+    seeds.append(aug_seeds(plan.seed, epoch, plan.keys[pos]))
+  return np.stack(rows).astype(np.int32), np.stack(seeds).astype(np.uint32)
+
+
+class MemberPipeline:
+  """Endless training batches of M ensemble members, delivered in groups of members.
+
+  Member m follows its own `BatchPlan` (its seed, its rows: the training split or a bootstrap
+  resample), so its batches are exactly those a single-model pipeline with that seed and rows
+  would deliver (same order, same augmentation). Iterating yields, per global step, a list of
+  dicts, one per member group: `image` float32 `[w, B, X, Y, Z, C]` (scaled, augmented), `age`
+  float32 `[w, B]` (years), `index` int32 `[w, B]`, `aug_seed` uint32 `[w, B, 2]`, `mask` bool
+  `[w, B]`; members split over the mesh's 'ensemble' axis and examples over 'data'.
+
+  Args:
+    source: random-access `Source`.
+    plans: one training plan per member (shuffled, drop_remainder, same batch size).
+    groups: member slices trained one after another (together they cover 0..M-1 in order).
+    mode: "host" (grain reads each step's distinct subjects once, then the stack goes to the
+      devices) or "device" (the union of all members' rows is resident on every device; per
+      step only row slots and augmentation seeds travel).
+    mesh, augment, worker_count: as in `make_pipeline`.
+  """
+
+  def __init__(self, source: Source, plans: Sequence[BatchPlan], groups: Sequence[slice], *,
+               mode: str = "host", mesh: Mesh | None = None,
+               augment: aug.AugmentConfig | None = None, worker_count: int = 0,
+               read_threads: int = 2, prefetch: int = 2):
+    self.source = source
+    self.plans = list(plans)
+    self.groups = list(groups)
+    if not self.plans or any(p.num_epochs is not None or not p.drop_remainder
+                             for p in self.plans):
+      raise ConfigError("member pipelines need endless training plans (drop_remainder)")
+    if len({(p.batch_size, p.steps_per_epoch, p.shard_count) for p in self.plans}) != 1:
+      raise ConfigError("every member must have the same batch size and steps per epoch")
+    covered = [m for g in self.groups for m in range(len(self.plans))[g]]
+    if covered != list(range(len(self.plans))):
+      raise ConfigError(f"member groups {self.groups} do not cover the {len(self.plans)} members")
+    self.mesh = mesh or shd.make_mesh()
+    shd.check_batch_size(self.plans[0].batch_size, self.mesh, "batch_size")
+    self.augment = aug.AugmentConfig.from_config(augment)
+    self.worker_count, self.read_threads, self.prefetch = worker_count, read_threads, prefetch
+    for plan in self.plans:
+      if plan.rows.max() >= len(source):
+        raise DataError(f"row {plan.rows.max()} is out of range for a source of "
+                        f"{len(source)} subjects")
+      _check_ages(source.ages, plan.rows, getattr(source, "subject_ids", None))
+    if mode not in ("host", "device"):
+      raise ConfigError(f"member pipeline mode {mode!r}: host or device")
+    self.mode = mode
+    prepare = functools.partial(aug.prepare_images, cfg=self.augment)
+    self._prepare = jax.jit(jax.vmap(prepare), out_shardings=shd.batch_sharding(
+        self.mesh, members=True))
+    if mode == "device":
+      volumes = getattr(source, "volumes", None)
+      if volumes is None:
+        raise ConfigError("device-resident mode needs volumes in an array or cache (not the "
+                          "simulator): use mode='host'")
+      self.resident_rows = np.unique(np.concatenate([p.rows for p in self.plans]))
+      rep = shd.replicated(self.mesh)
+      host = ArraySource(volumes, np.zeros(len(volumes))).read(self.resident_rows)
+      self.volumes = jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
+      self._gather = jax.jit(
+          lambda volumes, slots, seeds: jax.vmap(prepare)(volumes[slots], seeds),
+          out_shardings=shd.batch_sharding(self.mesh, members=True))
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.plans[0].steps_per_epoch
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of resident volumes per device (device mode; 0 in host mode)."""
+    return int(np.prod(self.volumes.shape)) if self.mode == "device" else 0
+
+  def dataset(self, start_step: int = 0) -> grain.IterDataset:
+    """Host mode: grain dataset of this process's stacked member rows from `start_step` on."""
+    ds = grain.MapDataset.range(start_step, 2**62).map(_ReadMembers(self.plans, self.source))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                              prefetch_buffer_size=self.prefetch))
+    if self.worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+    return ds
+
+  def state(self, step: int) -> dict[str, Any]:
+    """JSON state: the next global step and each member's plan (seed, rows digest, ...)."""
+    return dict(version=STATE_VERSION, step=int(step),
+                members=[p.state(step) for p in self.plans])
+
+  def check_state(self, state: Mapping[str, Any]) -> int:
+    if not isinstance(state, Mapping) or "members" not in state or "step" not in state:
+      raise ConfigError(f"pipeline state {str(state)[:80]!r} is not a member pipeline state")
+    if len(state["members"]) != len(self.plans):
+      raise ConfigError(f"pipeline state holds {len(state['members'])} members, this pipeline "
+                        f"{len(self.plans)}")
+    for plan, member in zip(self.plans, state["members"]):
+      plan.check_state(member)
+    return int(state["step"])
+
+  def __iter__(self) -> MemberIterator:
+    return MemberIterator(self)
+
+
+class MemberIterator:
+  """Iterator over a `MemberPipeline` with `step`, `get_state` / `set_state`, `close`."""
+
+  def __init__(self, pipeline: MemberPipeline, step: int = 0):
+    self.pipeline = pipeline
+    self._step = step
+    self._it = None
+
+  def __iter__(self) -> MemberIterator:
+    return self
+
+  def __next__(self) -> list[dict[str, jax.Array]]:
+    p = self.pipeline
+    if p.mode == "device":
+      rows, seeds = _member_rows(p.plans, self._step)
+      slots = np.searchsorted(p.resident_rows, rows).astype(np.int32)
+      out = []
+      for g in p.groups:
+        image = p._gather(p.volumes, slots[g], seeds[g])
+        # Device mode plans are global (every process holds the whole plan).
+        rest = jax.device_put(dict(age=np.asarray(p.source.ages, np.float32)[rows[g]],
+                                   index=rows[g], aug_seed=seeds[g],
+                                   mask=np.ones(rows[g].shape, bool)),
+                              shd.batch_sharding(p.mesh, members=True))
+        out.append(dict(rest, image=image))
+    else:
+      if self._it is None:
+        _absl_flags_parsed()
+        self._it = iter(p.dataset(self._step))
+      local = next(self._it)
+      out = []
+      for g in p.groups:
+        batch = shd.global_batch(p.mesh, {k: np.asarray(v[g]) for k, v in local.items()},
+                                 members=True)
+        batch["image"] = p._prepare(batch["image"], batch["aug_seed"])
+        out.append(batch)
+    self._step += 1
+    return out
+
+  @property
+  def step(self) -> int:
+    return self._step
+
+  def get_state(self) -> dict[str, Any]:
+    return self.pipeline.state(self._step)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    step = self.pipeline.check_state(state)
+    self.close()
+    self._step = step
+
+  def close(self) -> None:
+    if self._it is not None:
+      close = getattr(self._it, "close", None)
+      if close is not None:
+        close()
+      self._it = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 -- interpreter shutdown: nothing left to clean
+      pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ Layout under a workdir:
     W/checkpoints/latest/<step>/   state (params, model_state, opt_state, step, rng) + meta.json
     W/checkpoints/best/<step>/     the same, for the lowest validation loss so far
 
+An ensemble run (`config.ensemble.members = M > 1`) stores the members stacked: every leaf of
+params, model_state, opt_state and rng has a leading member axis `[M, ...]`, the manifest says
+`"members": M`, and `best` holds each member at its own best validation epoch.
+
 `meta` is JSON: the loop's position (epoch, data-iterator state, early-stopping counters) and a
 manifest of the model (name, fields, input shape, sequences, parameter count), so that loading a
 checkpoint into a different architecture, or onto data it was not trained for, is a one-line
@@ -95,6 +99,24 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
 
+  def restore_stored(self, which: str = BEST, step: int | None = None,
+                     device: jax.Device | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores a checkpoint as stored (its own shapes and dtypes) onto one device, for
+    inference and export: no training layout or abstract state needed. Returns (state, meta)."""
+    manager = self._managers[which]
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"no {which} checkpoint in {checkpoint_dir(self.workdir, which)}")
+    device = device or jax.local_devices()[0]
+    stored = manager.item_metadata(step)["state"]
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        stored, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    return restored, self.read_meta(which, step)
+
   def wait(self) -> None:
     for manager in self._managers.values():
       manager.wait_until_finished()
@@ -106,13 +128,15 @@ class Checkpoints:
 
 # The parts of a manifest that decide whether parameters fit: name and fields of the model, the
 # input it was built for. (mean_age only sets an initial bias, so it may differ.)
-_ARCHITECTURE_KEYS = ("model", "model_kwargs", "image_shape", "sequences")
+_ARCHITECTURE_KEYS = ("model", "model_kwargs", "image_shape", "sequences", "members")
 
 
 def check_manifest(stored: dict[str, Any], expected: dict[str, Any], where: Path | str) -> None:
   """ConfigError naming the checkpoint if its model or input differs from `expected`."""
   for key in _ARCHITECTURE_KEYS:
     a, b = stored.get(key), expected.get(key)
+    if key == "members":  # stacked ensemble members; a single model has no member axis
+      a, b = int(a or 1), int(b or 1)
     if key == "model_kwargs":
       a = {k: v for k, v in (a or {}).items() if k != "mean_age"}
       b = {k: v for k, v in (b or {}).items() if k != "mean_age"}

@@ -13,9 +13,11 @@ optimiser, seed, ...); a workdir stores it, and resuming with a different one is
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +34,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # verbosely to train, not what is trained.
 RESUMABLE_KEYS = ("num_epochs", "patience", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "num_image_summaries", "init_from", "data.workers",
-                  "data.mode", "eval_batch_size")
+                  "data.mode", "eval_batch_size", "ensemble.vmap_width", "ensemble.mesh_size")
+ENSEMBLE_HEADS = ("linear", "nonnegative", "mean")
+CORRECTIONS = ("none", "linear", "poly3")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -96,6 +100,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 1             # latest checkpoints kept (the best is kept apart)
   c.num_image_summaries = 2          # input mid-slices written to TensorBoard at the start
   c.init_from = ""                   # workdir whose best parameters initialise the model
+
+  # Ensembles (jax_brainage.ensemble): members of a sub-ensemble train at once (stacked
+  # parameters, one vmapped, jitted step); member m is the model of a single run with seed + m.
+  c.ensemble = ml_collections.ConfigDict()
+  c.ensemble.members = 1             # base models per sub-ensemble
+  c.ensemble.vmap_width = 0          # members per jitted step; 0 = as many as fit in device
+                                     # memory; groups of vmap_width train one after another
+  c.ensemble.mesh_size = 0           # size of the mesh's 'ensemble' axis; 0 = auto
+  c.ensemble.bootstrap = False       # each member trains on its own bootstrap resample
+  c.ensemble.sub_ensembles = ()      # "NAME=SEQ[+SEQ..][@REGION[+REGION..]]", e.g. "t1=T1w",
+                                     # "t1_cerebellum=T1w@cerebellum"; () = one sub-ensemble
+                                     # "all" over data.sequences, whole brain
+  c.ensemble.head = "linear"         # linear (least squares) | nonnegative (NNLS) | mean
+  c.ensemble.head_folds = 5          # cross-validation folds of the level-2 head
+  c.ensemble.correction = "linear"   # none | linear | poly3 (bias correction of the gap)
   c.lock()
   return c
 
@@ -301,8 +320,79 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "1, 2, 3 or 4 mm")
     need(bool(config.data.cache) and bool(config.data.simulate.out), "data.simulate.out",
          "a simulated cohort needs data.simulate.out and data.cache directories")
+  e = config.ensemble
+  need(e.members >= 1, "ensemble.members", "must be >= 1")
+  need(e.vmap_width >= 0, "ensemble.vmap_width", "must be >= 0 (0: as many as fit in memory)")
+  need(e.mesh_size >= 0, "ensemble.mesh_size", "must be >= 0 (0: auto)")
+  need(e.mesh_size == 0 or e.members % e.mesh_size == 0, "ensemble.mesh_size",
+       f"must divide ensemble.members={e.members}")
+  need(e.vmap_width == 0 or e.mesh_size == 0 or e.vmap_width % e.mesh_size == 0,
+       "ensemble.vmap_width", f"must be a multiple of ensemble.mesh_size={e.mesh_size}")
+  need(not e.bootstrap or e.members > 1, "ensemble.bootstrap",
+       "resamples the training split per member: needs ensemble.members > 1")
+  need(e.head in ENSEMBLE_HEADS, "ensemble.head", f"one of {ENSEMBLE_HEADS}")
+  need(e.head_folds >= 2, "ensemble.head_folds", "must be >= 2")
+  need(e.correction in CORRECTIONS, "ensemble.correction", f"one of {CORRECTIONS}")
+  parse_sub_ensembles(config)  # Raises a one-line ConfigError naming the bad spec.
   from jax_brainage.data.augment import AugmentConfig
   AugmentConfig.from_config(config.augment)  # Raises its own one-line ConfigError.
+
+
+@dataclasses.dataclass(frozen=True)
+class SubEnsembleSpec:
+  """One sub-ensemble of an experiment: its input sequences and, optionally, atlas regions.
+
+  Attributes:
+    name: identifier (letters, digits, '_', '-'): the workdir W/sub/<name> and predictions'
+      column pred_<name>.
+    sequences: input channels, in order (names in the dataset, e.g. "T1w", "FLAIR").
+    regions: atlas region names or labels kept (others zeroed); () = whole brain.
+  """
+
+  name: str
+  sequences: tuple[str, ...]
+  regions: tuple[str, ...] = ()
+
+  def spec(self) -> str:
+    text = f"{self.name}={'+'.join(self.sequences)}"
+    return text + (f"@{'+'.join(self.regions)}" if self.regions else "")
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def parse_sub_ensembles(config: ml_collections.ConfigDict) -> tuple[SubEnsembleSpec, ...]:
+  """`config.ensemble.sub_ensembles` as specs; () gives one "all" over `config.data.sequences`.
+
+  Raises:
+    ConfigError: naming the spec that is malformed, repeats a name, or names no sequence.
+  """
+  specs = tuple(config.ensemble.sub_ensembles)
+  if not specs:
+    return (SubEnsembleSpec("all", tuple(config.data.sequences)),)
+  out: list[SubEnsembleSpec] = []
+  for text in specs:
+    def bad(what: str) -> ConfigError:
+      return ConfigError(f"config.ensemble.sub_ensembles: {text!r}: {what} (expected "
+                         "NAME=SEQ[+SEQ..][@REGION[+REGION..]], e.g. 't1_cerebellum=T1w@cerebellum')")
+    if not isinstance(text, str) or text.count("=") != 1:
+      raise bad("not a spec")
+    name, rest = (part.strip() for part in text.split("="))
+    if not _NAME.match(name):
+      raise bad(f"name {name!r} must be letters, digits, '_' or '-'")
+    sequences_text, _, regions_text = rest.partition("@")
+    sequences = tuple(s.strip() for s in sequences_text.split("+") if s.strip())
+    regions = tuple(r.strip() for r in regions_text.split("+") if r.strip())
+    if not sequences:
+      raise bad("no sequence")
+    if len(set(sequences)) != len(sequences):
+      raise bad("names a sequence twice")
+    if "@" in rest and not regions:
+      raise bad("'@' but no region")
+    if any(o.name == name for o in out):
+      raise bad(f"sub-ensemble {name!r} is named twice")
+    out.append(SubEnsembleSpec(name, sequences, regions))
+  return tuple(out)
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -368,8 +458,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def fingerprint_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
   """First key whose value differs, as 'key is A there, B here'; None if they agree."""
+  # Keys added to base_config later (e.g. ensemble.*) are absent from older workdirs: there,
+  # the default is what the experiment ran with.
+  defaults = _flatten(base_config().to_dict())
   for key in sorted(set(stored) | set(current)):
     a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
+    if key not in stored and key in defaults:
+      a = defaults[key]
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
       a, b = list(a), list(b)
     if a != b:

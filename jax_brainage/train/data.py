@@ -92,6 +92,39 @@ class TrainingData:
         rows=self.split.train, shuffle=True, drop_remainder=True, num_epochs=None,
         worker_count=workers))
 
+  def member_rows(self, seeds: Sequence[int], bootstrap: bool) -> list[np.ndarray]:
+    """Training rows of each ensemble member: the training split, or with `bootstrap` a
+    resample with replacement of it drawn with the member's seed."""
+    train = np.asarray(self.split.train, np.int32)
+    if not bootstrap:
+      return [train for _ in seeds]
+    return [pipeline_lib.bootstrap_rows(train, int(s)) for s in seeds]
+
+  def member_batches(self, mesh, batch_size: int, seeds: Sequence[int],
+                     rows: Sequence[np.ndarray], augment: Any, groups: Sequence[slice],
+                     mode: str = "host", workers: int = 0):
+    """Iterator of endless training batches of ensemble members (see
+    `pipeline.MemberPipeline`): per step a list over member `groups` of dicts of
+    `[w, B, ...]` arrays; member m follows the plan of a single run with `seeds[m]` over
+    `rows[m]`. `get_state`/`set_state`/`step` as for `train_batches`."""
+    import jax
+
+    if mode == "auto":
+      union = np.unique(np.concatenate([np.asarray(r) for r in rows]))
+      nbytes = len(union) * int(np.prod(self.source.volume_shape))
+      accelerator = jax.devices()[0].platform != "cpu"
+      fits = all(pipeline_lib.fits_on_device(nbytes, d) for d in jax.local_devices())
+      mode = ("device" if accelerator and getattr(self.source, "volumes", None) is not None
+              and fits else "host")
+    # Device mode builds global batches from the full plan (shard 0 of 1) on every process.
+    index, count = ((jax.process_index(), jax.process_count()) if mode == "host" else (0, 1))
+    plans = [pipeline_lib.BatchPlan(rows=np.asarray(r), batch_size=batch_size, seed=int(s),
+                                    shuffle=True, drop_remainder=True, num_epochs=None,
+                                    shard_index=index, shard_count=count, allow_duplicates=True)
+             for s, r in zip(seeds, rows)]
+    return iter(pipeline_lib.MemberPipeline(self.source, plans, groups, mode=mode, mesh=mesh,
+                                            augment=augment, worker_count=workers))
+
   def eval_batches(self, mesh, batch_size: int, part: str = "val", mode: str = "host",
                    workers: int = 0):
     """Re-iterable pipeline: each `iter()` is one pass over a split in order, the last batch

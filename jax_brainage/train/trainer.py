@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -243,8 +244,10 @@ def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
   resumed in the same process (or trained again on other data of the same shape) does not
   compile again.
   """
-  key = (json.dumps([config_lib.fingerprint(config), list(image_shape), channels, mean_age,
-                     age_scale, total_steps], sort_keys=True, default=str), mesh)
+  # The seed only enters through `init(seed)` and the data: runs with other seeds share a setup.
+  experiment = {k: v for k, v in config_lib.fingerprint(config).items() if k != "seed"}
+  key = (json.dumps([experiment, list(image_shape), channels, mean_age, age_scale,
+                     total_steps], sort_keys=True, default=str), mesh)
   if key in _SETUPS:
     return _SETUPS[key]
   model = models.get_model(config.model.name,
@@ -267,6 +270,320 @@ def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
     _SETUPS.pop(next(iter(_SETUPS)))
   _SETUPS[key] = setup
   return setup
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble members: M models trained at once (stacked parameters, one vmapped, jitted step).
+# ---------------------------------------------------------------------------------------------
+
+# vmap axes of a training state whose leaves (but the step counter) lead with a member axis.
+MEMBER_AXES = {"step": None, "params": 0, "model_state": 0, "opt_state": 0, "rng": 0}
+
+
+def member_seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """Member m of an ensemble is the model of a single run with seed `config.seed + m`."""
+  return [int(config.seed) + m for m in range(int(config.ensemble.members))]
+
+
+def stack_states(states: list[Any]) -> Any:
+  """Single-model states -> one state with a leading member axis (the step stays a scalar)."""
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[{k: v for k, v in s.items() if k != "step"} for s in states])
+  return dict(stacked, step=states[0]["step"])
+
+
+def member_state(state: Any, m: int) -> Any:
+  """Member m of a stacked state, as a single-model state."""
+  return {k: (v if k == "step" else jax.tree.map(lambda x: x[m], v)) for k, v in state.items()}
+
+
+def make_member_train_step(config: ml_collections.ConfigDict, model,
+                           tx: optax.GradientTransformation) -> Callable:
+  """(state [w, ...], batch [w, B, ...]) -> (state, metrics [w]): `make_train_step` vmapped
+  over members; every member sees its own batch, dropout key and optimiser state."""
+  return jax.vmap(make_train_step(config, model, tx), in_axes=(MEMBER_AXES, 0),
+                  out_axes=(MEMBER_AXES, 0))
+
+
+def make_member_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
+  """(state [w, ...], batch [B, ...]) -> weighted sums [w]: every member on the same batch."""
+  return jax.vmap(make_eval_step(config, model), in_axes=(MEMBER_AXES, None))
+
+
+def _keep_best(best: Any, state: Any, improved: jax.Array) -> Any:
+  """Per member: the current state where `improved` [w], else the kept best (on device)."""
+  def pick(b, s):
+    if b.ndim == 0:
+      return s
+    return jnp.where(improved.reshape((-1,) + (1,) * (b.ndim - 1)), s, b)
+  return jax.tree.map(pick, best, state)
+
+
+def member_groups(members: int, width: int, unit: int = 1) -> tuple[slice, ...]:
+  """Members split into consecutive groups of at most `width` (trained one after another),
+  sizes balanced and multiples of `unit` (the mesh's 'ensemble' axis)."""
+  units, per_group = members // unit, max(width // unit, 1)
+  n = -(-units // per_group)
+  sizes = [(units // n + (1 if g < units % n else 0)) * unit for g in range(n)]
+  starts = np.cumsum([0] + sizes)
+  return tuple(slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:]))
+
+
+def ensemble_mesh_size(config: ml_collections.ConfigDict, num_devices: int,
+                       batch_sizes: tuple[int, ...]) -> int:
+  """Size of the mesh's 'ensemble' axis: `config.ensemble.mesh_size`, or (auto) the largest
+  divisor of the device count that divides the members (and the vmap width) and leaves a
+  'data' axis the batches split over: members on their own devices need no gradient
+  all-reduce, so they are spread first."""
+  e = config.ensemble
+  if e.mesh_size:
+    if num_devices % e.mesh_size:
+      raise ConfigError(f"config.ensemble.mesh_size={e.mesh_size} does not divide the "
+                        f"{num_devices} devices")
+    return int(e.mesh_size)
+  for size in range(num_devices, 0, -1):
+    data = num_devices // size
+    if (num_devices % size == 0 and e.members % size == 0
+        and (e.vmap_width == 0 or e.vmap_width % size == 0)
+        and all(b % data == 0 for b in batch_sizes)):
+      return size
+  return 1
+
+
+def device_memory_budget(device: jax.Device | None = None) -> int | None:
+  """Bytes one device may still use: `memory_stats()` (limit - in use) on accelerators; on CPU
+  the host's available memory shared by its local devices. None if unknown."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 -- some backends raise instead of returning None
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo") as f:
+      info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    available = info["MemAvailable"]
+  except (OSError, KeyError, ValueError, IndexError):
+    try:
+      available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      return None
+  return available // max(len(jax.local_devices()), 1)
+
+
+def compiled_bytes(compiled: Any) -> int | None:
+  """Peak bytes per device of a compiled step (arguments + outputs - donated + temporaries)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- backends without memory analysis
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + getattr(m, "generated_code_size_in_bytes", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberSetup:
+  """Everything compiled for an ensemble experiment on one mesh (see `build_member_setup`).
+
+  Attributes:
+    model, tx, schedule: as in `Setup`.
+    seeds: member seeds (`member_seeds`).
+    init: () -> fresh stacked state `[M, ...]` (host-side; member m = `init_state(seeds[m])`).
+    abstract_state, state_sharding: the full stacked state, members over 'ensemble'.
+    groups: member slices trained one after another (one group = all members at once).
+    width: members per jitted step (the widest group).
+    group_shardings: the state shardings of each group.
+    train_steps: per group, the compiled (state [w], batches [w, B]) -> (state, metrics [w]);
+      the state is donated.
+    eval_step: jitted (group state, batch) -> weighted sums [w].
+    keep_best: jitted (best, state, improved [w]) -> best (donated).
+    memory: bytes per device: needed by the chosen width and available (None if unknown).
+  """
+
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  seeds: tuple[int, ...]
+  init: Callable[[], Any]
+  abstract_state: Any
+  state_sharding: Any
+  groups: tuple[slice, ...]
+  width: int
+  group_shardings: tuple[Any, ...]
+  train_steps: tuple[Callable, ...]
+  eval_step: Callable
+  keep_best: Callable
+  memory: dict[str, Any]
+
+  def split(self, state: Any) -> list[Any]:
+    """Full stacked state -> one state per group, each on its group's shardings."""
+    if len(self.groups) == 1:
+      return [jax.device_put(state, self.group_shardings[0])]
+    return [jax.device_put(jax.tree.map(lambda x: x if np.ndim(x) == 0 else x[g], state), s)
+            for g, s in zip(self.groups, self.group_shardings)]
+
+  def join(self, states: list[Any]) -> Any:
+    """Group states -> the full stacked state (members in order)."""
+    if len(states) == 1:
+      return states[0]
+    full = jax.tree.map(lambda *xs: xs[0] if np.ndim(xs[0]) == 0 else jnp.concatenate(xs),
+                        *states)
+    return jax.device_put(full, self.state_sharding)
+
+
+_MEMBER_SETUPS: dict[tuple[str, Any], MemberSetup] = {}
+
+
+def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
+                       channels: int, mean_age: float, total_steps: int, mesh, *,
+                       age_scale: float = 1.0) -> MemberSetup:
+  """Model, optimiser, shardings and compiled member steps for an ensemble experiment.
+
+  The vmap width is `config.ensemble.vmap_width`, or (0) the widest that fits: the step is
+  compiled for all members and its compiled memory analysis (per device) plus the states of the
+  members it does not hold and every member's best copy is compared with the device's free
+  memory (`device_memory_budget`, 90%); if it does not fit, the per-member cost measured from a
+  second compilation at the narrowest width gives the width to try next, shrinking until one
+  fits. Groups of that width train one after another within each step.
+  """
+  members = int(config.ensemble.members)
+  key = (json.dumps([config_lib.fingerprint(config), int(config.ensemble.vmap_width),
+                     list(image_shape), channels, mean_age, age_scale, total_steps],
+                    sort_keys=True, default=str), mesh)
+  if key in _MEMBER_SETUPS:
+    return _MEMBER_SETUPS[key]
+  model = models.get_model(config.model.name,
+                           **config_lib.model_kwargs(config, mean_age, age_scale))
+  schedule = make_schedule(config.optimizer, total_steps)
+  tx = make_optimizer(config.optimizer, schedule)
+  seeds = tuple(member_seeds(config))
+  single = functools.partial(init_state, model, tx, tuple(image_shape), channels)
+
+  def init():
+    return stack_states([single(s) for s in seeds])
+
+  unit = mesh.shape[sharding.ENSEMBLE_AXIS]
+  replicated = sharding.replicated(mesh)
+  member_step = make_member_train_step(config, model, tx)
+  batch_size = int(config.batch_size)
+  one = jax.eval_shape(single, 0)
+
+  def abstract(width: int) -> tuple[Any, Any]:
+    shapes = {k: (v if k == "step" else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((width, *x.shape), x.dtype), v)) for k, v in one.items()}
+    shardings = sharding.state_shardings(mesh, shapes, members=True)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings), shardings
+
+  def batch_spec(width: int) -> dict[str, jax.ShapeDtypeStruct]:
+    s = sharding.batch_sharding(mesh, members=True)
+    lead = (width, batch_size)
+    return {"image": jax.ShapeDtypeStruct(lead + tuple(image_shape) + (channels,), jnp.float32,
+                                          sharding=s),
+            "age": jax.ShapeDtypeStruct(lead, jnp.float32, sharding=s),
+            "index": jax.ShapeDtypeStruct(lead, jnp.int32, sharding=s),
+            "aug_seed": jax.ShapeDtypeStruct(lead + (2,), jnp.uint32, sharding=s),
+            "mask": jax.ShapeDtypeStruct(lead, jnp.bool_, sharding=s)}
+
+  compiled: dict[int, Any] = {}
+
+  def compile_width(width: int):
+    if width not in compiled:
+      state_spec, state_shardings = abstract(width)
+      jitted = jax.jit(member_step, donate_argnums=(0,),
+                       out_shardings=(state_shardings, replicated))
+      compiled[width] = jitted.lower(state_spec, batch_spec(width)).compile()
+    return compiled[width]
+
+  # Per device, besides the step: the states of the members outside the group and every
+  # member's best copy (both resident for the whole run).
+  member_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(one))
+  budget = device_memory_budget(mesh.devices.flat[0])
+
+  def needed(width: int) -> int | None:
+    step_bytes = compiled_bytes(compile_width(width))
+    if step_bytes is None:
+      return None
+    return step_bytes + member_bytes * (2 * members - width) // unit
+
+  def fits(width: int) -> bool:
+    need = needed(width)
+    return budget is None or need is None or need <= 0.9 * budget
+
+  if config.ensemble.vmap_width:
+    width = min(int(config.ensemble.vmap_width), members)
+  else:
+    width = members
+    if not fits(width) and members > unit:
+      low = needed(unit)
+      per_unit = max((needed(members) - low) // (members // unit - 1), 1)
+      width = int(np.clip((0.9 * budget - low) // per_unit + 1, 1, members // unit - 1)) * unit
+      while width > unit and not fits(width):
+        width -= unit
+  groups = member_groups(members, width, unit)
+  widths = sorted({g.stop - g.start for g in groups})
+  steps = {w: compile_width(w) for w in widths}
+  full_abstract, full_sharding = abstract(members)
+  group_shardings = tuple(abstract(g.stop - g.start)[1] for g in groups)
+  setup = MemberSetup(
+      model=model, tx=tx, schedule=schedule, seeds=seeds, init=init,
+      abstract_state=full_abstract, state_sharding=full_sharding, groups=groups,
+      width=max(widths), group_shardings=group_shardings,
+      train_steps=tuple(steps[g.stop - g.start] for g in groups),
+      eval_step=jax.jit(make_member_eval_step(config, model), out_shardings=replicated),
+      keep_best=jax.jit(_keep_best, donate_argnums=(0,)),
+      memory={"needed_bytes_per_device": needed(max(widths)), "budget_bytes_per_device": budget,
+              "state_bytes_per_member": member_bytes})
+  if len(_MEMBER_SETUPS) >= _MAX_SETUPS:
+    _MEMBER_SETUPS.pop(next(iter(_MEMBER_SETUPS)))
+  _MEMBER_SETUPS[key] = setup
+  return setup
+
+
+def evaluate_members(eval_step: Callable, states: list[Any], pipeline: Any,
+                     members: int) -> list[dict[str, float]]:
+  """Per member: mean loss, MAE and RMSE (years) over one pass of an evaluation pipeline
+  (each batch is read once and evaluated by every group of members)."""
+  totals: list[Any] = [None] * len(states)
+  for batch in pipeline:
+    for g, state in enumerate(states):
+      sums = eval_step(state, batch)
+      totals[g] = sums if totals[g] is None else jax.tree.map(jnp.add, totals[g], sums)
+  host = sharding.to_host(totals)
+  joined = {k: np.concatenate([np.atleast_1d(t[k]) for t in host]) for k in host[0]}
+  out = []
+  for m in range(members):
+    count = float(joined["count"][m])
+    out.append({"loss": float(joined["loss"][m]) / count,
+                "mae": float(joined["abs_error"][m]) / count,
+                "rmse": math.sqrt(float(joined["squared_error"][m]) / count), "n": int(count)})
+  return out
+
+
+def load_members(workdir: str | Path, which: str = ckpt_lib.BEST) -> tuple[dict[str, Any], Any,
+                                                                            int]:
+  """(manifest, variables, step) of a trained workdir's `which` checkpoint, as host numpy.
+
+  `variables` is {"params": ..., **model_state} with a leading member axis `[M, ...]` on every
+  leaf (M = manifest["members"]; a single-model workdir gets M = 1), ready for a vmapped apply.
+  """
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
+  try:
+    state, meta = checkpoints.restore_stored(which)
+  finally:
+    checkpoints.close()
+  manifest = dict(meta.get("manifest") or {})
+  if not manifest:
+    raise ConfigError(f"{ckpt_lib.checkpoint_dir(workdir, which)}: checkpoint has no manifest")
+  variables = {"params": state["params"], **dict(state.get("model_state") or {})}
+  variables = jax.tree.map(np.asarray, variables)
+  if int(manifest.get("members", 1)) == 1 and "members" not in manifest:
+    variables = jax.tree.map(lambda x: x[None], variables)
+  manifest.setdefault("members", 1)
+  return manifest, variables, int(meta.get("step", -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +624,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   # --- Input pipeline. ---------------------------------------------------------------------------
   data = data_lib.open_training_data(config) if data is None else data
   data.check_against(config.data.sequences, config.data.image_shape)
+  if config.ensemble.members > 1:
+    return _train_members(config, workdir, data, quiet=quiet, devices=devices,
+                          max_steps=max_steps)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.eval_batch_size or batch_size)
   steps_per_epoch = data.steps_per_epoch(batch_size)
@@ -477,6 +797,224 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   return result
 
 
+def _train_members(config: ml_collections.ConfigDict, workdir: Path,
+                   data: data_lib.TrainingData, *, quiet: bool,
+                   devices: list[jax.Device] | None, max_steps: int | None) -> dict[str, Any]:
+  """`train_and_evaluate` for `config.ensemble.members = M > 1` (see there and `MemberSetup`).
+
+  Same loop as a single model, with M stacked members: one compiled step per member group,
+  per-member validation and best state (selected on device at the end of an epoch), early
+  stopping once every member has gone `patience` epochs without improving.
+  """
+  members = int(config.ensemble.members)
+  batch_size = int(config.batch_size)
+  eval_batch_size = int(config.eval_batch_size or batch_size)
+  steps_per_epoch = data.steps_per_epoch(batch_size)
+  total_steps = steps_per_epoch * int(config.num_epochs)
+  if sharding.is_main_process():
+    splits_lib.save_split(workdir / "split.json", data.split,
+                          getattr(data.source, "subject_ids", None),
+                          seed=int(config.data.split_seed), source=data.name)
+
+  # --- Mesh (members over 'ensemble', batch over 'data'); vmap width; compiled steps. ---------
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = sharding.make_mesh(ensemble_mesh_size(config, len(devices),
+                                               (batch_size, eval_batch_size)), devices)
+  sharding.check_batch_size(batch_size, mesh)
+  sharding.check_batch_size(eval_batch_size, mesh, key="config.eval_batch_size")
+  setup = build_member_setup(config, data.image_shape, len(data.sequences), data.mean_train_age,
+                             total_steps, mesh, age_scale=train_age_scale(config, data))
+  groups, schedule = setup.groups, setup.schedule
+  num_params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state["params"]))
+  num_params //= members
+  manifest = dict(model_manifest(config, data, num_params), members=members)
+
+  # --- Data: member m reads the batches of a single run with seed + m. -------------------------
+  rows = data.member_rows(setup.seeds, bool(config.ensemble.bootstrap))
+  batches = data.member_batches(mesh, batch_size, setup.seeds, rows, config.augment, groups,
+                                mode=config.data.mode, workers=int(config.data.workers))
+  val_batches = data.eval_batches(mesh, eval_batch_size, "val", mode=config.data.mode,
+                                  workers=int(config.data.workers))
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=int(config.keep_checkpoints))
+  progress = {"epoch": 0, "stopped": "", "history": [],
+              "members": [{"best_val_loss": math.inf, "best_val_mae": math.nan,
+                           "best_step": -1, "bad_epochs": 0} for _ in range(members)],
+              "train_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
+  try:
+    if checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore(ckpt_lib.LATEST, setup.abstract_state, manifest)
+      progress.update(meta["progress"])
+      for m in progress["members"]:
+        m["best_val_loss"] = _float(m["best_val_loss"])
+      batches.set_state(meta["data_state"])
+      best = (checkpoints.restore(ckpt_lib.BEST, setup.abstract_state, manifest)[0]
+              if checkpoints.latest_step(ckpt_lib.BEST) is not None
+              else jax.tree.map(jnp.copy, state))
+    else:
+      state = jax.device_put(setup.init(), setup.state_sharding)
+      if config.init_from:
+        state = _init_from(_init_source(config.init_from, manifest), state,
+                           setup.abstract_state, manifest)
+      best = jax.tree.map(jnp.copy, state)
+      checkpoints.save(ckpt_lib.LATEST, 0, state, _meta(progress, manifest, batches))
+    step = int(sharding.to_host(state["step"]))
+    if batches.step != step:
+      raise ConfigError(f"checkpoint in {workdir}: data position {batches.step} differs from "
+                        f"training step {step}")
+    states, bests = setup.split(state), setup.split(best)
+    del state, best
+  except BaseException:
+    checkpoints.close()
+    batches.close()
+    raise
+
+  # --- Loop. -------------------------------------------------------------------------------------
+  writer = SummaryWriter(workdir / "tensorboard")
+  history: list[dict[str, Any]] = progress["history"]
+  stop = _members_finished(progress, step, total_steps, config)
+  start_time = time.perf_counter()
+  train_seconds_before = float(progress["train_seconds"] or 0.0)
+  start_step = step
+  steps_timed, timed_seconds = 0, 0.0
+  bar = progress_bar(total_steps, initial=step, quiet=quiet)
+  pending: list[dict[str, jax.Array]] = []
+  last_good = checkpoints.latest_step()
+  counted = [0, 0.0]
+
+  def save(which: str) -> None:
+    nonlocal last_good
+    _check_finite(pending, last_good, workdir)
+    progress["train_seconds"] = train_seconds_before + time.perf_counter() - start_time
+    progress["timed_steps"] += steps_timed - counted[0]
+    progress["timed_seconds"] += timed_seconds - counted[1]
+    counted[:] = [steps_timed, timed_seconds]
+    checkpoints.save(which, step, setup.join(bests if which == ckpt_lib.BEST else states),
+                     _meta(progress, manifest, batches))
+    if which == ckpt_lib.LATEST:
+      last_good = step
+
+  interval_start, interval_steps, compiled = time.perf_counter(), 0, False
+  try:
+    while not stop:
+      group_batches = next(batches)
+      if step == 0 and config.num_image_summaries:
+        _write_input_images(writer, group_batches[0], int(config.num_image_summaries),
+                            members=True)
+      for g, train_step in enumerate(setup.train_steps):
+        states[g], metrics = train_step(states[g], group_batches[g])
+        pending.append(metrics)
+      del group_batches
+      step += 1
+      bar.update(1)
+      if not compiled:
+        jax.block_until_ready(pending[-1])
+        compiled = True
+        interval_start, interval_steps = time.perf_counter(), 0
+      else:
+        interval_steps += 1
+
+      end_of_epoch = step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch:
+        means = _check_finite(pending, last_good, workdir)
+        pending.clear()
+        seconds = time.perf_counter() - interval_start
+        steps_timed += interval_steps
+        timed_seconds += seconds
+        scalars = {"train/loss": means["loss"], "train/mae": means["mae"],
+                   "train/grad_norm": means["grad_norm"],
+                   "train/learning_rate": float(schedule(step - 1))}
+        if interval_steps:
+          scalars["train/volumes_per_second"] = (interval_steps * batch_size * members
+                                                 / max(seconds, 1e-9))
+        writer.scalars(step, scalars)
+        bar.set_postfix(loss=f"{means['loss']:.3g}", mae=f"{means['mae']:.2f}")
+        interval_start, interval_steps = time.perf_counter(), 0
+
+      if end_of_epoch:
+        epoch = step // steps_per_epoch
+        val = evaluate_members(setup.eval_step, states, val_batches, members)
+        improved = np.array([v["loss"] < p["best_val_loss"]
+                             for v, p in zip(val, progress["members"])])
+        progress["epoch"] = epoch
+        for v, p, better in zip(val, progress["members"], improved):
+          if better:
+            p.update(best_val_loss=v["loss"], best_val_mae=v["mae"], best_step=step,
+                     bad_epochs=0)
+          else:
+            p["bad_epochs"] += 1
+        if improved.any():
+          # Each member's best is selected on device: no parameters travel to the host.
+          bests = [setup.keep_best(b, s, jnp.asarray(improved[grp]))
+                   for b, s, grp in zip(bests, states, groups)]
+        mean = {k: float(np.mean([v[k] for v in val])) for k in ("loss", "mae", "rmse")}
+        history.append({"epoch": epoch, "step": step, "val_loss": mean["loss"],
+                        "val_mae": mean["mae"], "val_rmse": mean["rmse"],
+                        "members": [{"val_loss": v["loss"], "val_mae": v["mae"],
+                                     "val_rmse": v["rmse"]} for v in val]})
+        scalars = {"val/loss": mean["loss"], "val/mae": mean["mae"], "val/rmse": mean["rmse"]}
+        scalars.update({f"val_members/{m}_mae": v["mae"] for m, v in enumerate(val)})
+        writer.scalars(step, scalars)
+        writer.flush()
+        if not quiet and sharding.is_main_process():
+          bar.write(f"epoch {epoch}: members' val MAE {mean['mae']:.2f} years (mean; "
+                    f"{int(improved.sum())} of {members} improved)")
+        stop = _members_finished(progress, step, total_steps, config)
+        if improved.any():
+          save(ckpt_lib.BEST)
+        save(ckpt_lib.LATEST)
+        interval_start = time.perf_counter()
+      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save(ckpt_lib.LATEST)
+      if max_steps is not None and step >= max_steps and not stop:
+        progress["stopped"] = "max_steps"
+        if last_good != step:
+          save(ckpt_lib.LATEST)
+        break
+  except KeyboardInterrupt:
+    if last_good != step:
+      save(ckpt_lib.LATEST)
+    raise
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    bar.close()
+    writer.close()
+    batches.close()
+
+  per_member = [{"best_val_mae": p["best_val_mae"], "best_val_loss": p["best_val_loss"],
+                 "best_step": p["best_step"]} for p in progress["members"]]
+  result = {"step": step, "epoch": progress["epoch"],
+            # The members' means; each member's own numbers are in "members".
+            "best_val_loss": float(np.mean([p["best_val_loss"] for p in per_member])),
+            "best_val_mae": float(np.mean([_float(p["best_val_mae"]) for p in per_member])),
+            "best_step": max(p["best_step"] for p in per_member),
+            "members": per_member, "stopped": progress["stopped"] or "done",
+            "num_params": num_params,
+            "train_seconds": train_seconds_before + (
+                time.perf_counter() - start_time if step > start_step else 0.0),
+            # Member-volumes/s: every member's batch counts.
+            "volumes_per_second": _throughput(progress, steps_timed - counted[0],
+                                              timed_seconds - counted[1], batch_size * members),
+            "vmap_width": setup.width, "groups": [[g.start, g.stop] for g in groups],
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "memory": setup.memory,
+            "history": history}
+  if sharding.is_main_process():
+    fileio.write_json(workdir / "metrics.json", _jsonable(result))
+  return result
+
+
+def _members_finished(progress: dict[str, Any], step: int, total_steps: int,
+                      config: ml_collections.ConfigDict) -> bool:
+  if config.patience and all(m["bad_epochs"] >= config.patience for m in progress["members"]):
+    progress["stopped"] = "early_stopping"
+    return True
+  if step >= total_steps:
+    progress["stopped"] = "done"
+    return True
+  progress["stopped"] = ""
+  return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers of the loop.
 # ---------------------------------------------------------------------------------------------
@@ -532,9 +1070,11 @@ def _check_finite(pending: list[dict[str, jax.Array]], last_good_step: int | Non
   if not pending:
     return {}
   fetched = sharding.to_host(pending)
-  bad = min(int(m["bad_step"]) for m in fetched)
+  # Ensemble steps report per member ([w]); the first bad member step counts.
+  bad = min(int(np.min(m["bad_step"])) for m in fetched)
   if bad != _NO_BAD_STEP:
-    loss = next(float(m["loss"]) for m in fetched if int(m["bad_step"]) == bad)
+    loss = next(float(np.ravel(m["loss"])[np.argmin(np.ravel(m["bad_step"]))])
+                for m in fetched if int(np.min(m["bad_step"])) == bad)
     kept = (f"kept the last good checkpoint {ckpt_lib.checkpoint_dir(workdir)}/{last_good_step}"
             if last_good_step is not None else "no checkpoint was written yet")
     raise NonFiniteLossError(f"training loss is {loss} at step {bad + 1}; stopped and {kept} "
@@ -563,13 +1103,17 @@ def _init_from(source: tuple[ckpt_lib.Checkpoints, str], state: Any, abstract_st
   return dict(state, params=restored["params"], model_state=restored["model_state"])
 
 
-def _write_input_images(writer: SummaryWriter, batch: dict[str, jax.Array], n: int) -> None:
-  """Mid-slices of the first network inputs (as augmented) with their ages, at step 0."""
+def _write_input_images(writer: SummaryWriter, batch: dict[str, jax.Array], n: int, *,
+                        members: bool = False) -> None:
+  """Mid-slices of the first network inputs (as augmented) with their ages, at step 0 (of the
+  first member of this process's shard when `members`)."""
   if not writer.enabled:
     return
   # This process's first rows only: nothing is gathered across hosts for a picture.
   images = np.asarray(batch["image"].addressable_shards[0].data)
   ages = np.asarray(batch["age"].addressable_shards[0].data)
+  if members:
+    images, ages = images[0], ages[0]
   for i in range(min(n, len(images))):
     writer.image(0, f"inputs/{i}_age_{float(ages[i]):.1f}", mid_slices(images[i]))
   writer.flush()
