@@ -1,0 +1,137 @@
+"""Figures of the brain-age-gap analysis and the report (matplotlib Agg; PNGs written atomically).
+
+forest_plot: one row per covariate, the estimate (years of gap per unit) with its confidence
+  interval, the true effect marked when known, reference estimates (e.g. the latent gap's) beside.
+bias_plot: brain-age gap against chronological age before and after bias correction, with
+  least-squares lines and Spearman correlations: the regression-to-the-mean bias made visible.
+Tables go into the HTML report as tables (`report`), not pictures.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from jax_brainage import fileio
+
+_REFERENCE_STYLES = (("tab:gray", "s"), ("tab:purple", "^"), ("tab:olive", "v"), ("tab:cyan", "P"))
+
+
+def _figure(width: float, height: float):
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+  return Figure(figsize=(width, height), dpi=120)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+  with fileio.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png")
+
+
+def forest_plot(path: str | os.PathLike, fit, *,
+                true_effects: Mapping[str, float | None] | None = None,
+                reference: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                terms: Sequence[str] | None = None, title: str | None = None) -> None:
+  """Forest plot of a `gap.GapRegression` as a PNG.
+
+  Args:
+    path: PNG to write.
+    fit: the regression (estimates, ci_low, ci_high per term; years per covariate unit).
+    true_effects: {term: true coefficient or None}; marked with a red diamond.
+    reference: {label: {term: (estimate, ci_low, ci_high)}}: other estimates of the same terms
+      (e.g. the true latent gap's), drawn thinner just below each row.
+    terms: the terms to show, top to bottom (default: all but the intercept).
+    title: the figure title.
+  """
+  terms = [t for t in (terms or fit.terms) if t != "intercept"]
+  if not terms:
+    terms = list(fit.terms)
+  reference = dict(reference or {})
+  rows = {t: fit[t] for t in terms}
+  n_ref = len(reference)
+  fig = _figure(6.4, 1.2 + 0.42 * len(terms) * (1 + 0.35 * n_ref))
+  ax = fig.add_subplot()
+  ys = np.arange(len(terms))[::-1].astype(float)
+  spacing = 0.8 / (n_ref + 1)
+  level = round(100 * fit.confidence)
+  for y, t in zip(ys, terms):
+    r = rows[t]
+    ax.plot([r["ci_low"], r["ci_high"]], [y, y], color="tab:blue", linewidth=2.2,
+            solid_capstyle="butt")
+    ax.plot([r["estimate"]], [y], "o", color="tab:blue", markersize=6)
+    for k, (label, est) in enumerate(reference.items()):
+      if t not in est:
+        continue
+      e, lo, hi = est[t]
+      color, marker = _REFERENCE_STYLES[k % len(_REFERENCE_STYLES)]
+      yk = y - spacing * (k + 1)
+      ax.plot([lo, hi], [yk, yk], color=color, linewidth=1.0, alpha=0.8)
+      ax.plot([e], [yk], marker, color=color, markersize=4)
+    true = (true_effects or {}).get(t)
+    if true is not None:
+      ax.plot([true], [y], "D", color="tab:red", markersize=7, markerfacecolor="none",
+              markeredgewidth=1.6)
+  ax.axvline(0.0, color="0.4", linestyle="--", linewidth=0.8)
+  ax.set_yticks(ys, terms)
+  ax.set_ylim(ys.min() - 0.9, ys.max() + 0.5)
+  ax.set_xlabel("effect on the brain-age gap (years per unit)")
+  from matplotlib.lines import Line2D
+
+  handles = [Line2D([], [], color="tab:blue", marker="o", linewidth=2.2,
+                    label=f"estimate, {level}% CI (n={fit.n})")]
+  if true_effects and any(v is not None for v in true_effects.values()):
+    handles.append(Line2D([], [], color="tab:red", marker="D", linestyle="none",
+                          markerfacecolor="none", label="true effect"))
+  for k, label in enumerate(reference):
+    color, marker = _REFERENCE_STYLES[k % len(_REFERENCE_STYLES)]
+    handles.append(Line2D([], [], color=color, marker=marker, linewidth=1.0, label=label))
+  ax.legend(handles=handles, loc="best", fontsize=7)
+  ax.set_title(title or f"{fit.response}: OLS estimates", fontsize=10)
+  ax.grid(axis="x", alpha=0.3)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+  from scipy import stats
+
+  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float("nan")
+  return float(stats.spearmanr(x, y)[0])
+
+
+def bias_plot(path: str | os.PathLike, age: np.ndarray, gap: np.ndarray,
+              corrected: np.ndarray | None = None, *, title: str | None = None) -> None:
+  """Brain-age gap (years) against chronological age (years), before and after correction.
+
+  Args:
+    path: PNG to write.
+    age: `[n]` chronological ages; gap: `[n]` predicted - chronological age.
+    corrected: `[n]` bias-corrected gap, or None to show the uncorrected gap only.
+    title: the figure title.
+  """
+  age = np.asarray(age, np.float64)
+  series = [("uncorrected", np.asarray(gap, np.float64), "tab:orange")]
+  if corrected is not None:
+    series.append(("bias-corrected", np.asarray(corrected, np.float64), "tab:blue"))
+  fig = _figure(6.0, 4.2)
+  ax = fig.add_subplot()
+  grid = np.linspace(age.min(), age.max(), 2)
+  for label, g, color in series:
+    slope, intercept = np.polyfit(age, g, 1) if len(age) > 1 else (0.0, float(g.mean()))
+    rho = _spearman(age, g)
+    ax.scatter(age, g, s=12, alpha=0.6, color=color,
+               label=f"{label}: slope {slope:+.3f} y/y, Spearman {rho:+.2f}")
+    ax.plot(grid, intercept + slope * grid, color=color, linewidth=1.5)
+  ax.axhline(0.0, color="0.4", linestyle="--", linewidth=0.8)
+  ax.set_xlabel("chronological age (years)")
+  ax.set_ylabel("brain-age gap (years)")
+  ax.set_title(title or "Brain-age gap vs age (regression to the mean)", fontsize=10)
+  ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  _save(fig, path)
