@@ -1,0 +1,630 @@
+"""The ensemble store: sub-ensembles of stacked members, their head and bias correction, saved as
+ONE orbax checkpoint, and their jitted forward pass.
+
+Layout (inside an experiment workdir W, see `jax_brainage.ensemble.experiment`):
+
+    W/ensemble/                 one orbax checkpoint (written to a temporary name, then renamed)
+      variables/                {sub-ensemble name: stacked variables, every leaf [M, ...]}
+      manifest/metadata         JSON manifest (MANIFEST_KIND, FORMAT_VERSION): per sub-ensemble
+                                its name, sequences, regions, model manifest, member count, the
+                                cache (and its preprocessing record) it was trained on, and the
+                                head weights (both levels, effective member weights) and the
+                                bias correction
+
+A sub-ensemble's members share one architecture and input (its sequences, its regions), so their
+parameters stack along a leading member axis and one `jax.vmap` over that axis evaluates them
+all in one jitted call; batches of subjects are split over the devices ('data' axis). Loading a
+store whose arrays do not fit its models, or applying it to inputs of other sequences, shape or
+regions, is a one-line ConfigError / DataError naming the culprit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_brainage import models, sharding
+from jax_brainage.ensemble import correction as correction_lib
+from jax_brainage.ensemble import head as head_lib
+from jax_brainage.errors import ConfigError, DataError
+
+STORE = "ensemble"
+MANIFEST_KIND = "jax_brainage.ensemble"
+FORMAT_VERSION = 1
+_ITEMS = ("variables", "manifest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-ensembles and the ensemble.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SubEnsemble:
+  """M members of one architecture and input, parameters stacked along a leading member axis.
+
+  Attributes:
+    name: identifier (W/sub/<name>, TSV column pred_<name>).
+    sequences: input channels, in order (e.g. ("T1w",)).
+    regions: atlas regions the input is restricted to (names or labels); () = whole brain.
+    manifest: the trainer's model manifest (`train.trainer.model_manifest`: model,
+      model_kwargs, image_shape, sequences, mean_train_age, ...).
+    members: M.
+    variables: {"params": ..., **model_state}, every leaf `[M, ...]` (host numpy arrays).
+    cache_dir: the cache the members were trained on (its preprocessing prepares new data).
+    preprocessing: that cache's `Preprocessing` record (dict) at training time, to detect a
+      cache prepared again differently; None if unknown.
+    workdir: the sub-ensemble's training workdir, if any (provenance only).
+  """
+
+  name: str
+  sequences: tuple[str, ...]
+  regions: tuple[str, ...]
+  manifest: Mapping[str, Any]
+  members: int
+  variables: Any
+  cache_dir: str | os.PathLike | None = None
+  preprocessing: Mapping[str, Any] | None = None
+  workdir: str | os.PathLike | None = None
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "sequences", tuple(self.sequences))
+    object.__setattr__(self, "regions", tuple(str(r) for r in self.regions))
+    object.__setattr__(self, "members", int(self.members))
+    if tuple(self.manifest.get("sequences", ())) != self.sequences:
+      raise ConfigError(f"sub-ensemble {self.name}: sequences {list(self.sequences)} differ from "
+                        f"its model's {list(self.manifest.get('sequences', ()))}")
+    for leaf in jax.tree.leaves(self.variables):
+      if np.ndim(leaf) < 1 or np.shape(leaf)[0] != self.members:
+        raise ConfigError(f"sub-ensemble {self.name}: variables must be stacked [members="
+                          f"{self.members}, ...], a leaf has shape {np.shape(leaf)}")
+
+  @property
+  def model(self):
+    if "model" not in self._compiled:
+      from jax_brainage.train import trainer
+
+      self._compiled["model"] = trainer.build_model(dict(self.manifest))
+    return self._compiled["model"]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(int(s) for s in self.manifest["image_shape"])
+
+  @property
+  def input_shape(self) -> tuple[int, int, int, int]:
+    """`[X, Y, Z, C]` of one subject's input."""
+    return (*self.image_shape, len(self.sequences))
+
+  def member_variables(self, m: int) -> Any:
+    """Member m's own (unstacked) variables."""
+    return jax.tree.map(lambda a: a[m], self.variables)
+
+  def check_inputs(self, shape: Sequence[int], where: str = "input") -> None:
+    """DataError unless `shape` is `[n, X, Y, Z, C]` of this sub-ensemble's input."""
+    if len(shape) != 5 or tuple(shape[1:]) != self.input_shape:
+      expects = ", ".join(map(str, self.input_shape))
+      raise DataError(f"{where}: sub-ensemble {self.name} expects [n, {expects}] "
+                      f"({'+'.join(self.sequences)}"
+                      f"{' @ ' + '+'.join(self.regions) if self.regions else ''}), got "
+                      f"{list(shape)}")
+
+  def forward(self) -> Callable:
+    """Jitted `(stacked variables, volumes [n, X, Y, Z, C]) -> predicted ages [n, M]` (years).
+
+    Volumes are uint8 (scaled / 255 as in training) or floating (used as they are).
+    """
+    if "forward" not in self._compiled:
+      from jax_brainage.data import intensity
+
+      model = self.model
+
+      def apply(variables, volumes):
+        x = intensity.to_unit_float(volumes)
+
+        def one(v):  # one member on the whole batch
+          return models.predicted_age(model, model.apply(v, x, train=False))
+
+        return jax.vmap(one)(variables).T  # [M, n] -> [n, M]
+
+      self._compiled["forward"] = jax.jit(apply)
+    return self._compiled["forward"]
+
+  def predict(self, volumes: Any, batch_size: int = 8,
+              devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """Every member's predicted age `[n, M]` (years, float32) of volumes `[n, X, Y, Z, C]`.
+
+    Fixed-size batches (the last one padded: one compiled shape) split over `devices` (default:
+    this process's); all members in the same call.
+    """
+    volumes = np.asarray(volumes) if not isinstance(volumes, np.ndarray) else volumes
+    self.check_inputs(volumes.shape)
+    mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
+    d = sharding.data_size(mesh)
+    batch_size = max(d, int(math.ceil(max(1, batch_size) / d)) * d)
+    # The members' variables are placed on the devices once per device set.
+    key = ("placed", tuple(mesh.devices.flat))
+    if key not in self._compiled:
+      self._compiled[key] = sharding.put_replicated(mesh, self.variables)
+    variables = self._compiled[key]
+    batch = sharding.batch_sharding(mesh)
+    forward = self.forward()
+    out = []
+    for start in range(0, len(volumes), batch_size):
+      chunk = np.ascontiguousarray(volumes[start:start + batch_size])
+      k = len(chunk)
+      if k < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - k, *chunk.shape[1:]),
+                                                chunk.dtype)])
+      out.append(np.asarray(jax.device_get(forward(variables,
+                                                   jax.device_put(chunk, batch))))[:k])
+    if not out:
+      return np.zeros((0, self.members), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsemblePrediction:
+  """An ensemble's predictions of n subjects (years).
+
+  Attributes:
+    members: {sub name: `[n, M_name]`} every member's predicted age.
+    subs: {sub name: `[n]`} each sub-ensemble's (level-1 head) prediction.
+    ensemble: `[n]` the multi-level ensemble's prediction.
+    spread: `[n]` uncertainty: standard deviation of all members' predictions.
+    correction: the bias correction fit on validation data.
+  """
+
+  members: Mapping[str, np.ndarray]
+  subs: Mapping[str, np.ndarray]
+  ensemble: np.ndarray
+  spread: np.ndarray
+  correction: correction_lib.Correction
+
+  def gap(self, age: Any) -> np.ndarray:
+    """Brain-age gap `[n]` = ensemble - age (years)."""
+    return self.ensemble - np.asarray(age, np.float64)
+
+  def corrected(self, age: Any) -> np.ndarray:
+    """Bias-corrected predicted age `[n]` (years) given chronological ages `[n]`."""
+    return self.correction.apply(self.ensemble, age)
+
+  def corrected_gap(self, age: Any) -> np.ndarray:
+    return self.correction.corrected_gap(self.ensemble, age)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ensemble:
+  """Sub-ensembles, the multi-level head over them and the bias correction of the gap.
+
+  Attributes:
+    subs: the sub-ensembles, in the head's (level-2) order.
+    head: `head.MultiLevelHead` fit on validation predictions.
+    correction: `correction.Correction` fit on validation predictions.
+    workdir: the experiment workdir (the store is workdir/ensemble), or None.
+    info: extra JSON-able record kept in the manifest (e.g. validation metrics, split).
+  """
+
+  subs: tuple[SubEnsemble, ...]
+  head: head_lib.MultiLevelHead
+  correction: correction_lib.Correction
+  workdir: str | os.PathLike | None = None
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, "subs", tuple(self.subs))
+    names = tuple(s.name for s in self.subs)
+    if len(set(names)) != len(names):
+      raise ConfigError(f"ensemble: sub-ensemble names repeat: {list(names)}")
+    if names != tuple(self.head.names):
+      raise ConfigError(f"ensemble: head is over {list(self.head.names)}, sub-ensembles are "
+                        f"{list(names)}")
+    for s in self.subs:
+      if self.head.level1[s.name].k != s.members:
+        raise ConfigError(f"ensemble: head of {s.name} weighs {self.head.level1[s.name].k} "
+                          f"members, the sub-ensemble has {s.members}")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(s.name for s in self.subs)
+
+  @property
+  def n_members(self) -> int:
+    return sum(s.members for s in self.subs)
+
+  def sub(self, name: str) -> SubEnsemble:
+    for s in self.subs:
+      if s.name == name:
+        return s
+    raise ConfigError(f"ensemble: no sub-ensemble {name!r} (have {', '.join(self.names)})")
+
+  def member_weights(self) -> dict[str, np.ndarray]:
+    """{sub name: `[M]`} each member's effective weight in the ensemble prediction."""
+    return self.head.member_weights()
+
+  def _inputs(self, inputs: Mapping[str, Any] | Any) -> dict[str, Any]:
+    if not isinstance(inputs, Mapping):
+      if len(self.subs) != 1:
+        raise DataError(f"ensemble: give inputs per sub-ensemble ({', '.join(self.names)})")
+      inputs = {self.subs[0].name: inputs}
+    missing = [n for n in self.names if n not in inputs]
+    if missing:
+      raise DataError(f"ensemble: no input volumes for sub-ensemble {missing[0]!r}")
+    counts = {s: len(inputs[s]) for s in self.names}
+    if len(set(counts.values())) != 1:
+      raise DataError("ensemble: sub-ensembles' inputs hold different numbers of subjects ("
+                      + ", ".join(f"{s}: {n}" for s, n in counts.items()) + ")")
+    return {s: inputs[s] for s in self.names}
+
+  def predict_members(self, inputs: Mapping[str, Any], batch_size: int = 8
+                      ) -> dict[str, np.ndarray]:
+    """{sub name: volumes `[n, X, Y, Z, C]`} -> {sub name: members' predicted ages `[n, M]`}.
+
+    A single-sub-ensemble ensemble also takes the volumes array itself.
+    """
+    inputs = self._inputs(inputs)
+    return {s.name: s.predict(inputs[s.name], batch_size) for s in self.subs}
+
+  def predict(self, inputs: Mapping[str, Any], batch_size: int = 8) -> EnsemblePrediction:
+    """Member, sub-ensemble and ensemble predictions with their spread (years)."""
+    members = self.predict_members(inputs, batch_size)
+    return self.combine(members)
+
+  def combine(self, members: Mapping[str, np.ndarray]) -> EnsemblePrediction:
+    """The head and spread applied to member predictions {sub name: `[n, M]`}."""
+    return EnsemblePrediction(
+        members=dict(members), subs=self.head.sub_predictions(members),
+        ensemble=self.head.apply(members), spread=head_lib.member_spread(members),
+        correction=self.correction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one: sub-ensembles from trainer workdirs, head and correction from validation data.
+
+
+def load_sub_ensemble(name: str, workdir: str | os.PathLike, *, regions: Sequence[str] = (),
+                      checkpoint: str = "best") -> SubEnsemble:
+  """The members of a trainer workdir (`train_and_evaluate` with `ensemble.members` M) as a
+  sub-ensemble: the `checkpoint` ("best": each member at its own best validation epoch).
+
+  A single-model workdir (no member axis) gives a sub-ensemble of one member.
+  """
+  import orbax.checkpoint as ocp
+
+  from jax_brainage.train import checkpoint as ckpt_lib
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise ConfigError(f"{workdir}: no trained sub-ensemble there (no config.json)")
+  try:
+    record = json.loads(config_path.read_text(encoding="utf-8"))
+    config = record["config"]
+    cache = (record.get("fingerprint") or {}).get("data.cache") or config["data"]["cache"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{config_path}: unreadable experiment record ({type(e).__name__})") from None
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+  finally:
+    absl.setLevel(level)
+  try:
+    step = ckpts.latest_step(checkpoint)
+    where = f"{ckpt_lib.checkpoint_dir(workdir, checkpoint)}/{step}"
+    if step is None:
+      raise ConfigError(f"{workdir}: no {checkpoint} checkpoint")
+    meta = ckpts.read_meta(checkpoint, step)
+    manifest = meta.get("manifest")
+    if not manifest:
+      raise ConfigError(f"{where}: checkpoint has no model manifest")
+    members = int(manifest.get("members", 1))
+    stored = ckpts._managers[checkpoint].item_metadata(step)["state"]
+    device = jax.local_devices()[0]
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        stored, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    expected = _expected_variables(manifest, members if "members" in manifest else None)
+    got = {"params": stored["params"], **dict(stored.get("model_state") or {})}
+    ckpt_lib.check_shapes(got, expected, where)
+    restored = ckpts._managers[checkpoint].restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    ckpts.close()
+  variables = {"params": restored["params"], **dict(restored.get("model_state") or {})}
+  variables = jax.tree.map(np.asarray, variables)
+  if "members" not in manifest:  # single-model layout: add the member axis
+    variables = jax.tree.map(lambda a: a[None], variables)
+  preprocessing = None
+  index = Path(cache) / "index.json"
+  if index.is_file():
+    try:
+      preprocessing = json.loads(index.read_text(encoding="utf-8")).get("preprocessing")
+    except (OSError, ValueError):
+      preprocessing = None
+  manifest = {k: v for k, v in manifest.items() if k != "members"}
+  return SubEnsemble(name=name, sequences=tuple(manifest["sequences"]), regions=tuple(regions),
+                     manifest=manifest, members=members, variables=variables,
+                     cache_dir=str(Path(cache).resolve()), preprocessing=preprocessing,
+                     workdir=str(workdir.resolve()))
+
+
+def _expected_variables(manifest: Mapping[str, Any], members: int | None) -> Any:
+  """Shapes of a manifest's model variables, with a leading member axis unless members=None."""
+  from jax_brainage.train import trainer
+
+  model = trainer.build_model(dict(manifest))
+  channels = len(manifest["sequences"])
+  shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                         jnp.zeros((1, *manifest["image_shape"], channels), jnp.float32),
+                         train=False))
+  if members is None:
+    return shapes
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((members, *s.shape), s.dtype), shapes)
+
+
+def fit_ensemble(subs: Sequence[SubEnsemble], inputs: Mapping[str, Any], ages: Any, *,
+                 head: str = "linear", folds: int = 5, correction: str = "linear",
+                 seed: int = 0, batch_size: int = 8, workdir: str | os.PathLike | None = None,
+                 info: Mapping[str, Any] | None = None) -> Ensemble:
+  """Predicts validation volumes with every member, fits the multi-level head and the bias
+  correction on them (ages in years), and returns the ensemble.
+
+  Args:
+    inputs: {sub name: validation volumes `[n, X, Y, Z, C]`}; ages: `[n]`.
+    head: "linear" | "nonnegative" | "mean"; folds: K of the level-2 cross-validation.
+    correction: "none" | "linear" | "poly3".
+  """
+  ages = np.asarray(ages, np.float64)
+  members = {s.name: s.predict(inputs[s.name], batch_size) for s in subs}
+  return fit_ensemble_from_predictions(subs, members, ages, head=head, folds=folds,
+                                       correction=correction, seed=seed, workdir=workdir,
+                                       info=info)
+
+
+def fit_ensemble_from_predictions(subs: Sequence[SubEnsemble], members: Mapping[str, Any],
+                                  ages: Any, *, head: str = "linear", folds: int = 5,
+                                  correction: str = "linear", seed: int = 0,
+                                  workdir: str | os.PathLike | None = None,
+                                  info: Mapping[str, Any] | None = None) -> Ensemble:
+  """As `fit_ensemble`, from members' validation predictions {sub name: `[n, M]`} (years)."""
+  ages = np.asarray(ages, np.float64)
+  ordered = {s.name: np.asarray(members[s.name], np.float64) for s in subs}
+  multilevel = head_lib.fit_multilevel(ordered, ages, kind=head, folds=folds, seed=seed)
+  fitted = correction_lib.fit_correction(correction, ages, multilevel.apply(ordered))
+  record = dict(info or {})
+  record.setdefault("validation", validation_metrics(multilevel, fitted, ordered, ages))
+  return Ensemble(tuple(subs), multilevel, fitted, workdir, record)
+
+
+def validation_metrics(head: head_lib.MultiLevelHead, correction: correction_lib.Correction,
+                       members: Mapping[str, np.ndarray], ages: np.ndarray) -> dict[str, Any]:
+  """MAEs (years) of members, sub-ensembles and the ensemble on the data the head was fit on
+  (in-sample for the head; the level-2 cross-validated MAE is `head.oof_mae`)."""
+  ages = np.asarray(ages, np.float64)
+  ens = head.apply(members)
+  subs = head.sub_predictions(members)
+  out = dict(correction_lib.gap_metrics(ages, ens, correction.apply(ens, ages)))
+  out["mae_cross_validated"] = head.oof_mae
+  out["mae_subs"] = {n: float(np.mean(np.abs(p - ages))) for n, p in subs.items()}
+  out["mae_members"] = {n: [float(v) for v in np.mean(np.abs(p - ages[:, None]), axis=0)]
+                        for n, p in members.items()}
+  return _jsonable(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load.
+
+
+def store_dir(workdir: str | os.PathLike) -> Path:
+  return Path(workdir).resolve() / STORE
+
+
+def is_ensemble_workdir(workdir: str | os.PathLike) -> bool:
+  """True when W holds an ensemble store (W/ensemble with its manifest)."""
+  return (store_dir(workdir) / "manifest" / "metadata").is_file()
+
+
+def _handler():
+  import orbax.checkpoint as ocp
+
+  return ocp.CompositeCheckpointHandler(variables=ocp.StandardCheckpointHandler(),
+                                        manifest=ocp.JsonCheckpointHandler())
+
+
+def manifest_of(ensemble: Ensemble) -> dict[str, Any]:
+  """The JSON manifest of an ensemble (what `save_ensemble` writes beside the arrays)."""
+  subs = []
+  for s in ensemble.subs:
+    subs.append({
+        "name": s.name, "sequences": list(s.sequences), "regions": list(s.regions),
+        "members": s.members, "model_manifest": _jsonable(dict(s.manifest)),
+        "cache_dir": None if s.cache_dir is None else str(s.cache_dir),
+        "preprocessing": _jsonable(s.preprocessing),
+        "workdir": None if s.workdir is None else str(s.workdir),
+        "member_weights": [float(w) for w in ensemble.member_weights()[s.name]],
+    })
+  return {"kind": MANIFEST_KIND, "format_version": FORMAT_VERSION,
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "n_members": ensemble.n_members, "sub_ensembles": subs,
+          "head": ensemble.head.to_dict(), "correction": ensemble.correction.to_dict(),
+          "info": _jsonable(dict(ensemble.info))}
+
+
+def save_ensemble(workdir: str | os.PathLike, ensemble: Ensemble) -> Path:
+  """Saves the ensemble as ONE orbax checkpoint W/ensemble (arrays + JSON manifest).
+
+  Written to W/ensemble.tmp first and renamed into place, so W/ensemble is always either the
+  previous complete store or the new complete one. Returns the store's path.
+  """
+  import orbax.checkpoint as ocp
+
+  path = store_dir(workdir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp, old = path.with_name(STORE + ".tmp"), path.with_name(STORE + ".old")
+  main = jax.process_index() == 0
+  if main:
+    shutil.rmtree(tmp, ignore_errors=True)
+  variables = {s.name: jax.tree.map(np.asarray, s.variables) for s in ensemble.subs}
+  with ocp.Checkpointer(_handler()) as ckptr:
+    ckptr.save(tmp, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                            manifest=ocp.args.JsonSave(manifest_of(ensemble))))
+  if main:
+    if path.exists():
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("jax_brainage.ensemble.save")
+  return path
+
+
+def read_manifest(workdir: str | os.PathLike) -> dict[str, Any]:
+  """The store's JSON manifest (ConfigError if W holds no readable ensemble store)."""
+  path = store_dir(workdir) / "manifest" / "metadata"
+  if not path.is_file():
+    raise ConfigError(f"--workdir {workdir}: no ensemble store (no {STORE}/manifest)")
+  try:
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: unreadable ensemble manifest ({type(e).__name__})") from None
+  if manifest.get("kind") != MANIFEST_KIND:
+    raise ConfigError(f"{path}: not an ensemble manifest (kind {manifest.get('kind')!r})")
+  if int(manifest.get("format_version", -1)) > FORMAT_VERSION:
+    raise ConfigError(f"{path}: ensemble store format {manifest.get('format_version')} is newer "
+                      f"than this jax_brainage reads ({FORMAT_VERSION})")
+  return manifest
+
+
+def load_ensemble(workdir: str | os.PathLike) -> Ensemble:
+  """Restores the ensemble saved in W/ensemble.
+
+  Raises:
+    ConfigError: one line naming the store when it is missing, unreadable, or its arrays do not
+      fit the models its manifest describes.
+  """
+  import orbax.checkpoint as ocp
+
+  from jax_brainage.train import checkpoint as ckpt_lib
+
+  manifest = read_manifest(workdir)
+  path = store_dir(workdir)
+  try:
+    specs = manifest["sub_ensembles"]
+    head = head_lib.MultiLevelHead.from_dict(manifest["head"])
+    fitted = correction_lib.Correction.from_dict(manifest["correction"])
+    expected = {s["name"]: _expected_variables(s["model_manifest"], int(s["members"]))
+                for s in specs}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{path}: incomplete ensemble manifest ({type(e).__name__}: {e})") from None
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    with ocp.Checkpointer(_handler()) as ckptr:
+      stored = ckptr.metadata(path).item_metadata["variables"]
+      stored = getattr(stored, "tree", stored)
+      ckpt_lib.check_shapes(stored, expected, path)
+      device = jax.local_devices()[0]
+      abstract = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                         sharding=jax.sharding.SingleDeviceSharding(device)),
+          expected)
+      restored = ckptr.restore(path, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract)))["variables"]
+  finally:
+    absl.setLevel(level)
+  subs = tuple(SubEnsemble(
+      name=s["name"], sequences=tuple(s["sequences"]), regions=tuple(s.get("regions", ())),
+      manifest=s["model_manifest"], members=int(s["members"]),
+      variables=jax.tree.map(np.asarray, restored[s["name"]]), cache_dir=s.get("cache_dir"),
+      preprocessing=s.get("preprocessing"), workdir=s.get("workdir")) for s in specs)
+  return Ensemble(subs, head, fitted, Path(workdir).resolve(), manifest.get("info") or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching data and the training caches.
+
+
+def check_cache(sub: SubEnsemble, cache) -> None:
+  """DataError unless `cache` (a `data.cache.Cache`) prepares this sub-ensemble's input: the
+  same cube shape, the sub-ensemble's sequences, and the preprocessing (incl. regions) it was
+  trained with."""
+  where = f"{cache.path}"
+  if tuple(int(s) for s in cache.shape) != sub.image_shape:
+    raise DataError(f"{where}: cubes are {tuple(cache.shape)} voxels, sub-ensemble {sub.name} "
+                    f"expects {sub.image_shape} (was the cache prepared again with another "
+                    "shape?)")
+  missing = [q for q in sub.sequences if q not in cache.sequences]
+  if missing:
+    raise DataError(f"{where}: has no sequence {missing[0]!r} that sub-ensemble {sub.name} reads")
+  if sub.preprocessing is not None:
+    now = _jsonable(cache.preprocessing.to_dict())
+    for key in sorted(set(now) | set(sub.preprocessing)):
+      a, b = _jsonable(sub.preprocessing.get(key)), now.get(key)
+      if a != b:
+        raise DataError(f"{where}: preprocessing {key} is {b!r} now, sub-ensemble {sub.name} "
+                        f"was trained with {a!r} (was the cache prepared again?)")
+
+
+def ensemble_metrics(ensemble: Ensemble, inputs: Mapping[str, Any], ages: Any, *,
+                     batch_size: int = 8) -> dict[str, Any]:
+  """The demo's ensemble summary on held-out subjects (ages in years).
+
+  Returns:
+    mae_ensemble, mae_best_member (the lowest MAE of any member on these subjects),
+    mae_corrected (after the validation-fit bias correction), spearman_gap_age and
+    spearman_gap_age_corrected (rank correlation of the gap with age), mean_spread (years),
+    n_members, mae_subs {name: MAE}.
+  """
+  ages = np.asarray(ages, np.float64)
+  pred = ensemble.predict(inputs, batch_size)
+  metrics = correction_lib.gap_metrics(ages, pred.ensemble, pred.corrected(ages))
+  member_mae = np.concatenate([np.mean(np.abs(p - ages[:, None]), axis=0)
+                               for p in pred.members.values()])
+  return _jsonable({
+      "mae_ensemble": metrics["mae"], "mae_best_member": float(member_mae.min()),
+      "mae_corrected": metrics["mae_corrected"],
+      "spearman_gap_age": metrics["spearman_gap_age"],
+      "spearman_gap_age_corrected": metrics["spearman_gap_age_corrected"],
+      "mean_spread": float(np.mean(pred.spread)) if len(ages) else math.nan,
+      "n_members": ensemble.n_members,
+      "mae_subs": {n: float(np.mean(np.abs(p - ages))) for n, p in pred.subs.items()},
+  })
+
+
+def _jsonable(x: Any) -> Any:
+  """JSON-safe copy: numpy scalars/arrays to Python, tuples to lists, non-finite floats None."""
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    return x if math.isfinite(x) else None
+  if isinstance(x, (str, int, bool)) or x is None:
+    return x
+  if isinstance(x, os.PathLike):
+    return str(x)
+  return str(x)
