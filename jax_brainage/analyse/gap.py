@@ -5,7 +5,9 @@
         [--truth DATASET_DIR] [--confidence 0.95]
 
 The predictions TSV (`brainage predict` / the demo) is joined with participants.tsv by
-participant_id (one row per prediction row, so several sessions of a person are several rows).
+participant_id (one row per prediction row). Several sessions of a person are several rows and
+not independent, so the standard errors assume what is not true: the command says so and counts
+them (`repeated_participants`); analyse one session (`brainage predict --session`) instead.
 The gap (years; by default `brain_age_gap_corrected` when the TSV has it, else `brain_age_gap`)
 is regressed on an intercept and the covariates:
 
@@ -425,6 +427,18 @@ def effects_tsv(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def effects_record(fit: GapRegression, truth: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The gap_effects.json record: `extra`, the fit statistics, the terms with their truth
+  columns, the dropped rows and (with truth) the references' summary."""
+  record = {**(extra or {}), **fit.to_dict()}
+  record["terms"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                      for k, v in row.items()} for row in effects_table(fit, truth)]
+  if truth is not None:
+    record["truth"] = {k: v for k, v in truth.items() if k != "per_term"}
+  return record
+
+
 def write_effects(out: str | os.PathLike, fit: GapRegression,
                   truth: Mapping[str, Any] | None = None, *,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
@@ -435,12 +449,7 @@ def write_effects(out: str | os.PathLike, fit: GapRegression,
   rows = effects_table(fit, truth)
   paths = {"tsv": out / EFFECTS_TSV, "json": out / EFFECTS_JSON, "forest": out / FOREST_PNG}
   fileio.write_text(paths["tsv"], effects_tsv(rows))
-  record = {**(extra or {}), **fit.to_dict()}
-  record["terms"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                      for k, v in row.items()} for row in rows]
-  if truth is not None:
-    record["truth"] = {k: v for k, v in truth.items() if k != "per_term"}
-  fileio.write_json(paths["json"], record)
+  fileio.write_json(paths["json"], effects_record(fit, truth, extra))
   true = ({t: v.get("true_effect") for t, v in truth["per_term"].items()} if truth else None)
   forest.forest_plot(paths["forest"], fit, true_effects=true,
                      reference=(truth or {}).get("reference_estimates"),
@@ -486,14 +495,29 @@ def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
   truth_record = None
   if sim is not None:
     truth_record = truth_lib.compare(sim, rows, fit, list(covariates), confidence=confidence)
+  ids = [row[ID_COLUMN] for row in rows]
   extra = {"predictions": str(predictions), "participants": str(participants),
            "gap_column": gap_column, "covariates": list(covariates),
-           "not_in_participants": unmatched}
+           "not_in_participants": unmatched,
+           "repeated_participants": len(ids) - len(set(ids))}
   paths = write_effects(out, fit, truth_record, extra=extra)
-  record = {**extra, **fit.to_dict(), "files": {k: str(v) for k, v in paths.items()}}
-  if truth_record is not None:
-    record["truth"] = truth_record
-  return record
+  return {**effects_record(fit, truth_record, extra),
+          "files": {k: str(v) for k, v in paths.items()}}
+
+
+def risk_effects(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """Per covariate term (not the intercept) of an `analyze` record: {estimated, ci_low, ci_high,
+  p, true, latent, oracle} (years per unit; truth entries None without --truth), the
+  `risk_effects` entry of the demo's summary.json."""
+  out = {}
+  for row in record["terms"]:
+    if row["term"] == INTERCEPT:
+      continue
+    out[row["term"]] = {"estimated": row["estimate"], "ci_low": row["ci_low"],
+                        "ci_high": row["ci_high"], "p": row["p"],
+                        "true": row.get("true_effect"), "latent": row.get("latent_estimate"),
+                        "oracle": row.get("oracle_estimate")}
+  return out
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -529,6 +553,9 @@ def run(args: argparse.Namespace) -> int:
       raise ConfigError("--covariates is empty")
   record = analyze(args.predictions, args.participants, args.out, gap_column=args.gap_column,
                    covariates=covariates, truth=args.truth, confidence=args.confidence)
+  if record["repeated_participants"]:
+    print(f"warning: {record['repeated_participants']} rows repeat a participant (sessions); "
+          "OLS treats them as independent people", file=sys.stderr)
   if record["n_dropped"]:
     first = record["dropped"][0]
     print(f"dropped {record['n_dropped']} rows with missing values (first: "
@@ -536,13 +563,12 @@ def run(args: argparse.Namespace) -> int:
   level = round(100 * record["confidence"])
   print(f"{record['gap_column']} on {', '.join(record['covariates'])}: n {record['n']}, "
         f"R^2 {record['r2']:.3f}")
-  per_term = (record.get("truth") or {}).get("per_term", {})
   for row in record["terms"]:
     if row["term"] == INTERCEPT:
       continue
     line = (f"  {row['term']:<22} {row['estimate']:+8.3f} y  [{row['ci_low']:+.3f}, "
             f"{row['ci_high']:+.3f}] {level}% CI  p {row['p']:.3g}")
-    true = per_term.get(row["term"], {}).get("true_effect")
+    true = row.get("true_effect")
     if true is not None:
       line += f"  (true {true:+.3f})"
     print(line)

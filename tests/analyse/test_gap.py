@@ -209,6 +209,8 @@ def test_analyze_command_writes_tsv_json_and_forest(tmp_path):
   assert args.func(args) == 0
   raw = json.loads((tmp_path / "raw" / gap.EFFECTS_JSON).read_text())
   assert raw["n"] == n  # the uncorrected gap is there for sub-007
+  assert raw["repeated_participants"] == 0 and raw["covariates"] == ["age", "diabetes"]
+  assert gap.risk_effects(raw)["diabetes"]["true"] is None
   with pytest.raises(DataError, match="no column 'nope'"):
     gap.analyze(tmp_path / "preds.tsv", tmp_path / "participants.tsv", tmp_path / "x",
                 gap_column="nope")

@@ -121,6 +121,12 @@ def test_analyze_with_truth_recovers_the_generative_effects(tmp_path, sample):
     assert 0.6 * beta[term] < row["oracle_estimate"] < row["latent_ci_high"], term
     assert abs(row["oracle_full_estimate"]) < 0.3 * beta[term], term
   assert set(record["truth"]["oracle_mae"]) == {"oracle", "oracle_full"}
+  effects = gap.risk_effects(record)
+  assert list(effects) == list(beta)  # every covariate term, no intercept
+  assert effects["diabetes"]["true"] == 4.0
+  assert effects["diabetes"]["estimated"] == terms["diabetes"]["estimate"]
+  assert effects["diabetes"]["latent"] == terms["diabetes"]["latent_estimate"]
+  assert record["repeated_participants"] == 0
   with open(tmp_path / "out" / gap.EFFECTS_TSV) as f:
     table = {r["term"]: r for r in csv.DictReader(f, delimiter="\t")}
   assert float(table["diabetes"]["true_effect"]) == 4.0

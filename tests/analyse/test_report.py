@@ -1,0 +1,177 @@
+"""The static HTML report: sections shown exactly when their inputs are given, every string
+escaped, files beside index.html, and a headless Chromium render in which every image loads."""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from jax_brainage.analyse import forest, gap, report
+from jax_brainage.errors import DataError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# CI installs Debian's chromium and sets this, so that a missing browser fails instead of skipping.
+REQUIRE_CHROMIUM = os.environ.get("BRAINAGE_REQUIRE_CHROMIUM") == "1"
+
+
+class _Page(html.parser.HTMLParser):
+  """Sections, images, tables and text of a page (an independent parser, not our writer)."""
+
+  def __init__(self):
+    super().__init__()
+    self.sections, self.images, self.tables, self.scripts = [], [], 0, 0
+    self.text = []
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "section":
+      self.sections.append(attrs.get("id"))
+    elif tag == "img":
+      self.images.append(attrs)
+    elif tag == "table":
+      self.tables += 1
+    elif tag == "script":
+      self.scripts += 1
+
+  def handle_data(self, data):
+    self.text.append(data)
+
+
+def parse(path) -> _Page:
+  page = _Page()
+  page.feed(path.read_text(encoding="utf-8"))
+  return page
+
+
+def _png(path, seed=0):
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(3, 2), dpi=60)
+  fig.add_subplot().plot(np.random.default_rng(seed).normal(size=20))
+  fig.savefig(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+  """A report with every section: real forest/bias figures from a small regression."""
+  src = tmp_path_factory.mktemp("inputs")
+  rng = np.random.default_rng(0)
+  n = 40
+  age = rng.uniform(20, 80, n)
+  diab = rng.integers(0, 2, n)
+  g = 3 * diab - 0.2 * (age - 50) + rng.normal(0, 2, n)
+  fit = gap.gap_regression({"age": age, "diabetes": diab, "gap": g}, "gap", ["age", "diabetes"])
+  forest.forest_plot(src / "forest.png", fit, true_effects={"diabetes": 3.0, "age": 0.0})
+  forest.bias_plot(src / "bias.png", age, g, g + 0.2 * (age - 50))
+  (src / "effects.tsv").write_text(gap.effects_tsv(gap.effects_table(fit)))
+  figures = {"scatter": _png(src / "s.png", 1), "bias": src / "bias.png",
+             "forest": src / "forest.png",
+             "relevance_ensemble": (_png(src / "m.png", 2), "ensemble <relevance> & co"),
+             "relevance montage T1w": _png(src / "m2.png", 3),
+             "perturbation_curves": _png(src / "p.png", 4),
+             "weird": _png(src / "w.png", 5)}
+  tables = {"gap_effects": src / "effects.tsv",
+            "relevance_scores": [{"method": "epsilon_plus_flat", "mass_accuracy": 0.61},
+                                 {"method": "gradient", "mass_accuracy": 0.32}]}
+  summary = {"preset": "tiny", "model": "mrinet", "mae": 3.21, "rmse": 4.0, "r": 0.95,
+             "oracle_mae": 1.54, "ensemble_mae": 3.0, "best_member_mae": 3.4,
+             "mae_corrected": 3.3, "spearman_gap_age": -0.55, "spearman_gap_age_corrected": 0.02,
+             "relevance_mass_accuracy": 0.61, "relevance_rank_accuracy": 0.55,
+             "gradient_relevance_mass_accuracy": 0.32,
+             "risk_effects": {"diabetes": {"estimated": 2.9, "true": 4.0}},
+             "versions": {"jax": "0.10.2"}, "note": "<script>alert('x')</script>"}
+  workdir = tmp_path_factory.mktemp("run")
+  index = report.write_report(workdir, summary, figures, tables)
+  return workdir, index, figures
+
+
+def test_every_section_and_file(full_report):
+  workdir, index, figures = full_report
+  assert index == workdir / "report" / "index.html"
+  page = parse(index)
+  assert page.sections == ["accuracy", "bias", "gap", "relevance", "evaluation", "other",
+                           "details"]
+  assert page.scripts == 0  # no JavaScript needed
+  srcs = [img["src"] for img in page.images]
+  assert len(srcs) == len(figures)
+  for src in srcs:
+    assert "/" not in src and not src.startswith(("http", "file"))  # beside index.html
+    assert (index.parent / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (index.parent / "gap_effects.tsv").is_file()
+  assert (index.parent / "relevance_scores.tsv").read_text().splitlines()[0] == (
+      "method\tmass_accuracy")
+  text = " ".join(page.text)
+  for value in ("3.21", "1.54", "0.61", "epsilon_plus_flat", "diabetes", "0.10.2"):
+    assert value in text
+  # An HTML-parsed text holds the strings as given; the file holds them escaped.
+  assert "<script>alert('x')</script>" in text
+  raw = index.read_text()
+  assert "<script>" not in raw and "&lt;script&gt;" in raw
+  assert "ensemble &lt;relevance&gt; &amp; co" in raw
+
+
+def test_sections_appear_only_with_their_inputs(tmp_path):
+  index = report.write_report(tmp_path, {"mae": 5.0, "preset": "cpu"})
+  page = parse(index)
+  assert page.sections == ["accuracy", "details"]
+  assert page.images == []
+  index = report.write_report(tmp_path / "b", {}, {"bias": _png(tmp_path / "b.png")})
+  assert parse(index).sections == ["bias"]
+  assert "Nothing to report" in report.write_report(tmp_path / "c").read_text()
+  with pytest.raises(DataError, match="report figure forest: .* not found"):
+    report.write_report(tmp_path / "d", {}, {"forest": tmp_path / "missing.png"})
+
+
+def _chromium(args, tmp_path, timeout=60):
+  cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_report_renders_in_headless_chromium_with_every_image(full_report, tmp_path):
+  if CHROMIUM is None:
+    if REQUIRE_CHROMIUM:
+      pytest.fail("chromium not found (BRAINAGE_REQUIRE_CHROMIUM=1): apt-get install chromium")
+    pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+  _, index, figures = full_report
+  # A probe copy beside the report (same relative links) records, once the page has loaded,
+  # each image's decoded width; the report itself carries no script.
+  probe = index.with_name("probe.html")
+  script = ("<script>window.addEventListener('load',function(){document.querySelectorAll('img')"
+            ".forEach(function(i){i.setAttribute('data-natural-width',i.naturalWidth);"
+            "i.setAttribute('data-complete',i.complete)});"
+            "document.body.setAttribute('data-loaded','yes')});</script>")
+  probe.write_text(index.read_text().replace("</body>", script + "</body>"))
+  try:
+    result = _chromium(["--dump-dom", probe.as_uri()], tmp_path)
+  finally:
+    probe.unlink()
+  assert result.returncode == 0, result.stderr[-2000:]
+  page = _Page()
+  page.feed(result.stdout)
+  assert 'data-loaded="yes"' in result.stdout
+  assert page.sections == ["accuracy", "bias", "gap", "relevance", "evaluation", "other",
+                           "details"]
+  assert len(page.images) == len(figures)
+  for img in page.images:
+    assert img.get("data-complete") == "true", img
+    assert int(img["data-natural-width"]) > 0, img  # decoded: the PNG exists and is valid
+  # And a screenshot of the report itself is not blank.
+  shot = tmp_path / "shot.png"
+  result = _chromium(["--window-size=1000,1400", f"--screenshot={shot}", index.as_uri()],
+                     tmp_path)
+  assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+  import matplotlib.image
+
+  pixels = matplotlib.image.imread(shot)[..., :3]
+  assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005
