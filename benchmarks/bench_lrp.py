@@ -4,8 +4,12 @@ In one run, on the same model, device and batch: the forward pass, the input gra
 (d sum(age) / dx, the cheapest attribution), and `lrp.relevance` for EpsilonPlusFlat,
 EpsilonGammaBox(0, 1) and SequentialPresetA, each one jitted function, timed as the median of
 --repeats calls after a warm-up (compile) call. Targets (issue 4): EpsilonPlusFlat <= 1.5x the
-gradient, EpsilonGammaBox <= 3x. --zennit also times zennit 0.5.1 (PyTorch, this host's CPU or
-CUDA) on the same weights and input.
+gradient, EpsilonGammaBox <= 3x. --zennit also times zennit (PyTorch, CUDA when available, else
+this host's CPU) on the same weights and input: its input gradient and the same three
+composites (preset A as a zennit LayerMapComposite: alpha1beta0 on convolutions, epsilon 0.1 on
+dense layers), its relevance throughput, its cost relative to its own gradient, this library's
+speed-up over it (target on GPU, issue 8: >= 3x) and how far the two relevance maps are apart
+(relative L2; they implement the same rules, so this should be float32 rounding).
 
   python benchmarks/bench_lrp.py --shape 64 --batch-size 2 --repeats 5          # CPU
   python benchmarks/bench_lrp.py --shape 198 --batch-size 4 --out lrp.json      # GPU, study size
@@ -17,21 +21,19 @@ Prints a table; --out writes JSON with the device, date and library versions.
 from __future__ import annotations
 
 import argparse
-import datetime
-import math
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 import lrp  # noqa: E402
 
 COMPOSITES = {
@@ -57,58 +59,35 @@ def _time(fn, *args, repeats):
   return statistics.median(times)
 
 
-def _zennit_times(variables, x, repeats, names):
-  """Median seconds per zennit relevance call (and a torch input gradient) on the same weights."""
-  import torch
-  import torch.nn as tnn
-  import torch.nn.functional as F
+def _zennit_times(model, variables, x, repeats, names, relevance):
+  """Median seconds per zennit relevance call (and a torch input gradient) on the same weights,
+  and how far zennit's relevance is from `relevance[name]` (this library's, same input).
 
+  The torch MRInet is `benchmarks/torch_models.TorchMRInet` with the flax weights copied in;
+  the composites are zennit's own (SequentialPresetA as the study's iNNvestigate preset A, built
+  as in the zennit cross-check tests: alpha1beta0 on convolutions, epsilon 0.1 on dense layers).
+  """
+  import torch
+
+  import torch_models
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lrp"))
-  import torch_nets  # the zennit cross-check's helpers: torchvision stub, zennit import
+  import torch_nets  # the zennit cross-check's helpers: torchvision stub, preset A
 
   torch_nets.import_zennit()
   import zennit.attribution
   import zennit.composites
 
-  class SamePad3d(tnn.Module):
-    def forward(self, u):
-      pads = []
-      for n in reversed(u.shape[2:]):
-        total = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
-        pads += [total // 2, total - total // 2]
-      return F.pad(u, pads, value=-math.inf)
-
-  class Flatten(tnn.Module):
-    def forward(self, u):
-      return u.permute(0, 2, 3, 4, 1).reshape(u.shape[0], -1)
-
-  p = variables["params"]
-  layers, c_in = [], x.shape[-1]
-  for i in range(1, 6):
-    k = np.asarray(p[f"conv{i}"]["kernel"])
-    conv = tnn.Conv3d(c_in, k.shape[-1], k.shape[0], padding=k.shape[0] // 2)
-    conv.weight.data = torch.from_numpy(np.array(k.transpose(4, 3, 0, 1, 2)))
-    conv.bias.data = torch.from_numpy(np.array(p[f"conv{i}"]["bias"]))
-    layers += [conv, tnn.ReLU(), SamePad3d(), tnn.MaxPool3d(3, 2)]
-    c_in = k.shape[-1]
-  dense = []
-  for name in ("dense1", "age_head"):
-    k = np.asarray(p[name]["kernel"])
-    lin = tnn.Linear(*k.shape)
-    lin.weight.data = torch.from_numpy(np.array(k.T))
-    lin.bias.data = torch.from_numpy(np.array(p[name]["bias"]))
-    dense.append(lin)
-  net = tnn.Sequential(*layers, Flatten(), dense[0], tnn.ReLU(), dense[1]).eval()
   dev = "cuda" if torch.cuda.is_available() else "cpu"
-  net = net.to(dev)
-  xt = torch.from_numpy(np.array(np.asarray(x).transpose(0, 4, 1, 2, 3))).to(dev)
+  net = torch_models.from_flax("mrinet", model, x.shape[1:4], x.shape[-1])
+  net = torch_models.load_flax_variables(net, variables).eval().to(dev)
+  xt = torch_models.to_torch_input(np.asarray(x)).to(dev)
 
   def sync():
     if dev == "cuda":
       torch.cuda.synchronize()
 
   def timed(fn):
-    fn()
+    out = fn()
     sync()
     ts = []
     for _ in range(repeats):
@@ -116,26 +95,30 @@ def _zennit_times(variables, x, repeats, names):
       fn()
       sync()
       ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(ts), out
 
   def grad():
     u = xt.clone().requires_grad_(True)
     net(u).sum().backward()
     return u.grad
 
-  out = {"gradient": timed(grad)}
+  times = {"gradient": timed(grad)[0]}
+  agreement = {}
   zc = {"EpsilonPlusFlat": lambda: zennit.composites.EpsilonPlusFlat(),
         "EpsilonGammaBox": lambda: zennit.composites.EpsilonGammaBox(low=0.0, high=1.0),
-        "SequentialPresetA": lambda: zennit.composites.EpsilonAlpha2Beta1()}  # nearest zennit has
+        "SequentialPresetA": lambda: torch_nets.zennit_composite("SequentialPresetA", False)}
   for name in names:
-    if name == "SequentialPresetA":
-      continue  # zennit has no preset A; not timed
-    comp = zc[name]()
-    with zennit.attribution.Gradient(net, comp) as attributor:
-      def run():
-        return attributor(xt, lambda o: o)[1]
-      out[name] = timed(run)
-  return out, dev
+    with zennit.attribution.Gradient(net, zc[name]()) as attributor:
+      # zennit's output is [batch] (MRInet's age): the relevance starts at the age itself.
+      times[name], rel = timed(lambda: attributor(xt, lambda o: o)[1])
+    ours = np.asarray(relevance[name], np.float64)
+    theirs = np.moveaxis(rel.detach().float().cpu().numpy(), 1, -1).astype(np.float64)
+    agreement[name] = {
+        "max_abs_difference": float(np.abs(ours - theirs).max()),
+        "max_abs_relevance": float(np.abs(ours).max()),
+        "relative_l2": float(np.linalg.norm(ours - theirs) / np.linalg.norm(ours)),
+        "sum_lrp": float(ours.sum()), "sum_zennit": float(theirs.sum())}
+  return times, agreement, dev
 
 
 def main(argv=None):
@@ -160,10 +143,12 @@ def main(argv=None):
   gradient = jax.jit(lambda v, u: jax.grad(lambda w: model.apply(v, w).sum())(u))
   rows = {"forward": _time(forward, variables, x, repeats=args.repeats),
           "gradient": _time(gradient, variables, x, repeats=args.repeats)}
+  relevance = {}
   for name in names:
     comp = COMPOSITES[name]()
     fn = jax.jit(lambda v, u, comp=comp: lrp.relevance(model.apply, v, u, comp))
     rows[name] = _time(fn, variables, x, repeats=args.repeats)
+    relevance[name] = np.asarray(fn(variables, x))
 
   device = jax.devices()[0]
   print(f"MRInet {shape} batch {args.batch_size} on {device.device_kind} ({device.platform}), "
@@ -173,29 +158,33 @@ def main(argv=None):
   for name, t in rows.items():
     print(f"{name:<22}{t:>10.4f}{args.batch_size / t:>12.2f}{t / g:>12.2f}")
   result = {
-      "benchmark": "bench_lrp", "model": "MRInet", "shape": list(shape),
-      "batch_size": args.batch_size, "repeats": args.repeats,
-      "seconds_per_call": rows, "cost_vs_gradient": {k: v / g for k, v in rows.items()},
+      "benchmark": "bench_lrp", **common.environment(*(("torch", "zennit") if args.zennit else ())),
+      "model": "MRInet", "shape": list(shape), "batch_size": args.batch_size,
+      "repeats": args.repeats, "seconds_per_call": rows,
+      "volumes_per_second": {k: args.batch_size / v for k, v in rows.items()},
+      "cost_vs_gradient": {k: v / g for k, v in rows.items()},
       "targets": {"EpsilonPlusFlat": 1.5, "EpsilonGammaBox": 3.0},
-      "device": device.device_kind, "platform": device.platform,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__,
-                   "python": platform.python_version()},
   }
   if args.zennit:
-    zt, zdev = _zennit_times(variables, x, args.repeats, names)
+    zt, agreement, zdev = _zennit_times(model, variables, x, args.repeats, names, relevance)
     import torch
-    import zennit
-    print(f"zennit {zennit.__version__ if hasattr(zennit, '__version__') else '0.5.1'} "
-          f"(torch {torch.__version__}, {zdev}):")
+    print(f"zennit {result['versions']['zennit']} (torch {torch.__version__}, {zdev}), same weights "
+          f"and input:")
+    print(f"{'method':<22}{'s/call':>10}{'volumes/s':>12}{'x gradient':>12}{'lrp speed-up':>14}"
+          f"{'rel. L2 diff':>14}")
     for name, t in zt.items():
       ours = rows.get(name)
-      speed = f"{t / ours:>8.2f}x lrp's time" if ours else ""
-      print(f"  {name:<20}{t:>10.4f} s/call  {t / zt['gradient']:>6.2f}x its gradient {speed}")
-    result["zennit"] = {"device": zdev, "torch": torch.__version__, "seconds_per_call": zt}
-  if args.out:
-    from jax_brainage import fileio
-    fileio.write_json(args.out, result)
+      diff = agreement.get(name, {}).get("relative_l2")
+      print(f"{name:<22}{t:>10.4f}{args.batch_size / t:>12.2f}{t / zt['gradient']:>12.2f}"
+            f"{t / ours:>13.2f}x" + (f"{diff:>14.2e}" if diff is not None else ""))
+    result["zennit"] = {
+        "device": zdev, "torch": torch.__version__, "seconds_per_call": zt,
+        "volumes_per_second": {k: args.batch_size / v for k, v in zt.items()},
+        "cost_vs_gradient": {k: v / zt["gradient"] for k, v in zt.items()},
+        "agreement_with_lrp": agreement}
+    result["speedup_vs_zennit"] = {k: zt[k] / rows[k] for k in zt}
+    result["speedup_targets"] = {k: 3.0 for k in names}
+  common.write_result(args.out, result)
   return result
 
 

@@ -9,8 +9,15 @@ What is measured is what a training step receives: network-ready global batches 
 plus, for host mode without augmentation, the raw numpy batches grain delivers to the host
 ("host-numpy": the upper bound of what the host side can feed).
 
+Against what the training step consumes: per shape, the trainer's own jitted update step
+(`bench_train.JaxStep`, --train-case, default MRInet, same batch and devices, data on the device)
+is timed too, and every pipeline row gets `headroom` = pipeline volumes/s / step volumes/s; the
+pipeline is the bottleneck where headroom < 1 (the step and the pipeline share the device and
+the host, so in training they overlap but compete: headroom well above 1 is what is needed).
+
   python benchmarks/bench_pipeline.py                          # 98^3 (2 mm) and 50^3 (4 mm)
   python benchmarks/bench_pipeline.py --shapes 4mm --subjects 32 --steps 5 --out pipe.json
+  python benchmarks/bench_pipeline.py --train-case none              # pipeline only
 
 The first `--warmup` batches (compilation, worker start-up) are not timed. Prints a table;
 --out writes JSON with the device, date and library versions.
@@ -28,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grain  # noqa: E402
@@ -69,6 +77,18 @@ def run_case(source: pl.ArraySource, mode: str, workers: int, augment: bool, arg
     it.close()
 
 
+def train_step_rate(args, shape: tuple[int, int, int], mesh) -> float:
+  """Volumes/s the trainer's update step consumes at `shape` (median of --steps steps)."""
+  import bench_train
+  import common
+
+  step = bench_train.JaxStep(args.train_case, args.train_dtype, args.batch_size, "full",
+                             shape=shape, mesh=mesh)
+  median, _ = common.median_seconds(step.run, jax.block_until_ready, steps=args.steps,
+                                    warmup=args.warmup)
+  return args.batch_size / median
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="2mm,4mm", help="comma-separated: 2mm (98^3), 4mm (50^3)")
@@ -80,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workers", default="0,1,2", help="grain worker counts for host mode")
   parser.add_argument("--modes", default="host-numpy,host,device")
   parser.add_argument("--augment", default="off,on", help="off, on or off,on")
+  parser.add_argument("--train-case", default="mrinet-98",
+                      help="model whose training step is compared (a bench_train case, run at "
+                           "each pipeline shape; 'none' to skip)")
+  parser.add_argument("--train-dtype", default="float32", help="its compute dtype")
   parser.add_argument("--out", help="write results as JSON here")
   args = parser.parse_args(argv)
 
@@ -88,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
   rows: list[dict[str, Any]] = []
   print(f"device: {device.device_kind} x {len(jax.devices())} ({device.platform}); "
         f"batch {args.batch_size}, {args.subjects} subjects, {args.steps} timed batches")
-  print(f"{'shape':>10} {'mode':>10} {'workers':>7} {'augment':>7} {'volumes/s':>10}")
+  print(f"{'shape':>10} {'mode':>10} {'workers':>7} {'augment':>7} {'volumes/s':>10}"
+        f"{'headroom':>11}")
+  steps_rows: list[dict[str, Any]] = []
   with tempfile.TemporaryDirectory() as tmp:
     for shape_name in args.shapes.split(","):
       shape = SHAPES[shape_name] + (args.channels,)
@@ -101,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
       mm.flush()
       del mm
       source = pl.ArraySource.from_npy(path, rng.uniform(18, 82, args.subjects))
+      step_rate = None
+      if args.train_case != "none":
+        step_rate = train_step_rate(args, shape[:3], mesh)
+        steps_rows.append(dict(shape=shape_name, volume=list(shape), case=args.train_case,
+                               dtype=args.train_dtype, volumes_per_second=round(step_rate, 2)))
+        print(f"{shape_name + str(shape[:3]):>10} {'train step':>10} {'-':>7} {'-':>7} "
+              f"{step_rate:>10.1f}   ({args.train_case}, {args.train_dtype}: what is consumed)",
+              flush=True)
       for mode in args.modes.split(","):
         for augment in [a == "on" for a in args.augment.split(",")]:
           if mode == "host-numpy" and augment:
@@ -108,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
           worker_counts = [int(w) for w in args.workers.split(",")] if mode != "device" else [0]
           for workers in worker_counts:
             rate = run_case(source, mode, workers, augment, args, mesh)
+            headroom = rate / step_rate if step_rate else None
             rows.append(dict(shape=shape_name, volume=list(shape), mode=mode,
                              workers=workers if mode != "device" else None,
-                             augment=augment, volumes_per_second=round(rate, 2)))
+                             augment=augment, volumes_per_second=round(rate, 2),
+                             headroom=headroom, bottleneck=bool(headroom is not None
+                                                                and headroom < 1)))
+            note = "" if headroom is None else (
+                f"{headroom:>10.1f}x" + ("  BOTTLENECK" if headroom < 1 else ""))
             print(f"{shape_name + str(shape[:3]):>10} {mode:>10} "
                   f"{(workers if mode != 'device' else '-'):>7} {('on' if augment else 'off'):>7} "
-                  f"{rate:>10.1f}", flush=True)
+                  f"{rate:>10.1f}{note}", flush=True)
   if args.out:
     fileio.write_json(args.out, dict(
         benchmark="bench_pipeline", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -121,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         host=platform.node(), cpu_count=os.cpu_count(), python=platform.python_version(),
         jax=jax.__version__, grain=getattr(grain, "__version__", "?"), numpy=np.__version__,
         batch_size=args.batch_size, subjects=args.subjects, steps=args.steps,
-        augment_config=aug.AugmentConfig.training_default().to_dict(), results=rows))
+        augment_config=aug.AugmentConfig.training_default().to_dict(), results=rows,
+        train_step=steps_rows))
   return 0
 
 

@@ -203,7 +203,7 @@ def load_flax_variables(model: nn.Module, variables: dict[str, Any]) -> nn.Modul
 
 def to_torch_input(x: np.ndarray) -> torch.Tensor:
   """`[batch, x, y, z, channel]` numpy -> `[batch, channel, x, y, z]` float32 tensor."""
-  return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x, np.float32), -1, 1)))
+  return torch.from_numpy(np.array(np.moveaxis(np.asarray(x, np.float32), -1, 1), order="C"))
 
 
 def make_loss(name: str, bin_centers: np.ndarray | None = None, sigma: float = 1.0):
