@@ -30,7 +30,8 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: str | os.PathLike) -> None:
   with fileio.atomic_path(path, suffix=".png") as tmp:
-    fig.savefig(tmp, format="png")
+    # "tight" keeps a legend placed outside the axes inside the image.
+    fig.savefig(tmp, format="png", bbox_inches="tight")
 
 
 def forest_plot(path: str | os.PathLike, fit, *,
@@ -90,7 +91,9 @@ def forest_plot(path: str | os.PathLike, fit, *,
   for k, label in enumerate(reference):
     color, marker = _REFERENCE_STYLES[k % len(_REFERENCE_STYLES)]
     handles.append(Line2D([], [], color=color, marker=marker, linewidth=1.0, label=label))
-  ax.legend(handles=handles, loc="best", fontsize=7)
+  # Below the axes: inside, it would cover the intervals of some term.
+  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+            fontsize=7, frameon=False)
   ax.set_title(title or f"{fit.response}: OLS estimates", fontsize=10)
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()

@@ -385,10 +385,13 @@ def join_tables(predictions: Sequence[Mapping[str, str]], participants: Sequence
   return joined, unmatched
 
 
-def read_tsv(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+def read_tsv(path: str | os.PathLike,
+             what: str = "table") -> tuple[list[str], list[dict[str, str]]]:
   """(columns, rows) of a TSV with a participant_id column (ids normalised to `sub-...`)."""
   from jax_brainage.data import bids
 
+  if not Path(path).is_file():
+    raise DataError(f"{path}: {what} not found")
   header, rows = bids.read_participants(path)
   return header, [dict(r.values, **{ID_COLUMN: r.subject_id}) for r in rows]
 
@@ -468,8 +471,8 @@ def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
   """`brainage analyze` as a function; returns the gap_effects.json record."""
   from jax_brainage.analyse import truth as truth_lib
 
-  pred_columns, pred_rows = read_tsv(predictions)
-  part_columns, part_rows = read_tsv(participants)
+  pred_columns, pred_rows = read_tsv(predictions, "predictions TSV")
+  part_columns, part_rows = read_tsv(participants, "participants table")
   if not pred_rows:
     raise DataError(f"{predictions}: no prediction rows")
   if gap_column is None:

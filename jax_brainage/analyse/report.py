@@ -21,12 +21,20 @@ what it has:
   details      every other scalar of the summary (run configuration, timings, versions).
 
 A figure is a path or (path, caption); a table is a TSV path or a list of row dicts. Every
-string from the inputs is HTML-escaped.
+string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
+"sub_ensemble_mae" or "member_mae" ({name: years}) become small tables in the accuracy section.
+
+From the command line (the demo calls `write_report` itself):
+
+    brainage report --workdir W [--summary W/summary.json] [--figure NAME=PNG ...]
+        [--table NAME=TSV ...] [--title TEXT]
 """
 
 from __future__ import annotations
 
+import argparse
 import html
+import json
 import math
 import os
 import re
@@ -209,6 +217,26 @@ def _risk_effects_html(effects: Any) -> str:
   return _table_html(["factor", *(columns or ["estimate"])], rows)
 
 
+ACCURACY_TABLES = (("sub_ensemble_mae", "MAE per sub-ensemble (years)"),
+                   ("member_mae", "MAE per ensemble member (years)"))
+
+
+def _named_numbers_html(summary: Mapping[str, Any], used: set[str]) -> str:
+  out = []
+  for key, label in ACCURACY_TABLES:
+    value = summary.get(key)
+    if isinstance(value, Mapping) and value:
+      used.add(key)
+      out.append(f"<h3>{_esc(label)}</h3>\n" + _table_html(["name", "value"],
+                                                          [[k, v] for k, v in value.items()]))
+    elif isinstance(value, (list, tuple)) and value:
+      used.add(key)
+      out.append(f"<h3>{_esc(label)}</h3>\n" + _table_html(["index", "value"],
+                                                          [[str(i), v] for i, v in
+                                                           enumerate(value)]))
+  return "\n".join(out)
+
+
 def _flatten(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
   out = []
   for k, v in summary.items():
@@ -297,23 +325,32 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
         f"</h3>\n{_table_html(header, rows)}\n{link}</div>")
 
   # Metrics, each group at the top of its section.
+  # Summary numbers head their sections, before the figures and tables.
+  head: dict[str, list[str]] = {k: [] for k in SECTION_TITLES}
   for section, metrics in (("accuracy", ACCURACY_METRICS), ("bias", BIAS_METRICS),
                            ("evaluation", EVALUATION_METRICS)):
     block = _metrics_html(summary, metrics, used)
     if block:
-      parts[section].insert(0, block)
+      head[section].append(block)
+  block = _named_numbers_html(summary, used)
+  if block:
+    head["accuracy"].append(block)
   if "risk_effects" in summary:
     block = _risk_effects_html(summary["risk_effects"])
     used.add("risk_effects")
     if block:
-      parts["gap"].insert(0, "<h3>risk effects (years of gap)</h3>\n" + block)
+      head["gap"].append("<h3>risk effects (years of gap)</h3>\n" + block)
+  for section in parts:
+    parts[section][:0] = head[section]
+  subtitle_keys = [k for k in ("preset", "model", "device", "date")
+                   if summary.get(k) is not None and not isinstance(summary[k], (dict, list))]
+  used.update(subtitle_keys)
   details = [(k, v) for k, v in _flatten({k: v for k, v in summary.items() if k not in used})]
   if details:
     parts["details"].append(_table_html(["item", "value"], [[k, _fmt(v)] for k, v in details]))
 
   # The page.
-  subtitle = " · ".join(_fmt(summary[k]) for k in ("preset", "model", "device", "date")
-                        if summary.get(k) is not None)
+  subtitle = " · ".join(_fmt(summary[k]) for k in subtitle_keys)
   body = [f"<h1>{_esc(title)}</h1>"]
   if subtitle:
     body.append(f'<p class="sub">{_esc(subtitle)}</p>')
@@ -333,3 +370,51 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
   index = out / INDEX
   fileio.write_text(index, page)
   return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+  out = {}
+  for item in items or ():
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise DataError(f"{flag} {item!r}: expected NAME=PATH")
+    out[name] = path
+  return out
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `brainage report`."""
+  p = subparsers.add_parser(
+      "report", help="one static HTML report (metrics, figures, tables) in WORKDIR/report",
+      description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, type=Path, help="the report goes to WORKDIR/report")
+  p.add_argument("--summary", type=Path, default=None,
+                 help="summary JSON (default WORKDIR/summary.json when it exists)")
+  p.add_argument("--figure", action="append", default=[], metavar="NAME=PNG",
+                 help="a figure; NAME picks the section (scatter, bias, forest, relevance_*, "
+                      "perturbation_*, ...); repeat")
+  p.add_argument("--table", action="append", default=[], metavar="NAME=TSV",
+                 help="a table (gap_effects, relevance_scores, ...); repeat")
+  p.add_argument("--title", default="jax-brainage report")
+  p.set_defaults(func=run)
+  return p
+
+
+def run(args: argparse.Namespace) -> int:
+  path = args.summary or (args.workdir / "summary.json")
+  summary = {}
+  if args.summary is not None or path.is_file():
+    try:
+      summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+      raise DataError(f"--summary {path}: unreadable JSON ({type(e).__name__})") from None
+    if not isinstance(summary, dict):
+      raise DataError(f"--summary {path}: not a JSON object")
+  index = write_report(args.workdir, summary, _pairs(args.figure, "--figure"),
+                       _pairs(args.table, "--table"), title=args.title)
+  print(f"report -> {index}")
+  return 0

@@ -120,9 +120,9 @@ def test_every_section_and_file(full_report):
 
 
 def test_sections_appear_only_with_their_inputs(tmp_path):
-  index = report.write_report(tmp_path, {"mae": 5.0, "preset": "cpu"})
+  index = report.write_report(tmp_path, {"mae": 5.0, "preset": "cpu", "train_seconds": 12.5})
   page = parse(index)
-  assert page.sections == ["accuracy", "details"]
+  assert page.sections == ["accuracy", "details"]  # train_seconds: a run detail
   assert page.images == []
   index = report.write_report(tmp_path / "b", {}, {"bias": _png(tmp_path / "b.png")})
   assert parse(index).sections == ["bias"]
@@ -175,3 +175,27 @@ def test_report_renders_in_headless_chromium_with_every_image(full_report, tmp_p
 
   pixels = matplotlib.image.imread(shot)[..., :3]
   assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005
+
+
+def test_report_command(tmp_path):
+  import argparse
+  import json
+
+  (tmp_path / "summary.json").write_text(json.dumps(
+      {"mae": 4.5, "sub_ensemble_mae": {"t1": 4.9, "flair": 5.6}, "date": "2026-11-24"}))
+  _png(tmp_path / "f.png")
+  (tmp_path / "t.tsv").write_text("term\testimate\ndiabetes\t3.25\n")
+  parser = argparse.ArgumentParser()
+  report.add_parser(parser.add_subparsers())
+  args = parser.parse_args(["report", "--workdir", str(tmp_path), "--figure",
+                            f"forest={tmp_path / 'f.png'}", "--table",
+                            f"gap_effects={tmp_path / 't.tsv'}"])
+  assert args.func(args) == 0
+  page = parse(tmp_path / "report" / "index.html")
+  assert page.sections == ["accuracy", "gap"]  # date is the subtitle, nothing left for details
+  assert page.tables == 3  # metrics, MAE per sub-ensemble, gap_effects
+  text = " ".join(page.text)
+  assert "flair" in text and "5.6" in text and "3.25" in text and "2026-11-24" in text
+  args = parser.parse_args(["report", "--workdir", str(tmp_path), "--figure", "nopath"])
+  with pytest.raises(DataError, match="expected NAME=PATH"):
+    args.func(args)
