@@ -299,10 +299,11 @@ def load_sub_ensemble(name: str, workdir: str | os.PathLike, *, regions: Sequenc
   sub-ensemble: the `checkpoint` ("best": each member at its own best validation epoch).
 
   A single-model workdir (no member axis) gives a sub-ensemble of one member.
+  Raises ConfigError (one line) when the workdir holds no trained model or its arrays do not fit
+  the model its manifest describes.
   """
-  import orbax.checkpoint as ocp
-
   from jax_brainage.train import checkpoint as ckpt_lib
+  from jax_brainage.train import trainer
 
   workdir = Path(workdir)
   config_path = workdir / "config.json"
@@ -310,44 +311,20 @@ def load_sub_ensemble(name: str, workdir: str | os.PathLike, *, regions: Sequenc
     raise ConfigError(f"{workdir}: no trained sub-ensemble there (no config.json)")
   try:
     record = json.loads(config_path.read_text(encoding="utf-8"))
-    config = record["config"]
-    cache = (record.get("fingerprint") or {}).get("data.cache") or config["data"]["cache"]
+    # The fingerprint holds the cache as an absolute path (as predict.load_trained).
+    cache = (record.get("fingerprint") or {}).get("data.cache") or record["config"]["data"]["cache"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"{config_path}: unreadable experiment record ({type(e).__name__})") from None
   absl = logging.getLogger("absl")
   level = absl.level
-  absl.setLevel(logging.ERROR)
+  absl.setLevel(logging.ERROR)  # orbax warns per read-only option
   try:
-    ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
+    manifest, variables, _ = trainer.load_members(workdir, checkpoint)
   finally:
     absl.setLevel(level)
-  try:
-    step = ckpts.latest_step(checkpoint)
-    where = f"{ckpt_lib.checkpoint_dir(workdir, checkpoint)}/{step}"
-    if step is None:
-      raise ConfigError(f"{workdir}: no {checkpoint} checkpoint")
-    meta = ckpts.read_meta(checkpoint, step)
-    manifest = meta.get("manifest")
-    if not manifest:
-      raise ConfigError(f"{where}: checkpoint has no model manifest")
-    members = int(manifest.get("members", 1))
-    stored = ckpts._managers[checkpoint].item_metadata(step)["state"]
-    device = jax.local_devices()[0]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        stored, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    expected = _expected_variables(manifest, members if "members" in manifest else None)
-    got = {"params": stored["params"], **dict(stored.get("model_state") or {})}
-    ckpt_lib.check_shapes(got, expected, where)
-    restored = ckpts._managers[checkpoint].restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  finally:
-    ckpts.close()
-  variables = {"params": restored["params"], **dict(restored.get("model_state") or {})}
-  variables = jax.tree.map(np.asarray, variables)
-  if "members" not in manifest:  # single-model layout: add the member axis
-    variables = jax.tree.map(lambda a: a[None], variables)
+  members = int(manifest.pop("members", 1))
+  ckpt_lib.check_shapes(variables, _expected_variables(manifest, members),
+                        ckpt_lib.checkpoint_dir(workdir, checkpoint))
   preprocessing = None
   index = Path(cache) / "index.json"
   if index.is_file():
@@ -355,7 +332,6 @@ def load_sub_ensemble(name: str, workdir: str | os.PathLike, *, regions: Sequenc
       preprocessing = json.loads(index.read_text(encoding="utf-8")).get("preprocessing")
     except (OSError, ValueError):
       preprocessing = None
-  manifest = {k: v for k, v in manifest.items() if k != "members"}
   return SubEnsemble(name=name, sequences=tuple(manifest["sequences"]), regions=tuple(regions),
                      manifest=manifest, members=members, variables=variables,
                      cache_dir=str(Path(cache).resolve()), preprocessing=preprocessing,
