@@ -138,3 +138,31 @@ def bias_plot(path: str | os.PathLike, age: np.ndarray, gap: np.ndarray,
   ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
   _save(fig, path)
+
+
+def bias_plot_from_predictions(path: str | os.PathLike, predictions: str | os.PathLike, *,
+                               title: str | None = None) -> dict[str, float]:
+  """`bias_plot` of a predictions TSV (`brainage predict`): age, brain_age_gap and, when there,
+  brain_age_gap_corrected; rows with an unknown age or gap are left out.
+
+  Returns:
+    {"n", "spearman_gap_age", "spearman_gap_age_corrected" (None without the corrected gap)}.
+  Raises:
+    DataError: fewer than 3 rows with a known age and gap, naming the file.
+  """
+  from jax_brainage.analyse import gap as gap_lib
+  from jax_brainage.errors import DataError
+
+  columns, rows = gap_lib.read_tsv(predictions, "predictions TSV")
+  has_corrected = "brain_age_gap_corrected" in columns
+  wanted = ("age", "brain_age_gap") + (("brain_age_gap_corrected",) if has_corrected else ())
+  values = [[gap_lib._number(row.get(c)) for c in wanted] for row in rows]
+  values = np.array([v for v in values if all(x is not None for x in v)], np.float64)
+  if len(values) < 3:
+    raise DataError(f"{predictions}: {len(values)} rows with a known age and gap; the bias "
+                    "plot needs at least 3")
+  corrected = values[:, 2] if has_corrected else None
+  bias_plot(path, values[:, 0], values[:, 1], corrected, title=title)
+  return {"n": int(len(values)), "spearman_gap_age": _spearman(values[:, 0], values[:, 1]),
+          "spearman_gap_age_corrected": (_spearman(values[:, 0], corrected)
+                                         if has_corrected else None)}

@@ -435,11 +435,25 @@ def effects_record(fit: GapRegression, truth: Mapping[str, Any] | None = None,
   """The gap_effects.json record: `extra`, the fit statistics, the terms with their truth
   columns, the dropped rows and (with truth) the references' summary."""
   record = {**(extra or {}), **fit.to_dict()}
-  record["terms"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                      for k, v in row.items()} for row in effects_table(fit, truth)]
+  record["terms"] = effects_table(fit, truth)
   if truth is not None:
     record["truth"] = {k: v for k, v in truth.items() if k != "per_term"}
-  return record
+  return _json_safe(record)
+
+
+def _json_safe(x: Any) -> Any:
+  """Non-finite floats -> None (JSON has no NaN or Infinity); tuples -> lists; numpy -> Python."""
+  if isinstance(x, Mapping):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
 
 
 def write_effects(out: str | os.PathLike, fit: GapRegression,

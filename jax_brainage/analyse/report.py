@@ -104,6 +104,13 @@ DEFAULT_CAPTIONS = {
     "forest": "Effects on the brain-age gap: estimates with confidence intervals; true effects "
               "(simulated cohort) as red diamonds.",
 }
+# Under a gap-effects table with truth columns (see jax_brainage.analyse.truth).
+TRUTH_NOTE = (
+    "<p>Simulated cohort: <b>true_effect</b> is the generative coefficient on latent brain "
+    "age; <b>latent</b> is the same regression on the true latent gap (brain age minus age) of "
+    "these subjects (what a perfect measurement would show); <b>oracle</b> on the gap of the "
+    "best predictor of age from brain age alone; <b>oracle_full</b> on that of the best "
+    "predictor that also knows sex and the risk factors (it explains the risk effects away).</p>")
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0 auto;
 max-width:1100px;padding:1em 2em;color:#222;line-height:1.4}
@@ -115,7 +122,7 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}
 figure{margin:0.8em 0;display:inline-block;vertical-align:top;max-width:100%}
 figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:0.85em;color:#555}
-nav a{margin-right:1em}
+nav a{margin-right:1em}div.scroll{overflow-x:auto;max-width:100%}
 """.strip()
 
 
@@ -167,8 +174,9 @@ def _read_table(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def _table_html(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
                 max_rows: int = 200) -> str:
-  out = ["<table>", "<tr>" + "".join(f'<th class="l">{_esc(h)}</th>' if i == 0 else
-                                     f"<th>{_esc(h)}</th>" for i, h in enumerate(header)) + "</tr>"]
+  heads = "".join(f'<th class="l">{_esc(h)}</th>' if i == 0 else f"<th>{_esc(h)}</th>"
+                  for i, h in enumerate(header))
+  out = ['<div class="scroll"><table>', f"<tr>{heads}</tr>"]
   for row in rows[:max_rows]:
     cells = []
     for i, v in enumerate(row):
@@ -182,7 +190,7 @@ def _table_html(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
       cls = ' class="l"' if i == 0 else ""
       cells.append(f"<td{cls}>{_esc(text)}</td>")
     out.append("<tr>" + "".join(cells) + "</tr>")
-  out.append("</table>")
+  out.append("</table></div>")
   if len(rows) > max_rows:
     out.append(f"<p>first {max_rows} of {len(rows)} rows shown; the whole table is in the TSV.</p>")
   return "\n".join(out)
@@ -320,6 +328,8 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
       fileio.write_text(out / dest_name, "\n".join(
           ["\t".join(header)] + ["\t".join(_fmt(v) for v in row) for row in rows]) + "\n")
     link = f'<p><a href="{_esc(urllib.parse.quote(dest_name))}">{_esc(dest_name)}</a></p>'
+    if "latent_estimate" in header:
+      link = TRUTH_NOTE + link
     parts[_section_of(name, _SECTION_OF_TABLE)].append(
         f'<div class="table" id="table-{_esc(_safe_name(name))}"><h3>{_esc(name.replace("_", " "))}'
         f"</h3>\n{_table_html(header, rows)}\n{link}</div>")

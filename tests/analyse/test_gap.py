@@ -51,6 +51,9 @@ def test_exact_coefficients_without_noise():
   fit = gap.gap_regression({"a": x1, "d": x2, "g": y}, "g", ["a", "d"])
   np.testing.assert_allclose(fit.estimate, [1.5, -2.0, 4.0], atol=1e-10)
   np.testing.assert_allclose(fit.se, 0.0, atol=1e-7)
+  import json
+
+  json.dumps(gap.effects_record(fit), allow_nan=False)  # t = inf is not written as Infinity
 
 
 def test_multiple_regression_matches_textbook_replica():

@@ -199,3 +199,25 @@ def test_report_command(tmp_path):
   args = parser.parse_args(["report", "--workdir", str(tmp_path), "--figure", "nopath"])
   with pytest.raises(DataError, match="expected NAME=PATH"):
     args.func(args)
+
+
+def test_bias_plot_from_predictions(tmp_path):
+  from scipy import stats
+
+  rng = np.random.default_rng(4)
+  age = rng.uniform(20, 80, 30)
+  g = -0.4 * (age - 50) + rng.normal(0, 3, 30)
+  c = g + 0.4 * (age - 50)
+  lines = ["participant_id\tsession\tage\tpredicted_age\tbrain_age_gap\tbrain_age_gap_corrected"]
+  lines += [f"sub-{i}\tn/a\t{age[i]:.4f}\t{age[i] + g[i]:.4f}\t{g[i]:.4f}\t{c[i]:.4f}"
+            for i in range(30)]
+  lines.append("sub-x\tn/a\tn/a\t50\tn/a\tn/a")  # unknown age: left out
+  (tmp_path / "p.tsv").write_text("\n".join(lines) + "\n")
+  out = forest.bias_plot_from_predictions(tmp_path / "bias.png", tmp_path / "p.tsv")
+  assert out["n"] == 30
+  assert out["spearman_gap_age"] == pytest.approx(stats.spearmanr(age, g)[0], abs=1e-3)
+  assert out["spearman_gap_age_corrected"] == pytest.approx(stats.spearmanr(age, c)[0], abs=1e-3)
+  assert (tmp_path / "bias.png").read_bytes()[:4] == b"\x89PNG"
+  (tmp_path / "q.tsv").write_text("\n".join(lines[:3]) + "\n")
+  with pytest.raises(DataError, match="2 rows with a known age"):
+    forest.bias_plot_from_predictions(tmp_path / "b2.png", tmp_path / "q.tsv")
