@@ -2,7 +2,7 @@
 
     brainage analyze --predictions preds.tsv --participants participants.tsv --out DIR
         [--gap-column brain_age_gap_corrected] [--covariates diabetes,hypertension,...]
-        [--truth DATASET_DIR] [--confidence 0.95]
+        [--truth DATASET_DIR] [--confidence 0.95] [--se classical|hc3]
 
 The predictions TSV (`brainage predict` / the demo) is joined with participants.tsv by
 participant_id (one row per prediction row). Several sessions of a person are several rows and
@@ -14,9 +14,10 @@ is regressed on an intercept and the covariates:
     gap_i = b_0 + sum_j b_j x_ij + e_i,   e_i ~ N(0, s^2) independent
 
 and every coefficient gets its standard error, 95% confidence interval and two-sided p-value
-from the t distribution with n - k degrees of freedom (k = number of coefficients). A coefficient
-is in years of gap per unit of its covariate: per year of age, per kg/m^2 of BMI, or between the
-two levels of a 0/1 or two-level column (`sex=M`: men minus women).
+from the t distribution with n - k degrees of freedom (k = number of coefficients); `--se hc3`
+gives heteroscedasticity-consistent (HC3) standard errors instead of the classical ones. A
+coefficient is in years of gap per unit of its covariate: per year of age, per kg/m^2 of BMI, or
+between the two levels of a 0/1 or two-level column (`sex=M`: men minus women).
 
 Covariates are participants.tsv (or predictions TSV) columns:
   - numeric columns as they are; 0/1 columns are indicators;
@@ -66,6 +67,7 @@ GAP_COLUMNS = ("brain_age_gap_corrected", "brain_age_gap")
 # Columns that are never default covariates: identifiers and what the pipeline predicted.
 NOT_COVARIATES = frozenset({ID_COLUMN, "session", "predicted_age", "predicted_age_corrected",
                             "brain_age_gap", "brain_age_gap_corrected", "uncertainty"})
+SE_KINDS = ("classical", "hc3")
 TERM_FIELDS = ("term", "estimate", "se", "ci_low", "ci_high", "t", "p")
 INTERCEPT = "intercept"
 EFFECTS_TSV = "gap_effects.tsv"
@@ -90,6 +92,7 @@ class GapRegression:
     r2, adj_r2: coefficient of determination (plain and adjusted).
     residual_sd: sqrt(RSS / df), years.
     covariance: `[k, k]` covariance of the estimates.
+    se_kind: "classical" or "hc3" (heteroscedasticity-consistent), see `ols`.
     subjects: `[n]` participant ids of the rows used, in order.
     dropped: (participant id, column that was missing) per dropped row.
   """
@@ -111,6 +114,7 @@ class GapRegression:
   covariance: np.ndarray
   subjects: tuple[str, ...] = ()
   dropped: tuple[tuple[str, str], ...] = ()
+  se_kind: str = "classical"
 
   @property
   def rows(self) -> list[dict[str, Any]]:
@@ -132,6 +136,7 @@ class GapRegression:
 
   def to_dict(self) -> dict[str, Any]:
     return {"response": self.response, "n": self.n, "df": self.df, "confidence": self.confidence,
+            "se_kind": self.se_kind,
             "r2": self.r2, "adj_r2": self.adj_r2, "residual_sd": self.residual_sd,
             "n_dropped": len(self.dropped),
             "dropped": [{ID_COLUMN: s, "missing": c} for s, c in self.dropped],
@@ -139,7 +144,7 @@ class GapRegression:
 
 
 def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: float = 0.95,
-        response: str = "y") -> GapRegression:
+        response: str = "y", se: str = "classical") -> GapRegression:
   """Ordinary least squares with t-based standard errors, intervals and two-sided p-values.
 
   Args:
@@ -147,6 +152,9 @@ def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: 
     design: `[n, k]` design matrix, the intercept column included.
     terms: `k` coefficient names (used in errors: a collinear term is named).
     confidence: the level of the intervals, in (0, 1).
+    se: "classical" (s^2 (X'X)^-1, homoscedastic errors) or "hc3" (MacKinnon-White sandwich
+      (X'X)^-1 X' diag(e_i^2 / (1 - h_i)^2) X (X'X)^-1: valid when the gap's spread changes
+      with age or group, as brain-age gaps' often does); t with n - k df either way.
   Raises:
     DataError: fewer rows than coefficients + 1, a non-finite value, or a term that is a linear
       combination of the others (e.g. a covariate constant over the rows used).
@@ -156,6 +164,9 @@ def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: 
   n, k = x.shape
   if not 0 < confidence < 1:
     raise ConfigError(f"--confidence {confidence}: must lie in (0, 1)")
+  if se not in SE_KINDS:
+    raise ConfigError(f"--se {se!r}: choose one of {', '.join(SE_KINDS)}")
+  se_kind = se
   if n <= k:
     raise DataError(f"{response}: {n} usable rows for {k} coefficients "
                     f"({', '.join(terms)}); need at least {k + 1}")
@@ -179,7 +190,17 @@ def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: 
   df = n - k
   rss = float(resid @ resid)
   sigma2 = rss / df
-  cov = sigma2 * (r_inv @ r_inv.T) / np.outer(scale, scale)
+  if se_kind == "hc3":
+    # With X = Q R: (X'X)^-1 X' = R^-1 Q', leverages h = rowsum(Q^2).
+    h = (q ** 2).sum(1)
+    if np.any(h > 1 - 1e-10):
+      raise DataError(f"{response}: a row has leverage 1 (a level seen once); HC3 standard "
+                      "errors are undefined, use --se classical")
+    w = (resid / (1.0 - h)) ** 2
+    bread = r_inv @ q.T  # [k, n]
+    cov = (bread * w[None]) @ bread.T / np.outer(scale, scale)
+  else:
+    cov = sigma2 * (r_inv @ r_inv.T) / np.outer(scale, scale)
   se = np.sqrt(np.diag(cov))
   with np.errstate(divide="ignore", invalid="ignore"):
     t = np.where(se > 0, beta / se, np.where(beta == 0, 0.0, np.inf * np.sign(beta)))
@@ -194,7 +215,7 @@ def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: 
   return GapRegression(
       response=response, terms=tuple(terms), estimate=beta, se=se, ci_low=beta - half,
       ci_high=beta + half, t=t, p=p, n=n, df=df, confidence=float(confidence), r2=r2,
-      adj_r2=adj, residual_sd=math.sqrt(sigma2), covariance=cov)
+      adj_r2=adj, residual_sd=math.sqrt(sigma2), covariance=cov, se_kind=se_kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +356,7 @@ def design_matrix(rows: Sequence[Mapping[str, Any]], gap_column: str,
 
 def gap_regression(table, gap_column: str = "brain_age_gap_corrected",
                    covariates: Sequence[str] | None = None, *,
-                   confidence: float = 0.95) -> GapRegression:
+                   confidence: float = 0.95, se: str = "classical") -> GapRegression:
   """OLS of the brain-age gap on covariates, with SE, CI and two-sided p-values.
 
   Args:
@@ -345,6 +366,7 @@ def gap_regression(table, gap_column: str = "brain_age_gap_corrected",
     covariates: column names or `COLUMN_over_T` hinges (module docstring); None = every numeric
       or two-level column (`default_covariates`).
     confidence: the interval level.
+    se: "classical" or "hc3" standard errors (`ols`).
   Returns:
     a `GapRegression`: iterate for rows {term, estimate, se, ci_low, ci_high, t, p}.
   Raises:
@@ -355,7 +377,7 @@ def gap_regression(table, gap_column: str = "brain_age_gap_corrected",
     columns = list(dict.fromkeys(k for row in rows for k in row))
     covariates = [c for c in default_covariates(rows, columns) if c != gap_column]
   y, x, terms, kept, dropped = design_matrix(rows, gap_column, list(covariates))
-  fit = ols(y, x, terms, confidence=confidence, response=gap_column)
+  fit = ols(y, x, terms, confidence=confidence, response=gap_column, se=se)
   return dataclasses.replace(fit, subjects=tuple(_subject(rows[i], i) for i in kept),
                              dropped=tuple(dropped))
 
@@ -481,7 +503,7 @@ def write_effects(out: str | os.PathLike, fit: GapRegression,
 def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
             out: str | os.PathLike, *, gap_column: str | None = None,
             covariates: Sequence[str] | None = None, truth: str | os.PathLike | None = None,
-            confidence: float = 0.95) -> dict[str, Any]:
+            confidence: float = 0.95, se: str = "classical") -> dict[str, Any]:
   """`brainage analyze` as a function; returns the gap_effects.json record."""
   from jax_brainage.analyse import truth as truth_lib
 
@@ -508,10 +530,11 @@ def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
     if sim is not None:
       # The generative model's form of BMI (a hinge), so that its true effect is one number.
       covariates = [sim.bmi_term if c == "bmi" else c for c in covariates]
-  fit = gap_regression(rows, gap_column, covariates, confidence=confidence)
+  fit = gap_regression(rows, gap_column, covariates, confidence=confidence, se=se)
   truth_record = None
   if sim is not None:
-    truth_record = truth_lib.compare(sim, rows, fit, list(covariates), confidence=confidence)
+    truth_record = truth_lib.compare(sim, rows, fit, list(covariates), confidence=confidence,
+                                     se=se)
   ids = [row[ID_COLUMN] for row in rows]
   extra = {"predictions": str(predictions), "participants": str(participants),
            "gap_column": gap_column, "covariates": list(covariates),
@@ -558,6 +581,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="simulated dataset (brainage simulate): show the true effects beside the "
                       "estimates")
   p.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
+  p.add_argument("--se", choices=SE_KINDS, default="classical",
+                 help="standard errors: classical (homoscedastic) or hc3 (robust to a gap "
+                      "spread that changes with age or group)")
   p.set_defaults(func=run)
   return p
 
@@ -569,7 +595,8 @@ def run(args: argparse.Namespace) -> int:
     if not covariates:
       raise ConfigError("--covariates is empty")
   record = analyze(args.predictions, args.participants, args.out, gap_column=args.gap_column,
-                   covariates=covariates, truth=args.truth, confidence=args.confidence)
+                   covariates=covariates, truth=args.truth, confidence=args.confidence,
+                   se=args.se)
   if record["repeated_participants"]:
     print(f"warning: {record['repeated_participants']} rows repeat a participant (sessions); "
           "OLS treats them as independent people", file=sys.stderr)
@@ -587,7 +614,11 @@ def run(args: argparse.Namespace) -> int:
             f"{row['ci_high']:+.3f}] {level}% CI  p {row['p']:.3g}")
     true = row.get("true_effect")
     if true is not None:
-      line += f"  (true {true:+.3f})"
+      line += f"  (true {true:+.3f}"
+    if row.get("latent_estimate") is not None:
+      line += f"{', ' if true is not None else '  ('}latent gap {row['latent_estimate']:+.3f}"
+    if true is not None or row.get("latent_estimate") is not None:
+      line += ")"
     print(line)
   print(f"-> {Path(args.out) / EFFECTS_TSV}, {EFFECTS_JSON}, {FOREST_PNG}")
   return 0

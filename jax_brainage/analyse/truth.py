@@ -232,7 +232,8 @@ def _linear_correction(gap: np.ndarray, age: np.ndarray) -> np.ndarray:
 
 
 def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
-            covariates: Sequence[str], *, confidence: float = 0.95) -> dict[str, Any]:
+            covariates: Sequence[str], *, confidence: float = 0.95,
+            se: str = "classical") -> dict[str, Any]:
   """The references of the module docstring for the subjects and covariates of `fit`.
 
   Args:
@@ -256,11 +257,12 @@ def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
                       f"{_DERIV / 'brain_age.tsv'}")
   a = np.array([truth.age[p] for p in ids])
   b = np.array([truth.brain_age[p] for p in ids])
-  fits = {"latent": gap.ols(b - a, x, terms, confidence=confidence, response="latent gap")}
+  fits = {"latent": gap.ols(b - a, x, terms, confidence=confidence, se=se,
+                            response="latent gap")}
   notes = []
   oracle = oracle_brain_age_only(truth.config, b)
   fits["oracle"] = gap.ols(_linear_correction(oracle - a, a), x, terms, confidence=confidence,
-                           response="oracle gap (brain age only)")
+                           se=se, response="oracle gap (brain age only)")
   missing = None
   for c in ("sex", *FACTORS, "bmi"):
     for i in kept:
@@ -276,7 +278,8 @@ def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
     full = oracle_latent(truth.config, b, male, get("diabetes"), get("hypertension"),
                          get("smoking"), get("bmi"))
     fits["oracle_full"] = gap.ols(_linear_correction(full - a, a), x, terms,
-                                  confidence=confidence, response="oracle gap (all latent)")
+                                  confidence=confidence, se=se,
+                                  response="oracle gap (all latent)")
   true = truth.true_effects(terms)
   per_term: dict[str, dict[str, Any]] = {}
   for j, term in enumerate(terms):
