@@ -112,6 +112,11 @@ LOWERINGS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
+def _as_last_axis(b: jax.Array, ndim: int) -> jax.Array:
+  """`[c]` -> `[1, ..., 1, c]` of rank `ndim` (explicit broadcasting)."""
+  return b.reshape((1,) * (ndim - 1) + b.shape)
+
+
 def mrinet_forward(conv: Callable, params: dict[str, Any], x: jax.Array) -> jax.Array:
   """MRInet's inference forward pass (eval: no dropout) with `conv` for every convolution:
   `[batch, x, y, z, c]` -> age `[batch]` (years). The same computation as
@@ -119,12 +124,12 @@ def mrinet_forward(conv: Callable, params: dict[str, Any], x: jax.Array) -> jax.
   h = x
   for i in range(1, 6):
     p = params[f"conv{i}"]
-    h = conv(h, p["kernel"]) + p["bias"]
+    h = conv(h, p["kernel"]) + _as_last_axis(p["bias"], h.ndim)
     h = jax.nn.relu(h)
     h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 3, 3, 3, 1), (1, 2, 2, 2, 1), "SAME")
   h = h.reshape(h.shape[0], -1)
-  h = jax.nn.relu(h @ params["dense1"]["kernel"] + params["dense1"]["bias"])
-  return (h @ params["age_head"]["kernel"] + params["age_head"]["bias"])[:, 0]
+  h = jax.nn.relu(h @ params["dense1"]["kernel"] + params["dense1"]["bias"][None])
+  return (h @ params["age_head"]["kernel"] + params["age_head"]["bias"][None])[:, 0]
 
 
 def _timed(fn, repeats: int) -> float:

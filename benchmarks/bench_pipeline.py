@@ -42,6 +42,7 @@ import grain  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from jax_brainage import fileio, sharding  # noqa: E402
 from jax_brainage.data import augment as aug  # noqa: E402
 from jax_brainage.data import pipeline as pl  # noqa: E402
@@ -80,7 +81,6 @@ def run_case(source: pl.ArraySource, mode: str, workers: int, augment: bool, arg
 def train_step_rate(args, shape: tuple[int, int, int], mesh) -> float:
   """Volumes/s the trainer's update step consumes at `shape` (median of --steps steps)."""
   import bench_train
-  import common
 
   step = bench_train.JaxStep(args.train_case, args.train_dtype, args.batch_size, "full",
                              shape=shape, mesh=mesh)
@@ -91,7 +91,8 @@ def train_step_rate(args, shape: tuple[int, int, int], mesh) -> float:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default="2mm,4mm", help="comma-separated: 2mm (98^3), 4mm (50^3)")
+  parser.add_argument("--shapes", default="2mm,4mm",
+                      help="comma-separated: 2mm (98^3), 4mm (50^3) or a side / XxYxZ (voxels)")
   parser.add_argument("--subjects", type=int, default=64, help="cohort size (random uint8 volumes)")
   parser.add_argument("--channels", type=int, default=1)
   parser.add_argument("--batch-size", type=int, default=8)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
   steps_rows: list[dict[str, Any]] = []
   with tempfile.TemporaryDirectory() as tmp:
     for shape_name in args.shapes.split(","):
-      shape = SHAPES[shape_name] + (args.channels,)
+      shape = SHAPES.get(shape_name) or common.parse_shape(shape_name)
+      shape = tuple(shape) + (args.channels,)
       rng = np.random.default_rng(0)
       path = Path(tmp) / f"volumes_{shape_name}.npy"
       mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
