@@ -13,12 +13,15 @@ what it has:
                correction);
   gap          figure "forest", table "gap_effects" (`brainage analyze`), summary
                "risk_effects" ({factor: {estimated, true, ...}});
-  relevance    figures named "relevance*", "montage*" or "glass*" (slice montages, glass brains);
+  relevance    figures and tables whose name contains relevance, montage, glass, region or lrp
+               (slice montages, glass brains, region tables);
   evaluation   summary relevance_mass_accuracy / relevance_rank_accuracy (and the gradient
-               baseline's), tables "relevance_scores", "explanation_scores", "regions*", figures
-               "perturbation*" or "evaluation*";
+               baseline's), figures and tables whose name contains scores, evaluation,
+               perturbation or ground_truth (`brainage evaluate-explanations`);
   other        any other figure or table, under its own name;
   details      every other scalar of the summary (run configuration, timings, versions).
+The first matching rule, in the order evaluation, gap, bias, accuracy, relevance, decides
+("relevance_scores" is evaluation); a name "SECTION:label" puts it in SECTION under label.
 
 A figure is a path or (path, caption); a table is a TSV path or a list of row dicts. Every
 string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
@@ -76,17 +79,15 @@ EVALUATION_METRICS = (
     ("gradient_relevance_rank_accuracy", "relevance rank accuracy (gradient baseline)"),
     ("composite", "composite"),
 )
-_SECTION_OF_FIGURE = (
-    ("accuracy", re.compile(r"^(scatter|predicted)")),
-    ("bias", re.compile(r"^bias")),
-    ("gap", re.compile(r"^(forest|gap)")),
-    ("relevance", re.compile(r"^(relevance|montage|glass)")),
-    ("evaluation", re.compile(r"^(perturbation|evaluation|ground_truth)")),
-)
-_SECTION_OF_TABLE = (
-    ("gap", re.compile(r"^gap")),
-    ("evaluation", re.compile(r"^(relevance_scores|explanation_scores|evaluation|regions|"
-                              r"ground_truth)")),
+# The section of a figure or table by its name (first match; searched anywhere in the name, so
+# "ensemble_montage" and "montage_ensemble" both go to relevance). "SECTION:rest" names it.
+_SECTION_RULES = (
+    ("evaluation", re.compile(r"(scores|evaluation|perturbation|ground_truth|mass_accuracy|"
+                              r"rank_accuracy)")),
+    ("gap", re.compile(r"(forest|gap_effects|risk)")),
+    ("bias", re.compile(r"bias")),
+    ("accuracy", re.compile(r"(scatter|predicted|accuracy_)")),
+    ("relevance", re.compile(r"(relevance|montage|glass|region|lrp)")),
 )
 SECTION_TITLES = {
     "accuracy": "Accuracy",
@@ -257,11 +258,15 @@ def _flatten(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
   return out
 
 
-def _section_of(name: str, rules) -> str:
-  for section, pattern in rules:
-    if pattern.search(name):
-      return section
-  return "other"
+def _section_of(name: str) -> tuple[str, str]:
+  """(section, name without a "SECTION:" prefix) of a figure or table name."""
+  head, sep, rest = name.partition(":")
+  if sep and head in SECTION_TITLES and rest:
+    return head, rest
+  for section, pattern in _SECTION_RULES:
+    if pattern.search(name.lower()):
+      return section, name
+  return "other", name
 
 
 def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None = None,
@@ -301,8 +306,9 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
       dest_name = "_" + dest_name
     taken.add(dest_name)
     _copy(path, out / dest_name)
-    caption = caption or DEFAULT_CAPTIONS.get(name) or name.replace("_", " ")
-    parts[_section_of(name, _SECTION_OF_FIGURE)].append(
+    section, label = _section_of(name)
+    caption = caption or DEFAULT_CAPTIONS.get(label) or label.replace("_", " ")
+    parts[section].append(
         f'<figure><img src="{_esc(urllib.parse.quote(dest_name))}" alt="{_esc(caption)}">'
         f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
@@ -330,9 +336,10 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
     link = f'<p><a href="{_esc(urllib.parse.quote(dest_name))}">{_esc(dest_name)}</a></p>'
     if "latent_estimate" in header:
       link = TRUTH_NOTE + link
-    parts[_section_of(name, _SECTION_OF_TABLE)].append(
-        f'<div class="table" id="table-{_esc(_safe_name(name))}"><h3>{_esc(name.replace("_", " "))}'
-        f"</h3>\n{_table_html(header, rows)}\n{link}</div>")
+    section, label = _section_of(name)
+    parts[section].append(
+        f'<div class="table" id="table-{_esc(_safe_name(name))}"><h3>'
+        f'{_esc(label.replace("_", " "))}</h3>\n{_table_html(header, rows)}\n{link}</div>')
 
   # Metrics, each group at the top of its section.
   # Summary numbers head their sections, before the figures and tables.

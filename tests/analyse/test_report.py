@@ -127,6 +127,15 @@ def test_sections_appear_only_with_their_inputs(tmp_path):
   index = report.write_report(tmp_path / "b", {}, {"bias": _png(tmp_path / "b.png")})
   assert parse(index).sections == ["bias"]
   assert "Nothing to report" in report.write_report(tmp_path / "c").read_text()
+  # Names route by what they contain; "SECTION:label" overrides.
+  png = _png(tmp_path / "x.png")
+  (tmp_path / "r.tsv").write_text("label\tmean\nfrontal\t0.5\n")
+  index = report.write_report(tmp_path / "e", {}, {"ensemble_T1w_montage": png,
+                                                   "evaluation": png, "bias:my own plot": png},
+                              {"relevance_regions": tmp_path / "r.tsv"})
+  page = parse(index)
+  assert page.sections == ["bias", "relevance", "evaluation"]
+  assert "my own plot" in " ".join(page.text)
   with pytest.raises(DataError, match="report figure forest: .* not found"):
     report.write_report(tmp_path / "d", {}, {"forest": tmp_path / "missing.png"})
 
