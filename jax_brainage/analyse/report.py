@@ -101,7 +101,8 @@ SECTION_TITLES = {
 # Captions of the figures the pipeline makes, when the caller gives none.
 DEFAULT_CAPTIONS = {
     "scatter": "Predicted vs chronological age on the held-out test split (identity dashed).",
-    "bias": "Brain-age gap vs chronological age before and after bias correction.",
+    "bias": "Brain-age gap vs chronological age, before (and, where given, after) bias "
+            "correction; lines are least-squares fits.",
     "forest": "Effects on the brain-age gap: estimates with confidence intervals; true effects "
               "(simulated cohort) as red diamonds.",
 }
@@ -201,7 +202,8 @@ def _metrics_html(summary: Mapping[str, Any], metrics: Sequence[tuple[str, str]]
                   used: set[str]) -> str:
   rows = []
   for key, label in metrics:
-    if key in summary and not isinstance(summary[key], (dict, list)):
+    # None = not measured in this run: left out rather than shown as n/a.
+    if summary.get(key) is not None and not isinstance(summary[key], (dict, list)):
       used.add(key)
       rows.append(f'<tr><td class="l">{_esc(label)}</td><td>{_esc(_fmt(summary[key]))}</td></tr>')
   if not rows:
@@ -226,23 +228,20 @@ def _risk_effects_html(effects: Any) -> str:
   return _table_html(["factor", *(columns or ["estimate"])], rows)
 
 
-ACCURACY_TABLES = (("sub_ensemble_mae", "MAE per sub-ensemble (years)"),
-                   ("member_mae", "MAE per ensemble member (years)"))
+ACCURACY_TABLES = (("sub_ensemble_mae", "MAE per sub-ensemble (years)", "sub-ensemble"),
+                   ("member_mae", "MAE per ensemble member (years)", "member"))
 
 
 def _named_numbers_html(summary: Mapping[str, Any], used: set[str]) -> str:
   out = []
-  for key, label in ACCURACY_TABLES:
+  for key, label, what in ACCURACY_TABLES:
     value = summary.get(key)
+    if isinstance(value, (list, tuple)):
+      value = {str(i): v for i, v in enumerate(value)}
     if isinstance(value, Mapping) and value:
       used.add(key)
-      out.append(f"<h3>{_esc(label)}</h3>\n" + _table_html(["name", "value"],
-                                                          [[k, v] for k, v in value.items()]))
-    elif isinstance(value, (list, tuple)) and value:
-      used.add(key)
-      out.append(f"<h3>{_esc(label)}</h3>\n" + _table_html(["index", "value"],
-                                                          [[str(i), v] for i, v in
-                                                           enumerate(value)]))
+      out.append(f"<h3>{_esc(label)}</h3>\n"
+                 + _table_html([what, "MAE (years)"], [[k, v] for k, v in value.items()]))
   return "\n".join(out)
 
 
