@@ -17,6 +17,20 @@ Python loop per subject. The TSV (written atomically) has one row per subject:
     participant_id  session  age  predicted_age  brain_age_gap
 
 ages in years; brain_age_gap = predicted_age - age ("n/a" where the age is unknown).
+
+On an ensemble workdir (one holding an ensemble store W/ensemble, `jax_brainage.ensemble`),
+every sub-ensemble's input is prepared with the preprocessing of the cache it was trained on (a
+cache shared by several sub-ensembles is applied once per subject), all members of a
+sub-ensemble run in one jitted, vmapped call per batch, and the TSV gains the bias-corrected
+estimate, the uncertainty and every sub-ensemble's and member's prediction:
+
+    participant_id  session  age  predicted_age  brain_age_gap  predicted_age_corrected
+    brain_age_gap_corrected  uncertainty  pred_<sub>...  pred_<sub>_m<k>...
+
+predicted_age is the multi-level ensemble's estimate; the corrected columns remove the gap's age
+dependence fit on validation data (they need the age: "n/a" where it is unknown); uncertainty is
+the standard deviation of all members' estimates (years); members are numbered from 0 (member k
+was trained with seed + k).
 """
 
 from __future__ import annotations
@@ -318,38 +332,57 @@ def predict_dataset(trained: TrainedModel, dataset, *, batch_size: int = 8, work
   results: list[Prediction] = []
 
   def prepare(subject):
+    cube, _ = prep_cache.preprocess(subject.images, subject=subject.subject_id,
+                                    mask=subject.mask)
+    return {"x": cube if channels is None else cube[..., channels]}
+
+  for subjects, cubes in prepared_batches(dataset, prepare, predictor.batch_size, workers=workers,
+                                          skip_bad=skip_bad, skipped=skipped):
+    predictor.check(cubes["x"].shape, subjects[0].subject_id)
+    for subject, a in zip(subjects, predictor(cubes["x"])):
+      results.append(Prediction(subject.subject_id, subject.session, subject.age, float(a)))
+  return results, skipped
+
+
+def prepared_batches(dataset, prepare, batch_size: int, *, workers: int = 1,
+                     skip_bad: bool = False, skipped: list[tuple[str, str]] | None = None
+                     ) -> Iterator[tuple[list[Any], dict[str, np.ndarray]]]:
+  """Subjects of `dataset` prepared in a thread pool, in order, in batches of `batch_size`.
+
+  Args:
+    prepare: subject -> {key: cube `[X, Y, Z, C]`} (e.g. one key per model input).
+    skip_bad: a subject whose preparation raises DataError is appended to `skipped` (subject
+      id, reason) instead of stopping.
+  Yields:
+    (subjects, {key: stacked cubes `[b, X, Y, Z, C]`}) with b <= batch_size.
+  """
+  def run(subject):
     try:
-      cube, _ = prep_cache.preprocess(subject.images, subject=subject.subject_id,
-                                      mask=subject.mask)
-      return subject, (cube if channels is None else cube[..., channels]), None
+      return subject, prepare(subject), None
     except DataError as e:
       if not skip_bad:
         raise
       return subject, None, str(e)
 
-  done: list[tuple[Any, np.ndarray]] = []
+  done: list[tuple[Any, dict[str, np.ndarray]]] = []
 
-  def flush():
-    if not done:
-      return
-    volumes = np.stack([c for _, c in done])
-    predictor.check(volumes.shape, done[0][0].subject_id)
-    ages = predictor(volumes)
-    for (subject, _), a in zip(done, ages):
-      results.append(Prediction(subject.subject_id, subject.session, subject.age, float(a)))
+  def batch():
+    subjects = [s for s, _ in done]
+    cubes = {k: np.stack([c[k] for _, c in done]) for k in done[0][1]}
     done.clear()
+    return subjects, cubes
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    for subject, cube, error in _ordered_map(pool, prepare, dataset.subjects,
-                                             ahead=2 * predictor.batch_size):
+    for subject, cubes, error in _ordered_map(pool, run, dataset.subjects, ahead=2 * batch_size):
       if error is not None:
-        skipped.append((subject.subject_id, error))
+        if skipped is not None:
+          skipped.append((subject.subject_id, error))
         continue
-      done.append((subject, cube))
-      if len(done) == predictor.batch_size:
-        flush()
-    flush()
-  return results, skipped
+      done.append((subject, cubes))
+      if len(done) == batch_size:
+        yield batch()
+    if done:
+      yield batch()
 
 
 def _ordered_map(pool, fn, items: Iterable[Any], ahead: int) -> Iterator[Any]:
@@ -361,6 +394,132 @@ def _ordered_map(pool, fn, items: Iterable[Any], ahead: int) -> Iterator[Any]:
       yield pending.pop(0).result()
   for f in pending:
     yield f.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles (a workdir with an ensemble store, jax_brainage.ensemble.store).
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelInput:
+  """What `preprocessor_for` needs of a model: its sequences, and a name for messages."""
+
+  sequences: tuple[str, ...]
+  workdir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleInputs:
+  """How new data becomes every sub-ensemble's input.
+
+  Attributes:
+    views: key -> cache (view) whose `preprocess` makes a cube; one per distinct training cache
+      and sequence view, so a cache shared by several sub-ensembles runs once per subject.
+    of_sub: sub-ensemble name -> (key of its view, channel indices into that cube or None).
+    sequences: the sequences the data must provide (union over sub-ensembles, in order).
+  """
+
+  views: dict[str, Any]
+  of_sub: dict[str, tuple[str, list[int] | None]]
+  sequences: tuple[str, ...]
+
+
+def ensemble_inputs(ensemble) -> EnsembleInputs:
+  """Opens every sub-ensemble's training cache and checks it still prepares its input (shape,
+  sequences, preprocessing incl. regions); a one-line DataError naming the cache otherwise."""
+  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.ensemble import store
+
+  opened: dict[str, Any] = {}
+  views: dict[str, Any] = {}
+  of_sub: dict[str, tuple[str, list[int] | None]] = {}
+  sequences: list[str] = []
+  for sub in ensemble.subs:
+    if sub.cache_dir is None:
+      raise DataError(f"{store.store_dir(ensemble.workdir or '.')}: sub-ensemble {sub.name} "
+                      "records no training cache; its preprocessing is needed for new data")
+    path = Path(sub.cache_dir)
+    if not (path / cache_lib.INDEX).is_file():
+      raise DataError(f"{path}: the training cache of sub-ensemble {sub.name} is missing; its "
+                      "preprocessing record is needed to prepare new data as in training")
+    if str(path) not in opened:
+      opened[str(path)] = cache_lib.Cache.open(path)
+    cache = opened[str(path)]
+    store.check_cache(sub, cache)
+    view, channels = preprocessor_for(_ModelInput(sub.sequences, f"sub-ensemble {sub.name}"),
+                                      cache)
+    key = f"{path}:{'+'.join(view.sequences)}"
+    views.setdefault(key, view)
+    of_sub[sub.name] = (key, channels)
+    sequences += [q for q in view.sequences if q not in sequences]
+  return EnsembleInputs(views, of_sub, tuple(sequences))
+
+
+def predict_ensemble_dataset(ensemble, dataset, *, batch_size: int = 8, workers: int = 1,
+                             skip_bad: bool = False, inputs: EnsembleInputs | None = None):
+  """Preprocesses (as in training, per sub-ensemble) and predicts every subject of `dataset`.
+
+  Returns:
+    (subjects in dataset order, `ensemble.store.EnsemblePrediction` of them, skipped (subject
+    id, reason)).
+  """
+  inputs = inputs or ensemble_inputs(ensemble)
+  if tuple(dataset.sequences) != tuple(inputs.sequences):
+    raise DataError(f"{dataset.root or 'data'}: has sequences {list(dataset.sequences)}, the "
+                    f"ensemble of {ensemble.workdir} needs {list(inputs.sequences)}")
+  skipped: list[tuple[str, str]] = list(dataset.skipped)
+
+  def prepare(subject):
+    out = {}
+    for key, view in inputs.views.items():
+      images = {q: subject.images[q] for q in view.sequences}
+      out[key], _ = view.preprocess(images, subject=subject.subject_id, mask=subject.mask)
+    return out
+
+  subjects: list[Any] = []
+  members: dict[str, list[np.ndarray]] = {s.name: [] for s in ensemble.subs}
+  for batch_subjects, cubes in prepared_batches(dataset, prepare, batch_size, workers=workers,
+                                                skip_bad=skip_bad, skipped=skipped):
+    volumes = {}
+    for sub in ensemble.subs:
+      key, channels = inputs.of_sub[sub.name]
+      volumes[sub.name] = cubes[key] if channels is None else cubes[key][..., channels]
+      sub.check_inputs(volumes[sub.name].shape, batch_subjects[0].subject_id)
+    for name, p in ensemble.predict_members(volumes, batch_size).items():
+      members[name].append(p)
+    subjects.extend(batch_subjects)
+  stacked = {name: (np.concatenate(p) if p else np.zeros((0, ensemble.sub(name).members)))
+             for name, p in members.items()}
+  return subjects, ensemble.combine(stacked), skipped
+
+
+def ensemble_columns(ensemble) -> tuple[str, ...]:
+  """The ensemble TSV's columns (see the module docstring)."""
+  cols = list(COLUMNS) + ["predicted_age_corrected", "brain_age_gap_corrected", "uncertainty"]
+  cols += [f"pred_{s.name}" for s in ensemble.subs]
+  cols += [f"pred_{s.name}_m{k}" for s in ensemble.subs for k in range(s.members)]
+  return tuple(cols)
+
+
+def ensemble_tsv(ensemble, subjects: Sequence[Any], prediction) -> str:
+  """The ensemble predictions as TSV text (ages in years, "n/a" for unknown)."""
+  lines = ["\t".join(ensemble_columns(ensemble))]
+  for i, subject in enumerate(subjects):
+    age = subject.age
+    p = float(prediction.ensemble[i])
+    if age is None:
+      corrected = gap_c = None
+    else:
+      corrected = float(prediction.correction.apply(np.array([p]), np.array([age]))[0])
+      gap_c = corrected - age
+    row = [subject.subject_id, subject.session or "n/a", _fmt(age), _fmt(p),
+           _fmt(None if age is None else p - age), _fmt(corrected), _fmt(gap_c),
+           _fmt(float(prediction.spread[i]))]
+    row += [_fmt(float(prediction.subs[s.name][i])) for s in ensemble.subs]
+    row += [_fmt(float(prediction.members[s.name][i, k])) for s in ensemble.subs
+            for k in range(s.members)]
+    lines.append("\t".join(row))
+  return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,12 +564,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "predict", help="predicted age and brain-age gap of new subjects from a trained workdir",
       description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True, type=Path, help="training workdir (brainage train)")
+  p.add_argument("--workdir", required=True, type=Path,
+                 help="training workdir (brainage train): one model, or an ensemble experiment")
   p.add_argument("--data", required=True, nargs="+", metavar="DIR",
                  help="BIDS dataset directory, or NIfTI files (one subject each, no age)")
   p.add_argument("--out", required=True, type=Path, metavar="TSV", help="predictions to write")
   p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
-                 help="best by validation loss (default) or latest")
+                 help="best by validation loss (default) or latest (single-model workdirs)")
   p.add_argument("--sequences", default=None,
                  help="comma-separated sequences of the data (default: the model's); must be "
                       "the model's")
@@ -429,6 +589,10 @@ def run(args: argparse.Namespace) -> int:
 
   if args.batch_size < 1:
     raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+  from jax_brainage.ensemble import store
+
+  if store.is_ensemble_workdir(args.workdir):
+    return run_ensemble(args)
   trained = load_trained(args.workdir, args.checkpoint)
   cache = open_training_cache(trained)
   sequences = required_sequences(trained, cache)
@@ -453,5 +617,46 @@ def run(args: argparse.Namespace) -> int:
     m = summary_metrics(np.array([p.age for p in known]),
                         np.array([p.predicted_age for p in known]))
     line += f"; MAE {m['mae']:.2f} years, r {m['r']:.3f} over {m['n']} with known age"
+  print(line)
+  return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+  """`brainage predict` on an ensemble workdir (see the module docstring)."""
+  from jax_brainage.data import bids
+  from jax_brainage.ensemble import correction as correction_lib
+  from jax_brainage.ensemble import store
+
+  if args.checkpoint != "best":
+    raise ConfigError(f"--checkpoint {args.checkpoint}: the ensemble store of {args.workdir} "
+                      "holds every member at its best validation epoch only")
+  ensemble = store.load_ensemble(args.workdir)
+  inputs = ensemble_inputs(ensemble)
+  if args.sequences is not None:
+    given = bids.parse_sequences(args.sequences)
+    if given != inputs.sequences:
+      raise DataError(f"--sequences {','.join(given)}: the ensemble of {args.workdir} needs "
+                      f"{','.join(inputs.sequences)} (in that order)")
+  dataset = read_dataset(args.data, inputs.sequences, session=args.session,
+                         skip_bad=args.skip_bad)
+  subjects, prediction, skipped = predict_ensemble_dataset(
+      ensemble, dataset, batch_size=args.batch_size, workers=args.workers,
+      skip_bad=args.skip_bad, inputs=inputs)
+  for sid, why in skipped:
+    print(f"skipped {sid}: {why}", file=sys.stderr)
+  if not subjects:
+    raise DataError(f"{' '.join(map(str, args.data))}: no subject could be predicted")
+  fileio.write_text(args.out, ensemble_tsv(ensemble, subjects, prediction))
+  line = (f"predicted {len(subjects)} subjects with the ensemble of {args.workdir} "
+          f"({len(ensemble.subs)} sub-ensembles, {ensemble.n_members} members) -> {args.out}")
+  known = np.array([i for i, s in enumerate(subjects) if s.age is not None], int)
+  if len(known) > 1:
+    ages = np.array([subjects[i].age for i in known], np.float64)
+    m = correction_lib.gap_metrics(ages, prediction.ensemble[known],
+                                   prediction.correction.apply(prediction.ensemble[known], ages))
+    line += (f"; MAE {m['mae']:.2f} years ({m['mae_corrected']:.2f} {ensemble.correction.kind}"
+             f"-corrected), gap-age Spearman {m['spearman_gap_age']:.2f} "
+             f"({m['spearman_gap_age_corrected']:.2f} corrected), mean uncertainty "
+             f"{float(np.mean(prediction.spread)):.2f} over {m['n']} with known age")
   print(line)
   return 0

@@ -48,8 +48,10 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def reference_predictions(workdir: Path, rows: np.ndarray, which: str = "best") -> np.ndarray:
-  """Predicted ages (years) of cache rows, computed without the project's inference code."""
+def reference_predictions(workdir: Path, rows: np.ndarray, which: str = "best",
+                          transform=None) -> np.ndarray:
+  """Predicted ages (years) of cache rows, computed without the project's inference code
+  (`transform` changes the parameters first)."""
   import jax
   import orbax.checkpoint as ocp
 
@@ -64,6 +66,8 @@ def reference_predictions(workdir: Path, rows: np.ndarray, which: str = "best") 
   kwargs.pop("dtype", None)
   model = MRInet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
   params = jax.tree.map(np.asarray, state["params"])
+  if transform is not None:
+    params = transform(params)
   volumes = np.load(workdir / "cache" / "volumes.npy")  # [n, X, Y, Z, C] uint8
   out = []
   for i in rows:  # one subject at a time, input scaled in numpy
@@ -165,3 +169,108 @@ def test_data_with_other_voxel_size(workdir, capsys, tmp_path):
   nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), path)
   _one_line_error(capsys, ["predict", "--workdir", str(workdir), "--data", str(path), "--out",
                            str(tmp_path / "p.tsv")], "voxel size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensemble workdirs: sub-ensembles built from the tiny demo's trained model (one sub-ensemble of
+# that member, one of it and a perturbed copy), head and correction fit on the non-test rows.
+
+
+def _perturb(params):
+  """A second member: the trained one with its hidden layer reweighted."""
+  import jax
+
+  params = jax.tree.map(np.array, params)
+  # Not an affine function of the trained member (that would make the head's least squares
+  # degenerate): rescale the hidden units unevenly.
+  k = params["dense1"]["kernel"]
+  params["dense1"]["kernel"] = k * np.random.default_rng(0).uniform(0.5, 1.5, k.shape[-1])
+  return params
+
+
+@pytest.fixture(scope="session")
+def ensemble_workdir(workdir, tmp_path_factory):
+  import dataclasses
+
+  import jax
+
+  from jax_brainage.data import splits
+  from jax_brainage.ensemble import store
+
+  one = store.load_sub_ensemble("all", workdir)
+  two = dataclasses.replace(one, name="t1x2", members=2, variables=jax.tree.map(
+      lambda a, b: np.concatenate([a, b]), one.variables,
+      {"params": jax.tree.map(lambda a: a[None], _perturb(one.member_variables(0)["params"]))}))
+  index = json.loads((workdir / "cache" / "index.json").read_text())
+  split = splits.load_split(workdir / "split.json", [s["subject_id"] for s in index["subjects"]])
+  rows = np.sort(np.concatenate([split.train, split.val]))
+  volumes = np.load(workdir / "cache" / "volumes.npy")[rows]
+  ages = np.array([index["subjects"][i]["age"] for i in rows], np.float64)
+  ens = store.fit_ensemble((one, two), {"all": volumes, "t1x2": volumes}, ages, folds=4,
+                           correction="linear", batch_size=4)
+  w = tmp_path_factory.mktemp("ensemble") / "W"
+  store.save_ensemble(w, ens)
+  return w
+
+
+def test_predict_ensemble_workdir(workdir, ensemble_workdir, tmp_path):
+  from jax_brainage.ensemble import store
+
+  out = tmp_path / "ens.tsv"
+  data = workdir / "data"
+  assert cli(["predict", "--workdir", str(ensemble_workdir), "--data", str(data), "--out",
+              str(out), "--batch-size", "5", "--workers", "2"]) == 0
+  rows = read_tsv(out)
+  assert list(rows[0]) == [
+      "participant_id", "session", "age", "predicted_age", "brain_age_gap",
+      "predicted_age_corrected", "brain_age_gap_corrected", "uncertainty", "pred_all",
+      "pred_t1x2", "pred_all_m0", "pred_t1x2_m0", "pred_t1x2_m1"]
+  participants = read_tsv(data / "participants.tsv")
+  assert [r["participant_id"] for r in rows] == [p["participant_id"] for p in participants]
+  index = json.loads((workdir / "cache" / "index.json").read_text())
+  cache_row = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
+  order = np.array([cache_row[r["participant_id"]] for r in rows])
+  trained = reference_predictions(workdir, order)
+  perturbed = reference_predictions(workdir, order, transform=_perturb)
+  col = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
+  np.testing.assert_allclose(col("pred_all_m0"), trained, atol=2e-3)
+  np.testing.assert_allclose(col("pred_t1x2_m0"), trained, atol=2e-3)
+  np.testing.assert_allclose(col("pred_t1x2_m1"), perturbed, atol=2e-3)
+  assert np.ptp(perturbed - trained) > 0.1
+  # Head and correction as fit (their maths are tested in tests/ensemble): applied to the
+  # reference member predictions they give the TSV's ensemble columns.
+  ens = store.load_ensemble(ensemble_workdir)
+  members = {"all": trained[:, None], "t1x2": np.stack([trained, perturbed], 1)}
+  expected = ens.head.apply(members)
+  # Member predictions agree to ~2e-3 years; the head's weights scale that.
+  tol = 2e-3 * sum(np.abs(w).sum() for w in ens.member_weights().values()) + 1e-4
+  np.testing.assert_allclose(col("predicted_age"), expected, atol=tol)
+  subs = ens.head.sub_predictions(members)
+  np.testing.assert_allclose(col("pred_all"), subs["all"], atol=tol)
+  np.testing.assert_allclose(col("pred_t1x2"), subs["t1x2"], atol=tol)
+  ages = np.array([float(p["age"]) for p in participants])
+  np.testing.assert_allclose(col("brain_age_gap"), expected - ages, atol=tol)
+  a, b = ens.correction.coefficients[:2]
+  bias = a + b * (ages - ens.correction.center) / ens.correction.scale  # linear in age
+  np.testing.assert_allclose(col("predicted_age_corrected"), expected - bias, atol=tol)
+  np.testing.assert_allclose(col("brain_age_gap_corrected"), expected - bias - ages, atol=tol)
+  assert np.ptp(bias) > 0.1  # the correction does something
+  np.testing.assert_allclose(col("uncertainty"),
+                             np.std(np.stack([trained, trained, perturbed]), 0, ddof=1),
+                             atol=2e-3)
+
+
+def test_predict_ensemble_errors(workdir, ensemble_workdir, capsys, tmp_path):
+  w = tmp_path / "W"
+  shutil.copytree(ensemble_workdir, w)
+  argv = ["predict", "--workdir", str(w), "--data", str(workdir / "data"), "--out",
+          str(tmp_path / "p.tsv")]
+  _one_line_error(capsys, argv + ["--checkpoint", "latest"], "best validation epoch only")
+  # The training cache was prepared again with another shape since the ensemble was trained.
+  meta = w / "ensemble" / "manifest" / "metadata"
+  manifest = json.loads(meta.read_text())
+  manifest["sub_ensembles"][1]["preprocessing"]["shape"] = [16, 16, 16]
+  meta.write_text(json.dumps(manifest))
+  err = _one_line_error(capsys, argv, "preprocessing shape is [32, 32, 32] now")
+  assert "t1x2" in err
+  assert not (tmp_path / "p.tsv").exists()

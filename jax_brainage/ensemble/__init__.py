@@ -10,3 +10,22 @@ Modules (one idea each):
 """
 
 from __future__ import annotations
+
+from jax_brainage.ensemble.correction import Correction, fit_correction, gap_metrics
+from jax_brainage.ensemble.head import (LinearHead, MultiLevelHead, fit_linear_head,
+                                        fit_multilevel, member_spread)
+from jax_brainage.ensemble.relevance import (EnsembleRelevance, ensemble_relevance,
+                                             member_relevance)
+from jax_brainage.ensemble.store import (Ensemble, EnsemblePrediction, SubEnsemble,
+                                         ensemble_metrics, fit_ensemble,
+                                         fit_ensemble_from_predictions, is_ensemble_workdir,
+                                         load_ensemble, load_sub_ensemble, save_ensemble)
+
+__all__ = [
+    "Correction", "fit_correction", "gap_metrics",
+    "LinearHead", "MultiLevelHead", "fit_linear_head", "fit_multilevel", "member_spread",
+    "EnsembleRelevance", "ensemble_relevance", "member_relevance",
+    "Ensemble", "EnsemblePrediction", "SubEnsemble", "ensemble_metrics", "fit_ensemble",
+    "fit_ensemble_from_predictions", "is_ensemble_workdir", "load_ensemble", "load_sub_ensemble",
+    "save_ensemble",
+]

@@ -76,7 +76,8 @@ class SubEnsemble:
   cache_dir: str | os.PathLike | None = None
   preprocessing: Mapping[str, Any] | None = None
   workdir: str | os.PathLike | None = None
-  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+  # Built model, jitted forward and device-placed variables (not copied by dataclasses.replace).
+  _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   def __post_init__(self):
     object.__setattr__(self, "sequences", tuple(self.sequences))
