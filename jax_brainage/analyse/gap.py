@@ -308,10 +308,11 @@ def code_covariate(rows: Sequence[Mapping[str, Any]], name: str) -> Covariate:
   return Covariate(name, f"{name}={level}", tuple(values))
 
 
-def default_covariates(rows: Sequence[Mapping[str, Any]],
-                       columns: Sequence[str]) -> list[str]:
+def default_covariates(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
+                       constant: list[str] | None = None) -> list[str]:
   """Every column of `columns` (in order) that codes as a numeric or two-level covariate and
-  varies over `rows`; identifiers and prediction columns excluded."""
+  varies over `rows`; identifiers and prediction columns excluded. Usable columns that are
+  constant over `rows` (e.g. no smoker among a few test subjects) are appended to `constant`."""
   chosen = []
   for column in columns:
     if column in NOT_COVARIATES or column.startswith("pred_"):
@@ -322,6 +323,8 @@ def default_covariates(rows: Sequence[Mapping[str, Any]],
       continue
     if len({v for v in cov.values if v is not None}) > 1:
       chosen.append(column)
+    elif constant is not None:
+      constant.append(column)
   return chosen
 
 
@@ -523,10 +526,11 @@ def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
     raise DataError(f"{participants}: none of the {len(rows)} predicted participants is listed "
                     f"(first: {unmatched[0]})")
   sim = truth_lib.load_truth(truth) if truth is not None else None
+  constant: list[str] = []
   if covariates is None:
     # participants.tsv's columns (age as joined: the prediction's where it has one).
     candidates = part_columns + [c for c in ("age",) if c in pred_columns and c not in part_columns]
-    covariates = default_covariates(rows, candidates)
+    covariates = default_covariates(rows, candidates, constant=constant)
     if sim is not None:
       # The generative model's form of BMI (a hinge), so that its true effect is one number.
       covariates = [sim.bmi_term if c == "bmi" else c for c in covariates]
@@ -538,7 +542,7 @@ def analyze(predictions: str | os.PathLike, participants: str | os.PathLike,
   ids = [row[ID_COLUMN] for row in rows]
   extra = {"predictions": str(predictions), "participants": str(participants),
            "gap_column": gap_column, "covariates": list(covariates),
-           "not_in_participants": unmatched,
+           "not_in_participants": unmatched, "constant_left_out": constant,
            "repeated_participants": len(ids) - len(set(ids))}
   paths = write_effects(out, fit, truth_record, extra=extra)
   return {**effects_record(fit, truth_record, extra),
@@ -600,6 +604,9 @@ def run(args: argparse.Namespace) -> int:
   if record["repeated_participants"]:
     print(f"warning: {record['repeated_participants']} rows repeat a participant (sessions); "
           "OLS treats them as independent people", file=sys.stderr)
+  if record["constant_left_out"]:
+    print(f"left out (the same for every subject): {', '.join(record['constant_left_out'])}",
+          file=sys.stderr)
   if record["n_dropped"]:
     first = record["dropped"][0]
     print(f"dropped {record['n_dropped']} rows with missing values (first: "

@@ -152,7 +152,10 @@ def test_default_covariates_and_join():
   assert rows[0]["age"] == "30"  # the prediction's own age wins
   assert rows[1]["sex"] == "M"
   # group is constant; participant_id and the prediction columns are never covariates.
-  assert gap.default_covariates(rows, list(participants[0])) == ["age", "sex", "diabetes", "bmi"]
+  constant = []
+  assert gap.default_covariates(rows, list(participants[0]), constant=constant) == [
+      "age", "sex", "diabetes", "bmi"]
+  assert constant == ["group"]
   with pytest.raises(DataError, match="listed twice"):
     gap.join_tables(predictions, participants + participants[:1])
 
@@ -198,6 +201,7 @@ def test_analyze_command_writes_tsv_json_and_forest(tmp_path):
 
   record = json.loads((tmp_path / "out" / gap.EFFECTS_JSON).read_text())
   assert record["gap_column"] == "brain_age_gap_corrected"
+  assert record["constant_left_out"] == []
   assert record["n"] == n - 1 and record["dropped"] == [{"participant_id": "sub-007",
                                                           "missing": "brain_age_gap_corrected"}]
   import matplotlib.image
