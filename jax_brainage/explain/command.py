@@ -36,13 +36,11 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import dataclasses
 import datetime
 import math
 import os
 import re
 import sys
-import types
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -164,21 +162,14 @@ def subject_groups(subjects: Sequence[Any], *, age_band: float = 10.0,
 # What is explained: a single model or an ensemble, with the inputs each part reads.
 
 
-@dataclasses.dataclass
-class _Input:
-  """One model input: the cache whose preprocessing prepares it, and the channels to pick."""
-  name: str
-  sequences: tuple[str, ...]
-  cache: Any
-  prep_cache: Any
-  channels: list[int] | None
-
-
 class Target:
-  """The model(s) of a workdir, their inputs, and one `maps.Explainer` per model (compiled once).
+  """The model(s) of a workdir, how new data becomes their inputs, and the compiled explainers.
 
-  `levels` are the map families written: ("model",) for a single model; a subset of LEVELS for
-  an ensemble.
+  Inputs are prepared as `brainage predict` prepares them: `views` maps a key to a cache (view)
+  whose `preprocess` makes one cube per subject (one per distinct training cache and sequence
+  view), `of_sub` maps each model (a sub-ensemble's name, or "model") to (view key, channel
+  indices or None). `levels` are the map families written: ("model",) for a single model; a
+  subset of LEVELS for an ensemble.
   """
 
   def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
@@ -195,17 +186,8 @@ class Target:
       self.ensemble = ensemble
       self.levels = tuple(levels)
       self.top = "ensemble"
-      self.inputs = []
-      for sub in ensemble.subs:
-        if sub.cache_dir is None:
-          raise ConfigError(f"{workdir}: sub-ensemble {sub.name} records no training cache; its "
-                            "preprocessing is needed to prepare new data")
-        shim = types.SimpleNamespace(sequences=tuple(sub.sequences), workdir=workdir,
-                                     cache_dir=Path(sub.cache_dir),
-                                     image_shape=tuple(sub.image_shape))
-        cache = predict.open_training_cache(shim)
-        prep, channels = predict.preprocessor_for(shim, cache)
-        self.inputs.append(_Input(sub.name, tuple(sub.sequences), cache, prep, channels))
+      inputs = predict.ensemble_inputs(ensemble)
+      self.views, self.of_sub = dict(inputs.views), dict(inputs.of_sub)
       self.sequences = maps.ensemble_sequences(ensemble)
       self._explainers: dict[str, maps.Explainer] = {}
       self.description = {"kind": "ensemble", "sub_ensembles": {
@@ -222,7 +204,7 @@ class Target:
                         f"{workdir} expects {trained.image_shape} (was the cache prepared again "
                         "with another shape?)")
       prep, channels = predict.preprocessor_for(trained, cache)
-      self.inputs = [_Input("model", trained.sequences, cache, prep, channels)]
+      self.views, self.of_sub = {"model": prep}, {"model": ("model", channels)}
       self.sequences = trained.sequences
       self.explainer = maps.Explainer(trained.model, trained.variables, method,
                                       batch_size=batch_size, seed=seed)
@@ -230,10 +212,37 @@ class Target:
                           "step": trained.step, "sequences": list(trained.sequences)}
 
   @property
+  def caches(self) -> list[Any]:
+    """The distinct training caches behind the views."""
+    out: dict[str, Any] = {}
+    for view in self.views.values():
+      out.setdefault(str(view.path), view)
+    return list(out.values())
+
+  def prepare(self, subject) -> tuple[dict[str, np.ndarray], Any]:
+    """One subject's inputs {model: cube [X, Y, Z, C]} and the CubeInverse they share."""
+    cubes, inverse = {}, None
+    prepared = {}
+    for key, view in self.views.items():
+      images = {q: subject.images[q] for q in view.sequences}
+      prepared[key], inv = view.preprocess(images, subject=subject.subject_id,
+                                           mask=subject.mask)
+      if inverse is None:
+        inverse = inv
+      elif inv != inverse:
+        raise DataError(f"{subject.subject_id}: the sub-ensembles' inputs were cut from "
+                        "different grids (caches with other cube shapes or reference "
+                        "sequences); their maps cannot be added")
+    for name, (key, channels) in self.of_sub.items():
+      cubes[name] = prepared[key] if channels is None else prepared[key][..., channels]
+    return cubes, inverse
+
+  @property
   def required_sequences(self) -> tuple[str, ...]:
+    """The sequences new data must provide (union over the views, in order)."""
     out: list[str] = []
-    for i in self.inputs:
-      out += [s for s in i.prep_cache.sequences if s not in out]
+    for view in self.views.values():
+      out += [q for q in view.sequences if q not in out]
     return tuple(out)
 
   def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
@@ -361,8 +370,8 @@ def find_atlas(data: Sequence[str | os.PathLike], target: Target) -> Path | None
     candidate = Path(data[0]) / "derivatives" / "simulation" / "atlas.nii.gz"
     if candidate.is_file():
       return candidate
-  for i in target.inputs:
-    candidate = Path(i.cache.path) / cache_lib.ATLAS
+  for cache in target.caches:
+    candidate = Path(cache.path) / cache_lib.ATLAS
     if candidate.is_file():
       return candidate
   return None
@@ -424,16 +433,7 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
 
   def prepare(subject):
     try:
-      cubes, inverse = {}, None
-      for i in target.inputs:
-        cube, inv = i.prep_cache.preprocess(subject.images, subject=subject.subject_id,
-                                            mask=subject.mask)
-        if inverse is None:
-          inverse = inv
-        elif inv != inverse:
-          raise DataError(f"{subject.subject_id}: sub-ensembles' inputs were cut from different "
-                          "grids; their maps cannot be added")
-        cubes[i.name] = cube if i.channels is None else cube[..., i.channels]
+      cubes, inverse = target.prepare(subject)
       return subject, cubes, inverse, None
     except DataError as e:
       if not skip_bad:
@@ -450,7 +450,7 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
     cubes = {name: np.stack([d[1][name] for d in done]) for name in done[0][1]}
     rows = np.arange(n_done, n_done + len(done))
     levels, predicted = target.explain(cubes, rows)
-    first_input = cubes[target.inputs[0].name]
+    first_input = cubes[next(iter(target.of_sub))]
     for j, (subject, _, inverse) in enumerate(done):
       entry = {"participant_id": subject.subject_id, "session": subject.session,
                "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}

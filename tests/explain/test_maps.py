@@ -151,10 +151,9 @@ def test_ensemble_maps_weigh_members_by_the_head():
     inputs[name] = rng.integers(0, 256, size=(n, 8, 8, 8, len(sequences)), dtype=np.uint8)
     x = jnp.asarray(inputs[name].astype(np.float32) / np.float32(255))
     # Reference: x * d(age)/dx by jax.grad, one member at a time (no lrp, no vmap).
-    grad = jax.jit(jax.grad(lambda v, u: jnp.sum(model.apply(v, u)), argnums=1))
+    grad = jax.jit(jax.grad(lambda v, u, m=model: jnp.sum(m.apply(v, u)), argnums=1))
     reference[name] = [np.asarray(x * grad(v, x)) for v in members]
     predicted[name] = np.stack([np.asarray(jax.jit(model.apply)(v, x)) for v in members])
-    del model
   head = head_lib.MultiLevelHead(
       level1={"t1": head_lib.LinearHead(np.array([0.7, 0.5]), 1.0),
               "both": head_lib.LinearHead(np.array([0.2, 0.9]), -2.0)},
