@@ -320,6 +320,10 @@ def default_covariates(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
     try:
       cov = code_covariate(rows, column)
     except DataError:
+      # A text column with one level is constant; any other unusable one is no covariate.
+      levels = {str(r.get(column)).strip() for r in rows if not _missing(r.get(column))}
+      if len(levels) == 1 and constant is not None:
+        constant.append(column)
       continue
     if len({v for v in cov.values if v is not None}) > 1:
       chosen.append(column)
