@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lrp
-from conftest import random_members, tiny_manifest, volumes
+from tests.ensemble.conftest import random_members, tiny_manifest, volumes
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble import relevance as rel
 from jax_brainage.ensemble import store

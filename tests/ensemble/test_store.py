@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import volumes
+from tests.ensemble.conftest import volumes
 from jax_brainage.ensemble import correction as corr
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble import store
@@ -124,7 +124,8 @@ def test_store_that_does_not_fit_its_models(ensemble, tmp_path):
   manifest = json.loads(meta.read_text())
   manifest["sub_ensembles"][0]["model_manifest"]["model_kwargs"]["dense_features"] = 16
   meta.write_text(json.dumps(manifest))
-  with pytest.raises(ConfigError, match=r"W/ensemble does not fit this model: a/params/age_head/kernel") as e:
+  with pytest.raises(ConfigError,
+                     match=r"W/ensemble does not fit this model: a/params/age_head/kernel") as e:
     store.load_ensemble(w)
   assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="no ensemble store"):
