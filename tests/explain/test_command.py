@@ -211,3 +211,69 @@ def test_subject_groups():
   assert how["bmi"]["split"] == "median"
   only = command.subject_groups(subjects, age_band=5, columns=["smoking"])[0]
   assert ("sex", "F") not in only and ("age", "40to45") in only and ("age", "45to50") in only
+
+
+def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tmp_path):
+  """An ensemble store (E2's format) built from the tiny model: sub-ensemble "a" with two
+  members (the model and a rescaled copy), "b" with one; maps against x * grad per member."""
+  from jax_brainage.ensemble import correction as correction_lib
+  from jax_brainage.ensemble import head as head_lib
+  from jax_brainage.ensemble import store
+
+  trained = predict.load_trained(explain_workdir)
+  cache = predict.open_training_cache(trained)
+  second = jax.tree.map(lambda a: a * np.float32(0.8), trained.variables)
+  members = {"a": [trained.variables, second], "b": [second]}
+  subs = tuple(store.SubEnsemble(
+      name=name, sequences=trained.sequences, regions=(), manifest=trained.manifest,
+      members=len(vs), variables=jax.tree.map(lambda *a: np.stack(a), *vs),
+      cache_dir=str(trained.cache_dir), preprocessing=cache.preprocessing.to_dict())
+      for name, vs in members.items())
+  head = head_lib.MultiLevelHead(
+      level1={"a": head_lib.LinearHead(np.array([0.6, 0.5]), 1.0),
+              "b": head_lib.LinearHead(np.array([1.0]), 0.0)},
+      level2=head_lib.LinearHead(np.array([0.7, 0.4]), -3.0), names=("a", "b"))
+  workdir = tmp_path / "ens"
+  store.save_ensemble(workdir, store.Ensemble(subs=subs, head=head,
+                                              correction=correction_lib.Correction()))
+  out = tmp_path / "maps"
+  chosen = ["sub-0004", "sub-0009"]
+  assert explain_cli(["--workdir", str(workdir), "--data", str(explain_workdir / "data"),
+                      "--out", str(out), "--composite", "gradient_x_input", "--subjects",
+                      *chosen, "--figures", "1", "--no-glass-brain", "--quiet"]) == 0
+  index = json.loads((out / command.INDEX).read_text())
+  assert index["model"]["kind"] == "ensemble" and index["levels"] == list(command.LEVELS)
+  cache_index = json.loads((explain_workdir / "cache" / "index.json").read_text())
+  rows = {s["subject_id"]: (i, s) for i, s in enumerate(cache_index["subjects"])}
+  volumes = np.load(explain_workdir / "cache" / "volumes.npy")
+  x = jnp.asarray(volumes[[rows[s][0] for s in chosen]].astype(np.float32) / np.float32(255))
+  grad = jax.jit(jax.grad(lambda v, u: jnp.sum(trained.model.apply(v, u, train=False)),
+                          argnums=1))
+  forward = jax.jit(lambda v, u: trained.model.apply(v, u, train=False))
+  gxi = {"a": [np.asarray(x * grad(v, x))[..., 0] for v in members["a"]],
+         "b": [np.asarray(x * grad(members["b"][0], x))[..., 0]]}
+  preds = {n: np.stack([np.asarray(forward(v, x)) for v in vs], 1) for n, vs in members.items()}
+  expected = {
+      "am0": gxi["a"][0], "am1": gxi["a"][1], "bm0": gxi["b"][0],
+      "a": 0.6 * gxi["a"][0] + 0.5 * gxi["a"][1], "b": gxi["b"][0],
+      "ensemble": 0.7 * (0.6 * gxi["a"][0] + 0.5 * gxi["a"][1]) + 0.4 * gxi["b"][0]}
+  assert np.abs(expected["ensemble"]).max() > 0
+  for k, sid in enumerate(chosen):
+    entry = next(s for s in index["subjects"] if s["participant_id"] == sid)
+    assert sorted(entry["maps"]) == sorted(expected)
+    assert entry["predicted_age"] == pytest.approx(float(head.apply(
+        {n: p[k:k + 1] for n, p in preds.items()})[0]), abs=2e-3)
+    source = nib.load(explain_workdir / "data" / sid / "anat" / f"{sid}_T1w.nii.gz")
+    for level, cube in expected.items():
+      (path,) = entry["maps"][level]
+      assert path.endswith(f"{sid}_model-{level}_seq-T1w_relevance.nii.gz")
+      img = nib.load(out / path)
+      np.testing.assert_array_equal(img.affine, source.affine)
+      want = _cube_to_subject(cube[k], _cube_affine(rows[sid][1]["inverse"]), source)
+      np.testing.assert_allclose(np.asarray(img.dataobj), want, rtol=1e-4, atol=1e-7,
+                                 err_msg=level)
+  groups = {(g["group"], g["value"]): g for g in index["groups"]}
+  assert groups[("all", "all")]["maps"][0].endswith("_model-ensemble_seq-T1w_space-template"
+                                                    "_relevance.nii.gz")
+  models_in_table = {r["model"] for r in read_tsv(out / "regions" / "relevance_regions.tsv")}
+  assert models_in_table == set(expected)
