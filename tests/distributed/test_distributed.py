@@ -205,3 +205,15 @@ def test_launcher_runs_brainage_through_the_distributed_entry_point():
   assert launcher.process_command(["brainage", "train", "--config", "c.py"]) == [
       sys.executable, "-m", "jax_brainage.distributed", "train", "--config", "c.py"]
   assert launcher.process_command(["python", "x.py"]) == ["python", "x.py"]
+
+
+def test_a_busy_coordinator_port_is_a_one_line_error():
+  import socket
+
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"cannot serve the coordinator on port {port}"):
+      distributed._check_port_free(f"127.0.0.1:{port}")
+  distributed._check_port_free(f"127.0.0.1:{port}")  # free again once closed
