@@ -566,7 +566,9 @@ def ensemble_metrics(ensemble: Ensemble, inputs: Mapping[str, Any], ages: Any, *
   """The demo's ensemble summary on held-out subjects (ages in years).
 
   Returns:
-    mae_ensemble, mae_best_member (the lowest MAE of any member on these subjects),
+    mae_ensemble, mae_best_member (the lowest MAE of any member on these subjects: the
+    strictest comparison for the ensemble), mae_member_best_on_validation (these subjects' MAE
+    of the member with the best validation MAE, None if the store has no validation record),
     mae_corrected (after the validation-fit bias correction), spearman_gap_age and
     spearman_gap_age_corrected (rank correlation of the gap with age), mean_spread (years),
     n_members, mae_subs {name: MAE}.
@@ -576,8 +578,15 @@ def ensemble_metrics(ensemble: Ensemble, inputs: Mapping[str, Any], ages: Any, *
   metrics = correction_lib.gap_metrics(ages, pred.ensemble, pred.corrected(ages))
   member_mae = np.concatenate([np.mean(np.abs(p - ages[:, None]), axis=0)
                                for p in pred.members.values()])
+  # The member a user would have picked without the test data: best validation MAE.
+  val = (ensemble.info.get("validation") or {}).get("mae_members") or {}
+  val_mae = np.concatenate([np.asarray(val.get(s.name) or [np.nan] * s.members, np.float64)
+                            for s in ensemble.subs])
+  by_val = (float(member_mae[int(np.nanargmin(val_mae))])
+            if len(val_mae) == len(member_mae) and np.isfinite(val_mae).any() else None)
   return _jsonable({
       "mae_ensemble": metrics["mae"], "mae_best_member": float(member_mae.min()),
+      "mae_member_best_on_validation": by_val,
       "mae_corrected": metrics["mae_corrected"],
       "spearman_gap_age": metrics["spearman_gap_age"],
       "spearman_gap_age_corrected": metrics["spearman_gap_age_corrected"],

@@ -180,4 +180,8 @@ def test_ensemble_metrics(two_subs, data, ensemble):
                              atol=2e-2)
   np.testing.assert_allclose(m["spearman_gap_age"], spearmanr(ens - ages, ages)[0], atol=1e-6)
   assert m["n_members"] == 5 and set(m["mae_subs"]) == {"a", "b"}
+  val_ref = _explicit(two_subs, data[0])
+  val_mae = np.abs(np.concatenate([val_ref["a"], val_ref["b"]], 1) - data[1][:, None]).mean(0)
+  np.testing.assert_allclose(m["mae_member_best_on_validation"],
+                             member_mae[np.argmin(val_mae)], atol=2e-3)
   json.dumps(m)  # the demo writes it into summary.json
