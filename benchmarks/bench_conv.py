@@ -3,7 +3,9 @@ convolution for inference (issue 8, section 3).
 
 Two measurements, forward only (what `brainage predict` and `explain` run on a laptop):
 1. one layer, the issue's case: conv 3^3 SAME, 16 -> 16 channels on `[4, 64, 64, 64, 16]`;
-2. the whole MRInet forward pass at 64^3, batch 4 (same weights in every row).
+2. the whole MRInet forward pass at 64^3, batch 4 (same weights in every row);
+3. MRInet's five convolutions one by one, at the shapes they see in the network (where the
+   time goes, per lowering).
 Rows (each checked against the flax/XLA output, max abs difference reported):
 - `xla`: `lax.conv_general_dilated` as flax calls it (NDHWC input, DHWIO kernel);
 - `xla_ncdhw`: the same convolution with channels-first dimension numbers (NCDHW / OIDHW);
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--channels", type=int, default=16, help="layer test: C_in = C_out")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--lowerings", default=",".join(LOWERINGS))
-  parser.add_argument("--parts", default="layer,mrinet", help="layer, mrinet or both")
+  parser.add_argument("--parts", default="layer,mrinet,layers",
+                      help="comma list: layer (the issue's conv), mrinet (whole forward), "
+                           "layers (MRInet's convs one by one)")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
 
@@ -196,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
   if "mrinet" in parts:
     from jax_brainage.models import MRInet
 
-    model = MRInet()
+    model = MRInet(mean_age=0.0)  # output = the network's own value: differences visible
     x = rng.random((n, s, s, s, 1), dtype=np.float32)
     variables = jax.jit(model.init)(jax.random.key(0), x)
+    # Non-zero biases (the init's are 0), so that every layer's bias handling is compared too.
+    variables = jax.tree.map_with_path(
+        lambda path, v: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32)
+        if jax.tree_util.keystr(path).endswith("['bias']") else v, jax.device_get(variables))
     apply = jax.jit(model.apply)
     ref = np.asarray(apply(variables, x))
     rows = {"flax": _timed(lambda: apply(variables, x), args.repeats)}
     net = torch_models.load_flax_variables(
-        torch_models.from_flax("mrinet", model, (s, s, s)), jax.device_get(variables)).eval()
+        torch_models.from_flax("mrinet", model, (s, s, s)), variables).eval()
     xt = torch_models.to_torch_input(x)
     rows["torch"] = _torch_timed(lambda: net(xt), args.repeats)
     with torch.no_grad():
@@ -224,6 +232,34 @@ def main(argv: list[str] | None = None) -> int:
                         "volumes_per_second": {k: n / v for k, v in rows.items()},
                         "ratio_to_torch": {k: v / rows["torch"] for k, v in rows.items()},
                         "max_abs_diff_vs_flax_years": diffs}
+  if "layers" in parts:
+    # MRInet's convolutions one by one, at the shapes they see in the network at --side.
+    from jax_brainage.models import mrinet as mrinet_lib
+
+    side, c_in, layer_rows = s, 1, []
+    print(f"MRInet's convolutions at {s}^3, batch {n}: seconds per forward call (x torch)")
+    print(f"{'layer':<7}{'input':>22}{'k':>3}" + "".join(f"{k:>16}" for k in
+                                                          ["torch", "torch_cl", *names]))
+    for i, (c_out, k) in enumerate(zip(mrinet_lib.STUDY_CONV_FEATURES,
+                                       mrinet_lib.STUDY_CONV_KERNELS), start=1):
+      x = rng.random((n, side, side, side, c_in), dtype=np.float32)
+      w = (rng.standard_normal((k, k, k, c_in, c_out)) / np.sqrt(k ** 3 * c_in)).astype(np.float32)
+      xj, wj = jnp.asarray(x), jnp.asarray(w)
+      xt = torch_models.to_torch_input(x)
+      wt = torch.from_numpy(np.array(w.transpose(4, 3, 0, 1, 2)))
+      xcl, wcl = (u.to(memory_format=torch.channels_last_3d) for u in (xt, wt))
+      times = {"torch": _torch_timed(lambda: F.conv3d(xt, wt, padding=k // 2), args.repeats),
+               "torch_cl": _torch_timed(lambda: F.conv3d(xcl, wcl, padding=k // 2),
+                                        args.repeats)}
+      for name in names:
+        fn = jax.jit(LOWERINGS[name])
+        times[name] = _timed(lambda fn=fn: fn(xj, wj), args.repeats)
+      layer_rows.append({"layer": f"conv{i}", "input": [n, side, side, side, c_in],
+                         "kernel": k, "c_out": c_out, "seconds": times})
+      print(f"{'conv' + str(i):<7}{str([n, side, side, side, c_in]):>22}{k:>3}" + "".join(
+          f"{t:>9.4f} ({t / times['torch']:>4.1f})" for t in times.values()), flush=True)
+      side, c_in = -(-side // 2), c_out
+    result["mrinet_layers"] = layer_rows
   common.write_result(args.out, result)
   return 0
 

@@ -143,6 +143,8 @@ def measure_torch(case: str, dtype: str, batch_size: int, size: str, variant: st
   variables = jax.tree.map(np.asarray, {"params": state["params"], **state["model_state"]})
   jax_params = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  # PyTorch at its best: cuDNN picks its fastest convolution algorithms (XLA autotunes too).
+  torch.backends.cudnn.benchmark = True
   net = torch_models.load_flax_variables(torch_models.from_flax(name, model, shape), variables)
   torch_params = torch_models.num_parameters(net)
   assert torch_params == jax_params, f"{case}: torch {torch_params} vs jax {jax_params} parameters"

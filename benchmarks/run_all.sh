@@ -6,6 +6,8 @@
 #   ONLY="train lrp" benchmarks/run_all.sh    # a subset: train roofline lrp pipeline conv
 #                                             #   simulate ensemble scaling
 #
+# Where one command may run only ~10 minutes (a lent GPU), run it in parts with ONLY (train and
+# roofline are the long ones; bench_train.py --cases splits train further), same OUTDIR.
 # Every script runs even if an earlier one failed; OUTDIR/status.tsv lists each script's exit
 # status and wall time, OUTDIR/<name>.log its table, OUTDIR/<name>.json its numbers (device,
 # date and versions inside), OUTDIR/environment.txt the machine. Run from anywhere.
@@ -34,7 +36,7 @@ only=" ${ONLY:-train roofline lrp pipeline conv simulate ensemble scaling} "
   "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' 2>&1
 } > "$out/environment.txt" 2>&1
 
-printf "benchmark\tstatus\tseconds\n" > "$out/status.tsv"
+[[ -f "$out/status.tsv" ]] || printf "benchmark\tstatus\tseconds\n" > "$out/status.tsv"
 
 run() {  # run NAME script args...: logs to NAME.log, JSON to NAME.json
   local name="$1"; shift
