@@ -92,6 +92,9 @@ def weak_scaling(case: str, dtype: str, size: str, per_device_batch: int, counts
   base = rows[0]["volumes_per_second_per_device"]
   for r in rows:
     r["efficiency"] = r["volumes_per_second_per_device"] / base
+    # Total throughput relative to one device: n x efficiency. On fake CPU devices sharing the
+    # cores, ~1.0 means the partitioned program costs no more than the single-device one.
+    r["speedup"] = r["volumes_per_second"] / rows[0]["volumes_per_second"]
   return rows
 
 
@@ -236,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
   print(f"\nweak scaling: {args.case} at {'x'.join(map(str, rows[0]['shape']))}, {args.dtype}, "
         f"{per_device} volumes per device")
   print(f"{'devices':>8}{'batch':>7}{'step ms':>10}{'vol/s':>10}{'vol/s/dev':>11}"
-        f"{'efficiency':>12}")
+        f"{'efficiency':>12}{'speedup':>9}")
   for r in rows:
     print(f"{r['devices']:>8}{r['global_batch']:>7}{1e3 * r['median_step_s']:>10.1f}"
           f"{r['volumes_per_second']:>10.2f}{r['volumes_per_second_per_device']:>11.2f}"
-          f"{r['efficiency']:>12.2f}")
+          f"{r['efficiency']:>12.2f}{r['speedup']:>9.2f}")
 
   estimates = []
   measured = None
