@@ -168,11 +168,12 @@ class SubEnsemble:
       if k < batch_size:
         chunk = np.concatenate([chunk, np.zeros((batch_size - k, *chunk.shape[1:]),
                                                 chunk.dtype)])
-      out.append(np.asarray(jax.device_get(forward(variables,
-                                                   jax.device_put(chunk, batch))))[:k])
+      # Dispatch is asynchronous: the next chunk is read and sent while this one computes;
+      # the small [batch, M] results are fetched once at the end.
+      out.append((forward(variables, jax.device_put(chunk, batch)), k))
     if not out:
       return np.zeros((0, self.members), np.float32)
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate([np.asarray(a)[:k] for a, k in jax.device_get(out)]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
