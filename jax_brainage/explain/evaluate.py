@@ -442,6 +442,32 @@ def best_composite(summary: dict[str, dict[str, Any]], kinds: dict[str, str]) ->
   return names[best]
 
 
+def _chunked(fn, n: int, batch: int):
+  """fn(slice, chunk number) over batches of subjects, the curves concatenated."""
+  from lrp import evaluation as ev
+
+  parts = [fn(slice(s, s + batch), i) for i, s in enumerate(range(0, n, batch))]
+  outputs = jnp.concatenate([p.outputs for p in parts])
+  return ev.PerturbationCurve(parts[0].fractions, outputs, ev.aopc(outputs))
+
+
+def _part(curve, sl):
+  from lrp import evaluation as ev
+  return ev.PerturbationCurve(curve.fractions, curve.outputs[sl], curve.aopc[sl])
+
+
+def _concat(parts):
+  from lrp import evaluation as ev
+
+  def cat(curves):
+    return ev.PerturbationCurve(curves[0].fractions,
+                                jnp.concatenate([c.outputs for c in curves]),
+                                jnp.concatenate([c.aopc for c in curves]))
+  return ev.RegionPerturbation(cat([p.morf for p in parts]), cat([p.lerf for p in parts]),
+                               cat([p.random for p in parts]),
+                               jnp.concatenate([p.abpc for p in parts]))
+
+
 def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = None, *,
              subjects: int = 8, split: str = "test", settings: Settings | None = None,
              progress: bool = False) -> dict[str, Any]:
@@ -497,12 +523,18 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
   key = jax.random.PRNGKey(settings.seed)
   baseline = _baseline(x, settings)
   predicted = np.asarray(jax.jit(f)(variables, x), np.float64)
-  kw = dict(patch_size=patch, steps=settings.steps, max_fraction=settings.max_fraction,
-            support=support, variables=variables)
+
+  def baseline_of(sl):
+    return baseline[sl] if jnp.ndim(baseline) else baseline
+
+  def kw_of(sl):
+    return dict(patch_size=patch, steps=settings.steps, max_fraction=settings.max_fraction,
+                support=support[sl], variables=variables)
   random = None
   if settings.perturb:
-    random = ev.random_perturbation_curve(f, x, baseline, key=jax.random.fold_in(key, 1),
-                                          repeats=settings.random_repeats, **kw)
+    random = _chunked(lambda sl, i: ev.random_perturbation_curve(
+        f, x[sl], baseline_of(sl), key=jax.random.fold_in(jax.random.fold_in(key, 1), i),
+        repeats=settings.random_repeats, **kw_of(sl)), len(x), settings.batch_size)
 
   summary: dict[str, dict[str, Any]] = {}
   per_subject: dict[str, dict[str, Any]] = {}
@@ -530,8 +562,14 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
     total = np.sum(rel.reshape(len(rel), -1).astype(np.float64), axis=1)
     subj["relevance_sum"] = total.tolist()
     if settings.perturb:
-      pert = ev.region_perturbation(f, x, jnp.asarray(rel), baseline,
-                                    key=jax.random.fold_in(key, 2), random=random, **kw)
+      parts = []
+      for start in range(0, len(x), settings.batch_size):  # bounded memory: batches of subjects
+        sl = slice(start, start + settings.batch_size)
+        parts.append(ev.region_perturbation(
+            f, x[sl], jnp.asarray(rel[sl]), baseline_of(sl),
+            key=jax.random.fold_in(jax.random.fold_in(key, 2), start), random=_part(random, sl),
+            **kw_of(sl)))
+      pert = _concat(parts)
       for label, curve in (("morf", pert.morf), ("lerf", pert.lerf)):
         row[f"aopc_{label}"], row[f"aopc_{label}_se"], _ = _mean_se(np.asarray(curve.aopc))
         subj[f"aopc_{label}"] = np.asarray(curve.aopc, np.float64).tolist()

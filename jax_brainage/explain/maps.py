@@ -29,6 +29,7 @@ sequence of any sub-ensemble (`EnsembleMaps.sequences`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -177,12 +178,15 @@ def _network_input(volumes: jax.Array) -> jax.Array:
 class Explainer:
   """Jitted, data-parallel relevance of fixed-size batches for one model or a member stack.
 
+  Explainers of the same model, method and devices share one compiled function.
+
   Args:
     model: the flax module (a regression model).
     variables: its variables; with `stacked=True` every leaf has a leading member axis [M, ...].
     method: a `Method` or its name.
     batch_size: volumes per call (rounded up to a multiple of the devices).
-    seed: seed of the random methods (SmoothGrad).
+    seed: seed of the random methods (SmoothGrad); may be changed between calls (the noise keys
+      are made on the host, nothing is compiled again).
     stacked: explain every member of a stack at once (one vmap).
     devices: devices to split batches over (default: this process's).
   """
@@ -198,18 +202,7 @@ class Explainer:
     self.seed = int(seed)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = sharding.put_replicated(self.mesh, variables)
-    apply_fn = regression_apply(model)
-    attribute = self.method.attribute
-    self._compiled: dict[Any, Callable] = {}
-
-    def one(variables, volumes, keys):
-      x = _network_input(volumes)
-      low, high = _bounds(x, volumes.dtype)
-      r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high)
-      return r.astype(jnp.float32), apply_fn(variables, x)
-
-    fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
-    self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+    self._fn = _compiled(model, self.method, stacked, self.mesh)
 
   def __call__(self, volumes: np.ndarray, rows: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -253,6 +246,23 @@ class Explainer:
     return np.asarray(r)[:k], np.asarray(p)[:k]
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(model, method: Method, stacked: bool, mesh) -> Callable:
+  """The jitted `(variables, volumes, keys) -> (relevance, predicted age)` of a model and method,
+  shared by every Explainer of the same model, method and mesh (compiled once per shape)."""
+  apply_fn = regression_apply(model)
+  attribute = method.attribute
+
+  def one(variables, volumes, keys):
+    x = _network_input(volumes)
+    low, high = _bounds(x, volumes.dtype)
+    r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high)
+    return r.astype(jnp.float32), apply_fn(variables, x)
+
+  fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
 # ---------------------------------------------------------------------------------------------
 # Ensembles.
 
@@ -292,8 +302,12 @@ def ensemble_sequences(ensemble) -> tuple[str, ...]:
 
 
 def _sub_model(sub):
+  """The members' flax module (`SubEnsemble.model`, else built from its manifest)."""
+  model = getattr(sub, "model", None)
+  if model is not None:
+    return model
   from jax_brainage.train import trainer
-  return trainer.build_model(sub.manifest)
+  return trainer.build_model(dict(sub.manifest))
 
 
 def _sub_inputs(ensemble, inputs) -> dict[str, np.ndarray]:

@@ -167,8 +167,9 @@ def test_region_tables_and_group_maps(explain_workdir, explained):
   assert description["DatasetType"] == "derivative"
 
 
-def test_subject_selection_and_errors(explain_workdir, tmp_path):
-  target = command.Target(explain_workdir, "best", maps.get_method("gradient_x_input"),
+def test_subject_selection_and_errors(explain_workdir, explained, tmp_path):
+  # The default method and batch size of the `explained` run: its compiled function is reused.
+  target = command.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
                           batch_size=4, seed=0, levels=command.LEVELS)
   dataset = predict.read_dataset([explain_workdir / "data"], target.required_sequences)
   index = command.explain_dataset(target, dataset, tmp_path / "two",
@@ -214,8 +215,8 @@ def test_subject_groups():
 
 
 def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tmp_path):
-  """An ensemble store (E2's format) built from the tiny model: sub-ensemble "a" with two
-  members (the model and a rescaled copy), "b" with one; maps against x * grad per member."""
+  """An ensemble store (E2's format) built from the tiny model: sub-ensembles "a" and "b" with two
+  members each (the model and rescaled copies); maps against x * grad per member."""
   from jax_brainage.ensemble import correction as correction_lib
   from jax_brainage.ensemble import head as head_lib
   from jax_brainage.ensemble import store
@@ -223,7 +224,8 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
   trained = predict.load_trained(explain_workdir)
   cache = predict.open_training_cache(trained)
   second = jax.tree.map(lambda a: a * np.float32(0.8), trained.variables)
-  members = {"a": [trained.variables, second], "b": [second]}
+  third = jax.tree.map(lambda a: a * np.float32(1.1), trained.variables)
+  members = {"a": [trained.variables, second], "b": [second, third]}
   subs = tuple(store.SubEnsemble(
       name=name, sequences=trained.sequences, regions=(), manifest=trained.manifest,
       members=len(vs), variables=jax.tree.map(lambda *a: np.stack(a), *vs),
@@ -231,7 +233,7 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
       for name, vs in members.items())
   head = head_lib.MultiLevelHead(
       level1={"a": head_lib.LinearHead(np.array([0.6, 0.5]), 1.0),
-              "b": head_lib.LinearHead(np.array([1.0]), 0.0)},
+              "b": head_lib.LinearHead(np.array([1.0, -0.2]), 0.0)},
       level2=head_lib.LinearHead(np.array([0.7, 0.4]), -3.0), names=("a", "b"))
   workdir = tmp_path / "ens"
   store.save_ensemble(workdir, store.Ensemble(subs=subs, head=head,
@@ -250,13 +252,13 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
   grad = jax.jit(jax.grad(lambda v, u: jnp.sum(trained.model.apply(v, u, train=False)),
                           argnums=1))
   forward = jax.jit(lambda v, u: trained.model.apply(v, u, train=False))
-  gxi = {"a": [np.asarray(x * grad(v, x))[..., 0] for v in members["a"]],
-         "b": [np.asarray(x * grad(members["b"][0], x))[..., 0]]}
+  gxi = {n: [np.asarray(x * grad(v, x))[..., 0] for v in vs] for n, vs in members.items()}
   preds = {n: np.stack([np.asarray(forward(v, x)) for v in vs], 1) for n, vs in members.items()}
   expected = {
-      "am0": gxi["a"][0], "am1": gxi["a"][1], "bm0": gxi["b"][0],
-      "a": 0.6 * gxi["a"][0] + 0.5 * gxi["a"][1], "b": gxi["b"][0],
-      "ensemble": 0.7 * (0.6 * gxi["a"][0] + 0.5 * gxi["a"][1]) + 0.4 * gxi["b"][0]}
+      "am0": gxi["a"][0], "am1": gxi["a"][1], "bm0": gxi["b"][0], "bm1": gxi["b"][1],
+      "a": 0.6 * gxi["a"][0] + 0.5 * gxi["a"][1], "b": gxi["b"][0] - 0.2 * gxi["b"][1],
+      "ensemble": (0.7 * (0.6 * gxi["a"][0] + 0.5 * gxi["a"][1])
+                   + 0.4 * (gxi["b"][0] - 0.2 * gxi["b"][1]))}
   assert np.abs(expected["ensemble"]).max() > 0
   for k, sid in enumerate(chosen):
     entry = next(s for s in index["subjects"] if s["participant_id"] == sid)

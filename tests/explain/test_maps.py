@@ -128,32 +128,24 @@ def test_maps_do_not_depend_on_the_batch():
 
 
 def test_ensemble_maps_weigh_members_by_the_head():
-  from jax_brainage import models
   from jax_brainage.ensemble import head as head_lib
 
-  kwargs = dict(mean_age=50.0, conv_features=(2, 2, 2, 2, 2), conv_kernels=(3, 3, 3, 3, 1),
-                dense_features=4, dropout_rate=0.0)
   subs, inputs, reference, predicted = [], {}, {}, {}
   rng = np.random.default_rng(0)
   n = 3
+  model = SmallConv()
+  grad = jax.jit(jax.grad(lambda v, u: jnp.sum(model.apply(v, u)), argnums=1))
   for name, sequences, seeds in (("t1", ("T1w",), (0, 1)), ("both", ("FLAIR", "T1w"), (2, 3))):
-    model = models.get_model("mrinet", **kwargs)
-    shape = (1, 8, 8, 8, len(sequences))
-    # One jitted init of the stacked members (eager flax init compiles op by op).
-    stacked = jax.jit(jax.vmap(lambda k, m=model, s=shape: m.init(k, jnp.zeros(s))))(
-        jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    members = [jax.tree.map(lambda a, m=m: a[m], stacked) for m in range(len(seeds))]
+    shape = (1, 6, 6, 6, len(sequences))
+    members = [model.init(jax.random.PRNGKey(s), jnp.zeros(shape)) for s in seeds]
     subs.append(types.SimpleNamespace(
-        name=name, sequences=sequences, regions=(), members=len(seeds),
-        manifest={"model": "mrinet", "model_kwargs": kwargs, "image_shape": [8, 8, 8],
-                  "sequences": list(sequences)},
-        variables=jax.tree.map(np.asarray, stacked)))
-    inputs[name] = rng.integers(0, 256, size=(n, 8, 8, 8, len(sequences)), dtype=np.uint8)
+        name=name, sequences=sequences, regions=(), members=len(seeds), model=model,
+        variables=jax.tree.map(lambda *a: np.stack(a), *members)))
+    inputs[name] = rng.integers(0, 256, size=(n, 6, 6, 6, len(sequences)), dtype=np.uint8)
     x = jnp.asarray(inputs[name].astype(np.float32) / np.float32(255))
     # Reference: x * d(age)/dx by jax.grad, one member at a time (no lrp, no vmap).
-    grad = jax.jit(jax.grad(lambda v, u, m=model: jnp.sum(m.apply(v, u)), argnums=1))
     reference[name] = [np.asarray(x * grad(v, x)) for v in members]
-    predicted[name] = np.stack([np.asarray(jax.jit(model.apply)(v, x)) for v in members])
+    predicted[name] = np.stack([np.asarray(model.apply(v, x)) for v in members])
   head = head_lib.MultiLevelHead(
       level1={"t1": head_lib.LinearHead(np.array([0.7, 0.5]), 1.0),
               "both": head_lib.LinearHead(np.array([0.2, 0.9]), -2.0)},
