@@ -450,17 +450,27 @@ def initialize_from_args(args: argparse.Namespace) -> Settings | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """`python -m jax_brainage.distributed [brainage arguments]`: initialise from the environment,
-  log `describe()` from every process, then run the `brainage` command."""
+  """`python -m jax_brainage.distributed [multi-host options] COMMAND ...`: initialise (options,
+  else the environment), log `describe()` from every process, then run `brainage COMMAND ...`."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  # The multi-host options come before the sub-command, as for `brainage` itself.
+  pre = argparse.ArgumentParser(prog="python -m jax_brainage.distributed", add_help=False)
+  add_arguments(pre)
+  pre.add_argument("command", nargs=argparse.REMAINDER)
+  known, unknown = pre.parse_known_args(argv)
   try:
-    initialize()
+    settings = initialize_from_args(known)
   except ConfigError as e:
     print(f"brainage: error: {e}", file=sys.stderr)
     return 2
-  if _STATE["settings"] is not None:
+  if settings is not None:
     print(f"brainage: {describe()}", file=sys.stderr, flush=True)
   from jax_brainage import cli
-  return cli.main(argv)
+  # Pass the options on only if the `brainage` parser has them (it then re-checks them: same
+  # settings, so initialize is a no-op there).
+  parser = cli.build_parser()
+  keeps = "--coordinator" in getattr(parser, "_option_string_actions", {})
+  return cli.main(argv if keeps else unknown + known.command)
 
 
 if __name__ == "__main__":
