@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jax_brainage import fileio, models, sharding
 from jax_brainage.errors import BrainAgeError, ConfigError
@@ -310,11 +311,35 @@ def make_member_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
   return jax.vmap(make_eval_step(config, model), in_axes=(MEMBER_AXES, None))
 
 
+def _over_ensemble_axis(fn: Callable, mesh, *, batch_members: bool, out_members: Any) -> Callable:
+  """`fn(state, batch)` with the member axis mapped manually over the mesh's 'ensemble' axis
+  (each device group runs its own members; 'data' stays automatic). With an 'ensemble' axis of
+  size 1, `fn` itself.
+
+  Why manual: XLA's SPMD partitioner miscompiles the vmapped (grouped) 1x1x1 convolution when
+  the member axis is sharded (MRInet's conv5; CPU, jax 0.10.2: outputs off by ~1e-3 relative,
+  gradients far more); under shard_map every device sees whole members and plain convolutions.
+  """
+  if mesh.shape[sharding.ENSEMBLE_AXIS] == 1:
+    return fn
+  member, whole = P(sharding.ENSEMBLE_AXIS), P()
+
+  def specs(tree_axes: Any) -> Any:
+    return {k: (whole if axis is None else member) for k, axis in tree_axes.items()}
+
+  out = jax.tree.map(lambda m: member if m else whole, out_members)
+  if isinstance(out_members, tuple):  # (state, metrics)
+    out = (specs(MEMBER_AXES), out[1])
+  return jax.shard_map(fn, mesh=mesh, in_specs=(specs(MEMBER_AXES),
+                                                member if batch_members else whole),
+                       out_specs=out, axis_names={sharding.ENSEMBLE_AXIS})
+
+
 def _keep_best(best: Any, state: Any, improved: jax.Array) -> Any:
   """Per member: the current state where `improved` [w], else the kept best (on device)."""
   def pick(b, s):
     if b.ndim == 0:
-      return s
+      return jnp.copy(s)  # a buffer of its own: the state's is donated by the next step
     return jnp.where(improved.reshape((-1,) + (1,) * (b.ndim - 1)), s, b)
   return jax.tree.map(pick, best, state)
 
@@ -422,7 +447,9 @@ class MemberSetup:
     """Full stacked state -> one state per group, each on its group's shardings."""
     if len(self.groups) == 1:
       return [jax.device_put(state, self.group_shardings[0])]
-    return [jax.device_put(jax.tree.map(lambda x: x if np.ndim(x) == 0 else x[g], state), s)
+    # Every group gets its own buffers (the step counter too): each group's step donates them.
+    return [jax.device_put(jax.tree.map(lambda x: jnp.copy(x) if np.ndim(x) == 0 else x[g],
+                                        state), s)
             for g, s in zip(self.groups, self.group_shardings)]
 
   def join(self, states: list[Any]) -> Any:
@@ -467,7 +494,10 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
 
   unit = mesh.shape[sharding.ENSEMBLE_AXIS]
   replicated = sharding.replicated(mesh)
-  member_step = make_member_train_step(config, model, tx)
+  member_step = _over_ensemble_axis(make_member_train_step(config, model, tx), mesh,
+                                    batch_members=True, out_members=(True, True))
+  member_eval = _over_ensemble_axis(make_member_eval_step(config, model), mesh,
+                                    batch_members=False, out_members=True)
   batch_size = int(config.batch_size)
   one = jax.eval_shape(single, 0)
 
@@ -533,7 +563,7 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
       abstract_state=full_abstract, state_sharding=full_sharding, groups=groups,
       width=max(widths), group_shardings=group_shardings,
       train_steps=tuple(steps[g.stop - g.start] for g in groups),
-      eval_step=jax.jit(make_member_eval_step(config, model), out_shardings=replicated),
+      eval_step=jax.jit(member_eval, out_shardings=replicated),
       keep_best=jax.jit(_keep_best, donate_argnums=(0,)),
       memory={"needed_bytes_per_device": needed(max(widths)), "budget_bytes_per_device": budget,
               "state_bytes_per_member": member_bytes})
