@@ -456,7 +456,8 @@ def ensemble_inputs(ensemble) -> EnsembleInputs:
 
 
 def predict_ensemble_dataset(ensemble, dataset, *, batch_size: int = 8, workers: int = 1,
-                             skip_bad: bool = False, inputs: EnsembleInputs | None = None):
+                             skip_bad: bool = False, inputs: EnsembleInputs | None = None,
+                             members_per_call: int = 0):
   """Preprocesses (as in training, per sub-ensemble) and predicts every subject of `dataset`.
 
   Returns:
@@ -485,7 +486,8 @@ def predict_ensemble_dataset(ensemble, dataset, *, batch_size: int = 8, workers:
       key, channels = inputs.of_sub[sub.name]
       volumes[sub.name] = cubes[key] if channels is None else cubes[key][..., channels]
       sub.check_inputs(volumes[sub.name].shape, batch_subjects[0].subject_id)
-    for name, p in ensemble.predict_members(volumes, batch_size).items():
+    for name, p in ensemble.predict_members(volumes, batch_size,
+                                            members_per_call=members_per_call).items():
       members[name].append(p)
     subjects.extend(batch_subjects)
   stacked = {name: (np.concatenate(p) if p else np.zeros((0, ensemble.sub(name).members)))
@@ -576,6 +578,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "the model's")
   p.add_argument("--session", default=None, help="use images of ses-SESSION only")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per model call (8)")
+  p.add_argument("--members-per-call", type=int, default=0, metavar="N",
+                 help="ensembles: members evaluated per call (0 = all of a sub-ensemble at "
+                      "once; fewer bound device memory)")
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="threads preprocessing subjects")
   p.add_argument("--skip-bad", action="store_true",
@@ -641,7 +646,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
                          skip_bad=args.skip_bad)
   subjects, prediction, skipped = predict_ensemble_dataset(
       ensemble, dataset, batch_size=args.batch_size, workers=args.workers,
-      skip_bad=args.skip_bad, inputs=inputs)
+      skip_bad=args.skip_bad, inputs=inputs, members_per_call=args.members_per_call)
   for sid, why in skipped:
     print(f"skipped {sid}: {why}", file=sys.stderr)
   if not subjects:

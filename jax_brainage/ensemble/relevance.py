@@ -111,7 +111,7 @@ class EnsembleRelevance:
 
 
 def ensemble_relevance(ensemble, inputs: Mapping[str, Any] | Any, composite=None, *,
-                       batch_size: int = 8) -> EnsembleRelevance:
+                       batch_size: int = 8, members_per_call: int = 0) -> EnsembleRelevance:
   """The ensemble's relevance: per sub-ensemble, the head-weighted sum of its members' LRP.
 
   Args:
@@ -120,6 +120,8 @@ def ensemble_relevance(ensemble, inputs: Mapping[str, Any] | Any, composite=None
       single-sub-ensemble ensemble.
     composite: an `lrp.composites.Composite` (default EpsilonPlusFlat).
     batch_size: subjects per jitted call (memory: M x batch_size relevance maps per call).
+    members_per_call: members per jitted call (0: all of a sub-ensemble's at once); smaller
+      groups bound device memory for large ensembles and volumes.
   """
   composite = composite if composite is not None else lrp.composites.EpsilonPlusFlat()
   inputs = ensemble._inputs(inputs)
@@ -133,8 +135,9 @@ def ensemble_relevance(ensemble, inputs: Mapping[str, Any] | Any, composite=None
     volumes = np.asarray(inputs[sub.name])
     sub.check_inputs(volumes.shape)
     fn = _fns(sub.model, composite)
-    variables = sharding.put_replicated(mesh, sub.variables)
-    w = sharding.put_replicated(mesh, np.asarray(weights[sub.name], np.float32))
+    groups = [(sharding.put_replicated(mesh, jax.tree.map(lambda a: a[g], sub.variables)),
+               sharding.put_replicated(mesh, np.asarray(weights[sub.name][g], np.float32)))
+              for g in sub.member_groups(members_per_call)]
     maps = []
     for start in range(0, len(volumes), batch_size):
       chunk = np.ascontiguousarray(volumes[start:start + batch_size])
@@ -142,8 +145,13 @@ def ensemble_relevance(ensemble, inputs: Mapping[str, Any] | Any, composite=None
       if k < batch_size:  # one compiled shape: pad with zero volumes, drop their maps
         chunk = np.concatenate([chunk, np.zeros((batch_size - k, *chunk.shape[1:]),
                                                 chunk.dtype)])
-      R = fn(variables, jax.device_put(chunk, batch))  # [M, batch, ...] stays on the device
-      maps.append(np.asarray(jax.device_get(_weighted_sum(w, R)))[:k])
+      x = jax.device_put(chunk, batch)
+      # Each group's [M_group, batch, ...] maps stay on the device; only their sum comes back.
+      total = None
+      for variables, w in groups:
+        part = _weighted_sum(w, fn(variables, x))
+        total = part if total is None else total + part
+      maps.append(np.asarray(jax.device_get(total))[:k])
     out[sub.name] = (np.concatenate(maps) if maps
                      else np.zeros((0, *sub.input_shape), np.float32))
   return EnsembleRelevance(out, {k: np.asarray(v) for k, v in weights.items()},

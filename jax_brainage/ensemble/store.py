@@ -142,23 +142,34 @@ class SubEnsemble:
       self._compiled["forward"] = jax.jit(apply)
     return self._compiled["forward"]
 
+  def member_groups(self, members_per_call: int = 0) -> list[slice]:
+    """Member slices evaluated per call: all at once (0, the default) or groups of
+    `members_per_call` (to bound device memory, which grows with members x batch)."""
+    width = self.members if members_per_call <= 0 else min(int(members_per_call), self.members)
+    return [slice(a, min(a + width, self.members)) for a in range(0, self.members, width)]
+
   def predict(self, volumes: Any, batch_size: int = 8,
-              devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+              devices: Sequence[jax.Device] | None = None, *,
+              members_per_call: int = 0) -> np.ndarray:
     """Every member's predicted age `[n, M]` (years, float32) of volumes `[n, X, Y, Z, C]`.
 
     Fixed-size batches (the last one padded: one compiled shape) split over `devices` (default:
-    this process's); all members in the same call.
+    this process's); all members in the same call unless `members_per_call` > 0 (groups of
+    members one after another, for memory).
     """
     volumes = np.asarray(volumes) if not isinstance(volumes, np.ndarray) else volumes
     self.check_inputs(volumes.shape)
     mesh = sharding.make_mesh(devices=list(devices or jax.local_devices()))
     d = sharding.data_size(mesh)
     batch_size = max(d, int(math.ceil(max(1, batch_size) / d)) * d)
-    # The members' variables are placed on the devices once per device set.
-    key = ("placed", tuple(mesh.devices.flat))
+    groups = self.member_groups(members_per_call)
+    # The members' variables are placed on the devices once per device set and grouping.
+    key = ("placed", tuple(mesh.devices.flat), tuple((g.start, g.stop) for g in groups))
     if key not in self._compiled:
-      self._compiled[key] = sharding.put_replicated(mesh, self.variables)
-    variables = self._compiled[key]
+      self._compiled[key] = [sharding.put_replicated(mesh, jax.tree.map(lambda a: a[g],
+                                                                        self.variables))
+                             for g in groups]
+    placed = self._compiled[key]
     batch = sharding.batch_sharding(mesh)
     forward = self.forward()
     out = []
@@ -168,12 +179,14 @@ class SubEnsemble:
       if k < batch_size:
         chunk = np.concatenate([chunk, np.zeros((batch_size - k, *chunk.shape[1:]),
                                                 chunk.dtype)])
+      x = jax.device_put(chunk, batch)
       # Dispatch is asynchronous: the next chunk is read and sent while this one computes;
       # the small [batch, M] results are fetched once at the end.
-      out.append((forward(variables, jax.device_put(chunk, batch)), k))
+      out.append(([forward(v, x) for v in placed], k))
     if not out:
       return np.zeros((0, self.members), np.float32)
-    return np.concatenate([np.asarray(a)[:k] for a, k in jax.device_get(out)]).astype(np.float32)
+    return np.concatenate([np.concatenate([np.asarray(a) for a in parts], axis=1)[:k]
+                           for parts, k in jax.device_get(out)]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,18 +282,21 @@ class Ensemble:
                       + ", ".join(f"{s}: {n}" for s, n in counts.items()) + ")")
     return {s: inputs[s] for s in self.names}
 
-  def predict_members(self, inputs: Mapping[str, Any], batch_size: int = 8
-                      ) -> dict[str, np.ndarray]:
+  def predict_members(self, inputs: Mapping[str, Any], batch_size: int = 8, *,
+                      members_per_call: int = 0) -> dict[str, np.ndarray]:
     """{sub name: volumes `[n, X, Y, Z, C]`} -> {sub name: members' predicted ages `[n, M]`}.
 
-    A single-sub-ensemble ensemble also takes the volumes array itself.
+    A single-sub-ensemble ensemble also takes the volumes array itself. `members_per_call`:
+    see `SubEnsemble.predict` (0: every member of a sub-ensemble in one call).
     """
     inputs = self._inputs(inputs)
-    return {s.name: s.predict(inputs[s.name], batch_size) for s in self.subs}
+    return {s.name: s.predict(inputs[s.name], batch_size, members_per_call=members_per_call)
+            for s in self.subs}
 
-  def predict(self, inputs: Mapping[str, Any], batch_size: int = 8) -> EnsemblePrediction:
+  def predict(self, inputs: Mapping[str, Any], batch_size: int = 8, *,
+              members_per_call: int = 0) -> EnsemblePrediction:
     """Member, sub-ensemble and ensemble predictions with their spread (years)."""
-    members = self.predict_members(inputs, batch_size)
+    members = self.predict_members(inputs, batch_size, members_per_call=members_per_call)
     return self.combine(members)
 
   def combine(self, members: Mapping[str, np.ndarray]) -> EnsemblePrediction:

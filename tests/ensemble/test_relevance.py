@@ -79,8 +79,8 @@ def test_lrp0_conservation_of_the_weighted_sum(case):
   # each member's output, so the weighted sum conserves the ensemble's prediction minus its
   # intercept (which, like an output bias, gets no relevance).
   ens = case["ensemble"]
-  out = rel.ensemble_relevance(ens, case["x"], LRP0,
-                               batch_size=4)
+  out = rel.ensemble_relevance(ens, case["x"], LRP0, batch_size=4,
+                               members_per_call=2)  # "a" (3 members) in groups of 2 and 1
   pred = ens.predict(case["x"]).ensemble
   np.testing.assert_allclose(out.per_subject_sum(), pred - ens.head.intercept(),
                              rtol=1e-4, atol=1e-3)

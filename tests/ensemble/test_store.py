@@ -61,6 +61,10 @@ def test_predict_members_is_every_member_applied_alone(two_subs, data, ensemble)
   for k in ref:
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-3)
   assert np.ptp(ref["a"]) > 1.0  # members and subjects differ: nothing constant passes
+  # Members in groups of 2 (for memory): the same predictions.
+  grouped = ensemble.predict_members(test, batch_size=3, members_per_call=2)
+  for k in ref:
+    np.testing.assert_allclose(grouped[k], ref[k], rtol=1e-5, atol=1e-3)
 
 
 def test_predict_combines_as_the_head_written_out(two_subs, data, ensemble):
