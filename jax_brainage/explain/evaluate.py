@@ -239,46 +239,33 @@ def _is_ensemble(model) -> bool:
   return _maps().is_ensemble(model)
 
 
-def _members(model) -> list[tuple[Any, Any, np.ndarray, list[int], bool]]:
-  """(flax module, variables, weights [M] or None, input channels, stacked) per part."""
-  maps = _maps()
-  if not _is_ensemble(model):
-    return [(model.model, model.variables, None, list(range(len(model.sequences))), False)]
-  sequences = maps.ensemble_sequences(model)
-  weights = model.head.member_weights()
-  out = []
-  for sub in model.subs:
-    out.append((maps._sub_model(sub), sub.variables, np.asarray(weights[sub.name], np.float32),
-                [sequences.index(s) for s in sub.sequences], True))
-  return out
-
-
-def output_function(model):
+def output_function(model, of_sub: dict[str, list[int] | None] | None = None):
   """(`f(variables, x [n, X, Y, Z, C] float32) -> [n]` predicted age (years), variables).
 
-  For an ensemble: the head's effective member weights times the members' predictions (the
-  head's intercept is left out; it cancels in every perturbation difference); channels are the
-  ensemble's sequences (`maps.ensemble_sequences`).
+  For an ensemble: the multi-level head's effective intercept plus its effective member weights
+  times the members' predictions (exactly `head.apply`, before bias correction); x is the one
+  cube every sub-ensemble's input is cut from, `of_sub` {sub name: channel indices or None}.
   """
   maps = _maps()
-  parts = _members(model)
-  modules = [m for m, _, _, _, _ in parts]
-  variables = [(v, w) for _, v, w, _, _ in parts]
-  layout = [(c, s) for _, _, _, c, s in parts]
+  if not _is_ensemble(model):
+    apply = maps.regression_apply(model.model)
+    return (lambda v, x: apply(v, x)), jax.tree.map(jnp.asarray, model.variables)
+  weights = model.head.member_weights()
+  intercept = float(model.head.intercept())
+  parts = [(maps.regression_apply(maps._sub_model(sub)), (of_sub or {}).get(sub.name))
+           for sub in model.subs]
+  variables = [(jax.tree.map(jnp.asarray, sub.variables),
+                jnp.asarray(np.asarray(weights[sub.name], np.float32))) for sub in model.subs]
 
   def f(variables, x):
-    total = jnp.zeros((x.shape[0],), jnp.float32)
-    for module, (v, w), (channels, stacked) in zip(modules, variables, layout):
-      apply = maps.regression_apply(module)
-      xi = x[..., jnp.asarray(channels)] if len(channels) != x.shape[-1] else x
-      if stacked:
-        preds = jax.vmap(apply, in_axes=(0, None))(v, xi)  # [M, n]
-        total = total + jnp.tensordot(w, preds, axes=1)
-      else:
-        total = total + apply(v, xi)
+    total = jnp.full((x.shape[0],), intercept, jnp.float32)
+    for (apply, channels), (v, w) in zip(parts, variables):
+      xi = x if channels is None else x[..., jnp.asarray(channels)]
+      preds = jax.vmap(apply, in_axes=(0, None))(v, xi)  # [M, n] members at once
+      total = total + jnp.tensordot(w, preds, axes=1)
     return total
 
-  return f, jax.tree.map(jnp.asarray, variables)
+  return f, variables
 
 
 def model_sequences(model) -> tuple[str, ...]:
@@ -311,44 +298,69 @@ def _select_subjects(model, dataset, split: str, n: int) -> list:
   return subjects[:n] if n > 0 else subjects
 
 
-def _training_cache(model):
+@dataclasses.dataclass
+class Inputs:
+  """Prepared subjects: `relevance_inputs` what `maps.relevance` takes (an array, or {sub name:
+  array} for an ensemble), `cube` `[n, X, Y, Z, C]` the one cube the model(s) read (None when the
+  sub-ensembles read different cubes: then no region perturbation), `of_sub` channel indices per
+  sub-ensemble into `cube`, `inverses` one `CubeInverse` per subject, `sequences` the data's."""
+
+  relevance_inputs: Any
+  cube: np.ndarray | None
+  of_sub: dict[str, list[int] | None] | None
+  inverses: list
+  sequences: tuple[str, ...]
+
+
+def _views(model):
+  """{view key: cache view}, {model or sub name: (view key, channels)}, sequences the data must
+  provide; prepared as `brainage predict` prepares new data."""
   from jax_brainage import predict
-  from jax_brainage.data import cache as cache_lib
 
   if _is_ensemble(model):
-    sub = model.subs[0]
-    path = Path(sub.cache_dir)
-    if not (path / cache_lib.INDEX).is_file():
-      raise DataError(f"{path}: the training cache of {model.workdir} is missing")
-    return cache_lib.Cache.open(path)
-  return predict.open_training_cache(model)
+    inputs = predict.ensemble_inputs(model)
+    return dict(inputs.views), dict(inputs.of_sub), tuple(inputs.sequences)
+  cache = predict.open_training_cache(model)
+  if tuple(cache.shape) != model.image_shape:
+    raise DataError(f"{cache.path}: cubes are {tuple(cache.shape)} voxels, the model of "
+                    f"{model.workdir} expects {model.image_shape}")
+  view, channels = predict.preprocessor_for(model, cache)
+  return {"model": view}, {"model": ("model", channels)}, tuple(view.sequences)
 
 
-def prepare_subjects(model, subjects, cache) -> tuple[np.ndarray, list]:
-  """Cubes `[n, X, Y, Z, C]` (as stored: uint8 / float16) in the model's channel order and
-  the `CubeInverse` of each subject, prepared exactly as in training."""
-  import copy
+def voxel_size_mm(model) -> float:
+  """The cube's voxel edge (mm), from the (first) training cache."""
+  views, _, _ = _views(model)
+  view = next(iter(views.values()))
+  size = view.index.get("voxel_size") or view.preprocessing.voxel_size or 1.0
+  return float(np.max(np.broadcast_to(np.asarray(size, np.float64), (3,))))
 
-  sequences = model_sequences(model)
-  if tuple(cache.sequences) == sequences:
-    prep, channels = cache, None
-  elif all(s in cache.sequences for s in sequences):
-    if sequences[0] == cache.sequences[0]:
-      prep = copy.copy(cache)
-      prep.preprocessing = dataclasses.replace(cache.preprocessing, sequences=sequences)
-      prep.sequences = sequences
-      channels = None
-    else:
-      prep, channels = cache, [cache.sequences.index(s) for s in sequences]
-  else:
-    missing = next(s for s in sequences if s not in cache.sequences)
-    raise DataError(f"{cache.path}: has no sequence {missing!r} that the model reads")
-  cubes, inverses = [], []
-  for s in subjects:
-    cube, inverse = prep.preprocess(s.images, subject=s.subject_id, mask=s.mask)
-    cubes.append(cube if channels is None else cube[..., channels])
+
+def prepare_subjects(model, subjects) -> Inputs:
+  """Every subject prepared exactly as in training, for every input view of the model(s)."""
+  views, of_sub, sequences = _views(model)
+  cubes: dict[str, list[np.ndarray]] = {k: [] for k in views}
+  inverses = []
+  for subject in subjects:
+    inverse = None
+    for key, view in views.items():
+      cube, inv = view.preprocess({q: subject.images[q] for q in view.sequences},
+                                  subject=subject.subject_id, mask=subject.mask)
+      if inverse is not None and inv != inverse:
+        raise DataError(f"{subject.subject_id}: the sub-ensembles' inputs were cut from "
+                        "different grids; their maps cannot be compared with one mask")
+      inverse = inv
+      cubes[key].append(cube)
     inverses.append(inverse)
-  return np.stack(cubes), inverses
+  stacked = {k: np.stack(v) for k, v in cubes.items()}
+  per_model = {name: stacked[key] if ch is None else stacked[key][..., ch]
+               for name, (key, ch) in of_sub.items()}
+  one = len(stacked) == 1
+  cube = next(iter(stacked.values())) if one else None
+  channels = {name: ch for name, (_, ch) in of_sub.items()} if one else None
+  if not _is_ensemble(model):
+    return Inputs(per_model["model"], per_model["model"], None, inverses, sequences)
+  return Inputs(per_model, cube, channels, inverses, sequences)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,12 +514,12 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
   data = Path(data)
   cohort = open_cohort(data)
   sequences = model_sequences(model)
-  cache = _training_cache(model)
-  dataset = predict.read_dataset([data], tuple(cache.sequences) if sequences[0] !=
-                                 cache.sequences[0] else sequences)
+  _, _, data_sequences = _views(model)
+  dataset = predict.read_dataset([data], data_sequences)
   chosen = _select_subjects(model, dataset, split, subjects)
   t0 = time.perf_counter()
-  volumes, inverses = prepare_subjects(model, chosen, cache)
+  inputs = prepare_subjects(model, chosen)
+  inverses = inputs.inverses
   truths = [ground_truth(data, cohort, s.subject_id, sequences, inv)
             for s, inv in zip(chosen, inverses)]
   mask_names = [PRIMARY_MASK] + sorted(k for k in truths[0].masks if k.startswith("ageing_")) + [
@@ -516,22 +528,26 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
   timings = {"prepare_seconds": time.perf_counter() - t0}
 
   from jax_brainage.data import intensity
-  x = jnp.asarray(intensity.to_unit_float(np.asarray(volumes)))
-  support = jnp.any(x != 0, axis=-1)  # the brain: background is exactly 0 in every channel
-  f, variables = output_function(model)
-  patch = (settings.patch_size,) * 3
-  key = jax.random.PRNGKey(settings.seed)
-  baseline = _baseline(x, settings)
-  predicted = np.asarray(jax.jit(f)(variables, x), np.float64)
-
-  def baseline_of(sl):
-    return baseline[sl] if jnp.ndim(baseline) else baseline
-
-  def kw_of(sl):
-    return dict(patch_size=patch, steps=settings.steps, max_fraction=settings.max_fraction,
-                support=support[sl], variables=variables)
+  perturb = settings.perturb and inputs.cube is not None
   random = None
-  if settings.perturb:
+  predicted = None
+  if inputs.cube is not None:
+    x = jnp.asarray(intensity.to_unit_float(np.asarray(inputs.cube)))
+    support = jnp.any(x != 0, axis=-1)  # the brain: background is exactly 0 in every channel
+    f, variables = output_function(model, inputs.of_sub)
+    predicted = np.asarray(jax.jit(f)(variables, x), np.float64)
+    patch = (settings.patch_size,) * 3
+    key = jax.random.PRNGKey(settings.seed)
+    baseline = _baseline(x, settings)
+
+    def baseline_of(sl):
+      return baseline[sl] if jnp.ndim(baseline) else baseline
+
+    def kw_of(sl):
+      return dict(patch_size=patch, steps=settings.steps, max_fraction=settings.max_fraction,
+                  support=support[sl], variables=variables)
+
+  if perturb:
     random = _chunked(lambda sl, i: ev.random_perturbation_curve(
         f, x[sl], baseline_of(sl), key=jax.random.fold_in(jax.random.fold_in(key, 1), i),
         repeats=settings.random_repeats, **kw_of(sl)), len(x), settings.batch_size)
@@ -544,7 +560,7 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
     if progress:
       print(f"evaluate-explanations: {name}", file=sys.stderr)
     t1 = time.perf_counter()
-    rel = _relevance(model, volumes, name, settings)
+    rel = _relevance(model, inputs.relevance_inputs, name, settings)
     t_rel = time.perf_counter() - t1
     scores = score_maps(rel, masks)
     row: dict[str, Any] = {"kind": kinds[name], "summary": maps.METHODS[name].summary,
@@ -561,7 +577,7 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
       subj[f"{mask}_voxels"] = s["voxels"].tolist()
     total = np.sum(rel.reshape(len(rel), -1).astype(np.float64), axis=1)
     subj["relevance_sum"] = total.tolist()
-    if settings.perturb:
+    if perturb:
       parts = []
       for start in range(0, len(x), settings.batch_size):  # bounded memory: batches of subjects
         sl = slice(start, start + settings.batch_size)
@@ -594,7 +610,9 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
       "split": split,
       "subjects": [s.subject_id for s in chosen],
       "ages": [s.age for s in chosen],
-      "predicted_ages": predicted.tolist(),
+      "predicted_ages": None if predicted is None else predicted.tolist(),
+      "perturbation_status": ("done" if perturb else "off" if not settings.perturb else
+                       "skipped: the sub-ensembles read different input cubes"),
       "masks": mask_names,
       "settings": dataclasses.asdict(settings),
       "patch_mm": float(settings.patch_size * inverses[0].voxel_size[0]),
@@ -668,7 +686,7 @@ def summary_tsv(result: dict[str, Any]) -> str:
   for mask in result["masks"]:
     cols += [f"{mask}_mass_accuracy", f"{mask}_mass_accuracy_se", f"{mask}_rank_accuracy",
              f"{mask}_rank_accuracy_se", f"{mask}_share"]
-  if result["settings"]["perturb"]:
+  if result["curves"]:
     cols += ["aopc_morf", "aopc_morf_se", "aopc_lerf", "aopc_lerf_se", "abpc", "abpc_se"]
   cols += ["relevance_seconds"]
   lines = ["\t".join(cols)]
@@ -799,9 +817,8 @@ def run(args: argparse.Namespace) -> int:
   if args.patch_mm <= 0:
     raise ConfigError(f"--patch-mm {args.patch_mm} must be positive")
   methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-  model = (load_model(args.workdir, args.checkpoint))
-  cache = _training_cache(model)
-  voxel = float(np.max(np.asarray(cache.index.get("voxel_size") or [1.0])))
+  model = load_model(args.workdir, args.checkpoint)
+  voxel = voxel_size_mm(model)
   settings = Settings(patch_size=max(1, int(round(args.patch_mm / voxel))), steps=args.steps,
                       max_fraction=args.max_fraction, perturbation=args.perturbation,
                       random_repeats=args.random_repeats, batch_size=args.batch_size,
