@@ -460,7 +460,7 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
         entry["maps"][level] = []
         for c, seq in enumerate(seqs):
           path = map_path(out, subject.subject_id, subject.session, level, seq)
-          fileio.save_nifti(maps.to_subject_space(r[..., c], inverse), path)
+          save(maps.to_subject_space(r[..., c], inverse), path)
           entry["maps"][level].append(str(path.relative_to(out)))
         if level == target.top:
           entry["relevance_sum"] = float(np.sum(r, dtype=np.float64))
@@ -487,7 +487,17 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
       print(f"explained {n_done}/{len(chosen)} subjects", file=sys.stderr)
     done.clear()
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+      concurrent.futures.ThreadPoolExecutor(max(1, workers)) as writers:
+    writes: collections.deque = collections.deque()
+
+    def save(img, path):
+      # Compressing NIfTI maps is the slow part of writing: it overlaps the next batch. At most
+      # a few batches of maps wait in memory.
+      writes.append(writers.submit(fileio.save_nifti, img, path))
+      while len(writes) > 4 * target.batch_size:
+        writes.popleft().result()
+
     for subject, cubes, inverse, error in _ordered_map(pool, prepare, chosen,
                                                        ahead=2 * target.batch_size):
       if error is not None:
@@ -497,6 +507,8 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
       if len(done) == target.batch_size:
         flush()
     flush()
+    while writes:  # raises the first failed write
+      writes.popleft().result()
   index["skipped"] = [{"participant_id": s, "reason": why} for s, why in skipped]
   if not index["subjects"]:
     raise DataError(f"{dataset.root or 'data'}: no subject could be explained")
