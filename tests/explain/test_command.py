@@ -279,3 +279,30 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
                                                     "_relevance.nii.gz")
   models_in_table = {r["model"] for r in read_tsv(out / "regions" / "relevance_regions.tsv")}
   assert models_in_table == set(expected)
+
+
+def test_skip_bad_subjects_and_a_user_atlas(explain_workdir, explained, tmp_path):
+  import shutil
+
+  data = tmp_path / "data"
+  shutil.copytree(explain_workdir / "data", data,
+                  ignore=shutil.ignore_patterns("derivatives"))
+  (data / "sub-0005" / "anat" / "sub-0005_T1w.nii.gz").write_bytes(b"not a nifti")
+  target = command.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
+                          batch_size=4, seed=0, levels=command.LEVELS)
+  dataset = predict.read_dataset([data], target.required_sequences)
+  with pytest.raises(DataError, match="sub-0005"):
+    command.explain_dataset(target, dataset, tmp_path / "strict", quiet=True, n_figures=0,
+                            glass_brain=False)
+  atlas = explain_workdir / "data" / "derivatives" / "simulation" / "atlas_regions.nii.gz"
+  index = command.explain_dataset(target, dataset, tmp_path / "lenient", skip_bad=True,
+                                  quiet=True, n_figures=0, glass_brain=False, atlas_path=atlas)
+  assert [s["participant_id"] for s in index["skipped"]] == ["sub-0005"]
+  assert "sub-0005" not in {s["participant_id"] for s in index["subjects"]}
+  assert len(index["subjects"]) == 9 and not (tmp_path / "lenient" / "sub-0005").exists()
+  rows = read_tsv(tmp_path / "lenient" / "regions" / "relevance_regions.tsv")
+  assert {r["region"] for r in rows} == {"cortical", "subcortical", "cerebellum"}
+  assert len(rows) == 9 * 3
+  written = json.loads((tmp_path / "lenient" / command.INDEX).read_text())
+  assert written["tables"]["labels"] == {"1": "cortical", "2": "subcortical", "3": "cerebellum"}
+  assert written["skipped"][0]["participant_id"] == "sub-0005"
