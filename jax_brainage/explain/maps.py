@@ -150,7 +150,7 @@ def regression_apply(model) -> Callable:
   regression model, the function every method explains."""
   from jax_brainage import models
 
-  if not getattr(model, "is_regression", True) or isinstance(model, models.SFCN):
+  if isinstance(model, models.SFCN):
     raise ConfigError(f"{type(model).__name__}: relevance maps explain regression models "
                       "(mrinet, sfcn_regression); SFCN's age-bin distribution has no single "
                       "output to start from")
