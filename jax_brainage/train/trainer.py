@@ -415,8 +415,8 @@ class MemberSetup:
 
   Attributes:
     model, tx, schedule: as in `Setup`.
-    seeds: member seeds (`member_seeds`).
-    init: () -> fresh stacked state `[M, ...]` (host-side; member m = `init_state(seeds[m])`).
+    init: seeds [M] -> fresh stacked state `[M, ...]` (host-side; member m =
+      `init_state(seeds[m])`).
     abstract_state, state_sharding: the full stacked state, members over 'ensemble'.
     groups: member slices trained one after another (one group = all members at once).
     width: members per jitted step (the widest group).
@@ -431,8 +431,7 @@ class MemberSetup:
   model: Any
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  seeds: tuple[int, ...]
-  init: Callable[[], Any]
+  init: Callable[[Any], Any]
   abstract_state: Any
   state_sharding: Any
   groups: tuple[slice, ...]
@@ -477,7 +476,13 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
   fits. Groups of that width train one after another within each step.
   """
   members = int(config.ensemble.members)
-  key = (json.dumps([config_lib.fingerprint(config), int(config.ensemble.vmap_width),
+  # What the compiled program depends on: not the seed, the data's whereabouts (shape, channels
+  # and ages are keyed explicitly) or the ensemble's head; sub-ensembles share a setup.
+  experiment = {k: v for k, v in config_lib.fingerprint(config).items()
+                if k != "seed" and not k.startswith("data.") and k not in (
+                    "ensemble.sub_ensembles", "ensemble.head", "ensemble.head_folds",
+                    "ensemble.correction")}
+  key = (json.dumps([experiment, int(config.ensemble.vmap_width),
                      list(image_shape), channels, mean_age, age_scale, total_steps],
                     sort_keys=True, default=str), mesh)
   if key in _MEMBER_SETUPS:
@@ -486,11 +491,10 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
                            **config_lib.model_kwargs(config, mean_age, age_scale))
   schedule = make_schedule(config.optimizer, total_steps)
   tx = make_optimizer(config.optimizer, schedule)
-  seeds = tuple(member_seeds(config))
   single = functools.partial(init_state, model, tx, tuple(image_shape), channels)
 
-  def init():
-    return stack_states([single(s) for s in seeds])
+  def init(seeds):
+    return stack_states([single(int(s)) for s in seeds])
 
   unit = mesh.shape[sharding.ENSEMBLE_AXIS]
   replicated = sharding.replicated(mesh)
@@ -559,7 +563,7 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
   full_abstract, full_sharding = abstract(members)
   group_shardings = tuple(abstract(g.stop - g.start)[1] for g in groups)
   setup = MemberSetup(
-      model=model, tx=tx, schedule=schedule, seeds=seeds, init=init,
+      model=model, tx=tx, schedule=schedule, init=init,
       abstract_state=full_abstract, state_sharding=full_sharding, groups=groups,
       width=max(widths), group_shardings=group_shardings,
       train_steps=tuple(steps[g.stop - g.start] for g in groups),
@@ -860,8 +864,9 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
   manifest = dict(model_manifest(config, data, num_params), members=members)
 
   # --- Data: member m reads the batches of a single run with seed + m. -------------------------
-  rows = data.member_rows(setup.seeds, bool(config.ensemble.bootstrap))
-  batches = data.member_batches(mesh, batch_size, setup.seeds, rows, config.augment, groups,
+  seeds = member_seeds(config)
+  rows = data.member_rows(seeds, bool(config.ensemble.bootstrap))
+  batches = data.member_batches(mesh, batch_size, seeds, rows, config.augment, groups,
                                 mode=config.data.mode, workers=int(config.data.workers))
   val_batches = data.eval_batches(mesh, eval_batch_size, "val", mode=config.data.mode,
                                   workers=int(config.data.workers))
@@ -881,7 +886,7 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
               if checkpoints.latest_step(ckpt_lib.BEST) is not None
               else jax.tree.map(jnp.copy, state))
     else:
-      state = jax.device_put(setup.init(), setup.state_sharding)
+      state = jax.device_put(setup.init(seeds), setup.state_sharding)
       if config.init_from:
         state = _init_from(_init_source(config.init_from, manifest), state,
                            setup.abstract_state, manifest)
@@ -1204,6 +1209,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
   config = config_lib.load_config(args.config)
   config = config_lib.apply_overrides(config, getattr(args, "overrides", []) or [])
+  if config.ensemble.members > 1 or config.ensemble.sub_ensembles:
+    # An ensemble experiment: sub-ensembles of stacked members, head, correction, store.
+    from jax_brainage.ensemble import experiment
+
+    summary = experiment.train_ensemble(config, args.workdir, quiet=args.quiet,
+                                        max_steps=args.max_steps)
+    if sharding.is_main_process():
+      if summary["stopped"] != "done":
+        print(f"brainage train: stopped at --max-steps {args.max_steps} in sub-ensemble "
+              f"{list(summary['subs'])[-1]}; run again to continue; workdir {args.workdir}")
+      else:
+        e = summary["ensemble"]
+        print(f"brainage train: ensemble of {e['n_members']} members "
+              f"({', '.join(summary['subs'])}); validation MAE {e['mae']:.2f} years, "
+              f"corrected {e['mae_corrected']:.2f}; store {args.workdir}/ensemble")
+    return 0
   result = train_and_evaluate(config, args.workdir, quiet=args.quiet, max_steps=args.max_steps)
   if sharding.is_main_process():
     print(f"brainage train: {result['stopped']} at step {result['step']} (epoch "
