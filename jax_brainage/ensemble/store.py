@@ -590,8 +590,12 @@ def ensemble_metrics(ensemble: Ensemble, inputs: Mapping[str, Any], ages: Any, *
     spearman_gap_age_corrected (rank correlation of the gap with age), mean_spread (years),
     n_members, mae_subs {name: MAE}.
   """
+  return prediction_metrics(ensemble, ensemble.predict(inputs, batch_size), ages)
+
+
+def prediction_metrics(ensemble: Ensemble, pred: EnsemblePrediction, ages: Any) -> dict[str, Any]:
+  """`ensemble_metrics` of predictions already made (e.g. by `brainage predict`'s path)."""
   ages = np.asarray(ages, np.float64)
-  pred = ensemble.predict(inputs, batch_size)
   metrics = correction_lib.gap_metrics(ages, pred.ensemble, pred.corrected(ages))
   member_mae = np.concatenate([np.mean(np.abs(p - ages[:, None]), axis=0)
                                for p in pred.members.values()])
