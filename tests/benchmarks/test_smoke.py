@@ -205,7 +205,8 @@ def test_conv_lowerings_match_numpy(name):
 def test_bench_conv_tiny(tmp_path):
   out = tmp_path / "conv.json"
   assert bench_conv.main(["--side", "8", "--batch-size", "1", "--channels", "4", "--repeats",
-                          "1", "--lowerings", "im2col_z", "--out", str(out)]) == 0
+                          "1", "--lowerings", "im2col_z", "--parts", "layer,mrinet",
+                          "--out", str(out)]) == 0
   result = json.loads(out.read_text())
   assert ENV_KEYS <= set(result)
   assert {"torch", "torch_cl", "im2col_z"} == set(result["layer"]["seconds"])
