@@ -2,7 +2,8 @@
 
     brainage explain --workdir W --data DIR --out DIR [--composite NAME] [--subjects ID ...]
         [--batch-size N] [--checkpoint best|latest] [--atlas FILE] [--age-band YEARS]
-        [--groups COL,...] [--levels ensemble,subs,members] [--figures N] [--no-glass-brain]
+        [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
+        [--figures N] [--no-glass-brain]
         [--session S] [--workers N] [--skip-bad] [--seed S]
 
 Subjects are preprocessed exactly as `brainage predict` does (the training cache's
@@ -173,10 +174,11 @@ class Target:
   """
 
   def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
-               seed: int, levels: Sequence[str]):
+               seed: int, levels: Sequence[str], members_per_call: int = 0):
     from jax_brainage import predict
 
     self.method = method
+    self.members_per_call = members_per_call
     self.batch_size = batch_size
     self.seed = seed
     self.ensemble = None
@@ -189,7 +191,7 @@ class Target:
       inputs = predict.ensemble_inputs(ensemble)
       self.views, self.of_sub = dict(inputs.views), dict(inputs.of_sub)
       self.sequences = maps.ensemble_sequences(ensemble)
-      self._explainers: dict[str, maps.Explainer] = {}
+      self._explainers: dict[str, list] = {}
       self.description = {"kind": "ensemble", "sub_ensembles": {
           s.name: {"sequences": list(s.sequences), "regions": list(s.regions),
                    "members": int(s.members)} for s in ensemble.subs}}
@@ -254,6 +256,7 @@ class Target:
       return {self.top: (r, self.sequences)}, p
     em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
                             batch_size=self.batch_size, seed=self.seed, rows=rows,
+                            members_per_call=self.members_per_call,
                             explainers=self._explainers)
     out = {"ensemble": (em.ensemble, em.sequences)}
     if "subs" in self.levels:
@@ -615,6 +618,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="participants.tsv columns to group by (default: sex and all covariates)")
   p.add_argument("--levels", default=",".join(LEVELS),
                  help="ensembles: which maps to write per subject (ensemble,subs,members)")
+  p.add_argument("--members-per-call", type=int, default=0, metavar="N",
+                 help="ensembles: members explained per jitted call (0 = all of a sub-ensemble; "
+                      "fewer bound device memory at study-sized volumes)")
   p.add_argument("--figures", type=int, default=4, metavar="N",
                  help="slice montages of the first N subjects (4); groups always get one")
   p.add_argument("--no-glass-brain", action="store_true", help="skip the glass-brain figure")
@@ -644,8 +650,10 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--levels {args.levels}: choose from {', '.join(LEVELS)} (ensemble "
                       "always included)")
   method = maps.get_method(args.composite)
+  if args.members_per_call < 0:
+    raise ConfigError(f"--members-per-call {args.members_per_call} must be 0 (all) or more")
   target = Target(args.workdir, args.checkpoint, method, batch_size=args.batch_size,
-                  seed=args.seed, levels=levels)
+                  seed=args.seed, levels=levels, members_per_call=args.members_per_call)
   dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
                                  skip_bad=args.skip_bad)
   atlas = args.atlas if args.atlas is not None else find_atlas(args.data, target)

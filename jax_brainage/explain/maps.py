@@ -325,9 +325,26 @@ def _sub_inputs(ensemble, inputs) -> dict[str, np.ndarray]:
   return {n: inputs for n in names}
 
 
+def _member_groups(sub, method, *, batch_size: int, seed: int,
+                   members_per_call: int) -> list[tuple[Explainer, int]]:
+  """Explainers over groups of a sub-ensemble's members: [(explainer, members it holds)]. Every
+  group has the same size (the last is padded by repeating its final member), so all share one
+  compiled function."""
+  m = int(sub.members)
+  g = m if members_per_call <= 0 else min(m, int(members_per_call))
+  out = []
+  for start in range(0, m, g):
+    take = np.minimum(np.arange(start, start + g), m - 1)
+    variables = jax.tree.map(lambda a, t=take: np.asarray(a)[t], sub.variables)
+    out.append((Explainer(_sub_model(sub), variables, method, batch_size=batch_size, seed=seed,
+                          stacked=True), min(g, m - start)))
+  return out
+
+
 def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
                   batch_size: int = 8, seed: int = 0, rows: np.ndarray | None = None,
-                  explainers: dict[str, Explainer] | None = None) -> EnsembleMaps:
+                  members_per_call: int = 0,
+                  explainers: dict[str, list] | None = None) -> EnsembleMaps:
   """Relevance of every member, sub-ensemble and the ensemble.
 
   Args:
@@ -335,7 +352,9 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
     inputs: {sub-ensemble name: volumes `[n, X, Y, Z, C_sub]`}, or one array for all when
       every sub-ensemble reads the same sequences.
     method, batch_size, seed, rows: as for `Explainer`.
-    explainers: reuse compiled explainers across calls ({sub name: Explainer}, filled in).
+    members_per_call: members explained by one jitted call (0 = all of a sub-ensemble); fewer
+      bound device memory at study-sized volumes (M x batch maps and activations per call).
+    explainers: reuse explainers across calls ({sub name: [(Explainer, members)]}, filled in).
   """
   inputs = _sub_inputs(ensemble, inputs)
   weights_total = ensemble.head.member_weights()
@@ -345,9 +364,11 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
   total = None
   for sub in ensemble.subs:
     if sub.name not in explainers:
-      explainers[sub.name] = Explainer(_sub_model(sub), sub.variables, method,
-                                       batch_size=batch_size, seed=seed, stacked=True)
-    r, p = explainers[sub.name](inputs[sub.name], rows)  # [M, n, ...], [M, n]
+      explainers[sub.name] = _member_groups(sub, method, batch_size=batch_size, seed=seed,
+                                            members_per_call=members_per_call)
+    parts = [(e(inputs[sub.name], rows), k) for e, k in explainers[sub.name]]
+    r = np.concatenate([rp[0][:k] for rp, k in parts])  # [M, n, ...]
+    p = np.concatenate([rp[1][:k] for rp, k in parts])  # [M, n]
     level1 = np.asarray(ensemble.head.level1[sub.name].weights, np.float64)
     w = np.asarray(weights_total[sub.name], np.float64)
     if r.shape[0] != len(w) or len(level1) != len(w):

@@ -242,7 +242,8 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
   chosen = ["sub-0004", "sub-0009"]
   assert explain_cli(["--workdir", str(workdir), "--data", str(explain_workdir / "data"),
                       "--out", str(out), "--composite", "gradient_x_input", "--subjects",
-                      *chosen, "--figures", "1", "--no-glass-brain", "--quiet"]) == 0
+                      *chosen, "--figures", "1", "--no-glass-brain", "--members-per-call", "1",
+                      "--quiet"]) == 0
   index = json.loads((out / command.INDEX).read_text())
   assert index["model"]["kind"] == "ensemble" and index["levels"] == list(command.LEVELS)
   cache_index = json.loads((explain_workdir / "cache" / "index.json").read_text())

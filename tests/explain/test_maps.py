@@ -135,7 +135,7 @@ def test_ensemble_maps_weigh_members_by_the_head():
   n = 3
   model = SmallConv()
   grad = jax.jit(jax.grad(lambda v, u: jnp.sum(model.apply(v, u)), argnums=1))
-  for name, sequences, seeds in (("t1", ("T1w",), (0, 1)), ("both", ("FLAIR", "T1w"), (2, 3))):
+  for name, sequences, seeds in (("t1", ("T1w",), (0, 1)), ("both", ("FLAIR", "T1w"), (2, 3, 4))):
     shape = (1, 6, 6, 6, len(sequences))
     members = [model.init(jax.random.PRNGKey(s), jnp.zeros(shape)) for s in seeds]
     subs.append(types.SimpleNamespace(
@@ -148,7 +148,7 @@ def test_ensemble_maps_weigh_members_by_the_head():
     predicted[name] = np.stack([np.asarray(model.apply(v, x)) for v in members])
   head = head_lib.MultiLevelHead(
       level1={"t1": head_lib.LinearHead(np.array([0.7, 0.5]), 1.0),
-              "both": head_lib.LinearHead(np.array([0.2, 0.9]), -2.0)},
+              "both": head_lib.LinearHead(np.array([0.2, 0.9, -0.3]), -2.0)},
       level2=head_lib.LinearHead(np.array([0.6, 0.3]), 3.0), names=("t1", "both"))
   ensemble = types.SimpleNamespace(subs=tuple(subs), head=head)
   em = maps.ensemble_maps(ensemble, inputs, "gradient_x_input", batch_size=2)
@@ -157,16 +157,21 @@ def test_ensemble_maps_weigh_members_by_the_head():
     np.testing.assert_allclose(em.members[name], np.stack(reference[name]), rtol=1e-4,
                                atol=1e-6)
     level1 = head.level1[name].weights
-    np.testing.assert_allclose(em.subs[name], level1[0] * reference[name][0]
-                               + level1[1] * reference[name][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(em.subs[name], sum(w * r for w, r in zip(level1, reference[name])),
+                               rtol=1e-4, atol=1e-6)
   w_t1 = 0.6 * np.array([0.7, 0.5])
-  w_both = 0.3 * np.array([0.2, 0.9])
+  w_both = 0.3 * np.array([0.2, 0.9, -0.3])
   t1 = sum(w_t1[m] * reference["t1"][m][..., 0] for m in range(2))
-  t1 = t1 + sum(w_both[m] * reference["both"][m][..., 1] for m in range(2))
-  flair = sum(w_both[m] * reference["both"][m][..., 0] for m in range(2))
+  t1 = t1 + sum(w_both[m] * reference["both"][m][..., 1] for m in range(3))
+  flair = sum(w_both[m] * reference["both"][m][..., 0] for m in range(3))
   np.testing.assert_allclose(em.ensemble, np.stack([t1, flair], axis=-1), rtol=1e-4, atol=1e-6)
+  # Members two per jitted call (bounded memory; "both" pads its last group): the same maps.
+  grouped = maps.ensemble_maps(ensemble, inputs, "gradient_x_input", batch_size=2,
+                               members_per_call=2)
+  np.testing.assert_allclose(grouped.ensemble, em.ensemble, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(grouped.members["both"], em.members["both"], rtol=1e-5, atol=1e-8)
   for name in ("t1", "both"):  # the members' predicted ages come back too
-    np.testing.assert_allclose(em.member_predictions[name], predicted[name], rtol=1e-5)
+    np.testing.assert_allclose(em.member_predictions[name], predicted[name], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
