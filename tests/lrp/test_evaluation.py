@@ -177,7 +177,6 @@ def masked_model():
   mask[8:10, 8:11, 1:3] = True  # ... and a second one
   model = MaskedLinear()
   x = jnp.asarray(rng.uniform(0.2, 1.0, (3, side, side, side, 1)).astype(np.float32))
-  variables = model.init(jax.random.PRNGKey(0), x)
   conv = {"kernel": jnp.asarray(rng.uniform(0.5, 1.5, (1, 1, 1, 1, 2)), jnp.float32),
           "bias": jnp.zeros((2,), jnp.float32)}
   w = rng.uniform(0.2, 1.0, (side, side, side, 2)) * mask[..., None]
