@@ -82,7 +82,7 @@ case "$SIZE" in
     run roofline bench_roofline.py --size tiny --cases mrinet-98 --dtypes float32 \
       --batch-size 2 --steps 1 --warmup 1
     run lrp bench_lrp.py --shape 16 --batch-size 2 --repeats 1 --zennit
-    run pipeline bench_pipeline.py --shapes 4mm --subjects 4 --batch-size 2 --steps 1 --warmup 1 \
+    run pipeline bench_pipeline.py --shapes 16 --subjects 4 --batch-size 2 --steps 1 --warmup 1 \
       --workers 0 --augment off
     run conv bench_conv.py --side 16 --batch-size 1 --repeats 1 --lowerings xla,im2col_z
     ;;
