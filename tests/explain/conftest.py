@@ -1,7 +1,8 @@
-"""Shared fixtures of tests/explain: one tiny trained workdir per test process.
+"""Shared fixtures of tests/explain: one tiny trained single-model workdir per test process.
 
-The tiny demo (10 simulated subjects at 4 mm, 32^3 cubes, one epoch of a narrow MRInet) gives a
-real training workdir, cache, BIDS dataset and atlas in ~20 s on 2 CPU cores.
+Simulate -> prepare -> train as `brainage demo` does, without the demo's later stages: 10
+simulated subjects at 4 mm (T1w), 32^3 cubes, one epoch of the tiny preset's narrow MRInet,
+pinned to a single model (the preset itself may train an ensemble). ~20 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -11,14 +12,33 @@ from pathlib import Path
 import pytest
 
 TINY_OVERRIDES = ["--config.data.simulate.n", "10", "--config.num_epochs", "1",
-                  "--config.data.image_shape", "(32, 32, 32)", "--config.num_image_summaries", "0"]
+                  "--config.data.image_shape", "(32, 32, 32)", "--config.num_image_summaries", "0",
+                  "--config.data.sequences", "('T1w',)", "--config.ensemble.members", "1"]
 
 
 @pytest.fixture(scope="session")
 def explain_workdir(tmp_path_factory) -> Path:
-  """A trained single-model workdir W with W/data (BIDS + derivatives/simulation/atlas)."""
+  """A trained single-model workdir W with W/data (BIDS + derivatives/simulation/atlas) and
+  W/cache."""
   from jax_brainage import demo
+  from jax_brainage.data import bids
+  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.data import simulate
+  from jax_brainage.train import trainer
 
-  workdir = tmp_path_factory.mktemp("explain") / "demo"
-  demo.run_demo(workdir, "tiny", overrides=TINY_OVERRIDES, quiet=True, workers=2)
+  workdir = (tmp_path_factory.mktemp("explain") / "demo").resolve()
+  data = workdir / "data"
+  config = demo.preset_config("tiny", workdir, data, TINY_OVERRIDES)
+  with config.unlocked():
+    config.ensemble.sub_ensembles = ()
+  s = config.data.simulate
+  sequences = tuple(config.data.sequences)
+  simulate.write_cohort(data, simulate.CohortConfig(
+      seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution), sequences=sequences),
+      workers=2, progress=False)
+  prep = cache_lib.Preprocessing(sequences=sequences,
+                                 shape=tuple(int(v) for v in config.data.image_shape))
+  cache_lib.prepare(bids.read_bids(data, sequences), config.data.cache, prep, workers=2,
+                    progress=False)
+  trainer.train_and_evaluate(config, workdir, quiet=True)
   return workdir
