@@ -33,7 +33,39 @@ def tiny_demo(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
-  return tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
+  """A single-model T1w workdir with `cache` and `data` beside its checkpoints: the tiny demo's
+  when the tiny preset trains one model on T1w, else one epoch of such a model trained on the
+  demo's cache (cache and data linked in)."""
+  from jax_brainage.ensemble import store
+
+  demo_dir = tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
+  record = json.loads((demo_dir / "config.json").read_text())["config"]
+  if not store.is_ensemble_workdir(demo_dir) and tuple(record["data"]["sequences"]) == ("T1w",):
+    return demo_dir
+  from jax_brainage.train import config as config_lib
+  from jax_brainage.train import trainer
+
+  w = tmp_path_factory.mktemp("single") / "W"
+  c = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
+  c.data.simulate.n = int(record["data"]["simulate"]["n"])
+  c.data.simulate.out = str(demo_dir / "data")
+  c.data.cache = str(demo_dir / "cache")
+  c.data.image_shape = (32, 32, 32)
+  c.data.sequences = ("T1w",)
+  c.ensemble.members = 1
+  c.ensemble.sub_ensembles = ()
+  c.num_epochs = 1
+  c.num_image_summaries = 0
+  trainer.train_and_evaluate(c, w, quiet=True)
+  (w / "cache").symlink_to(demo_dir / "cache")
+  (w / "data").symlink_to(demo_dir / "data")
+  return w
+
+
+def model_channels(workdir: Path) -> list[int]:
+  """The cache channels the workdir's model reads."""
+  index = json.loads((workdir / "cache" / "index.json").read_text())
+  return [index["sequences"].index(q) for q in predict.load_trained(workdir).sequences]
 
 
 def cli(argv: list[str]) -> int:
@@ -69,6 +101,8 @@ def reference_predictions(workdir: Path, rows: np.ndarray, which: str = "best",
   if transform is not None:
     params = transform(params)
   volumes = np.load(workdir / "cache" / "volumes.npy")  # [n, X, Y, Z, C] uint8
+  index = json.loads((workdir / "cache" / "index.json").read_text())
+  volumes = volumes[..., [index["sequences"].index(q) for q in meta["manifest"]["sequences"]]]
   out = []
   for i in rows:  # one subject at a time, input scaled in numpy
     x = volumes[i:i + 1].astype(np.float64) / 255.0
@@ -121,7 +155,7 @@ def test_predict_image_list_and_latest_checkpoint(workdir, tmp_path):
 
 def test_predictor_batches_agree_with_single_subjects(workdir):
   trained = predict.load_trained(workdir)
-  volumes = np.load(workdir / "cache" / "volumes.npy")[:7]
+  volumes = np.load(workdir / "cache" / "volumes.npy")[:7][..., model_channels(workdir)]
   batched = predict.Predictor(trained, batch_size=4)(volumes)  # 4 + 3 (padded)
   np.testing.assert_allclose(batched, reference_predictions(workdir, np.arange(7)), atol=1e-3)
   with pytest.raises(BrainAgeError, match=r"\(16, 16, 16\) voxels.*expects \(32, 32, 32\)"):
@@ -204,7 +238,7 @@ def ensemble_workdir(workdir, tmp_path_factory):
   index = json.loads((workdir / "cache" / "index.json").read_text())
   split = splits.load_split(workdir / "split.json", [s["subject_id"] for s in index["subjects"]])
   rows = np.sort(np.concatenate([split.train, split.val]))
-  volumes = np.load(workdir / "cache" / "volumes.npy")[rows]
+  volumes = np.load(workdir / "cache" / "volumes.npy")[rows][..., model_channels(workdir)]
   ages = np.array([index["subjects"][i]["age"] for i in rows], np.float64)
   ens = store.fit_ensemble((one, two), {"all": volumes, "t1x2": volumes}, ages, folds=4,
                            correction="linear", batch_size=4)
