@@ -35,10 +35,10 @@ def explain_workdir(tmp_path_factory) -> Path:
   sequences = tuple(config.data.sequences)
   simulate.write_cohort(data, simulate.CohortConfig(
       seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution), sequences=sequences),
-      workers=2, progress=False)
+      workers=1, progress=False)
   prep = cache_lib.Preprocessing(sequences=sequences,
                                  shape=tuple(int(v) for v in config.data.image_shape))
-  cache_lib.prepare(bids.read_bids(data, sequences), config.data.cache, prep, workers=2,
+  cache_lib.prepare(bids.read_bids(data, sequences), config.data.cache, prep, workers=1,
                     progress=False)
   trainer.train_and_evaluate(config, workdir, quiet=True)
   return workdir
