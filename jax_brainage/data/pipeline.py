@@ -827,6 +827,14 @@ def _member_rows(plans: Sequence[BatchPlan], step: int) -> tuple[np.ndarray, np.
   return np.stack(rows).astype(np.int32), np.stack(seeds).astype(np.uint32)
 
 
+@functools.lru_cache(maxsize=8)
+def _member_prepare(cfg: aug.AugmentConfig, mesh: Mesh) -> Callable:
+  """Jitted uint8 `[w, B, ...]` -> augmented float32 network inputs, members over 'ensemble';
+  one per augmentation and mesh (pipelines of one experiment share its compilation)."""
+  prepare = functools.partial(aug.prepare_images, cfg=cfg)
+  return jax.jit(jax.vmap(prepare), out_shardings=shd.batch_sharding(mesh, members=True))
+
+
 class MemberPipeline:
   """Endless training batches of M ensemble members, delivered in groups of members.
 
@@ -875,8 +883,7 @@ class MemberPipeline:
       raise ConfigError(f"member pipeline mode {mode!r}: host or device")
     self.mode = mode
     prepare = functools.partial(aug.prepare_images, cfg=self.augment)
-    self._prepare = jax.jit(jax.vmap(prepare), out_shardings=shd.batch_sharding(
-        self.mesh, members=True))
+    self._prepare = _member_prepare(self.augment, self.mesh)
     if mode == "device":
       volumes = getattr(source, "volumes", None)
       if volumes is None:

@@ -31,7 +31,7 @@ def overrides(tmp_path_factory):
           "--config.ensemble.sub_ensembles", "('t1=T1w', 't1_cereb=T1w@cerebellum')",
           "--config.ensemble.head_folds", "2", "--config.model.conv_features", "(4,4,4,4,4)",
           "--config.num_epochs", "1", "--config.optimizer.warmup_steps", "0",
-          "--config.num_image_summaries", "0"]
+          "--config.num_image_summaries", "0", "--config.batch_size", "8"]
 
 
 @pytest.fixture(scope="module")
