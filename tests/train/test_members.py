@@ -216,3 +216,24 @@ def test_sub_ensemble_specs():
   assert (a.name, a.sequences, a.regions) == ("t1", ("T1w",), ())
   assert (b.sequences, b.regions) == (("T1w", "FLAIR"), ("cerebellum", "subcortical"))
   assert b.spec() == "mix_cereb=T1w+FLAIR@cerebellum+subcortical"
+
+
+def test_device_resident_member_batches_equal_host_batches(blob_data):
+  """The device-resident member pipeline (accelerators' default) delivers the host pipeline's
+  batches: same subjects, augmentation, ages, and layout (members over 'ensemble')."""
+  from jax_brainage.data.augment import AugmentConfig
+
+  mesh = sharding.make_mesh(2)
+  seeds = [3, 4]
+  rows = blob_data.member_rows(seeds, bootstrap=True)
+  groups = trainer.member_groups(2, 2, unit=2)
+  augment = AugmentConfig(shift_voxels=1)
+  host = blob_data.member_batches(mesh, 8, seeds, rows, augment, groups, mode="host")
+  device = blob_data.member_batches(mesh, 8, seeds, rows, augment, groups, mode="device")
+  for _ in range(5):  # more than an epoch (4 steps)
+    for a, b in zip(next(host), next(device), strict=True):
+      for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+        assert a[key].sharding.is_equivalent_to(b[key].sharding, a[key].ndim), key
+  host.close()
+  device.close()
