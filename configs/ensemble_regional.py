@@ -10,7 +10,7 @@ derivatives/simulation/atlas*.nii.gz):
 
 Argument: `configs/ensemble_regional.py:N` sets the members per sub-ensemble (default 3).
 
-What to expect: W/sub/<sequence>_<region> for the 9 sub-ensembles, then W/ensemble and
+Expected: W/sub/<sequence>_<region> for the 9 sub-ensembles, then W/ensemble and
 W/metrics.json (member, sub-ensemble and ensemble validation MAE, corrected MAE, Spearman
 gap-age). Each regional model alone is less accurate than a whole-brain one; the multi-level
 head weighs the regions (its member weights are in the store's manifest), and

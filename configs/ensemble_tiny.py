@@ -9,7 +9,7 @@ Arguments: `configs/ensemble_tiny.py:regions` trains T1w on the cerebellum and o
 subcortical region instead (a regional cache is prepared beside the cache from the cohort's
 atlas); `:3` gives 3 members per sub-ensemble.
 
-What to expect: W/sub/t1 and W/sub/flair (each member stacked, trained in one vmapped step
+Expected: W/sub/t1 and W/sub/flair (each member stacked, trained in one vmapped step
 per batch), then W/ensemble (the store `brainage predict --workdir W` reads) and
 W/metrics.json with every member's, sub-ensemble's and the ensemble's validation MAE, the
 bias-corrected MAE and the Spearman correlation of the gap with age. Like configs/tiny.py

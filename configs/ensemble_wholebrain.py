@@ -10,7 +10,7 @@ first use; or point it at a prepared cache with --config.data.cache DIR --config
 Argument: `configs/ensemble_wholebrain.py:N` sets the members per sequence (default 10, as in
 the study); e.g. `:3` for a quick run.
 
-What to expect: W/sub/t1, W/sub/flair, W/sub/swi (each sub-ensemble's N members stacked and
+Expected: W/sub/t1, W/sub/flair, W/sub/swi (each sub-ensemble's N members stacked and
 trained at once: one vmapped step per batch, members spread over the devices' 'ensemble' axis,
 as many per step as fit in device memory), then W/ensemble and W/metrics.json (member,
 sub-ensemble and ensemble validation MAE, corrected MAE, Spearman gap-age). The study reports

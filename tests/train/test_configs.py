@@ -14,12 +14,15 @@ from jax_brainage.train import config as config_lib
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 ARGS = {"mrinet_2mm.py": ["FLAIR", "3seq"], "mrinet_1mm.py": ["3seq-bf16", "swi"],
-        "sfcn.py": ["1mm", "regression", "1mm-regression"], "cpu.py": ["3seq"]}
+        "sfcn.py": ["1mm", "regression", "1mm-regression"], "cpu.py": ["3seq"],
+        "ensemble_tiny.py": ["regions", "3"], "ensemble_wholebrain.py": ["3"],
+        "ensemble_regional.py": ["2"]}
 
 
 def test_there_are_configs_for_every_experiment():
   names = {p.name for p in CONFIGS}
-  assert {"tiny.py", "cpu.py", "mrinet_1mm.py", "mrinet_2mm.py", "sfcn.py"} <= names
+  assert {"tiny.py", "cpu.py", "mrinet_1mm.py", "mrinet_2mm.py", "sfcn.py", "ensemble_tiny.py",
+          "ensemble_wholebrain.py", "ensemble_regional.py"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
