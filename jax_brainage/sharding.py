@@ -40,6 +40,19 @@ def make_mesh(ensemble: int = 1, devices: Sequence[jax.Device] | None = None) ->
     raise ConfigError(f"mesh: ensemble axis of size {ensemble} does not divide the "
                       f"{len(devices)} devices")
   shape = (ensemble, len(devices) // ensemble)
+  processes = sorted({d.process_index for d in devices})
+  if len(processes) > 1:
+    # Multi-host: process p loads rows [pB/P, (p+1)B/P) of every member's batch, so 'data'
+    # must run over the processes in order, each owning a contiguous block of it, and the
+    # 'ensemble' axis must lie within every process (members are not split across hosts).
+    local = [[d for d in devices if d.process_index == p] for p in processes]
+    per = len(local[0])
+    if any(len(block) != per for block in local) or per % ensemble:
+      raise ConfigError(f"mesh: ensemble axis of size {ensemble} must divide the {per} devices "
+                        "of every process (members are not split across hosts)")
+    blocks = [np.asarray(block, dtype=object).reshape(ensemble, per // ensemble)
+              for block in local]
+    return Mesh(np.concatenate(blocks, axis=1), MESH_AXES)
   try:
     # Topology-aware device order (keeps 'data' neighbours on fast links on GPU/TPU).
     grid = mesh_utils.create_device_mesh(shape, devices)
@@ -112,8 +125,14 @@ def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray], *,
     dict of global `jax.Array`s with the process-count-times larger leading (batch) axis.
   """
   sharding = batch_sharding(mesh, members=members)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    # Member arrays hold every member (axis 0 is global) and this process's rows (axis 1).
+    shape = ((v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:]) if members
+             else None)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+  return out
 
 
 def put_replicated(mesh: Mesh, tree: Any) -> Any:

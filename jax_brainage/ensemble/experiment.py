@@ -150,8 +150,8 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         batch_size=int(config.eval_batch_size or config.batch_size), workdir=workdir,
         info={"sub_ensembles": [s.spec() for s in specs], "split_seed":
               int(config.data.split_seed), "n_validation": int(len(val))})
-    if sharding.is_main_process():
-      store_lib.save_ensemble(workdir, ensemble)
+    # Every process calls it: orbax writes collectively, process 0 renames into place.
+    store_lib.save_ensemble(workdir, ensemble)
     summary["ensemble"] = dict(ensemble.info.get("validation") or {},
                                n_members=ensemble.n_members,
                                member_weights={k: [float(w) for w in v] for k, v in

@@ -52,7 +52,11 @@ class Checkpoints:
             checkpoint_dir(workdir, which),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep if which == LATEST else 1, create=not read_only,
-                read_only=read_only),
+                read_only=read_only,
+                # Multi-host: 'best' and 'latest' save the same step at the end of an epoch;
+                # orbax names its barriers by step, so without a prefix they collide.
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=which)),
             # Named handlers let a fresh manager read metadata before restoring (shape checks).
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})

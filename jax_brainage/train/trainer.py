@@ -366,9 +366,11 @@ def ensemble_mesh_size(config: ml_collections.ConfigDict, num_devices: int,
       raise ConfigError(f"config.ensemble.mesh_size={e.mesh_size} does not divide the "
                         f"{num_devices} devices")
     return int(e.mesh_size)
+  per_process = num_devices // jax.process_count()
   for size in range(num_devices, 0, -1):
     data = num_devices // size
-    if (num_devices % size == 0 and e.members % size == 0
+    # Multi-host: members stay within a process (see sharding.make_mesh).
+    if (num_devices % size == 0 and per_process % size == 0 and e.members % size == 0
         and (e.vmap_width == 0 or e.vmap_width % size == 0)
         and all(b % data == 0 for b in batch_sizes)):
       return size
