@@ -139,7 +139,6 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   from jax_brainage.data import bids
   from jax_brainage.data import cache as cache_lib
   from jax_brainage.data import simulate, splits
-  from jax_brainage.train import trainer
 
   preset = preset or default_preset()
   if preset not in PRESETS:
@@ -197,49 +196,53 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
     _log(quiet, f"prepare {cache_dir} (reused)")
 
   # 3. Train (resumes an interrupted run; a finished one is not trained again).
+  ensemble_run = bool(config.ensemble.members > 1 or config.ensemble.sub_ensembles)
   metrics_path = workdir / "metrics.json"
   train = stages.get("train")
   if train is None or not metrics_path.is_file():
-    _log(quiet, f"train configs/{PRESETS[preset]} in {workdir}")
-    result = trainer.train_and_evaluate(config, workdir, quiet=quiet)
-    vps = result["volumes_per_second"]
-    train = {"train_seconds": result["train_seconds"],
-             "volumes_per_second": vps if math.isfinite(vps) else None,
-             "step": result["step"], "epoch": result["epoch"], "stopped": result["stopped"],
-             "best_step": result["best_step"], "best_val_mae": result["best_val_mae"],
-             "num_params": result["num_params"]}
+    _log(quiet, f"train configs/{PRESETS[preset]} in {workdir}"
+         + (" (ensemble)" if ensemble_run else ""))
+    train = _train(config, workdir, quiet, ensemble_run)
     stages["train"] = train
     save_record()
   else:
     _log(quiet, f"train (reused: {train['stopped']} at step {train['step']})")
 
-  # 4. Predict the held-out test split with the best checkpoint.
-  trained = predict.load_trained(workdir, "best")
-  # The trainer records its split (W/split.json, checked against the cache's subject ids);
-  # older workdirs without it get the same seeded split recomputed.
+  # 4. Predict the held-out test split (the split the trainer recorded in W/split.json).
   split_path = workdir / "split.json"
   if split_path.is_file():
     split = splits.load_split(split_path, cache.subject_ids)
   else:
     split = splits.split_subjects(len(cache), seed=int(config.data.split_seed))
   test = split.test
-  predictor = predict.Predictor(trained, int(config.eval_batch_size or config.batch_size))
+  test_ids = [cache.subject_ids[i] for i in test]
   t0 = time.perf_counter()
-  volumes = np.asarray(cache.volumes[test])
-  predicted = predictor(volumes)
+  if ensemble_run:
+    ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = (
+        _predict_ensemble(workdir, data_dir, sequences, test_ids))
+  else:
+    ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = (
+        _predict_single(workdir, cache, test, int(config.eval_batch_size or config.batch_size)))
   predict_seconds = time.perf_counter() - t0
-  ages = cache.ages[test]
-  predictions = [
-      predict.Prediction(cache.subject_ids[i], cache.records[i].get("session"),
-                         float(cache.ages[i]), float(p))
-      for i, p in zip(test, predicted)]
-  predict.write_predictions(workdir / PREDICTIONS, predictions)
   metrics = predict.summary_metrics(ages, predicted)
 
-  # 5. Summary and plot.
+  # 5. Explanations of a few test subjects (default method), scored against the ground truth.
+  t0 = time.perf_counter()
+  explained = _explain(workdir, data_dir, sequences, test_ids[:N_EXPLAINED], quiet)
+  explain_seconds = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  scores = _evaluate_explanations(workdir, data_dir, min(N_EXPLAINED, len(test_ids)), quiet)
+  evaluate_seconds = time.perf_counter() - t0
+
+  # 6. Brain-age gap against the risk factors (estimated vs true effects) and the bias plot.
+  analysis = _analyse(workdir, data_dir, quiet)
+
+  # 7. Summary, scatter plot and the report.
   plots.scatter_predicted_vs_true(
       workdir / SCATTER, ages, predicted, mae=metrics["mae"], oracle_mae=oracle["oracle_mae"],
-      title=f"brainage demo ({preset}): held-out test split, best checkpoint")
+      title=f"brainage demo ({preset}): held-out test split"
+            + (", ensemble" if ensemble_run else ", best checkpoint"))
+  default = scores.get("method")
   summary = {
       "preset": preset,
       "mae": metrics["mae"],
@@ -248,6 +251,18 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
       "mean_brain_age_gap": metrics["mean_gap"],
       "oracle_mae": float(oracle["oracle_mae"]),
       "mae_over_oracle": metrics["mae"] / float(oracle["oracle_mae"]),
+      **extra,
+      "relevance_mass_accuracy": scores.get(default, {}).get("relevance_mass_accuracy"),
+      "relevance_rank_accuracy": scores.get(default, {}).get("relevance_rank_accuracy"),
+      "gradient_relevance_mass_accuracy": scores.get("gradient", {}).get(
+          "relevance_mass_accuracy"),
+      "gradient_relevance_rank_accuracy": scores.get("gradient", {}).get(
+          "relevance_rank_accuracy"),
+      "ageing_mask_share": scores.get(default, {}).get("mask_share"),
+      "composite": default,
+      "explained_subjects": scores.get(default, {}).get("n"),
+      "risk_effects": analysis.get("risk_effects"),
+      "risk_analysis": analysis.get("note"),
       "n": len(cache),
       "n_train": int(len(split.train)),
       "n_val": int(len(split.val)),
@@ -255,16 +270,18 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
       "train_seconds": train["train_seconds"],
       "volumes_per_second": train["volumes_per_second"],
       "predict_seconds": predict_seconds,
+      "explain_seconds": explain_seconds,
+      "evaluate_seconds": evaluate_seconds,
       "best_val_mae": train["best_val_mae"],
       "best_step": train["best_step"],
       "epochs": train["epoch"],
       "steps": train["step"],
       "stopped": train["stopped"],
       "num_params": train["num_params"],
-      "checkpoint": f"{trained.checkpoint}/{trained.step}",
-      "model": trained.manifest["model"],
-      "image_shape": list(trained.image_shape),
-      "sequences": list(trained.sequences),
+      "checkpoint": checkpoint,
+      "model": model_name,
+      "image_shape": list(image_shape),
+      "sequences": list(used_sequences),
       "resolution_mm": int(s.resolution),
       "simulate_seconds": stages.get("simulate_seconds"),
       "prepare_seconds": stages.get("prepare_seconds"),
@@ -274,6 +291,7 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
       "workdir": str(workdir),
       "predictions": PREDICTIONS,
       "scatter_plot": SCATTER,
+      "report": str(Path(REPORT_DIR) / "index.html"),
       "config": f"configs/{PRESETS[preset]}",
       "overrides": overrides,
       "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind} x {jax.device_count()}",
@@ -281,10 +299,206 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "numpy": np.__version__},
   }
-  summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in summary.items()}
+  summary = _finite(summary)
   fileio.write_json(workdir / SUMMARY, summary)
+  _report(workdir, summary, explained, scores, analysis)
   return summary
+
+
+N_EXPLAINED = 4  # test subjects explained and scored against the ground truth
+REPORT_DIR = "report"
+
+
+def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, Any]:
+  """Trains the preset (a single model or an ensemble experiment); the demo's training record."""
+  from jax_brainage.train import trainer
+
+  if not ensemble_run:
+    result = trainer.train_and_evaluate(config, workdir, quiet=quiet)
+    vps = result["volumes_per_second"]
+    return {"train_seconds": result["train_seconds"],
+            "volumes_per_second": vps if math.isfinite(vps) else None,
+            "step": result["step"], "epoch": result["epoch"], "stopped": result["stopped"],
+            "best_step": result["best_step"], "best_val_mae": result["best_val_mae"],
+            "num_params": result["num_params"]}
+  from jax_brainage.ensemble import experiment
+
+  result = experiment.train_ensemble(config, workdir, quiet=quiet)
+  subs = list((result.get("subs") or {}).values())
+  seconds = sum(float(r.get("train_seconds") or 0.0) for r in subs)
+  # Training volumes per second over all sub-ensembles (each step feeds every stacked member
+  # its own batch, so member-volumes/s is this times the members).
+  volumes = sum(float(r.get("volumes_per_second") or 0.0) * float(r.get("train_seconds") or 0.0)
+                for r in subs)
+  validation = result.get("ensemble") or {}
+  return {"train_seconds": seconds,
+          "volumes_per_second": volumes / seconds if seconds > 0 else None,
+          "step": sum(int(r.get("step") or 0) for r in subs),
+          "epoch": max((int(r.get("epoch") or 0) for r in subs), default=0),
+          "stopped": ",".join(sorted({str(r.get("stopped")) for r in subs})),
+          "best_step": None,
+          "best_val_mae": validation.get("mae"),
+          "num_params": sum(int(r.get("num_params") or 0) * len(r.get("members") or [1])
+                            for r in subs)}
+
+
+def _predict_single(workdir: Path, cache, test: np.ndarray, batch_size: int):
+  """The best checkpoint on the test subjects' cached cubes (predict's jitted batches)."""
+  trained = predict.load_trained(workdir, "best")
+  predictor = predict.Predictor(trained, batch_size)
+  predicted = predictor(np.asarray(cache.volumes[test]))
+  ages = np.asarray(cache.ages[test], np.float64)
+  predictions = [
+      predict.Prediction(cache.subject_ids[i], cache.records[i].get("session"),
+                         float(cache.ages[i]), float(p))
+      for i, p in zip(test, predicted)]
+  predict.write_predictions(workdir / PREDICTIONS, predictions)
+  return (ages, np.asarray(predicted, np.float64), {}, f"{trained.checkpoint}/{trained.step}",
+          trained.manifest["model"], trained.image_shape, trained.sequences)
+
+
+def _predict_ensemble(workdir: Path, data_dir: Path, sequences: Sequence[str],
+                      test_ids: Sequence[str]):
+  """The ensemble store on the test subjects, prepared from their NIfTI files exactly as
+  `brainage predict` prepares new data; writes predict's ensemble TSV."""
+  import dataclasses as dc
+
+  from jax_brainage.data import bids
+  from jax_brainage.ensemble import store
+
+  ensemble = store.load_ensemble(workdir)
+  inputs = predict.ensemble_inputs(ensemble)
+  dataset = bids.read_bids(data_dir, inputs.sequences)
+  wanted = set(test_ids)
+  dataset = dc.replace(dataset, subjects=tuple(x for x in dataset.subjects
+                                               if x.subject_id in wanted))
+  subjects, prediction, _ = predict.predict_ensemble_dataset(ensemble, dataset, inputs=inputs)
+  fileio.write_text(workdir / PREDICTIONS, predict.ensemble_tsv(ensemble, subjects, prediction))
+  ages = np.asarray([x.age for x in subjects], np.float64)
+  extra = store.prediction_metrics(ensemble, prediction, ages)
+  extra["correction"] = ensemble.correction.kind
+  first = ensemble.subs[0]
+  return (ages, np.asarray(prediction.ensemble, np.float64), extra, "ensemble",
+          first.manifest["model"], first.image_shape, inputs.sequences)
+
+
+def _explain(workdir: Path, data_dir: Path, sequences: Sequence[str], subject_ids: Sequence[str],
+             quiet: bool) -> dict[str, Any]:
+  """`brainage explain` of a few test subjects: subject-space maps, region tables, montages."""
+  from jax_brainage.data import bids
+  from jax_brainage.explain import command as explain_command
+  from jax_brainage.explain import maps
+
+  if not subject_ids:
+    return {}
+  _log(quiet, f"explain {len(subject_ids)} test subjects ({maps.DEFAULT_METHOD}) -> "
+              f"{workdir / 'explain'}")
+  target = explain_command.Target(workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
+                                  batch_size=N_EXPLAINED, seed=0,
+                                  levels=explain_command.LEVELS)
+  dataset = bids.read_bids(data_dir, target.sequences)
+  atlas = data_dir / "derivatives" / "simulation" / "atlas.nii.gz"
+  return explain_command.explain_dataset(
+      target, dataset, workdir / "explain", subjects=list(subject_ids),
+      atlas_path=atlas if atlas.is_file() else None, group_columns=["diabetes"], n_figures=2,
+      glass_brain=True, quiet=True)
+
+
+def _evaluate_explanations(workdir: Path, data_dir: Path, n: int,
+                           quiet: bool) -> dict[str, Any]:
+  """Relevance mass / rank accuracy on the ageing masks: default method and the gradient."""
+  from jax_brainage.explain import evaluate, maps
+
+  if n == 0:
+    return {}
+  methods = (maps.DEFAULT_METHOD, "gradient")
+  _log(quiet, f"evaluate explanations ({', '.join(methods)}) on {n} test subjects")
+  model = evaluate.load_model(workdir)
+  result = evaluate.evaluate(model, data_dir, methods, subjects=n, split="test")
+  files = evaluate.write_outputs(workdir / "evaluation", result)
+  out: dict[str, Any] = {"method": maps.DEFAULT_METHOD, "files": files}
+  for name, row in result["summary"].items():
+    out[name] = {"relevance_mass_accuracy": row[f"{evaluate.PRIMARY_MASK}_mass_accuracy"],
+                 "relevance_rank_accuracy": row[f"{evaluate.PRIMARY_MASK}_rank_accuracy"],
+                 "mask_share": row[f"{evaluate.PRIMARY_MASK}_share"], "n": row["n"]}
+  return out
+
+
+def _analyse(workdir: Path, data_dir: Path, quiet: bool) -> dict[str, Any]:
+  """OLS of the (corrected) gap on the risk factors with the simulator's true effects beside;
+  the bias plot. Too few test subjects for the covariates is recorded, not fatal."""
+  from jax_brainage.analyse import forest, gap
+  from jax_brainage.errors import DataError
+
+  out: dict[str, Any] = {}
+  tsv = workdir / PREDICTIONS
+  try:
+    out["bias"] = forest.bias_plot_from_predictions(workdir / BIAS_PLOT, tsv)
+    out["bias_plot"] = workdir / BIAS_PLOT
+  except DataError as e:
+    out["note"] = f"bias plot: {e}"
+  try:
+    record = gap.analyze(tsv, data_dir / "participants.tsv", workdir / "analysis",
+                         truth=data_dir)
+  except DataError as e:
+    _log(quiet, f"analyze: skipped ({e})")
+    out["note"] = f"gap analysis skipped: {e}"
+    return out
+  out["record"] = record
+  out["risk_effects"] = gap.risk_effects(record)
+  return out
+
+
+BIAS_PLOT = "test_bias.png"
+
+
+def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
+            scores: dict[str, Any], analysis: dict[str, Any]) -> Path:
+  """W/report/index.html: metrics, scatter, bias and forest plots, montages, scores."""
+  from jax_brainage.analyse import report
+
+  figures: dict[str, Any] = {"scatter": workdir / SCATTER}
+  if analysis.get("bias_plot"):
+    figures["bias"] = analysis["bias_plot"]
+  files = (analysis.get("record") or {}).get("files") or {}
+  if files.get("forest"):
+    figures["forest"] = files["forest"]
+  for item in (explained or {}).get("figures", []):
+    path = Path(item["path"]) if isinstance(item, dict) else Path(item)
+    if not path.is_absolute():
+      path = workdir / "explain" / path
+    # Subjects' montages and the all-subject group maps; the other groups stay in W/explain.
+    if path.suffix == ".png" and path.is_file() and (
+        path.stem.startswith("sub-") or "group-all_" in path.stem):
+      figures[f"relevance:{path.stem}"] = path
+  for name, path in (scores.get("files") or {}).items():
+    if Path(path).suffix == ".png":
+      figures[f"evaluation:{name}"] = path
+  tables: dict[str, Any] = {}
+  if files.get("tsv"):
+    tables["gap_effects"] = files["tsv"]
+  for name, path in (scores.get("files") or {}).items():
+    if Path(path).suffix == ".tsv":
+      tables[f"evaluation:{name}"] = path
+  # Relevance per atlas region, averaged over the explained subjects' groups.
+  groups = ((explained or {}).get("tables") or {}).get("groups")
+  if groups and (workdir / "explain" / groups).is_file():
+    tables["relevance:regions"] = workdir / "explain" / groups
+  return report.write_report(workdir, summary, figures, tables,
+                             title=f"jax-brainage demo ({summary['preset']})")
+
+
+def _finite(x: Any) -> Any:
+  """JSON-safe: non-finite floats -> None, recursively."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
 
 
 # ---------------------------------------------------------------------------------------------

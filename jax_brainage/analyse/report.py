@@ -25,7 +25,7 @@ The first matching rule, in the order evaluation, gap, bias, accuracy, relevance
 
 A figure is a path or (path, caption); a table is a TSV path or a list of row dicts. Every
 string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
-"sub_ensemble_mae" or "member_mae" ({name: years}) become small tables in the accuracy section.
+"mae_subs" or "member_mae" ({name: years}) become small tables in the accuracy section.
 
 From the command line (the demo calls `write_report` itself):
 
@@ -59,10 +59,11 @@ ACCURACY_METRICS = (
     ("r", "Pearson r (predicted vs age)"),
     ("oracle_mae", "oracle MAE: best achievable (years)"),
     ("mae_over_oracle", "MAE / oracle MAE"),
-    ("ensemble_mae", "ensemble MAE (years)"),
-    ("best_member_mae", "best single member MAE (years)"),
-    ("best_member", "best single member"),
-    ("mean_member_mae", "mean member MAE (years)"),
+    ("mae_ensemble", "ensemble MAE (years)"),
+    ("mae_best_member", "best single member MAE on these subjects (years)"),
+    ("mae_member_best_on_validation", "MAE of the member best on validation (years)"),
+    ("n_members", "ensemble members"),
+    ("mean_spread", "mean member spread, SD (years)"),
     ("mae_corrected", "MAE after bias correction (years)"),
     ("mean_brain_age_gap", "mean brain-age gap (years)"),
     ("n_test", "test subjects"),
@@ -228,7 +229,7 @@ def _risk_effects_html(effects: Any) -> str:
   return _table_html(["factor", *(columns or ["estimate"])], rows)
 
 
-ACCURACY_TABLES = (("sub_ensemble_mae", "MAE per sub-ensemble (years)", "sub-ensemble"),
+ACCURACY_TABLES = (("mae_subs", "MAE per sub-ensemble (years)", "sub-ensemble"),
                    ("member_mae", "MAE per ensemble member (years)", "member"))
 
 

@@ -83,7 +83,7 @@ def full_report(tmp_path_factory):
             "relevance_scores": [{"method": "epsilon_plus_flat", "mass_accuracy": 0.61},
                                  {"method": "gradient", "mass_accuracy": 0.32}]}
   summary = {"preset": "tiny", "model": "mrinet", "mae": 3.21, "rmse": 4.0, "r": 0.95,
-             "oracle_mae": 1.54, "ensemble_mae": 3.0, "best_member_mae": 3.4,
+             "oracle_mae": 1.54, "mae_ensemble": 3.0, "mae_best_member": 3.4,
              "mae_corrected": 3.3, "spearman_gap_age": -0.55, "spearman_gap_age_corrected": 0.02,
              "relevance_mass_accuracy": 0.61, "relevance_rank_accuracy": 0.55,
              "gradient_relevance_mass_accuracy": 0.32,
@@ -191,7 +191,7 @@ def test_report_command(tmp_path):
   import json
 
   (tmp_path / "summary.json").write_text(json.dumps(
-      {"mae": 4.5, "sub_ensemble_mae": {"t1": 4.9, "flair": 5.6}, "date": "2026-11-24"}))
+      {"mae": 4.5, "mae_subs": {"t1": 4.9, "flair": 5.6}, "date": "2026-11-24"}))
   _png(tmp_path / "f.png")
   (tmp_path / "t.tsv").write_text("term\testimate\ndiabetes\t3.25\n")
   parser = argparse.ArgumentParser()
