@@ -33,7 +33,11 @@ def test_summary_agrees_with_predictions_and_ground_truth(workdir):
   np.testing.assert_allclose(summary["mae"], np.mean(np.abs(predicted - ages)), atol=1e-3)
   np.testing.assert_allclose(summary["rmse"], np.sqrt(np.mean((predicted - ages) ** 2)),
                              atol=1e-3)
-  np.testing.assert_allclose(summary["r"], scipy.stats.pearsonr(ages, predicted)[0], atol=1e-3)
+  if np.std(predicted) > 0:
+    np.testing.assert_allclose(summary["r"], scipy.stats.pearsonr(ages, predicted)[0],
+                               atol=1e-3)
+  else:  # a head that weighs every member 0 predicts its intercept: r is undefined
+    assert summary["r"] is None
 
   # 24 subjects split 80/10/10 by largest remainders: 19 / 3 / 2 (or 20 / 2 / 2).
   n = int(TINY_OVERRIDES[TINY_OVERRIDES.index("--config.data.simulate.n") + 1])
@@ -65,6 +69,51 @@ def test_summary_agrees_with_predictions_and_ground_truth(workdir):
   assert np.all((predicted > 0) & (predicted < 150))
 
 
+def test_ensemble_summary_agrees_with_member_columns(workdir):
+  """The ensemble fields recomputed from the TSV's member, ensemble and corrected columns."""
+  summary = json.loads((workdir / "summary.json").read_text())
+  rows = read_tsv(workdir / demo.PREDICTIONS)
+  ages = np.array([float(r["age"]) for r in rows])
+  ensemble = np.array([float(r["predicted_age"]) for r in rows])
+  corrected = np.array([float(r["predicted_age_corrected"]) for r in rows])
+  members = np.array([[float(r[k]) for k in r if k.startswith("pred_all_m")] for r in rows])
+  assert members.shape == (len(rows), 2) == (len(rows), summary["n_members"])
+  np.testing.assert_allclose(summary["mae_ensemble"], np.mean(np.abs(ensemble - ages)), atol=1e-3)
+  np.testing.assert_allclose(summary["mae_best_member"],
+                             np.min(np.mean(np.abs(members - ages[:, None]), axis=0)), atol=1e-3)
+  np.testing.assert_allclose(summary["mae_corrected"], np.mean(np.abs(corrected - ages)),
+                             atol=1e-3)
+  rho = scipy.stats.spearmanr(ensemble - ages, ages)[0]
+  if np.isfinite(rho):
+    np.testing.assert_allclose(summary["spearman_gap_age"], rho, atol=1e-6)
+  # Uncertainty is the members' spread (SD, ddof 1 over the member columns).
+  spread = np.array([float(r["uncertainty"]) for r in rows])
+  np.testing.assert_allclose(spread, np.std(members, axis=1, ddof=1), atol=1e-3)
+
+
+def test_explanations_scores_and_report(workdir):
+  """Relevance scores in [0, 1], maps in subject space, and a report whose images exist."""
+  import nibabel as nib
+
+  summary = json.loads((workdir / "summary.json").read_text())
+  for key in ("relevance_mass_accuracy", "relevance_rank_accuracy",
+              "gradient_relevance_mass_accuracy", "gradient_relevance_rank_accuracy"):
+    assert summary[key] is None or 0.0 <= summary[key] <= 1.0, key
+  assert "risk_effects" in summary and (summary["risk_effects"] or summary["risk_analysis"])
+  maps = sorted((workdir / "explain").glob("sub-*/anat/*model-ensemble*_relevance.nii.gz"))
+  assert maps, "no subject-space ensemble maps"
+  sub = maps[0].name.split("_")[0]
+  t1 = nib.load(next((workdir / "data" / sub / "anat").glob("*_T1w.nii.gz")))
+  relevance = nib.load(maps[0])
+  assert relevance.shape == t1.shape  # the subject's own grid and affine
+  np.testing.assert_allclose(relevance.affine, t1.affine, atol=1e-5)
+  index = workdir / "report" / "index.html"
+  html = index.read_text()
+  images = [line.split('src="')[1].split('"')[0] for line in html.split("<img")[1:]]
+  assert images and all((index.parent / src).is_file() for src in images)
+  assert summary["report"] == "report/index.html"
+
+
 def test_scatter_plot_is_a_png(workdir):
   import matplotlib.image
 
@@ -76,14 +125,15 @@ def test_scatter_plot_is_a_png(workdir):
 
 
 def test_rerun_reuses_completed_stages(workdir):
-  checkpoints = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
+  latest = workdir / "sub" / "all" / "checkpoints" / "latest"  # the ensemble's one sub-ensemble
+  checkpoints = sorted(p.name for p in latest.iterdir())
   volumes = workdir / "cache" / "volumes.npy"
   image = next((workdir / "data").glob("sub-*/anat/*_T1w.nii.gz"))
   before = {p: p.stat().st_mtime_ns for p in (volumes, image)}
   first = json.loads((workdir / "summary.json").read_text())
   summary = demo.run_demo(workdir, "tiny", overrides=TINY_OVERRIDES, quiet=True, workers=2)
   assert {p: p.stat().st_mtime_ns for p in before} == before
-  assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == checkpoints
+  assert sorted(p.name for p in latest.iterdir()) == checkpoints
   assert summary["mae"] == pytest.approx(first["mae"], abs=1e-6)
   assert summary["train_seconds"] == pytest.approx(first["train_seconds"])
 
