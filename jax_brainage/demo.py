@@ -1,4 +1,4 @@
-"""`brainage demo`: the whole path on a simulated cohort, from nothing to a test-set MAE.
+"""`brainage demo`: the whole path on a simulated cohort, from nothing to a report.
 
     brainage demo --workdir W [--preset tiny|cpu|gpu] [--data-dir DIR] [--quiet]
         [--config.KEY VALUE ...]
@@ -7,19 +7,29 @@ Stages (each reused when a previous run of the same demo completed it):
   1. simulate the preset's cohort as a BIDS dataset into W/data (or --data-dir), with its ground
      truth and oracle MAE (`brainage simulate`);
   2. prepare the cube cache W/cache (`brainage prepare`);
-  3. train the preset's config with W as the training workdir (`brainage train`; an interrupted
-     run resumes from W/checkpoints/latest);
-  4. predict the held-out test split (the seeded 80/10/10 split the trainer used) with the best
-     checkpoint and `brainage predict`'s jitted batches, from the test subjects' cached cubes
-     (the preprocessing predict applies to new files), into W/test_predictions.tsv;
-  5. write W/summary.json (mae, rmse, r, oracle_mae, split sizes, timings, ...) and the scatter
-     plot W/test_scatter.png (predicted vs true age, identity line, oracle MAE band).
+  3. train the preset's config with W as the training workdir (`brainage train`: a single model,
+     or an ensemble experiment with W/sub/<name> per sub-ensemble and the store W/ensemble; an
+     interrupted run resumes);
+  4. predict the held-out test split (the seeded 80/10/10 split the trainer recorded): an
+     ensemble from the test subjects' NIfTI files exactly as `brainage predict` prepares new data
+     (member, sub-ensemble, ensemble, bias-corrected columns and member spread), a single model
+     from their cached cubes, into W/test_predictions.tsv;
+  5. explain a few test subjects with the default method (`brainage explain`: subject-space
+     NIfTI maps, region tables, montages in W/explain) and score the maps of the default method
+     and of the gradient against the simulator's ageing masks (W/evaluation);
+  6. regress the bias-corrected gap on the risk factors, beside the simulator's true effects
+     (`brainage analyze`, W/analysis; skipped with a note when the test split is too small);
+  7. write W/summary.json (mae, rmse, r, oracle_mae, the ensemble's mae_ensemble,
+     mae_best_member, mae_corrected, spearman_gap_age, n_members, relevance_mass_accuracy,
+     relevance_rank_accuracy and their gradient baselines, risk_effects, split sizes, timings),
+     the scatter and bias plots and the static report W/report/index.html.
 
-Presets are configs/{tiny,cpu,mrinet_2mm}.py: tiny (4 mm, 120 subjects, a narrow MRInet; a
-smoke test in minutes), cpu (4 mm, 600 subjects, the study's MRInet; under 30 minutes on 2 CPU
-cores, test MAE within ~1.5x the oracle MAE) and gpu (2 mm, 2637 subjects as in the study,
-98^3 cubes; for an accelerator). The default is gpu when JAX has an accelerator, else cpu.
-A workdir belongs to one preset: another preset's workdir is refused with a one-line error.
+Presets (configs/): tiny (tiny.py: 100 subjects at 4 mm, 2 narrow MRInets; a smoke test in
+minutes), cpu (cpu.py: 400 subjects at 4 mm, 3 MRInets on T1w + FLAIR + SWI; sized for 2 CPU
+cores) and gpu (ensemble_wholebrain.py:5: 2637 subjects at 2 mm as in the study, 98^3 cubes,
+3 sequences x 5 members; for an accelerator). The default is gpu when JAX has an accelerator,
+else cpu. A workdir belongs to one preset: another preset's workdir is refused with a one-line
+error.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ import numpy as np
 from jax_brainage import fileio, plots, predict
 from jax_brainage.errors import ConfigError
 
-PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "mrinet_2mm.py"}
+# preset -> configs/FILE[:ARG]
+PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "ensemble_wholebrain.py:5"}
 DEMO_RECORD = "demo.json"
 SUMMARY = "summary.json"
 PREDICTIONS = "test_predictions.tsv"
@@ -68,11 +79,12 @@ def preset_config(preset: str, workdir: Path, data_dir: Path,
 
   if preset not in PRESETS:
     raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-  path = configs_dir() / PRESETS[preset]
+  name, _, arg = PRESETS[preset].partition(":")
+  path = configs_dir() / name
   if not path.is_file():
     raise ConfigError(f"preset {preset}: config file {path} not found (run from a source "
                       "checkout of jax-brainage)")
-  config = config_lib.load_config(str(path))
+  config = config_lib.load_config(str(path) + (f":{arg}" if arg else ""))
   config = config_lib.apply_overrides(config, list(overrides))
   with config.unlocked():
     config.data.simulate.out = str(data_dir.resolve())
@@ -414,7 +426,11 @@ def _evaluate_explanations(workdir: Path, data_dir: Path, n: int,
   methods = (maps.DEFAULT_METHOD, "gradient")
   _log(quiet, f"evaluate explanations ({', '.join(methods)}) on {n} test subjects")
   model = evaluate.load_model(workdir)
-  result = evaluate.evaluate(model, data_dir, methods, subjects=n, split="test")
+  # Region perturbation costs ~2 x 16 forward passes per subject and method: on an accelerator
+  # only (the mass and rank accuracies in the summary do not need it).
+  settings = evaluate.Settings(perturb=jax.default_backend() != "cpu")
+  result = evaluate.evaluate(model, data_dir, methods, subjects=n, split="test",
+                             settings=settings)
   files = evaluate.write_outputs(workdir / "evaluation", result)
   out: dict[str, Any] = {"method": maps.DEFAULT_METHOD, "files": files}
   for name, row in result["summary"].items():

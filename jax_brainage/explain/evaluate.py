@@ -629,10 +629,11 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
 
 
 def evaluate_methods(workdir: str | os.PathLike, data: str | os.PathLike,
-                     methods: Sequence[str] = ("epsilon_plus_flat", "gradient"), *,
+                     methods: Sequence[str] | None = None, *,
                      subjects: int = 8, split: str = "test", perturb: bool = False,
                      seed: int = 0, model=None) -> dict[str, Any]:
-  """Mass and rank accuracy on the `ageing` mask of a few methods, for the demo's summary.
+  """Mass and rank accuracy on the `ageing` mask of a few methods (default: the default
+  method and the gradient baseline).
 
   Returns:
     {method: {"relevance_mass_accuracy": float, "relevance_rank_accuracy": float,
@@ -640,6 +641,7 @@ def evaluate_methods(workdir: str | os.PathLike, data: str | os.PathLike,
     "abpc" (years)}}.
   """
   model = model if model is not None else load_model(workdir)
+  methods = methods or (_maps().DEFAULT_METHOD, "gradient")
   result = evaluate(model, data, methods, subjects=subjects, split=split,
                     settings=Settings(perturb=perturb, seed=seed))
   out = {}

@@ -14,7 +14,7 @@ from jax_brainage.train import config as config_lib
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 ARGS = {"mrinet_2mm.py": ["FLAIR", "3seq"], "mrinet_1mm.py": ["3seq-bf16", "swi"],
-        "sfcn.py": ["1mm", "regression", "1mm-regression"], "cpu.py": ["3seq"],
+        "sfcn.py": ["1mm", "regression", "1mm-regression"], "cpu.py": ["study", "t1"],
         "ensemble_tiny.py": ["regions", "3"], "ensemble_wholebrain.py": ["3"],
         "ensemble_regional.py": ["2"]}
 
