@@ -77,9 +77,12 @@ def test_subject_maps_match_lrp_in_the_subject_space(explain_workdir, explained)
   trained = predict.load_trained(explain_workdir)
   chosen = ["sub-0002", "sub-0007"]
   x = jnp.asarray(volumes[[rows[s][0] for s in chosen]].astype(np.float32) / np.float32(255))
+  # The default method's composite, built here from lrp directly (not through maps).
+  composite = {"epsilon_alpha2_beta1": lrp.composites.EpsilonAlpha2Beta1,
+               "epsilon_plus_flat": lrp.composites.EpsilonPlusFlat}[maps.DEFAULT_METHOD]()
   reference = np.asarray(jax.jit(lambda v, x: lrp.relevance(
       lambda v, u: trained.model.apply(v, u, train=False), v, x,
-      composite=lrp.composites.EpsilonPlusFlat()))(trained.variables, x))
+      composite=composite))(trained.variables, x))
   forward = np.asarray(trained.model.apply(trained.variables, x, train=False))
   assert np.abs(reference).max() > 0
   for k, sid in enumerate(chosen):
