@@ -539,7 +539,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
   p.set_defaults(func=run, overrides=[])
   # The same `--config.KEY VALUE` collection as `brainage train`.
-  p.__class__ = trainer._TrainParser
+  p.__class__ = trainer.OverrideParser
   return p
 
 

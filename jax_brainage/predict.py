@@ -148,13 +148,7 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str = "best") -> Traine
       raise ConfigError(f"{ckpt_lib.checkpoint_dir(workdir, checkpoint)}/{step}: checkpoint has "
                         "no model manifest")
     model = trainer.build_model(manifest)
-    # Restore onto this process's first device: inference needs no training layout.
-    device = jax.local_devices()[0]
-    stored = ckpts._managers[checkpoint].item_metadata(step)["state"]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        stored, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    stored = ckpts.stored_metadata(checkpoint, step)
     # The parameters must be those of the manifest's model (a one-line error otherwise).
     channels = len(manifest["sequences"])
     expected = jax.eval_shape(
@@ -163,10 +157,8 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str = "best") -> Traine
                            train=False))
     ckpt_lib.check_shapes({"params": stored["params"]}, {"params": expected["params"]},
                           f"{ckpt_lib.checkpoint_dir(workdir, checkpoint)}/{step}")
-    import orbax.checkpoint as ocp
-
-    restored = ckpts._managers[checkpoint].restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    # Onto this process's first device: inference needs no training layout.
+    restored, _ = ckpts.restore_stored(checkpoint, step)
   finally:
     ckpts.close()
   variables = {"params": restored["params"], **dict(restored.get("model_state") or {})}

@@ -203,10 +203,6 @@ def write_tensorboard_image(writer, step: int, tag: str, rgb: np.ndarray) -> Non
   `jax_brainage.train.summary.SummaryWriter` (no-op on processes other than 0)."""
   if not getattr(writer, "enabled", False):
     return
-  from tensorboard.compat.proto import summary_pb2
-
   rgb = np.asarray(rgb)
-  image = summary_pb2.Summary.Image(height=int(rgb.shape[0]), width=int(rgb.shape[1]),
-                                    colorspace=4, encoded_image_string=png_bytes(rgb))
-  # SummaryWriter.image writes greyscale only; its event writer takes any summary value.
-  writer._write(step, [summary_pb2.Summary.Value(tag=tag, image=image)])
+  # matplotlib's PNG writer stores RGBA.
+  writer.encoded_image(step, tag, png_bytes(rgb), rgb.shape[0], rgb.shape[1], 4)

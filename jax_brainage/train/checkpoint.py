@@ -103,6 +103,10 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
 
+  def stored_metadata(self, which: str, step: int) -> Any:
+    """Shapes and dtypes of the state saved as `which`/<step> (orbax array metadata)."""
+    return self._managers[which].item_metadata(step)["state"]
+
   def restore_stored(self, which: str = BEST, step: int | None = None,
                      device: jax.Device | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores a checkpoint as stored (its own shapes and dtypes) onto one device, for

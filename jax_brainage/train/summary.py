@@ -91,13 +91,19 @@ class SummaryWriter:
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """A greyscale uint8 image `[height, width]`."""
+    image = np.asarray(image, np.uint8)
+    self.encoded_image(step, tag, encode_png(image), image.shape[0], image.shape[1], 1)
+
+  def encoded_image(self, step: int, tag: str, png: bytes, height: int, width: int,
+                    channels: int) -> None:
+    """An already encoded PNG of `height` x `width` pixels with 1 (grey), 3 (RGB) or 4 (RGBA)
+    channels, e.g. a colour relevance montage."""
     if not self.enabled:
       return
     from tensorboard.compat.proto import summary_pb2
-    image = np.asarray(image, np.uint8)
-    png = summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=1,
-                                    encoded_image_string=encode_png(image))
-    self._write(step, [summary_pb2.Summary.Value(tag=tag, image=png)])
+    value = summary_pb2.Summary.Image(height=int(height), width=int(width),
+                                      colorspace=int(channels), encoded_image_string=png)
+    self._write(step, [summary_pb2.Summary.Value(tag=tag, image=value)])
 
   def flush(self) -> None:
     if self._writer is not None:

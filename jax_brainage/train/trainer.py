@@ -1176,7 +1176,7 @@ def _jsonable(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-class _TrainParser(argparse.ArgumentParser):
+class OverrideParser(argparse.ArgumentParser):
   """Collects big_vision-style `--config.KEY VALUE` overrides into `args.overrides`."""
 
   def parse_known_args(self, args=None, namespace=None):
@@ -1208,7 +1208,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="stop (resumably) after this global step")
   parser.set_defaults(func=run, overrides=[])
   # The sub-parser is made by the shared `brainage` parser; give it the override collection.
-  parser.__class__ = _TrainParser
+  parser.__class__ = OverrideParser
 
 
 def run(args: argparse.Namespace) -> int:
