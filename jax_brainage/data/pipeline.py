@@ -467,34 +467,21 @@ class HostPipeline:
     return BatchIterator(self)
 
 
-class BatchIterator:
-  """Iterator of host batches with checkpointable position (`get_state` / `set_state`)."""
+class _SteppedIterator:
+  """A grain-backed iterator with a checkpointable position: the global step of the next batch
+  (`step`, `get_state` / `set_state`) and `close` for grain's worker processes. Subclasses give
+  `_positions()`, the object whose `state(step)` / `check_state(state)` fix the sequence."""
 
-  def __init__(self, pipeline: HostPipeline, step: int = 0):
+  def __init__(self, pipeline: Any, step: int = 0):
     self.pipeline = pipeline
     self._step = step
     self._it = None
 
-  def _open(self):
-    _absl_flags_parsed()
-    self._it = iter(self.pipeline.dataset(self._step))
+  def _positions(self) -> Any:
+    raise NotImplementedError
 
-  def __iter__(self) -> BatchIterator:
+  def __iter__(self):
     return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    num_steps = self.pipeline.plan.num_steps
-    if num_steps is not None and self._step >= num_steps:
-      self.close()
-      raise StopIteration
-    if self._it is None:
-      self._open()
-    batch = next(self._it)
-    if self.pipeline.worker_count:
-      # Copy out of grain's shared memory so it is released now, not when the consumer drops it.
-      batch = {k: np.array(v) for k, v in batch.items()}
-    self._step += 1
-    return batch
 
   @property
   def step(self) -> int:
@@ -502,10 +489,10 @@ class BatchIterator:
     return self._step
 
   def get_state(self) -> dict[str, Any]:
-    return self.pipeline.plan.state(self._step)
+    return self._positions().state(self._step)
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    step = self.pipeline.plan.check_state(state)
+    step = self._positions().check_state(state)
     self.close()
     self._step = step
 
@@ -521,6 +508,31 @@ class BatchIterator:
       self.close()
     except Exception:  # noqa: BLE001 -- interpreter shutdown: nothing left to clean
       pass
+
+
+class BatchIterator(_SteppedIterator):
+  """Iterator of host batches with checkpointable position (`get_state` / `set_state`)."""
+
+  def _positions(self) -> BatchPlan:
+    return self.pipeline.plan
+
+  def _open(self):
+    _absl_flags_parsed()
+    self._it = iter(self.pipeline.dataset(self._step))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    num_steps = self.pipeline.plan.num_steps
+    if num_steps is not None and self._step >= num_steps:
+      self.close()
+      raise StopIteration
+    if self._it is None:
+      self._open()
+    batch = next(self._it)
+    if self.pipeline.worker_count:
+      # Copy out of grain's shared memory so it is released now, not when the consumer drops it.
+      batch = {k: np.array(v) for k, v in batch.items()}
+    self._step += 1
+    return batch
 
 
 class DeviceFeed:
@@ -934,16 +946,11 @@ class MemberPipeline:
     return MemberIterator(self)
 
 
-class MemberIterator:
+class MemberIterator(_SteppedIterator):
   """Iterator over a `MemberPipeline` with `step`, `get_state` / `set_state`, `close`."""
 
-  def __init__(self, pipeline: MemberPipeline, step: int = 0):
-    self.pipeline = pipeline
-    self._step = step
-    self._it = None
-
-  def __iter__(self) -> MemberIterator:
-    return self
+  def _positions(self) -> MemberPipeline:
+    return self.pipeline
 
   def __next__(self) -> list[dict[str, jax.Array]]:
     p = self.pipeline
@@ -972,31 +979,6 @@ class MemberIterator:
         out.append(batch)
     self._step += 1
     return out
-
-  @property
-  def step(self) -> int:
-    return self._step
-
-  def get_state(self) -> dict[str, Any]:
-    return self.pipeline.state(self._step)
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    step = self.pipeline.check_state(state)
-    self.close()
-    self._step = step
-
-  def close(self) -> None:
-    if self._it is not None:
-      close = getattr(self._it, "close", None)
-      if close is not None:
-        close()
-      self._it = None
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # noqa: BLE001 -- interpreter shutdown: nothing left to clean
-      pass
 
 
 # ------------------------------------------------------------------------------------------------
