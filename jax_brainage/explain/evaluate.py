@@ -3,6 +3,7 @@
     brainage evaluate-explanations --workdir W --data DIR --out DIR [--methods a,b,...]
         [--subjects N] [--split test|val|train|all] [--patch-mm 16] [--steps 16]
         [--max-fraction 0.5] [--perturbation blur|patch_mean|zero] [--batch-size N] [--seed S]
+        [--sanity-check | --no-sanity-check]
 
 The LRP rule-experimentation tool. On a simulated cohort (`brainage simulate`: DIR holds
 derivatives/simulation/ with the ground truth) it explains the held-out subjects of a trained
@@ -29,11 +30,20 @@ gradient x input, SmoothGrad and Integrated Gradients baselines) and scores each
    age (years) after each step. AOPC = mean drop of the predicted age (years); ABPC = mean of
    LeRF - MoRF (years): how well the map's order separates what the model uses from what it
    does not.
+3. by the model-parameter randomisation sanity check (`--sanity-check`; default on with an
+   accelerator, off on CPU; single-model workdirs): the model's layers are re-drawn at random
+   one after another from the output towards the input (cumulatively, the same random models
+   for every method), and each method's voxel map of the partly random model is compared with
+   its map of the trained model inside the brain (Spearman of |relevance| and of relevance,
+   Pearson, IoU of the 5% most relevant voxels; `lrp.evaluation.model_parameter_randomisation`).
+   A map that stays similar while the model is destroyed does not explain the model. Reported
+   only: it does not enter the choice of the best composite.
 
 Outputs in --out: `scores.tsv` (one row per subject x method x mask), `summary.tsv` (one row per
 method: means and standard errors), `evaluation.json` (settings, summary, per-subject values,
 curves, the best composite and the criterion), `evaluation.png` (perturbation curves and bar
-charts of mass / rank accuracy per method and mask).
+charts of mass / rank accuracy per method and mask), and with the sanity check `sanity.tsv` (one
+row per method x randomisation step: means and standard errors over subjects).
 
 The best composite (`best_composite` in the JSON) is chosen among the LRP composites only, by
 the mean rank over three measures (each a mean over subjects): mass accuracy on the `ageing`
@@ -370,7 +380,9 @@ def prepare_subjects(model, subjects) -> Inputs:
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Perturbation settings: patch edge (voxels), steps, last fraction, replacement, repeats of
-  the random order, relevance batch size, seed (SmoothGrad noise, random orders, ties)."""
+  the random order, relevance batch size, seed (SmoothGrad noise, random orders, ties, random
+  layers); `sanity`: run the model-parameter randomisation check (None: with an accelerator
+  only, as it costs one attribution per layer and method)."""
 
   patch_size: int = 4
   steps: int = 16
@@ -380,6 +392,7 @@ class Settings:
   batch_size: int = 8
   seed: int = 0
   perturb: bool = True
+  sanity: bool | None = None
 
 
 def _baseline(x, settings: Settings):
@@ -478,6 +491,59 @@ def _concat(parts):
   return ev.RegionPerturbation(cat([p.morf for p in parts]), cat([p.lerf for p in parts]),
                                cat([p.random for p in parts]),
                                jnp.concatenate([p.abpc for p in parts]))
+
+
+SANITY_MEASURES = ("spearman_abs", "spearman", "pearson", "top_iou")
+SANITY_TOP_FRACTION = 0.05  # share of the brain's voxels in the top set of top_iou
+
+
+def sanity_check(model, f, variables, x, stored_dtype, support, names: Sequence[str],
+                 settings: Settings, progress: bool = False) -> dict[str, Any]:
+  """Cascading model-parameter randomisation of one trained single model, for every method.
+
+  Args:
+    model: `predict.TrainedModel`; f, variables: `output_function(model)`.
+    x: float32 network inputs `[n, X, Y, Z, C]`; stored_dtype: the cache's dtype (ZBox bounds).
+    support: bool `[n, X, Y, Z]`, the voxels compared (the brain).
+    names: methods of `maps.METHODS`.
+
+  Returns:
+    {"layers": [L] randomised in this order (cumulative), "top_fraction", "per_subject":
+    {method: {measure: [L][n], "outputs": [L + 1][n] predicted age (years)}}}. Every method
+    sees the same random models (one key, from the seed); its random noise (SmoothGrad) is
+    drawn per subject as in `maps.relevance`.
+  """
+  from lrp import evaluation as ev
+
+  maps = _maps()
+  # the model's top-level layers, the last applied first (MRInet: age_head, dense1, conv5, ...)
+  layers = ev.layer_order(f, variables, x[:1])
+  key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), 3)
+  base = jax.random.PRNGKey(settings.seed)
+  per_method: dict[str, dict[str, Any]] = {}
+  for name in names:
+    if progress:
+      print(f"evaluate-explanations: sanity check {name}", file=sys.stderr)
+    method = maps.METHODS[name]
+    parts = []
+    for start in range(0, len(x), settings.batch_size):  # bounded memory: batches of subjects
+      xs = x[start:start + settings.batch_size]
+      rows = jnp.arange(start, start + len(xs), dtype=jnp.uint32)
+      keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(rows)
+      low, high = maps._bounds(xs, stored_dtype)
+
+      def attribute(v, u, method=method, keys=keys, low=low, high=high):
+        # voxel relevance (channels summed), as every other score of this module
+        return ev.pool_channels(method.attribute(f, v, u, keys=keys, low=low, high=high))
+
+      parts.append(ev.model_parameter_randomisation(
+          f, variables, xs, attribute, key=key, layers=layers,
+          support=support[start:start + settings.batch_size], top_fraction=SANITY_TOP_FRACTION))
+    per_method[name] = {
+        field: np.concatenate([np.asarray(getattr(p, field), np.float64) for p in parts],
+                              axis=1).tolist() for field in (*SANITY_MEASURES, "outputs")}
+  return {"layers": list(layers), "top_fraction": SANITY_TOP_FRACTION,
+          "per_subject": per_method}
 
 
 def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = None, *,
@@ -596,6 +662,21 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
     row["seconds"] = time.perf_counter() - t1
     summary[name] = row
     per_subject[name] = subj
+  sanity = {"status": "off"}
+  # gated like perturbation in the demo: one attribution per layer and method is slow on CPU
+  run_sanity = (jax.default_backend() != "cpu" if settings.sanity is None else settings.sanity)
+  if run_sanity:
+    if _is_ensemble(model):
+      sanity = {"status": "skipped: ensembles (run it on a single-model workdir)"}
+    else:
+      t1 = time.perf_counter()
+      sanity = {"status": "done", **sanity_check(
+          model, f, variables, x, np.asarray(inputs.cube).dtype, support, names, settings,
+          progress)}
+      timings["sanity_seconds"] = time.perf_counter() - t1
+      # the summary line: mean Spearman of |relevance| once every layer is random
+      sanity["final_spearman_abs"] = {
+          m: _mean_se(v["spearman_abs"][-1])[0] for m, v in sanity["per_subject"].items()}
   if random is not None:
     curves["random"] = {"random": np.mean(np.asarray(random.outputs, np.float64), 0).tolist()}
     curves["fractions"] = np.asarray(random.fractions, np.float64).tolist()
@@ -623,6 +704,7 @@ def evaluate(model, data: str | os.PathLike, methods: Sequence[str] | None = Non
       "curves": curves,
       "best_composite": best,
       "criterion": CRITERION,
+      "sanity_check": sanity,
       "timings": timings,
       "versions": {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)},
   }
@@ -697,6 +779,28 @@ def summary_tsv(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def sanity_tsv(result: dict[str, Any]) -> str:
+  """One row per method x randomisation step (layer randomised at that step, the ones before it
+  still random): means and standard errors over subjects of the similarity to the trained
+  model's map, and the mean absolute change of the predicted age (years)."""
+  cols = ["method", "kind", "step", "layer", "n"]
+  for measure in SANITY_MEASURES:
+    cols += [measure, f"{measure}_se"]
+  cols += ["prediction_change"]
+  sanity = result["sanity_check"]
+  lines = ["\t".join(cols)]
+  for method, values in sanity["per_subject"].items():
+    outputs = np.asarray(values["outputs"], np.float64)
+    for step, layer in enumerate(sanity["layers"]):
+      row = {"method": method, "kind": result["summary"][method]["kind"], "step": step + 1,
+             "layer": layer, "prediction_change": float(np.mean(np.abs(
+                 outputs[step + 1] - outputs[0])))}
+      for measure in SANITY_MEASURES:
+        row[measure], row[f"{measure}_se"], row["n"] = _mean_se(values[measure][step])
+      lines.append("\t".join(_fmt(row[c]) for c in cols))
+  return "\n".join(lines) + "\n"
+
+
 def plot(path: str | os.PathLike, result: dict[str, Any]) -> None:
   """Perturbation curves (MoRF per method, random order) and bar charts of mass / rank accuracy
   per method and mask, with each mask's share (an uninformative map's score) marked."""
@@ -764,12 +868,16 @@ def _json_ready(obj):
 
 
 def write_outputs(out: str | os.PathLike, result: dict[str, Any]) -> dict[str, Path]:
-  """scores.tsv, summary.tsv, evaluation.json and evaluation.png in `out`; returns their paths."""
+  """scores.tsv, summary.tsv, evaluation.json, evaluation.png and, when the sanity check ran,
+  sanity.tsv in `out`; returns their paths."""
   out = Path(out)
   paths = {"scores": out / "scores.tsv", "summary": out / "summary.tsv",
            "json": out / "evaluation.json", "plot": out / "evaluation.png"}
   fileio.write_text(paths["scores"], scores_tsv(result))
   fileio.write_text(paths["summary"], summary_tsv(result))
+  if result.get("sanity_check", {}).get("status") == "done":
+    paths["sanity"] = out / "sanity.tsv"
+    fileio.write_text(paths["sanity"], sanity_tsv(result))
   fileio.write_json(paths["json"], _json_ready(result))
   plot(paths["plot"], result)
   return paths
@@ -806,7 +914,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-perturbation", action="store_true",
                  help="mass and rank accuracy only (no region perturbation)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per relevance call (8)")
-  p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise, random orders, ties")
+  p.add_argument("--seed", type=int, default=0,
+                 help="SmoothGrad noise, random orders, ties, randomised layers")
+  p.add_argument("--sanity-check", action=argparse.BooleanOptionalAction, default=None,
+                 help="model-parameter randomisation check per method, layers randomised from "
+                      "the output to the input (sanity.tsv; default: on with an accelerator, "
+                      "off on CPU)")
   p.set_defaults(func=run)
   return p
 
@@ -824,7 +937,8 @@ def run(args: argparse.Namespace) -> int:
   settings = Settings(patch_size=max(1, int(round(args.patch_mm / voxel))), steps=args.steps,
                       max_fraction=args.max_fraction, perturbation=args.perturbation,
                       random_repeats=args.random_repeats, batch_size=args.batch_size,
-                      seed=args.seed, perturb=not args.no_perturbation)
+                      seed=args.seed, perturb=not args.no_perturbation,
+                      sanity=args.sanity_check)
   result = evaluate(model, args.data, methods, subjects=args.subjects, split=args.split,
                     settings=settings, progress=sys.stderr.isatty())
   paths = write_outputs(args.out, result)

@@ -63,6 +63,9 @@ def test_command_writes_tables_json_and_plot(evaluated, explain_workdir):
   assert set(result["summary"]) == set(METHODS)
   assert result["best_composite"] == "epsilon_plus_flat"  # the only composite evaluated
   assert "mass accuracy" in result["criterion"]
+  # the sanity check is off by default on CPU
+  assert result["sanity_check"] == {"status": "off"}
+  assert not (evaluated / "sanity.tsv").exists()
   masks = result["masks"]
   assert masks[0] == "ageing" and {"ageing_T1w", "lesions", "ventricles", "deep_grey"} <= set(masks)
   png = (evaluated / "evaluation.png").read_bytes()
@@ -161,3 +164,55 @@ def test_best_composite_criterion():
          "y": {"ageing_mass_accuracy": 0.4, "ageing_rank_accuracy": 0.6, "abpc": 1.0}}
   assert evaluate.best_composite(tie, {"x": "lrp", "y": "lrp"}) == "x"
   assert evaluate.best_composite(dict(reversed(tie.items())), {"x": "lrp", "y": "lrp"}) == "x"
+
+
+def test_sanity_check_against_scipy(explain_workdir, tmp_path):
+  """Cascading randomisation from the output layer: rows per method x layer in sanity.tsv, and
+  the first step's Spearman correlations of the gradient recomputed with scipy from maps that
+  lrp computes directly."""
+  import jax
+  from scipy import stats
+
+  import lrp
+  from jax_brainage import predict
+  from lrp import evaluation as ev
+
+  methods = ["gradient", "epsilon_alpha2_beta1"]
+  trained = predict.load_trained(explain_workdir)
+  result = evaluate.evaluate(trained, explain_workdir / "data", methods, subjects=2,
+                             split="all", settings=evaluate.Settings(perturb=False, sanity=True,
+                                                                     batch_size=2))
+  sanity = result["sanity_check"]
+  assert sanity["status"] == "done"
+  layers = sanity["layers"]
+  # output first, input last; every parameterised layer once (MRInet names, DEVELOPERS.md)
+  assert layers[0] == "age_head" and layers[1] == "dense1" and layers[-1] == "conv1"
+  assert sorted(layers) == sorted(trained.variables["params"])
+  assert set(sanity["final_spearman_abs"]) == set(methods)
+  paths = evaluate.write_outputs(tmp_path, result)
+  rows = read_tsv(paths["sanity"])
+  assert [(r["method"], r["layer"]) for r in rows] == [(m, l) for m in methods for l in layers]
+  assert all(r["n"] == "2" for r in rows)
+  assert json.loads(paths["json"].read_text())["sanity_check"]["status"] == "done"
+
+  # scipy replica of step 1 (age_head random) for the gradient, inside the brain
+  index = json.loads((explain_workdir / "cache" / "index.json").read_text())
+  row_of = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
+  volumes = np.load(explain_workdir / "cache" / "volumes.npy")
+  x = np.stack([volumes[row_of[sid]] for sid in result["subjects"]]).astype(np.float32) / 255.0
+  # evaluate's key: fold_in(PRNGKey(seed), 3); layer s draws from fold_in(key, s)
+  random = ev.randomise_layer(trained.variables, "age_head", jax.random.fold_in(
+      jax.random.fold_in(jax.random.PRNGKey(0), 3), 0))
+  gradient = jax.jit(lambda v, u: lrp.attribution.gradient(
+      lambda w, z: trained.model.apply(w, z, train=False), v, u))
+  a = np.asarray(gradient(trained.variables, x)).sum(-1)
+  b = np.asarray(gradient(random, x)).sum(-1)
+  brain = np.any(x != 0, axis=-1)
+  got = result["sanity_check"]["per_subject"]["gradient"]
+  for i in range(2):
+    ai, bi = a[i][brain[i]], b[i][brain[i]]
+    assert got["spearman"][0][i] == pytest.approx(stats.spearmanr(ai, bi).statistic, abs=2e-3)
+    assert got["spearman_abs"][0][i] == pytest.approx(
+        stats.spearmanr(np.abs(ai), np.abs(bi)).statistic, abs=2e-3)
+  # once every layer is random, the gradient no longer resembles the trained model's
+  assert np.all(np.abs(np.asarray(got["spearman"][-1])) < 0.9)

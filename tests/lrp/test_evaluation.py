@@ -234,3 +234,193 @@ def test_most_relevant_first_drops_faster_than_random(masked_model):
   # The least relevant half holds none of the mask: the output does not move.
   np.testing.assert_allclose(out.lerf.outputs, np.broadcast_to(f0[:, None], out.lerf.outputs.shape),
                              rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-parameter randomisation.
+
+
+def _top_numpy(a, k):
+  top = np.zeros(a.shape, bool)
+  top[np.argsort(-np.abs(a), kind="stable")[:k]] = True
+  return top
+
+
+def test_map_similarity_against_scipy():
+  from scipy import stats
+
+  rng = np.random.default_rng(7)
+  a = rng.integers(-3, 4, (3, 4, 5, 2)).astype(np.float32)  # many ties, both signs
+  b = a + rng.integers(-2, 3, a.shape).astype(np.float32)
+  support = rng.random((3, 4, 5, 2)) < 0.7
+  for sup in (None, support):
+    got = ev.map_similarity(a, b, sup, top_fraction=0.25)
+    for i in range(3):
+      keep = np.ones(a[i].size, bool) if sup is None else sup[i].ravel()
+      ai, bi = a[i].ravel()[keep], b[i].ravel()[keep]
+      np.testing.assert_allclose(got.spearman_abs[i],
+                                 stats.spearmanr(np.abs(ai), np.abs(bi)).statistic, atol=1e-5)
+      np.testing.assert_allclose(got.spearman[i], stats.spearmanr(ai, bi).statistic, atol=1e-5)
+      np.testing.assert_allclose(got.pearson[i], stats.pearsonr(ai, bi).statistic, atol=1e-5)
+      k = max(1, int(np.round(0.25 * len(ai))))
+      ta, tb = _top_numpy(ai, k), _top_numpy(bi, k)
+      np.testing.assert_allclose(got.top_iou[i], (ta & tb).sum() / (ta | tb).sum(), atol=1e-6)
+  # a constant map has no rank correlation (scipy: nan as well)
+  same = ev.map_similarity(np.ones((1, 6)), np.arange(6.0)[None])
+  assert np.isnan(same.spearman[0]) and np.isnan(same.pearson[0])
+
+
+class TwoLinear(nn.Module):
+  """x [batch, 8] -> Dense(5, "first") -> Dense(1, "second") -> [batch]; no activation."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1, name="second")(nn.Dense(5, name="first")(x))[:, 0]
+
+
+@pytest.fixture(scope="module")
+def linear_model():
+  model = TwoLinear()
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+  variables = model.init(jax.random.PRNGKey(2), x)
+  # trained-looking biases (non-constant), so that they are re-drawn as well
+  variables = {"params": {name: {"kernel": layer["kernel"],
+                                 "bias": jnp.linspace(-0.5, 0.5, layer["bias"].shape[0])}
+                          for name, layer in variables["params"].items()}}
+  return model, variables, x
+
+
+def _gradient_x_input(model):
+  return lambda v, x: lrp.attribution.gradient_x_input(model.apply, v, x)
+
+
+def test_randomisation_changes_a_linear_net_map_at_every_layer(linear_model):
+  """Gradient x input of a linear net is x * (W1 W2): either layer changes it. The maps after
+  each step are recomputed in numpy from the randomised weights, and compared with scipy."""
+  from scipy import stats
+
+  model, variables, x = linear_model
+  key = jax.random.PRNGKey(5)
+  out = ev.model_parameter_randomisation(model.apply, variables, x, _gradient_x_input(model),
+                                         key=key, top_fraction=0.25)
+  assert out.layers == ("second", "first")  # default: last defined first
+  xn = np.asarray(x, np.float64)
+
+  def numpy_map(v):
+    w1 = np.asarray(v["params"]["first"]["kernel"], np.float64)
+    w2 = np.asarray(v["params"]["second"]["kernel"], np.float64)
+    return xn * (w1 @ w2)[:, 0]
+
+  def numpy_output(v):
+    p = {k: {n: np.asarray(a, np.float64) for n, a in d.items()} for k, d in v["params"].items()}
+    h = xn @ p["first"]["kernel"] + p["first"]["bias"]
+    return (h @ p["second"]["kernel"] + p["second"]["bias"])[:, 0]
+
+  original = numpy_map(variables)
+  current = variables
+  np.testing.assert_allclose(out.outputs[0], numpy_output(variables), rtol=1e-5, atol=1e-5)
+  for s, layer in enumerate(out.layers):
+    current = ev.randomise_layer(current, layer, jax.random.fold_in(key, s))
+    m = numpy_map(current)
+    np.testing.assert_allclose(out.outputs[s + 1], numpy_output(current), rtol=1e-5, atol=1e-5)
+    for i in range(len(xn)):
+      np.testing.assert_allclose(out.spearman[s, i],
+                                 stats.spearmanr(original[i], m[i]).statistic, atol=1e-5)
+      np.testing.assert_allclose(out.spearman_abs[s, i], stats.spearmanr(
+          np.abs(original[i]), np.abs(m[i])).statistic, atol=1e-5)
+      np.testing.assert_allclose(out.pearson[s, i],
+                                 stats.pearsonr(original[i], m[i]).statistic, atol=1e-5)
+  # the map changed after each step (for every sample), and so did the model
+  assert np.all(np.abs(np.asarray(out.spearman)) < 0.99)
+  assert np.all(np.abs(np.asarray(out.outputs[1:] - out.outputs[:-1])) > 1e-3)
+
+
+def test_map_that_ignores_the_model_passes_as_identical(linear_model):
+  """The check can fail a bad method: `x` itself as the "attribution" correlates exactly 1 with
+  itself at every step, while the model's output changes."""
+  model, variables, x = linear_model
+  out = ev.model_parameter_randomisation(model.apply, variables, x, lambda v, u: u,
+                                         key=jax.random.PRNGKey(0))
+  for field in ("spearman_abs", "spearman", "pearson", "top_iou"):
+    np.testing.assert_array_equal(getattr(out, field), 1.0)
+  assert not np.allclose(out.outputs[0], out.outputs[-1])
+
+
+def test_parameters_the_map_does_not_depend_on(linear_model):
+  """The gradient of a linear net does not depend on its biases: randomising only the first
+  layer's bias changes the output but leaves the gradient map exactly as it was."""
+  model, variables, x = linear_model
+  gradient = lambda v, u: lrp.attribution.gradient(model.apply, v, u)
+  out = ev.model_parameter_randomisation(model.apply, variables, x, gradient,
+                                         key=jax.random.PRNGKey(0), layers=["first/bias"])
+  assert out.layers == ("first/bias",)
+  np.testing.assert_allclose(out.spearman, 1.0, atol=1e-6)
+  np.testing.assert_allclose(out.pearson, 1.0, atol=1e-6)
+  assert not np.allclose(out.outputs[0], out.outputs[1])
+
+
+def test_randomisation_is_deterministic_for_a_fixed_key(linear_model):
+  model, variables, x = linear_model
+  run = lambda k: ev.model_parameter_randomisation(model.apply, variables, x,
+                                                   _gradient_x_input(model), key=k)
+  a, b, c = run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(3)), run(jax.random.PRNGKey(4))
+  for field in ("outputs", "spearman_abs", "spearman", "pearson", "top_iou"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  assert not np.array_equal(a.outputs, c.outputs)
+
+
+def test_randomise_layer_keeps_each_leafs_spread():
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.normal(0.3, 0.05, (200, 300)), jnp.float32)
+  variables = {"params": {"a": {"kernel": kernel, "bias": jnp.full((300,), 0.1)},
+                          "b": {"kernel": jnp.ones((3, 3), jnp.bfloat16)}},
+               "batch_stats": {"a": {"mean": jnp.zeros(3)}}}
+  new = ev.randomise_layer(variables, "a", jax.random.PRNGKey(0))
+  k = np.asarray(new["params"]["a"]["kernel"])
+  assert k.dtype == np.float32
+  assert np.std(k) == pytest.approx(0.05, rel=0.02) and abs(np.mean(k)) < 0.002  # N(0, sd^2)
+  np.testing.assert_array_equal(new["params"]["a"]["bias"], variables["params"]["a"]["bias"])
+  assert new["params"]["b"] is variables["params"]["b"]  # other layers untouched
+  assert new["batch_stats"] is variables["batch_stats"]
+  np.testing.assert_array_equal(variables["params"]["a"]["kernel"], kernel)  # not in place
+  assert list(new["params"]) == ["a", "b"]
+  # A constant bf16 leaf stays, with its dtype.
+  b = ev.randomise_layer(variables, ("b",), jax.random.PRNGKey(0))["params"]["b"]["kernel"]
+  assert b.dtype == jnp.bfloat16
+
+
+def test_bad_layer_names_raise_one_line_errors(linear_model):
+  model, variables, x = linear_model
+  for layer, key in (("third", "'third'"), ("first/weights", "'weights'"),
+                     ("first/kernel/x", "'x'")):
+    with pytest.raises(lrp.LRPError, match=key) as e:
+      ev.model_parameter_randomisation(model.apply, variables, x, lambda v, u: u,
+                                       key=jax.random.PRNGKey(0), layers=["second", layer])
+    assert "\n" not in str(e.value)
+  with pytest.raises(lrp.LRPError, match="no 'params' collection"):
+    ev.layer_order(model.apply, {"weights": {}}, x)
+
+
+class Applied(nn.Module):
+  """Defined (and applied) in the order c, z, b: neither alphabetical nor its reverse."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1, name="b")(nn.relu(nn.Dense(2, name="z")(nn.Dense(3, name="c")(x))))[:, 0]
+
+
+def test_default_order_is_output_first_even_after_tree_operations():
+  model = Applied()
+  x = jnp.ones((2, 4))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert list(variables["params"]) == ["c", "z", "b"]  # definition order, as flax stores it
+  restored = jax.tree.map(jnp.asarray, variables)  # what any tree operation does: sorted
+  assert list(restored["params"]) == ["b", "c", "z"]
+  for v in (variables, restored):
+    assert ev.layer_order(model.apply, v, x) == ("b", "z", "c")
+    out = ev.model_parameter_randomisation(model.apply, v, x, lambda w, u: u,
+                                           key=jax.random.PRNGKey(0))
+    assert out.layers == ("b", "z", "c")
+  # params_key=None: variables are the parameter tree itself
+  assert ev.layer_order(lambda p, u: model.apply({"params": p}, u), variables["params"], x,
+                        params_key=None) == ("b", "z", "c")
