@@ -46,8 +46,10 @@ MEAN_AGE = 50.0
 TOTAL_STEPS = 10_000
 
 
-def make_config(model: str, members: int, batch: int, width: int = 0, mesh_size: int = 0):
+def make_config(model: str, members: int, batch: int, width: int = 0, mesh_size: int = 0,
+                lowering: str = "auto"):
   c = config_lib.base_config()
+  c.model.conv_lowering = lowering
   c.data.cache = "/unused-benchmark"
   c.model.name = "mrinet"
   if model == "tiny":
@@ -97,7 +99,7 @@ def sequential_case(config, side: int, mesh) -> tuple[Callable[[], Any], dict[st
   """N single-model states, each updated by the single-model step in turn."""
   shape = (side,) * 3
   single = make_config("tiny" if config.model.conv_features else "mrinet", 1,
-                       int(config.batch_size))
+                       int(config.batch_size), lowering=config.model.conv_lowering)
   setup = trainer.build_setup(single, shape, 1, MEAN_AGE, TOTAL_STEPS, mesh)
   seeds = trainer.member_seeds(config)
   states = [jax.device_put(setup.init(s), setup.state_sharding) for s in seeds]
@@ -127,28 +129,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--batch", type=int, default=4, help="volumes per member and step")
   p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
+  p.add_argument("--lowering", choices=("auto", "xla", "im2col"), default="auto",
+                 help="model.conv_lowering (auto: im2col on CPU, XLA's conv on accelerators)")
   p.add_argument("--out", help="write the result as JSON here")
   args = p.parse_args(argv)
+  cfg = lambda **kw: make_config(args.model, n, args.batch, lowering=args.lowering, **kw)
 
   n, one = args.members, sharding.make_mesh(1, jax.devices()[:1])
   cases = [
-      ("sequential", lambda: sequential_case(make_config(args.model, n, args.batch), args.side,
-                                             one)),
-      (f"vmap-{n}", lambda: member_case(make_config(args.model, n, args.batch, width=n),
-                                        args.side, one)),
-      ("vmap-1 groups", lambda: member_case(make_config(args.model, n, args.batch, width=1),
-                                            args.side, one)),
+      ("sequential", lambda: sequential_case(cfg(), args.side, one)),
+      (f"vmap-{n}", lambda: member_case(cfg(width=n), args.side, one)),
+      ("vmap-1 groups", lambda: member_case(cfg(width=1), args.side, one)),
   ]
   devices = jax.device_count()
   axis = max((e for e in range(2, devices + 1) if devices % e == 0 and n % e == 0
               and args.batch % (devices // e) == 0), default=0)
   if axis:
     cases.append((f"ensemble-axis {axis}x{devices // axis}", lambda: member_case(
-        make_config(args.model, n, args.batch, mesh_size=axis), args.side,
-        sharding.make_mesh(axis))))
+        cfg(mesh_size=axis), args.side, sharding.make_mesh(axis))))
 
   rows = []
-  print(f"{n} members, {args.model} MRInet, {args.side}^3, batch {args.batch} per member; "
+  print(f"{n} members, {args.model} MRInet, {args.side}^3, batch {args.batch} per member, "
+        f"conv lowering {args.lowering}; "
         f"{jax.devices()[0].device_kind} x{devices}")
   print(f"{'case':<24}{'ms/step':>10}{'member-steps/s':>16}{'volumes/s':>12}  layout")
   for name, build in cases:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for row in rows:
     row["speedup_vs_sequential"] = seq / row["seconds_per_step"]
   result = {"benchmark": "bench_ensemble", **common.environment(), "members": n,
-            "model": args.model, "side": args.side, "batch_per_member": args.batch,
+            "model": args.model, "lowering": args.lowering, "side": args.side, "batch_per_member": args.batch,
             "steps": args.steps, "rows": rows}
   common.write_result(args.out, result)
   return result

@@ -2,7 +2,8 @@
 
 Per case (MRInet at 98^3 and 198^3, SFCN at 160x192x160) and compute dtype (float32, bfloat16):
 - jax: the trainer's own step (`trainer.build_setup`: forward, loss, backward, Adam, donated
-  state, explicit shardings, data parallel over all local devices);
+  state, explicit shardings, data parallel over all local devices), per conv lowering
+  (`--lowerings`; `jit-auto` is what the trainer ships: im2col on CPU, XLA's conv elsewhere);
 - torch: the same architecture (`benchmarks/torch_models.py`, same initial weights, same loss,
   Adam with the same learning rate; the fused CUDA Adam on GPU), in the variants a PyTorch user
   would try: `eager`, `compile` (torch.compile of the model), `eager_cl` / `compile_cl`
@@ -64,10 +65,13 @@ TORCH_VARIANTS = ("eager", "compile", "eager_cl", "compile_cl")
 LEARNING_RATE = 5e-4  # the study's Adam learning rate (config.optimizer.learning_rate)
 
 
-def experiment_config(case: str, dtype: str, batch_size: int, size: str):
-  """The trainer config of a benchmark case (the base config with the case's model and loss)."""
+def experiment_config(case: str, dtype: str, batch_size: int, size: str,
+                      lowering: str = "auto"):
+  """The trainer config of a benchmark case (the base config with the case's model and loss;
+  `lowering` is `model.conv_lowering`: "auto" is what the trainer ships)."""
   name, loss, _ = CASES[case]
   config = config_lib.base_config()
+  config_lib.set_key(config, "model.conv_lowering", lowering)
   config_lib.set_key(config, "data.cache", "unused")
   config_lib.set_key(config, "model.name", name)
   config_lib.set_key(config, "loss", loss)
@@ -93,8 +97,9 @@ class JaxStep:
   `run()` does one step (the state is donated and replaced) and returns the metrics.
   """
 
-  def __init__(self, case: str, dtype: str, batch_size: int, size: str, shape=None, mesh=None):
-    config = experiment_config(case, dtype, batch_size, size)
+  def __init__(self, case: str, dtype: str, batch_size: int, size: str, shape=None, mesh=None,
+               lowering: str = "auto"):
+    config = experiment_config(case, dtype, batch_size, size, lowering)
     self.shape = tuple(shape or CASES[case][2][size])
     self.mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(batch_size, self.mesh)
@@ -115,15 +120,15 @@ class JaxStep:
 
 
 def measure_jax(case: str, dtype: str, batch_size: int, size: str, steps: int,
-                warmup: int) -> dict[str, Any]:
-  step = JaxStep(case, dtype, batch_size, size)
+                warmup: int, lowering: str = "auto") -> dict[str, Any]:
+  step = JaxStep(case, dtype, batch_size, size, lowering=lowering)
   t0 = time.perf_counter()
   jax.block_until_ready(step.run())
   compile_s = time.perf_counter() - t0
   median, times = common.median_seconds(step.run, jax.block_until_ready, steps=steps,
                                         warmup=max(warmup - 1, 0))
   metrics = jax.device_get(step.run())
-  return {"framework": "jax", "variant": "jit", "params": step.params, "compile_s": compile_s,
+  return {"framework": "jax", "variant": f"jit-{lowering}", "params": step.params, "compile_s": compile_s,
           "median_step_s": median, "step_s": times, "loss": float(metrics["loss"])}
 
 
@@ -189,7 +194,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
   try:
     args = (spec["case"], spec["dtype"], spec["batch_size"], spec["size"])
     if spec["framework"] == "jax":
-      row.update(measure_jax(*args, spec["steps"], spec["warmup"]))
+      lowering = spec["variant"].removeprefix("jit-")
+      row.update(measure_jax(*args, spec["steps"], spec["warmup"], lowering))
     else:
       row.update(measure_torch(*args, spec["variant"], spec["steps"], spec["warmup"]))
     row["volumes_per_second"] = spec["batch_size"] / row["median_step_s"]
@@ -250,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--torch", default=None,
                       help=f"torch variants, comma list of {TORCH_VARIANTS} or 'none' "
                            "(default: all on GPU, eager,eager_cl,compile on CPU)")
+  parser.add_argument("--lowerings", default="auto",
+                      help="jax conv lowerings (model.conv_lowering), comma list of "
+                           "auto,xla,im2col; auto = im2col on CPU, XLA's conv on accelerators")
   parser.add_argument("--batch-size", type=int, default=0,
                       help="global batch (default: 8 on an accelerator, 2 on CPU; a multiple "
                            "of the device count)")
@@ -275,13 +284,18 @@ def main(argv: list[str] | None = None) -> int:
   for v in variants:
     if v not in TORCH_VARIANTS:
       parser.error(f"--torch: unknown variant {v!r} (choose from {TORCH_VARIANTS})")
+  lowerings = [v for v in args.lowerings.split(",") if v]
+  for v in lowerings:
+    if v not in models.lowering.LOWERINGS:
+      parser.error(f"--lowerings: unknown lowering {v!r} (choose from {models.lowering.LOWERINGS})")
   isolate = args.isolate == "yes" or (args.isolate == "auto" and accelerator)
   rows: list[dict[str, Any]] = []
   for case in [c for c in args.cases.split(",") if c]:
     if case not in CASES:
       parser.error(f"--cases: unknown case {case!r} (choose from {list(CASES)})")
     for dtype in [d for d in args.dtypes.split(",") if d]:
-      for framework, variant in [("jax", "jit")] + [("torch", v) for v in variants]:
+      jax_rows = [("jax", f"jit-{lowering}") for lowering in lowerings]
+      for framework, variant in jax_rows + [("torch", v) for v in variants]:
         spec = dict(case=case, dtype=dtype, batch_size=batch_size, size=args.size,
                     framework=framework, variant=variant, steps=args.steps, warmup=args.warmup)
         rows.append(measure_isolated(spec) if isolate else measure(spec))

@@ -29,7 +29,9 @@ from jax_brainage.errors import DataError
 
 
 def _apply_fn(model) -> Callable:
-  """`(variables, x) -> predicted age [n]` (years) for lrp: the model in inference mode."""
+  """`(variables, x) -> predicted age [n]` (years) for lrp: the model in inference mode, with
+  one rule site per convolution (XLA's conv whatever the model was trained with)."""
+  model = models.lowering.for_relevance(model)
 
   def apply(variables, x):
     return models.predicted_age(model, model.apply(variables, x, train=False))

@@ -158,6 +158,8 @@ def regression_apply(model) -> Callable:
     raise ConfigError(f"{type(model).__name__}: relevance maps explain regression models "
                       "(mrinet, sfcn_regression); SFCN's age-bin distribution has no single "
                       "output to start from")
+  # One rule site per convolution: a model trained with im2col is explained with XLA's conv.
+  model = models.lowering.for_relevance(model)
 
   def apply_fn(variables, x):
     return model.apply(variables, x, train=False).astype(jnp.float32)

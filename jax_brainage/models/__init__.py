@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from jax_brainage.errors import ConfigError
-from jax_brainage.models import losses
+from jax_brainage.models import losses, lowering
 from jax_brainage.models.mrinet import MRInet
 from jax_brainage.models.sfcn import SFCN, AgeBins, SFCNRegression, expected_age
 from jax_brainage.models.sfcn import variables_from_torch as sfcn_variables_from_torch
 
 __all__ = [
     "MRInet", "SFCN", "SFCNRegression", "AgeBins", "MODELS", "get_model", "predicted_age",
-    "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses",
+    "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
     "sfcn_variables_from_torch",
 ]
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.models import lowering
 
 # The study's layer table (paper.md): (features, kernel side) per conv block.
 STUDY_CONV_FEATURES = (16, 16, 32, 64, 32)
@@ -53,6 +54,8 @@ class MRInet(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The age head
       always computes in float32: bf16 steps are 0.25 years at 32-64 and 0.5 years above 64.
     param_dtype: parameter dtype (float32).
+    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the convolutions are
+      computed (`jax_brainage.models.lowering`); the parameters and outputs are the same.
   """
 
   mean_age: float = 50.0
@@ -63,8 +66,10 @@ class MRInet(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_lowering: str = "xla"
 
   def __post_init__(self):
+    lowering.check(self.conv_lowering, "MRInet")
     if len(self.conv_features) != len(self.conv_kernels):
       raise ConfigError(
           f"MRInet: conv_features {tuple(self.conv_features)} and conv_kernels "
@@ -84,6 +89,7 @@ class MRInet(nn.Module):
     x = x.astype(self.dtype)
     for i, (features, k) in enumerate(zip(self.conv_features, self.conv_kernels), start=1):
       x = nn.Conv(features, (k, k, k), padding="SAME", kernel_init=_kernel_init,
+                  conv_general_dilated=lowering.conv_general_dilated(self.conv_lowering),
                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i}")(x)
       x = nn.relu(x)
       # Overlapping 3^3 windows with stride 2, padded as Keras/TF "SAME": out = ceil(n / 2).

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.models import lowering
 
 SFCN_CHANNELS = (32, 64, 128, 256, 256, 64)
 
@@ -120,6 +121,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     last = i == len(module.channels)
     k = 1 if last else 3
     x = nn.Conv(features, (k, k, k), padding="SAME", kernel_init=_torch_kernel_init(),
+                conv_general_dilated=lowering.conv_general_dilated(module.conv_lowering),
                 dtype=module.dtype, param_dtype=module.param_dtype, name=f"conv{i}")(x)
     # Two-pass variance: E[x^2] - E[x]^2 in float32 loses digits when |mean| >> std, which
     # happens in the late layers where a batch holds few voxels (seen as 1e-3 errors in tests).
@@ -138,6 +140,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
 
 
 def _check_common(module) -> None:
+  lowering.check(module.conv_lowering, type(module).__name__)
   if len(module.channels) < 2:
     raise ConfigError(f"{type(module).__name__}: channels needs >= 2 entries, got "
                       f"{tuple(module.channels)}")
@@ -159,6 +162,8 @@ class SFCN(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The head and the
       log-softmax always run in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (PyTorch defaults).
+    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the trunk's convolutions are
+      computed (`jax_brainage.models.lowering`); the parameters and outputs are the same.
   """
 
   age_range: tuple[float, float] = (15.0, 85.0)
@@ -169,6 +174,7 @@ class SFCN(nn.Module):
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv_lowering: str = "xla"
 
   def __post_init__(self):
     _check_common(self)
@@ -209,6 +215,7 @@ class SFCNRegression(nn.Module):
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv_lowering: str = "xla"
 
   def __post_init__(self):
     _check_common(self)

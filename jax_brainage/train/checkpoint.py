@@ -145,9 +145,9 @@ def check_manifest(stored: dict[str, Any], expected: dict[str, Any], where: Path
     a, b = stored.get(key), expected.get(key)
     if key == "members":  # stacked ensemble members; a single model has no member axis
       a, b = int(a or 1), int(b or 1)
-    if key == "model_kwargs":
-      a = {k: v for k, v in (a or {}).items() if k != "mean_age"}
-      b = {k: v for k, v in (b or {}).items() if k != "mean_age"}
+    if key == "model_kwargs":  # the mean age and the conv lowering leave the parameters as they are
+      a = {k: v for k, v in (a or {}).items() if k not in ("mean_age", "conv_lowering")}
+      b = {k: v for k, v in (b or {}).items() if k not in ("mean_age", "conv_lowering")}
     if _plain(a) != _plain(b):
       raise ConfigError(f"checkpoint {where} holds another architecture: {key} is {a!r} there, "
                         f"{b!r} here")

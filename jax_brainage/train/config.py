@@ -34,7 +34,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # verbosely to train, not what is trained.
 RESUMABLE_KEYS = ("num_epochs", "patience", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "num_image_summaries", "init_from", "data.workers",
-                  "data.mode", "eval_batch_size", "ensemble.vmap_width", "ensemble.mesh_size")
+                  "data.mode", "eval_batch_size", "ensemble.vmap_width", "ensemble.mesh_size",
+                  "model.conv_lowering")
 ENSEMBLE_HEADS = ("linear", "nonnegative", "mean")
 CORRECTIONS = ("none", "linear", "poly3")
 
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5
   c.model.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters
   c.model.conv_features = ()         # MRInet / SFCN channels; () = the published network
+  c.model.conv_lowering = "auto"     # "auto" (im2col on CPU, XLA's conv elsewhere), "xla", "im2col"
   c.model.dense_features = 64        # MRInet hidden dense width
   c.model.scale_output = False       # MRInet: age = mean + SD * head (SD of the training ages,
                                      # years) instead of raw years; False is the study's network
@@ -268,6 +270,7 @@ def _parse(text: str, ref: Any) -> Any:
 def validate(config: ml_collections.ConfigDict) -> None:
   """One-line ConfigError for the first value that cannot work (names the key)."""
   from jax_brainage.models import MODELS
+  from jax_brainage.models.lowering import LOWERINGS
 
   def need(ok: bool, key: str, what: str) -> None:
     if not ok:
@@ -283,6 +286,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
   need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
        "channel counts must be positive")
+  need(config.model.conv_lowering in LOWERINGS, "model.conv_lowering",
+       f"must be one of {LOWERINGS}")
   need(config.model.dense_features > 0, "model.dense_features", "must be > 0")
   need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
        "scales a regression output in years; sfcn predicts age bins")
@@ -413,7 +418,8 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
   """
   m = config.model
   dtype = {"float32": "float32", "bfloat16": "bfloat16"}[m.compute_dtype]
-  kwargs: dict[str, Any] = {"dropout_rate": float(m.dropout_rate), "dtype": dtype}
+  kwargs: dict[str, Any] = {"dropout_rate": float(m.dropout_rate), "dtype": dtype,
+                            "conv_lowering": str(m.conv_lowering)}
   if m.name == "mrinet":
     kwargs.update(mean_age=float(mean_age), dense_features=int(m.dense_features))
     if m.conv_features:

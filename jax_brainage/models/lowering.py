@@ -1,0 +1,131 @@
+"""How a model's convolutions are lowered: XLA's convolution, or patches @ kernel (im2col).
+
+XLA's CPU backend runs small-channel 3D convolutions several times slower than a matrix
+multiply of the same FLOPs (benchmarks/RESULTS.md: MRInet's single-channel conv1 at 64^3 took
+1.51 s as a convolution and 0.11 s as shifted matmuls; a whole training step of the cpu
+preset's nets runs 1.8-2.3x faster with im2col). Gathering the k^3 shifted copies of the input
+into a patch tensor `[batch, x, y, z, k^3 * C_in]` and multiplying by the kernel reshaped to
+`[k^3 * C_in, C_out]` computes the same numbers (to float rounding) with Eigen's matmul, and its
+gradient is again slices and matmuls.
+
+The cost is memory: the patch tensor holds k^3 copies of the layer input. `"auto"` therefore
+uses im2col on the CPU backend only, and only for layers whose patch tensor stays under
+`AUTO_PATCH_BYTES`; accelerators keep XLA's convolution (cuDNN's is the fast path there).
+
+Relevance must see one linear operation per layer (a rule site per convolution), so the
+explanation code runs every model with `"xla"` (`for_relevance`); parameters are the same under
+every lowering, so a model trained with im2col is explained with XLA's convolution exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jax_brainage.errors import ConfigError
+
+LOWERINGS = ("auto", "xla", "im2col")
+
+# "auto": the largest patch tensor (whole batch, bytes) built instead of calling XLA's conv.
+AUTO_PATCH_BYTES = 1 << 30
+
+
+def check(lowering: str, owner: str) -> None:
+  """One-line ConfigError for an unknown lowering name (owner: the model's class name)."""
+  if lowering not in LOWERINGS:
+    raise ConfigError(f"{owner}: conv_lowering must be one of {LOWERINGS}, got {lowering!r}")
+
+
+def _same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+               padding: Any) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    return [tuple(p) for p in jax.lax.padtype_to_pads(spatial, kernel, strides, padding)]
+  return [tuple(p) for p in padding]
+
+
+def _patchable(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+               feature_group_count) -> bool:
+  """Whether im2col below computes this convolution (the layouts flax uses, no dilation or
+  strides or groups); anything else goes to XLA's convolution."""
+  ones = lambda v: v is None or all(int(d) == 1 for d in v)
+  layouts_ok = dimension_numbers is None or (
+      isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers)
+      and tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1, *range(1, lhs.ndim - 1))
+      and tuple(dimension_numbers.rhs_spec) == (rhs.ndim - 1, rhs.ndim - 2,
+                                                 *range(rhs.ndim - 2))
+      and tuple(dimension_numbers.out_spec) == (0, lhs.ndim - 1, *range(1, lhs.ndim - 1)))
+  return (ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+          and feature_group_count == 1 and layouts_ok)
+
+
+def im2col_conv(lhs: jax.Array, rhs: jax.Array, padding: Any,
+                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+  """Stride-1 convolution as patches @ kernel.
+
+  Args:
+    lhs: `[batch, *spatial, C_in]` input (channels last).
+    rhs: `[*kernel, C_in, C_out]` kernel (flax's layout).
+    padding: "SAME" / "VALID" or one (low, high) pair per spatial axis.
+  Returns:
+    `[batch, *out_spatial, C_out]`, equal to `lax.conv_general_dilated` with the same layouts.
+  """
+  kernel = rhs.shape[:-2]
+  pads = _same_pads(lhs.shape[1:-1], kernel, (1,) * len(kernel), padding)
+  x = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
+  out = [n - k + 1 for n, k in zip(x.shape[1:-1], kernel)]
+  # Tap order (kx, ky, kz) then C_in, which is rhs's row-major order: one reshape, no transpose.
+  cols = [x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)), slice(None))]
+          for offset in itertools.product(*(range(k) for k in kernel))]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jnp.einsum("...i,io->...o", patches, rhs.reshape(-1, rhs.shape[-1]),
+                    precision=precision, preferred_element_type=preferred_element_type)
+
+
+def patch_bytes(lhs_shape: Sequence[int], kernel: Sequence[int], itemsize: int) -> int:
+  """Bytes of im2col's patch tensor for an input `[batch, *spatial, C_in]` (SAME padding)."""
+  return math.prod(lhs_shape) * math.prod(kernel) * itemsize
+
+
+@functools.lru_cache(maxsize=None)  # one function per name: modules compare and hash equal
+def conv_general_dilated(lowering: str) -> Callable[..., jax.Array] | None:
+  """The `conv_general_dilated` argument of `flax.linen.Conv` for a lowering name.
+
+  None for "xla" (flax's default, `lax.conv_general_dilated`); otherwise a function with
+  lax's signature that computes supported convolutions by im2col ("im2col": always; "auto":
+  on the CPU backend when the patch tensor is under AUTO_PATCH_BYTES) and hands any other to
+  lax.
+  """
+  check(lowering, "conv_general_dilated")
+  if lowering == "xla":
+    return None
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+           preferred_element_type=None):
+    use = (batch_group_count == 1 and _patchable(
+        lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count))
+    if use and lowering == "auto":
+      use = (jax.default_backend() == "cpu" and
+             patch_bytes(lhs.shape, rhs.shape[:-2], lhs.dtype.itemsize) <= AUTO_PATCH_BYTES)
+    if use:
+      return im2col_conv(lhs, rhs, padding, precision, preferred_element_type)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+
+  return conv
+
+
+def for_relevance(model: Any) -> Any:
+  """`model` with XLA's convolution (one rule site per conv layer for lrp); the same module
+  when it already uses it or has no `conv_lowering` field."""
+  if getattr(model, "conv_lowering", "xla") == "xla":
+    return model
+  return model.clone(conv_lowering="xla")
