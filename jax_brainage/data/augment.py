@@ -11,8 +11,11 @@ Per example, in this order (each step off unless configured):
    [-rotate_degrees, rotate_degrees] about x, y and z (R = Rz @ Ry @ Rx), then an integer shift
    drawn uniformly in [-shift_voxels, shift_voxels] per axis. Trilinear interpolation, zeros
    outside the volume. Without rotation the shift is an exact zero-filled translation;
-3. additive Gaussian noise with standard deviation `noise_std` (intensity units of the [0, 1]
-   scaled image).
+3. additive Gaussian noise with standard deviation `noise_std`, in the network input's units
+   (of the [0, 1] scaled image for uint8 caches, standard deviations for z-scored ones).
+
+Nothing clips intensities: the same code augments [0, 1] images and z-scores, and every fill
+(outside the volume after a shift or rotation) is 0, the background of both scalings.
 
 The geometric convention matches `scipy.ndimage.affine_transform`: output voxel o reads the
 input at R^T (o - c - s) + c, with c = (shape - 1) / 2 the centre and s the shift, so content
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_brainage.data import intensity
 from jax_brainage.errors import ConfigError
 
 # Independent random streams per transform: enabling rotation does not change the noise drawn.
@@ -43,7 +47,8 @@ class AugmentConfig:
     shift_voxels: largest random shift per axis, in voxels (integer shifts).
     rotate_degrees: largest random rotation about each axis, in degrees.
     flip_lr: flip left-right (axis x) with probability 1/2.
-    noise_std: standard deviation of additive Gaussian noise, in [0, 1] intensity units.
+    noise_std: standard deviation of additive Gaussian noise, in network input units ([0, 1]
+      scale of uint8 caches, z-score units of float16 caches).
   """
 
   shift_voxels: int = 0
@@ -210,7 +215,7 @@ def augment_batch(aug_seed: jax.Array, images: jax.Array, cfg: AugmentConfig) ->
 
   Args:
     aug_seed: uint32 [batch, 2], from the pipeline's batch.
-    images: float32 [batch, x, y, z, channel], intensities in [0, 1].
+    images: float32 [batch, x, y, z, channel], network inputs ([0, 1] or z-scores).
     cfg: AugmentConfig (static; the default config returns `images` unchanged).
 
   Returns:
@@ -221,15 +226,12 @@ def augment_batch(aug_seed: jax.Array, images: jax.Array, cfg: AugmentConfig) ->
   return jax.vmap(augment_example, in_axes=(0, 0, None))(aug_seed, images, cfg)
 
 
-def to_float(image: jax.Array) -> jax.Array:
-  """uint8 intensities -> float32 in [0, 1] (the study's scaling)."""
-  return image.astype(jnp.float32) / jnp.float32(255.0)
-
-
 @functools.partial(jax.jit, static_argnames="cfg")
 def prepare_images(image: jax.Array, aug_seed: jax.Array, cfg: AugmentConfig) -> jax.Array:
-  """The network input: uint8 [batch, x, y, z, channel] -> augmented float32 in [0, 1] scale.
+  """The network input: stored volumes [batch, x, y, z, channel] -> augmented float32.
 
-  Used by both pipelines, so host-fed and device-resident batches are the same numbers.
+  uint8 (minmax) becomes x / 255 in [0, 1], float16 (zscore) float32(x)
+  (`intensity.to_unit_float`). Used by both pipelines, so host-fed and device-resident batches
+  are the same numbers.
   """
-  return augment_batch(aug_seed, to_float(image), cfg)
+  return augment_batch(aug_seed, intensity.to_unit_float(image), cfg)

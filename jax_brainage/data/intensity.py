@@ -1,7 +1,8 @@
 """Intensity scaling: the study's clip + min-max to uint8, or z-scores within the brain.
 
 The study stores every volume as uint8 after clipping at a ceiling and min-max scaling, and
-feeds the network `uint8 / 255` in [0, 1]. Here:
+feeds the network `uint8 / 255` in [0, 1]. Here (`to_unit_float` is the one conversion from a
+stored volume to the network input, used by training, prediction and explanations):
 
 - `minmax_uint8`: ceiling = a high percentile (default 99.5) of the brain's voxels (robust to a
   few hot voxels, e.g. vessels in SWI or a bright FLAIR artefact); floor = min(0, brain minimum),
@@ -9,6 +10,9 @@ feeds the network `uint8 / 255` in [0, 1]. Here:
   values are clipped to [floor, ceiling] and mapped linearly onto 0..255 (rounded). Voxels
   outside the brain mask become 0.
 - `zscore`: (x - mean) / std over the brain's voxels, stored as float16; 0 outside the brain.
+  The network input is float32 of the stored z-scores (not rescaled, not clipped).
+
+Either way 0 is the background, so zero padding (cube, shifts, rotations) adds background.
 
 Several sequences become the channels of one `[x, y, z, channel]` array (`scale_channels`).
 """
@@ -24,6 +28,8 @@ from jax_brainage.errors import DataError
 SCALINGS = ("minmax", "zscore")
 DEFAULT_CEILING_PERCENTILE = 99.5
 UINT8_SCALE = np.float32(1.0 / 255.0)
+# What a cache may store (one dtype per scaling), and so what the input pipelines accept.
+STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
 def storage_dtype(scaling: str) -> np.dtype:
@@ -33,6 +39,19 @@ def storage_dtype(scaling: str) -> np.dtype:
   if scaling == "zscore":
     return np.dtype(np.float16)
   raise ValueError(f"unknown intensity scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def check_stored_dtype(dtype, where: str = "volumes") -> np.dtype:
+  """`dtype` if volumes of it can be fed to the network (uint8: minmax, float16: zscore).
+
+  Raises:
+    DataError: one line naming `where` and the dtype, for any other dtype.
+  """
+  dtype = np.dtype(dtype)
+  if dtype not in STORED_DTYPES:
+    raise DataError(f"{where}: volumes are {dtype.name}; expected uint8 (minmax scaling) or "
+                    "float16 (zscore scaling), as `brainage prepare` stores them")
+  return dtype
 
 
 def _brain_values(data: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
@@ -135,10 +154,12 @@ def scale_channels(
 
 
 def to_unit_float(image):
-  """Network input from a stored volume: uint8 -> float32 / 255 in [0, 1]; float -> float32.
+  """Network input from a stored volume: uint8 (minmax) -> float32 / 255 in [0, 1]; float
+  (zscore's float16) -> float32 of the same values, z-scores as they are (not in [0, 1]).
 
-  Works on numpy and jax arrays alike (also inside `jax.jit`), any shape, e.g.
-  `[batch, x, y, z, channel]`; returns the same array type.
+  The one place that decides the conversion: the input pipelines (host and device-resident),
+  prediction and explanations all call it. Works on numpy and jax arrays alike (also inside
+  `jax.jit`), any shape, e.g. `[batch, x, y, z, channel]`; returns the same array type.
   """
   if image.dtype == np.uint8:
     # Multiplying by the float32 reciprocal gives bit-identical results in numpy and XLA (which

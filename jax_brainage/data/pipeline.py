@@ -20,11 +20,13 @@ with the same augmentation, and an iterator state saved in one mode resumes in t
 Host mode (`HostPipeline`): a grain `MapDataset` over batch numbers (each element reads one
 process-local batch from a random-access source: the memory-mapped cache, in-memory arrays, or
 the simulator itself), optional grain worker processes (`worker_count`, 0 = in-process) and
-thread prefetch. Batches are dicts of numpy arrays (`image` uint8 [B, X, Y, Z, C], `age` float32
-[B], `index` int32 [B], `aug_seed` uint32 [B, 2], `mask` bool [B]); `DeviceFeed` moves them to
-the mesh and makes network inputs (float32 / 255, augmented) with `augment.prepare_images`.
+thread prefetch. Batches are dicts of numpy arrays (`image` [B, X, Y, Z, C] in the stored dtype:
+uint8 for minmax caches, float16 for z-scored ones; `age` float32 [B], `index` int32 [B],
+`aug_seed` uint32 [B, 2], `mask` bool [B]); `DeviceFeed` moves them to the mesh and makes network
+inputs (float32: uint8 / 255 or the z-scores as they are; augmented) with
+`augment.prepare_images`.
 
-Device-resident mode (`DeviceResidentPipeline`): the uint8 volumes of the selected rows are put
+Device-resident mode (`DeviceResidentPipeline`): the stored volumes of the selected rows are put
 once on every device of the mesh; per epoch a jitted function computes the order on device, and
 per step a jitted `shard_map` lets every device gather, scale and augment its own share of the
 batch. The host only passes the step number.
@@ -54,6 +56,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jax_brainage import sharding as shd
 from jax_brainage.data import augment as aug
+from jax_brainage.data import intensity
 from jax_brainage.errors import ConfigError, DataError
 
 STATE_VERSION = 1
@@ -265,12 +268,14 @@ class BatchPlan:
 class Source(Protocol):
   """What the pipelines read from (the cache, arrays in memory, the simulator).
 
-  `ages` float32 [n] (years); `volume_shape` (X, Y, Z, C); `read(rows)` uint8 [k, X, Y, Z, C].
+  `ages` float32 [n] (years); `volume_shape` (X, Y, Z, C); `dtype` the stored dtype (uint8 or
+  float16, `intensity.STORED_DTYPES`); `read(rows)` `dtype` [k, X, Y, Z, C].
   Must pickle cheaply (grain workers receive a copy): memory maps re-open by file name.
   """
 
   ages: np.ndarray
   volume_shape: tuple[int, int, int, int]
+  dtype: np.dtype
 
   def __len__(self) -> int: ...
 
@@ -278,13 +283,12 @@ class Source(Protocol):
 
 
 class ArraySource:
-  """uint8 volumes [n, X, Y, Z, C] (a numpy array or a memory map) with ages float32 [n]."""
+  """Stored volumes [n, X, Y, Z, C] (uint8 or float16; a numpy array or a memory map) with ages
+  float32 [n]."""
 
   def __init__(self, volumes: np.ndarray, ages: np.ndarray,
                subject_ids: Sequence[str] | None = None):
-    if volumes.ndim != 5 or volumes.dtype != np.uint8:
-      raise DataError(f"volumes must be uint8 [n, x, y, z, channel], got {volumes.dtype} "
-                      f"{tuple(volumes.shape)}")
+    _check_volumes(volumes)
     ages = np.asarray(ages, np.float32)
     if ages.shape != (volumes.shape[0],):
       raise DataError(f"ages has shape {ages.shape}, expected ({volumes.shape[0]},) for the "
@@ -308,11 +312,15 @@ class ArraySource:
   def volume_shape(self) -> tuple[int, int, int, int]:
     return tuple(self.volumes.shape[1:])
 
+  @property
+  def dtype(self) -> np.dtype:
+    return self.volumes.dtype
+
   def read(self, rows: np.ndarray) -> np.ndarray:
     # Fancy indexing of a memory map reads just these rows (sorted for sequential disk access).
     rows = np.asarray(rows)
     order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows),) + self.volume_shape, np.uint8)
+    out = np.empty((len(rows),) + self.volume_shape, self.dtype)
     out[order] = self.volumes[rows[order]]
     return out
 
@@ -325,16 +333,29 @@ class ArraySource:
 
   def __setstate__(self, state):
     if isinstance(state["volumes"], tuple):
-      filename, offset, shape = state["volumes"]
-      state["volumes"] = np.memmap(filename, np.uint8, "r", offset=offset, shape=shape)
+      filename, offset, shape, dtype = state["volumes"]
+      state["volumes"] = np.memmap(filename, np.dtype(dtype), "r", offset=offset, shape=shape)
     self.__dict__.update(state)
 
 
-def _reopenable_memmap(a: np.ndarray) -> tuple[str, int, tuple[int, ...]] | None:
-  """(file, offset, shape) if `a` is a whole C-contiguous uint8 memory map of a file."""
+def source_dtype(source: Source) -> np.dtype:
+  """The dtype a source's `read` returns; sources that declare none are uint8 (minmax), the
+  contract before z-scored caches."""
+  return np.dtype(getattr(source, "dtype", np.uint8))
+
+
+def _check_volumes(volumes: np.ndarray) -> None:
+  """DataError (one line) unless `volumes` is [n, x, y, z, channel] of a stored dtype."""
+  if volumes.ndim != 5:
+    raise DataError(f"volumes must be [n, x, y, z, channel], got shape {tuple(volumes.shape)}")
+  intensity.check_stored_dtype(volumes.dtype, f"volumes {tuple(volumes.shape)}")
+
+
+def _reopenable_memmap(a: np.ndarray) -> tuple[str, int, tuple[int, ...], str] | None:
+  """(file, offset, shape, dtype) if `a` is a whole C-contiguous memory map of a file."""
   if not isinstance(a, np.memmap) or not getattr(a, "filename", None):
     return None
-  if not a.flags.c_contiguous or a.dtype != np.uint8:
+  if not a.flags.c_contiguous or not a.dtype.isnative:
     return None
   base = a
   while isinstance(base.base, np.memmap):
@@ -346,7 +367,7 @@ def _reopenable_memmap(a: np.ndarray) -> tuple[str, int, tuple[int, ...]] | None
       return None
   except OSError:
     return None
-  return (a.filename, int(a.offset), tuple(a.shape))
+  return (a.filename, int(a.offset), tuple(a.shape), a.dtype.str)
 
 
 def cache_source(path: str | os.PathLike) -> ArraySource:
@@ -383,7 +404,7 @@ class _ReadBatch:
     epoch, pos = plan.local_positions(step)
     valid = pos >= 0
     rows = np.where(valid, plan.rows[np.maximum(pos, 0)], -1).astype(np.int32)
-    image = np.zeros((len(rows),) + tuple(self.source.volume_shape), np.uint8)
+    image = np.zeros((len(rows),) + tuple(self.source.volume_shape), source_dtype(self.source))
     if valid.any():
       image[valid] = self.source.read(rows[valid])
     age = np.where(valid, self.source.ages[np.maximum(rows, 0)], 0).astype(np.float32)
@@ -536,7 +557,8 @@ class BatchIterator(_SteppedIterator):
 
 
 class DeviceFeed:
-  """Host batches -> network inputs on the mesh: `image` float32 (/255, augmented), the rest as is.
+  """Host batches -> network inputs on the mesh: `image` float32 (`intensity.to_unit_float`,
+  augmented), the rest as is.
 
   Every array is a global `jax.Array` split over 'data'; this process contributes its rows.
   Same dict and numbers as `DeviceResidentPipeline`, and the same `get_state` / `set_state`.
@@ -653,7 +675,8 @@ class DeviceResidentPipeline:
   """The cohort lives on the accelerator(s); order, gather, scaling and augmentation run there.
 
   Args:
-    volumes: uint8 [n, X, Y, Z, C] (array or memory map; only `rows` are transferred).
+    volumes: uint8 or float16 [n, X, Y, Z, C] (array or memory map; only `rows` are transferred,
+      in their stored dtype).
     ages: float32 [n] (years).
     mesh: device mesh with a 'data' axis; default all devices on one 'data' axis. The volumes
       are replicated on every device (check with `fits_on_device`).
@@ -662,8 +685,8 @@ class DeviceResidentPipeline:
     require_ages: as in `HostPipeline`.
 
   Iterating yields dicts of global arrays split over 'data': `image` float32
-  [B, X, Y, Z, C] (scaled to [0, 1] and augmented), `age`, `index`, `aug_seed`, `mask`, equal to
-  what `DeviceFeed` makes from the host pipeline with the same arguments.
+  [B, X, Y, Z, C] (`intensity.to_unit_float`, augmented), `age`, `index`, `aug_seed`, `mask`,
+  equal to what `DeviceFeed` makes from the host pipeline with the same arguments.
   """
 
   def __init__(self, volumes: np.ndarray, ages: np.ndarray, *, batch_size: int, seed: int = 0,
@@ -671,9 +694,7 @@ class DeviceResidentPipeline:
                drop_remainder: bool = True, num_epochs: int | None = None,
                augment: aug.AugmentConfig | None = None, mesh: Mesh | None = None,
                require_ages: bool = True):
-    if volumes.ndim != 5 or volumes.dtype != np.uint8:
-      raise DataError(f"volumes must be uint8 [n, x, y, z, channel], got {volumes.dtype} "
-                      f"{tuple(volumes.shape)}")
+    _check_volumes(volumes)
     # The plan is global: device mode has no per-process loading (shard 0 of 1).
     self.plan = BatchPlan(rows=np.arange(volumes.shape[0]) if rows is None else np.asarray(rows),
                           batch_size=batch_size, seed=seed, shuffle=shuffle,
@@ -715,7 +736,7 @@ class DeviceResidentPipeline:
   @property
   def nbytes(self) -> int:
     """Bytes of resident volumes per device."""
-    return int(np.prod(self.volumes.shape))
+    return int(np.prod(self.volumes.shape)) * self.volumes.dtype.itemsize
 
   def _build_batch_fn(self) -> Callable[..., dict[str, jax.Array]]:
     mesh, cfg = self.mesh, self.augment
@@ -734,7 +755,8 @@ class DeviceResidentPipeline:
       index = jnp.where(valid, rows[pos], -1)
       seeds = jnp.where(valid[:, None], _device_aug_seeds(seed_words, epoch, rows[pos]),
                         jnp.uint32(0))
-      image = jnp.where(valid[:, None, None, None, None], volumes[pos], jnp.uint8(0))
+      image = jnp.where(valid[:, None, None, None, None], volumes[pos],
+                        jnp.zeros((), volumes.dtype))
       return dict(image=aug.prepare_images(image, seeds, cfg),
                   age=jnp.where(valid, ages[pos], 0.0).astype(jnp.float32),
                   index=index.astype(jnp.int32), aug_seed=seeds, mask=valid)
@@ -841,7 +863,7 @@ def _member_rows(plans: Sequence[BatchPlan], step: int) -> tuple[np.ndarray, np.
 
 @functools.lru_cache(maxsize=8)
 def _member_prepare(cfg: aug.AugmentConfig, mesh: Mesh) -> Callable:
-  """Jitted uint8 `[w, B, ...]` -> augmented float32 network inputs, members over 'ensemble';
+  """Jitted stored `[w, B, ...]` -> augmented float32 network inputs, members over 'ensemble';
   one per augmentation and mesh (pipelines of one experiment share its compilation)."""
   prepare = functools.partial(aug.prepare_images, cfg=cfg)
   return jax.jit(jax.vmap(prepare), out_shardings=shd.batch_sharding(mesh, members=True))
@@ -916,7 +938,9 @@ class MemberPipeline:
   @property
   def nbytes(self) -> int:
     """Bytes of resident volumes per device (device mode; 0 in host mode)."""
-    return int(np.prod(self.volumes.shape)) if self.mode == "device" else 0
+    if self.mode != "device":
+      return 0
+    return int(np.prod(self.volumes.shape)) * self.volumes.dtype.itemsize
 
   def dataset(self, start_step: int = 0) -> grain.IterDataset:
     """Host mode: grain dataset of this process's stacked member rows from `start_step` on."""
@@ -996,6 +1020,7 @@ class SimulatorSource:
     cohort_config: `CohortConfig` of the simulated cohort (its `n` is the number of subjects).
     preprocessing: `cache.Preprocessing`; default: the cohort's sequences, minmax uint8, the
       cube shape of its resolution (`prune.default_cube_shape`: 98^3 at 2 mm, 50^3 at 4 mm).
+      `read` returns the dtype a cache of these settings stores (zscore: float16).
 
   Ages come from the cohort's population model without rendering images; `read` renders and
   preprocesses the requested subjects (in grain workers when `worker_count > 0`).
@@ -1008,9 +1033,8 @@ class SimulatorSource:
     self.cohort_config = cohort_config
     self.preprocessing = preprocessing or cache_lib.Preprocessing(
         sequences=tuple(cohort_config.sequences))
-    if self.preprocessing.scaling != "minmax":
-      raise ConfigError("the pipeline feeds uint8 volumes: simulator preprocessing must use "
-                        "scaling='minmax'")
+    # minmax -> uint8, zscore -> float16: the dtype a prepared cache of these settings stores.
+    self.dtype = intensity.check_stored_dtype(self.preprocessing.dtype, "simulator source")
     self._cohort = simulate.Cohort(cohort_config)
     self.ages = np.asarray(self._cohort.latent_table()["age"], np.float32)
     self.subject_ids = [simulate.subject_id(i) for i in range(len(self.ages))]
@@ -1047,7 +1071,7 @@ class SimulatorSource:
       cube, _ = cache_lib.preprocess_subject(self.subject_images(i), self.preprocessing,
                                              subject=self.subject_ids[i])
       cubes.append(cube)
-    return np.stack(cubes).astype(np.uint8, copy=False)
+    return np.stack(cubes).astype(self.dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1071,7 +1095,8 @@ def make_pipeline(source: Source, *, batch_size: int, mode: str = "auto", mesh: 
 
   Returns:
     a pipeline with `mode`, `plan` and `steps_per_epoch`; each `iter()` yields dicts of global
-    arrays split over 'data' (`image` float32 [B, X, Y, Z, C] scaled to [0, 1] and augmented,
+    arrays split over 'data' (`image` float32 [B, X, Y, Z, C]: uint8 volumes / 255 or float16
+    z-scores as float32 (`intensity.to_unit_float`), augmented,
     `age` float32 [B], `index` int32 [B], `aug_seed` uint32 [B, 2], `mask` bool [B]) and has
     `get_state()` / `set_state(state)`, with the same state in both modes.
   """
@@ -1080,7 +1105,7 @@ def make_pipeline(source: Source, *, batch_size: int, mode: str = "auto", mesh: 
   mesh = mesh or shd.make_mesh()
   augment = aug.AugmentConfig.from_config(augment)
   n_rows = len(source) if rows is None else len(rows)
-  nbytes = n_rows * int(np.prod(source.volume_shape))
+  nbytes = n_rows * int(np.prod(source.volume_shape)) * source_dtype(source).itemsize
   volumes = getattr(source, "volumes", None)
   if mode == "auto":
     accelerator = jax.devices()[0].platform != "cpu"
@@ -1174,8 +1199,8 @@ def run(args: argparse.Namespace) -> int:
                        shuffle=not args.eval, drop_remainder=not args.eval,
                        num_epochs=args.epochs, worker_count=args.workers)
   it = iter(pipe)
-  shape = tuple(source.volume_shape)
-  print(f"{what}: {len(rows)} subjects ({args.split}), volumes {shape} uint8; mode {pipe.mode}, "
+  shape, dtype = tuple(source.volume_shape), source_dtype(source).name
+  print(f"{what}: {len(rows)} subjects ({args.split}), volumes {shape} {dtype}; mode {pipe.mode}, "
         f"{len(jax.devices())} {jax.devices()[0].platform} device(s), batch {args.batch_size}, "
         f"{pipe.steps_per_epoch} steps/epoch, augment {'on' if augment.enabled else 'off'}")
   ids = getattr(source, "subject_ids", None)

@@ -3,10 +3,11 @@ and the facts the model is built from (cube shape, sequences, mean training age)
 
 Batches come from `jax_brainage.data.pipeline.make_pipeline` (grain on the host, or the cohort
 resident on the accelerators): global arrays split over 'data', `image` float32 `[B, X, Y, Z, C]`
-in [0, 1] (augmented for training), `age` float32 `[B]` (years), `index` int32 `[B]`, `mask`
-bool `[B]` (False for padding rows of the last evaluation batch). Their iterator state (the next
-global step and what fixes the sequence) is stored in every checkpoint, so a resumed run reads
-exactly the batches the interrupted run would have read.
+(uint8 caches / 255 in [0, 1], float16 z-scored caches as they are; augmented for training),
+`age` float32 `[B]` (years), `index` int32 `[B]`, `mask` bool `[B]` (False for padding rows of
+the last evaluation batch). Their iterator state (the next global step and what fixes the
+sequence) is stored in every checkpoint, so a resumed run reads exactly the batches the
+interrupted run would have read.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ChannelSource:
     self.source = source
     self.channels = list(channels)
     self.ages = source.ages
+    self.dtype = pipeline_lib.source_dtype(source)
     self.subject_ids = getattr(source, "subject_ids", None)
     self.volume_shape = (*tuple(source.volume_shape)[:3], len(self.channels))
 
@@ -47,7 +49,7 @@ class ChannelSource:
     return None if volumes is None else volumes[..., self.channels]
 
   def read(self, rows: np.ndarray) -> np.ndarray:
-    """uint8 `[k, X, Y, Z, C]` of the given rows."""
+    """`[k, X, Y, Z, C]` of the given rows, in the stored dtype (uint8 or float16)."""
     return np.ascontiguousarray(self.source.read(rows)[..., self.channels])
 
 
@@ -70,6 +72,11 @@ class TrainingData:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(int(s) for s in self.source.volume_shape[:3])
+
+  @property
+  def dtype(self) -> np.dtype:
+    """Stored dtype of the volumes: uint8 (minmax, network input / 255) or float16 (zscore)."""
+    return pipeline_lib.source_dtype(self.source)
 
   @property
   def mean_train_age(self) -> float:
@@ -111,7 +118,7 @@ class TrainingData:
 
     if mode == "auto":
       union = np.unique(np.concatenate([np.asarray(r) for r in rows]))
-      nbytes = len(union) * int(np.prod(self.source.volume_shape))
+      nbytes = len(union) * int(np.prod(self.source.volume_shape)) * self.dtype.itemsize
       accelerator = jax.devices()[0].platform != "cpu"
       fits = all(pipeline_lib.fits_on_device(nbytes, d) for d in jax.local_devices())
       mode = ("device" if accelerator and getattr(self.source, "volumes", None) is not None
@@ -164,7 +171,8 @@ def from_arrays(images: np.ndarray, ages: np.ndarray, sequences: Sequence[str], 
   """TrainingData over in-memory (or memory-mapped) volumes.
 
   Args:
-    images: uint8 `[n, X, Y, Z, C_all]`; ages: float32 `[n]` (years).
+    images: `[n, X, Y, Z, C_all]`, uint8 (minmax) or float16 (z-scores); ages: float32 `[n]`
+      (years).
     sequences: the model's input channels, picked by name from `available` (the names of the
       `C_all` channels; default: `sequences` itself).
     split: train/val/test rows; default the study's seeded 80/10/10 split (`split_seed`).

@@ -35,18 +35,28 @@ def encode_png(image: np.ndarray) -> bytes:
           + chunk(b"IEND", b""))
 
 
-def mid_slices(volume: np.ndarray) -> np.ndarray:
+def mid_slices(volume: np.ndarray,
+               window: tuple[float, float] | None = (0.0, 1.0)) -> np.ndarray:
   """Sagittal, coronal and axial mid-slices of each channel, side by side, as one image.
 
   Args:
-    volume: `[x, y, z, channel]`, RAS+ (uint8, or float in [0, 1]).
+    volume: `[x, y, z, channel]`, RAS+ (uint8, or float network inputs).
+    window: float intensities mapped linearly from [low, high] onto black..white (clipped), e.g.
+      (0, 1) for uint8 caches' inputs; None: each channel's own min..max in the volume (z-scores).
+      uint8 volumes are shown as they are.
   Returns:
     uint8 `[rows, columns]`: one row of three panels (sagittal | coronal | axial) per channel,
     each panel shown radiologically upright (superior / anterior at the top).
   """
   v = np.asarray(volume)
   if v.dtype != np.uint8:
-    v = np.clip(np.rint(np.asarray(v, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    v = np.asarray(v, np.float32)
+    if window is None:
+      low, high = v.min(axis=(0, 1, 2)), v.max(axis=(0, 1, 2))
+    else:
+      low, high = np.float32(window[0]), np.float32(window[1])
+    span = np.maximum(high - low, np.finfo(np.float32).tiny)
+    v = np.clip(np.rint((v - low) / span * 255.0), 0, 255).astype(np.uint8)
   x, y, z, channels = v.shape
   side = max(x, y, z)
 

@@ -750,7 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     while not stop:
       batch = next(batches)
       if step == 0 and config.num_image_summaries:
-        _write_input_images(writer, batch, int(config.num_image_summaries))
+        _write_input_images(writer, batch, int(config.num_image_summaries), data.dtype)
       state, metrics = train_step(state, batch)
       step += 1
       pending.append(metrics)
@@ -939,7 +939,7 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
       group_batches = next(batches)
       if step == 0 and config.num_image_summaries:
         _write_input_images(writer, group_batches[0], int(config.num_image_summaries),
-                            members=True)
+                            data.dtype, members=True)
       for g, train_step in enumerate(setup.train_steps):
         states[g], metrics = train_step(states[g], group_batches[g])
         pending.append(metrics)
@@ -1143,10 +1143,11 @@ def _init_from(source: tuple[ckpt_lib.Checkpoints, str], state: Any, abstract_st
   return dict(state, params=restored["params"], model_state=restored["model_state"])
 
 
-def _write_input_images(writer: SummaryWriter, batch: dict[str, jax.Array], n: int, *,
-                        members: bool = False) -> None:
+def _write_input_images(writer: SummaryWriter, batch: dict[str, jax.Array], n: int,
+                        stored_dtype: np.dtype, *, members: bool = False) -> None:
   """Mid-slices of the first network inputs (as augmented) with their ages, at step 0 (of the
-  first member of this process's shard when `members`)."""
+  first member of this process's shard when `members`). Inputs from uint8 caches are shown on
+  [0, 1], z-scores (float16 caches) from each channel's minimum to its maximum."""
   if not writer.enabled:
     return
   # This process's first rows only: nothing is gathered across hosts for a picture.
@@ -1154,8 +1155,9 @@ def _write_input_images(writer: SummaryWriter, batch: dict[str, jax.Array], n: i
   ages = np.asarray(batch["age"].addressable_shards[0].data)
   if members:
     images, ages = images[0], ages[0]
+  window = (0.0, 1.0) if np.dtype(stored_dtype) == np.uint8 else None
   for i in range(min(n, len(images))):
-    writer.image(0, f"inputs/{i}_age_{float(ages[i]):.1f}", mid_slices(images[i]))
+    writer.image(0, f"inputs/{i}_age_{float(ages[i]):.1f}", mid_slices(images[i], window))
   writer.flush()
 
 

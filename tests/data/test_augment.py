@@ -138,6 +138,31 @@ def test_prepare_images_scales_uint8_to_unit_interval():
   np.testing.assert_allclose(out, u8.astype(np.float64) / 255.0, rtol=1e-7)
 
 
+def test_prepare_images_keeps_float16_z_scores_and_augments_them_unclipped():
+  # A z-scored cache: float16, negative and > 1 inside the brain, 0 (background) outside.
+  rng = np.random.default_rng(3)
+  z = rng.normal(0.0, 2.0, (3,) + SHAPE + (2,)).astype(np.float16)
+  z[:, :3] = 0
+  seeds = _seeds(3, seed=4)
+  plain = np.asarray(aug.prepare_images(z, seeds, aug.AugmentConfig()))
+  assert plain.dtype == np.float32
+  np.testing.assert_array_equal(plain, z.astype(np.float32))  # not / 255, not clipped
+  # Shifts, rotations and flips: the scipy reference on the z-scores, zero fill outside.
+  cfg = aug.AugmentConfig(shift_voxels=2, rotate_degrees=10.0, flip_lr=True)
+  out = np.asarray(aug.prepare_images(z, seeds, cfg))
+  c = (np.array(SHAPE) - 1) / 2.0
+  for b, p in enumerate(_params(seeds, cfg)):
+    ref = z[b].astype(np.float64)
+    if p["flip"]:
+      ref = np.flip(ref, axis=0)
+    r = Rotation.from_euler("xyz", p["angles"].astype(np.float64)).as_matrix()
+    ref = np.stack([ndi.affine_transform(ref[..., k], r.T, offset=c - r.T @ (c + p["shift"]),
+                                         order=1, mode="grid-constant", cval=0.0)
+                    for k in range(ref.shape[-1])], axis=-1)
+    np.testing.assert_allclose(out[b], ref, atol=1e-4)
+  assert out.min() < -2 and out.max() > 2
+
+
 @pytest.mark.parametrize("kw", [dict(shift_voxels=-1), dict(shift_voxels=1.5),
                                 dict(rotate_degrees=90.0), dict(noise_std=-0.1),
                                 dict(rotate_degrees=float("nan"))])

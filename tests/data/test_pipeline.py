@@ -276,8 +276,9 @@ def test_fits_on_device_uses_memory_stats_or_a_configurable_budget():
 def _fake_cache(tmp_path, volumes, ages):
   (tmp_path / "cache").mkdir()
   np.save(tmp_path / "cache" / "volumes.npy", volumes)
+  scaling = "zscore" if volumes.dtype == np.float16 else "minmax"
   index = dict(format="jax-brainage-cache", format_version=1, shape=list(volumes.shape[1:4]),
-               sequences=["T1w", "FLAIR"], dtype="uint8", scaling="minmax",
+               sequences=["T1w", "FLAIR"], dtype=volumes.dtype.name, scaling=scaling,
                preprocessing=dict(sequences=["T1w", "FLAIR"]),
                subjects=[dict(subject_id=f"sub-{i:03d}", age=float(a), inverse={})
                          for i, a in enumerate(ages)])
@@ -344,18 +345,144 @@ def test_make_pipeline_is_reiterable_and_picks_host_on_cpu(cohort):
     pl.make_pipeline(source, batch_size=8, mode="gpu")
 
 
-def test_simulator_source_equals_the_simulated_then_prepared_cache(tmp_path):
+@pytest.mark.parametrize("scaling", ["minmax", "zscore"])
+def test_simulator_source_equals_the_simulated_then_prepared_cache(tmp_path, scaling):
   from jax_brainage.data import bids, cache, simulate
   from jax_brainage.data.simulation.config import CohortConfig
 
   cfg = CohortConfig(seed=3, n=2, resolution_mm=4, sequences=("T1w", "FLAIR"))
   simulate.write_cohort(tmp_path / "bids", cfg, workers=1)
+  prep = cache.Preprocessing(sequences=cfg.sequences, scaling=scaling)
   prepared = cache.prepare(bids.read_bids(tmp_path / "bids", sequences=cfg.sequences),
-                           tmp_path / "cache", cache.Preprocessing(sequences=cfg.sequences))
-  src = pl.SimulatorSource(cfg)
+                           tmp_path / "cache", prep)
+  src = pl.SimulatorSource(cfg, None if scaling == "minmax" else prep)
+  assert src.dtype == prepared.volumes.dtype == (np.uint8 if scaling == "minmax" else np.float16)
+  assert src.read(np.array([0])).dtype == src.dtype
   assert src.subject_ids == prepared.subject_ids
   np.testing.assert_allclose(src.ages, prepared.ages, atol=1e-3)  # participants.tsv precision
   np.testing.assert_array_equal(src.read(np.array([1, 0])), np.asarray(prepared.volumes)[[1, 0]])
   assert src.volume_shape == prepared.volumes.shape[1:]
   back = pickle.loads(pickle.dumps(src))  # what a grain worker receives
   np.testing.assert_array_equal(back.read(np.array([1])), np.asarray(prepared.volumes)[[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Z-scored caches: float16 volumes in, float32(stored values) out; uint8 unchanged.
+
+
+@pytest.fixture(scope="module")
+def zcohort():
+  """float16 volumes as `prepare --scaling zscore` stores them: z-scores (many below 0 and
+  above 1) inside a brain, 0 outside."""
+  rng = np.random.default_rng(1)
+  brain = rng.random((N,) + SHAPE[:3] + (1,)) < 0.7
+  volumes = np.where(brain, rng.normal(0.0, 1.5, (N,) + SHAPE), 0.0).astype(np.float16)
+  ages = rng.uniform(18, 82, N).astype(np.float32)
+  return volumes, ages
+
+
+def _eval_images(pipe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  batches = list(pipe)
+  return (np.concatenate([np.asarray(b["image"]) for b in batches]),
+          np.concatenate([np.asarray(b["index"]) for b in batches]),
+          np.concatenate([np.asarray(b["mask"]) for b in batches]))
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_zscore_batches_are_float32_of_the_stored_values(zcohort, mode):
+  volumes, ages = zcohort
+  # Host batches carry the stored float16, as read from the cache.
+  raw = list(pl.HostPipeline(pl.ArraySource(volumes, ages), batch_size=8, rows=np.arange(1, 24),
+                             shuffle=False, drop_remainder=False, num_epochs=1, shard_index=0,
+                             shard_count=1))
+  for b in raw:
+    assert b["image"].dtype == np.float16
+    np.testing.assert_array_equal(b["image"][b["mask"]], volumes[b["index"][b["mask"]]])
+    assert not b["image"][~b["mask"]].any()
+  pipe = pl.make_pipeline(pl.ArraySource(volumes, ages), batch_size=8, mode=mode,
+                          rows=np.arange(1, 24), shuffle=False, drop_remainder=False,
+                          num_epochs=1)
+  assert pipe.mode == mode
+  image, index, mask = _eval_images(pipe)
+  assert image.dtype == np.float32 and mask.sum() == 23
+  # numpy reference: the z-scores themselves, neither / 255 nor clipped to [0, 1].
+  np.testing.assert_array_equal(image[mask], volumes[index[mask]].astype(np.float32))
+  assert image.min() < -1 and image.max() > 2
+  assert not image[~mask].any()
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_uint8_network_inputs_are_unchanged_bit_for_bit(cohort, mode):
+  volumes, ages = cohort
+  pipe = pl.make_pipeline(pl.ArraySource(volumes, ages), batch_size=8, mode=mode,
+                          shuffle=False, drop_remainder=False, num_epochs=1)
+  image, index, mask = _eval_images(pipe)
+  stored = volumes[index[mask]]
+  # numpy reference: uint8 times the float32 reciprocal of 255 ...
+  np.testing.assert_array_equal(image[mask], stored.astype(np.float32) * np.float32(1 / 255))
+  # ... which is what the pipelines computed before float16 caches (`x / 255` under jit).
+  before = jax.jit(lambda x: x.astype(np.float32) / np.float32(255.0))
+  np.testing.assert_array_equal(image[mask], np.asarray(before(stored)))
+
+
+def test_zscore_device_mode_equals_host_mode_with_augmentation(zcohort):
+  volumes, ages = zcohort
+  mesh = shd.make_mesh()
+  cfg = aug.AugmentConfig(shift_voxels=1, rotate_degrees=8.0, flip_lr=True, noise_std=0.05)
+  kw = dict(batch_size=8, seed=11, rows=np.arange(1, 24), num_epochs=1)
+  device = list(pl.DeviceResidentPipeline(volumes, ages, augment=cfg, mesh=mesh, **kw))
+  host = list(pl.DeviceFeed(iter(pl.HostPipeline(pl.ArraySource(volumes, ages), **kw)), mesh,
+                            cfg))
+  assert len(device) == len(host) == 2
+  for a, b in zip(device, host):
+    for k in a:
+      np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-5,
+                                 err_msg=k)
+    image = np.asarray(a["image"])
+    assert image.min() < -1 and image.max() > 2  # augmentation does not clip z-scores
+
+
+def test_zscore_memory_map_pickles_by_file_name_and_feeds_workers(tmp_path, zcohort):
+  volumes, ages = zcohort
+  np.save(tmp_path / "volumes.npy", volumes)
+  src = pl.ArraySource(np.load(tmp_path / "volumes.npy", mmap_mode="r"), ages)
+  blob = pickle.dumps(src)
+  assert len(blob) < volumes.nbytes // 4  # not a copy of the volumes
+  back = pickle.loads(blob)
+  assert back.volumes.dtype == np.float16
+  rows = np.array([5, 1, 17])
+  np.testing.assert_array_equal(back.read(rows), volumes[rows])
+  kw = dict(batch_size=4, seed=2, num_epochs=1, shard_index=0, shard_count=1)
+  ref = list(pl.HostPipeline(pl.ArraySource(volumes, ages), **kw))
+  got = list(pl.HostPipeline(src, worker_count=2, **kw))
+  assert len(got) == len(ref)
+  for a, b in zip(got, ref):
+    assert a["image"].dtype == np.float16
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_zscore_cache_through_the_batches_command(tmp_path, zcohort, capsys):
+  volumes, ages = zcohort
+  path = _fake_cache(tmp_path, volumes, ages)
+  src = pl.cache_source(path)
+  assert src.dtype == np.float16
+  np.testing.assert_array_equal(src.read(np.array([4, 2])), volumes[[4, 2]])
+  for mode in ("host", "device"):
+    rc = _batches(["--cache", str(path), "--batch-size", "4", "--mode", mode, "--augment"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert "volumes (6, 7, 5, 2) float16" in out[0] and f"mode {mode}" in out[0]
+    assert "float32 (4, 6, 7, 5, 2)" in [line for line in out if line.startswith("epoch ")][0]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint16])
+def test_other_dtypes_are_a_one_line_error_naming_the_dtype(cohort, dtype):
+  volumes, ages = cohort
+  bad = volumes.astype(dtype)
+  name = np.dtype(dtype).name
+  for make in (lambda: pl.ArraySource(bad, ages),
+               lambda: pl.DeviceResidentPipeline(bad, ages, batch_size=4)):
+    with pytest.raises(DataError, match=rf"volumes .*are {name}; expected uint8") as e:
+      make()
+    assert "\n" not in str(e.value)

@@ -51,3 +51,13 @@ def make_config():
 def blob_data():
   images, ages = blob_cohort()
   return data_lib.from_arrays(images, ages, ("T1w",), split_seed=0)
+
+
+@pytest.fixture(scope="session")
+def zscore_blob_data():
+  """The blob cohort as a z-scored cache stores it: float16 (x - mean) / sd per subject."""
+  images, ages = blob_cohort()
+  x = images.astype(np.float64)
+  mean = x.mean(axis=(1, 2, 3, 4), keepdims=True)
+  std = x.std(axis=(1, 2, 3, 4), keepdims=True)
+  return data_lib.from_arrays(((x - mean) / std).astype(np.float16), ages, ("T1w",), split_seed=0)

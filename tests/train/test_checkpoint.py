@@ -85,6 +85,24 @@ def test_png_encoder_decodes_with_pillow():
   np.testing.assert_array_equal(decoded, image)
 
 
+def test_mid_slices_window_z_scores_per_channel():
+  volume = np.zeros((4, 6, 8, 2), np.float32)
+  volume[2, :, :, 0] = np.linspace(-3.0, 5.0, 8)  # channel 0 spans -3..5 on its sagittal slice
+  volume[2, 0, 0, 1] = -1.0
+  volume[2, 0, 1, 1] = 0.5
+  image = mid_slices(volume, window=None)
+  side = 8
+  sagittal0 = image[:side, :side]  # rows: z from the top (z = 7) down, columns: y
+  np.testing.assert_array_equal(sagittal0[0, :6], 255)
+  np.testing.assert_array_equal(sagittal0[7, :6], 0)
+  np.testing.assert_array_equal(sagittal0[:, 0], np.rint(np.linspace(255, 0, 8)))
+  sagittal1 = image[side:, :side]
+  # channel 1 on its own range [-1, 0.5]: background 0 is 2/3 of the way up.
+  assert (sagittal1[7, 0], sagittal1[6, 0], sagittal1[0, 0]) == (0, 255, 170)
+  # The default window (0, 1) would blacken every negative z-score (3 of 8 here): hence None.
+  assert (mid_slices(volume)[:side, :side][:, 0] == 0).sum() == 3
+
+
 def test_mid_slices_show_each_plane_upright():
   volume = np.zeros((4, 6, 8, 2), np.float32)
   volume[2, :, 7, 0] = 1.0   # top (superior) row of the sagittal mid-slice, channel 0

@@ -218,11 +218,15 @@ def test_sub_ensemble_specs():
   assert b.spec() == "mix_cereb=T1w+FLAIR@cerebellum+subcortical"
 
 
-def test_device_resident_member_batches_equal_host_batches(blob_data):
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_device_resident_member_batches_equal_host_batches(blob_data, zscore_blob_data, dtype):
   """The device-resident member pipeline (accelerators' default) delivers the host pipeline's
-  batches: same subjects, augmentation, ages, and layout (members over 'ensemble')."""
+  batches: same subjects, augmentation, ages, and layout (members over 'ensemble'); for uint8
+  and z-scored (float16) caches alike."""
   from jax_brainage.data.augment import AugmentConfig
 
+  blob_data = blob_data if dtype == "uint8" else zscore_blob_data
+  assert blob_data.dtype == dtype
   mesh = sharding.make_mesh(2)
   seeds = [3, 4]
   rows = blob_data.member_rows(seeds, bootstrap=True)
@@ -235,5 +239,7 @@ def test_device_resident_member_batches_equal_host_batches(blob_data):
       for key in a:
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
         assert a[key].sharding.is_equivalent_to(b[key].sharding, a[key].ndim), key
+      if dtype == "float16":  # z-scores as they are: negative ones survive (no clip, no / 255)
+        assert np.asarray(a["image"]).min() < -0.5
   host.close()
   device.close()
