@@ -190,7 +190,7 @@ class Predictor:
     self.batch_size = max(n, int(math.ceil(max(1, batch_size) / n)) * n)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = sharding.put_replicated(self.mesh, trained.variables)
-    model = trained.model
+    model = models.lowering.for_inference(trained.model)  # im2col convs on CPU: same numbers
 
     def apply(variables, images):
       x = intensity.to_unit_float(images)  # uint8 -> float32 / 255, as in training

@@ -129,7 +129,7 @@ class SubEnsemble:
     if "forward" not in self._compiled:
       from jax_brainage.data import intensity
 
-      model = self.model
+      model = models.lowering.for_inference(self.model)  # im2col convs on CPU: same numbers
 
       def apply(variables, volumes):
         x = intensity.to_unit_float(volumes)

@@ -12,9 +12,12 @@ The cost is memory: the patch tensor holds k^3 copies of the layer input. `"auto
 uses im2col on the CPU backend only, and only for layers whose patch tensor stays under
 `AUTO_PATCH_BYTES`; accelerators keep XLA's convolution (cuDNN's is the fast path there).
 
-Relevance must see one linear operation per layer (a rule site per convolution), so the
-explanation code runs every model with `"xla"` (`for_relevance`); parameters are the same under
-every lowering, so a model trained with im2col is explained with XLA's convolution exactly.
+Relevance must see one convolution per layer: lrp's composites assign rules by layer kind, and
+im2col turns a conv into a patch gather and a dense product. Parameters are the same under every
+lowering, so the trainer trains with `model.conv_lowering` ("auto"), a model restored from a
+workdir (`trainer.build_model`) uses XLA's convolution (the module users explain), batched
+prediction asks for "auto" (`for_inference`), and the explanation code rebuilds any model with
+"xla" (`for_relevance`).
 """
 
 from __future__ import annotations
@@ -121,6 +124,14 @@ def conv_general_dilated(lowering: str) -> Callable[..., jax.Array] | None:
         preferred_element_type=preferred_element_type)
 
   return conv
+
+
+def for_inference(model: Any) -> Any:
+  """`model` with the "auto" lowering (im2col on CPU) for batched prediction; the same module
+  when it has no `conv_lowering` field."""
+  if getattr(model, "conv_lowering", "auto") == "auto":
+    return model
+  return model.clone(conv_lowering="auto")
 
 
 def for_relevance(model: Any) -> Any:

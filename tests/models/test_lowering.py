@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import jax
-import jax.extend.core
+import jax.extend.core  # noqa: F401 (jax.extend.core.jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,3 +172,14 @@ def test_lowering_is_not_part_of_the_architecture():
   with pytest.raises(ConfigError, match="another architecture"):
     checkpoint.check_manifest(stored, {"model": "mrinet", "model_kwargs": {"dense_features": 8}},
                               "ckpt")
+
+
+def test_restored_models_use_xla_convolutions_and_predict_with_auto():
+  """A workdir's model (what users hand to lrp) has one conv per layer; prediction may not."""
+  from jax_brainage.train import trainer
+  manifest = {"model": "mrinet", "model_kwargs": {"conv_lowering": "auto", "mean_age": 40.0,
+                                                  "conv_features": [4, 4, 8, 8, 4]}}
+  model = trainer.build_model(manifest)
+  assert model.conv_lowering == "xla"
+  assert lowering.for_inference(model).conv_lowering == "auto"
+  assert trainer.build_model({"model": "mrinet", "model_kwargs": {}}).conv_lowering == "xla"
