@@ -193,14 +193,16 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   if (cache_dir / cache_lib.INDEX).is_file():
     cache = cache_lib.Cache.open(cache_dir)
     if (Path(cache.index.get("source", "")).resolve() != data_dir.resolve()
-        or cache.sequences != sequences or len(cache) != int(s.n)):
+        or cache.sequences != sequences or len(cache) != int(s.n)
+        or cache.index.get("scaling") != config.data.scaling):
       _log(quiet, f"cache {cache_dir} is not of {data_dir}; preparing it again")
       cache = None
   if cache is None:
     _log(quiet, f"prepare {cache_dir}")
     dataset = bids.read_bids(data_dir, sequences)
     shape = tuple(int(v) for v in config.data.image_shape)
-    prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None)
+    prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
+                                   scaling=str(config.data.scaling))
     cache = cache_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
     stages["prepare_seconds"] = time.perf_counter() - t0
     save_record()

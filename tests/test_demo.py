@@ -128,6 +128,9 @@ def test_rerun_reuses_completed_stages(workdir):
   latest = workdir / "sub" / "all" / "checkpoints" / "latest"  # the ensemble's one sub-ensemble
   checkpoints = sorted(p.name for p in latest.iterdir())
   volumes = workdir / "cache" / "volumes.npy"
+  # The tiny preset prepares z-scored cubes (its data.scaling), stored as float16.
+  cache_index = json.loads((workdir / "cache" / "index.json").read_text())
+  assert cache_index["scaling"] == "zscore" and np.load(volumes, mmap_mode="r").dtype == np.float16
   image = next((workdir / "data").glob("sub-*/anat/*_T1w.nii.gz"))
   before = {p: p.stat().st_mtime_ns for p in (volumes, image)}
   first = json.loads((workdir / "summary.json").read_text())

@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache = ""                  # directory written by `brainage prepare`
   c.data.sequences = ("T1w",)        # input channels, in this order, picked from the cache
   c.data.image_shape = (0, 0, 0)     # expected cube (voxels); (0, 0, 0) = whatever the cache has
+  c.data.scaling = "minmax"          # caches this config prepares (simulated cohorts): "minmax"
+                                     # (the study's, uint8 in [0, 1]) or "zscore" (brain voxels
+                                     # standardised, float16); an existing cache is used as it is
   c.data.split_seed = 0              # 80/10/10 train/validation/test split
   c.data.workers = 0                 # grain worker processes (0: in the main process)
   c.data.mode = "auto"               # host (grain) | device (cohort resident on accelerators) |
@@ -270,6 +273,7 @@ def _parse(text: str, ref: Any) -> Any:
 def validate(config: ml_collections.ConfigDict) -> None:
   """One-line ConfigError for the first value that cannot work (names the key)."""
   from jax_brainage.models import MODELS
+  from jax_brainage.data.intensity import SCALINGS
   from jax_brainage.models.lowering import LOWERINGS
 
   def need(ok: bool, key: str, what: str) -> None:
@@ -286,6 +290,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
   need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
        "channel counts must be positive")
+  need(config.data.scaling in SCALINGS, "data.scaling", f"must be one of {SCALINGS}")
   need(config.model.conv_lowering in LOWERINGS, "model.conv_lowering",
        f"must be one of {LOWERINGS}")
   need(config.model.dense_features > 0, "model.dense_features", "must be > 0")

@@ -220,5 +220,6 @@ def _simulate_and_prepare(config) -> None:
   # write_cohort re-uses a complete directory of the same configuration (and refuses another).
   out = simulate.write_cohort(s.out, cohort, workers=int(config.data.workers) or None)
   dataset = bids.read_bids(out, sequences)
-  cache_lib.prepare(dataset, config.data.cache, cache_lib.Preprocessing(sequences=sequences),
+  prep = cache_lib.Preprocessing(sequences=sequences, scaling=str(config.data.scaling))
+  cache_lib.prepare(dataset, config.data.cache, prep,
                     workers=max(1, int(config.data.workers)))

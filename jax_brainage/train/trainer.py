@@ -254,8 +254,9 @@ def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
   """
   # The seed only enters through `init(seed)` and the data: runs with other seeds share a setup.
   experiment = {k: v for k, v in config_lib.fingerprint(config).items() if k != "seed"}
-  key = (json.dumps([experiment, list(image_shape), channels, mean_age, age_scale,
-                     total_steps], sort_keys=True, default=str), mesh)
+  # The conv lowering is resumable (not in the fingerprint) but compiles another program.
+  key = (json.dumps([experiment, str(config.model.conv_lowering), list(image_shape), channels,
+                     mean_age, age_scale, total_steps], sort_keys=True, default=str), mesh)
   if key in _SETUPS:
     return _SETUPS[key]
   model = models.get_model(config.model.name,
@@ -491,7 +492,7 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
                 if k != "seed" and not k.startswith("data.") and k not in (
                     "ensemble.sub_ensembles", "ensemble.head", "ensemble.head_folds",
                     "ensemble.correction")}
-  key = (json.dumps([experiment, int(config.ensemble.vmap_width),
+  key = (json.dumps([experiment, int(config.ensemble.vmap_width), str(config.model.conv_lowering),
                      list(image_shape), channels, mean_age, age_scale, total_steps],
                     sort_keys=True, default=str), mesh)
   if key in _MEMBER_SETUPS:

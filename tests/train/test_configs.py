@@ -78,6 +78,8 @@ def test_overrides_set_typed_values():
     (["--config.optimizer.learning_rate", "-1"], r"optimizer.learning_rate=-1.0: must be > 0"),
     (["--config.model.name", "resnet"], r"model.name='resnet': unknown model"),
     (["--config.augment.rotate_degrees", "90"], r"augment.rotate_degrees must lie in"),
+    (["--config.data.scaling", "robust"], r"data.scaling='robust': must be one of"),
+    (["--config.model.conv_lowering", "fft"], r"model.conv_lowering='fft': must be one of"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, match):
   config = config_lib.load_config(str(ROOT / "configs" / "tiny.py"))
