@@ -2,7 +2,7 @@
 sized for 2 CPU cores (the demo's default where there is no accelerator).
 
 Command (simulates 400 subjects with T1w, FLAIR and SWI into data/sim-4mm-400 and prepares its
-cache on first use):
+z-scored cache on first use):
 
     brainage train --config configs/cpu.py --workdir runs/cpu
     brainage demo --workdir runs/demo                     # the whole demo (default preset)
@@ -12,15 +12,15 @@ Use `configs/cpu.py:study` for the study's MRInet widths (16, 16, 32, 64, 32) wi
 
 Design: the three sequences are the input channels of one sub-ensemble of 2 narrow MRInets
 (an ensemble per sequence, as in the study, costs 3x the training on 2 cores), trained at once
-(stacked, one vmapped step); their non-negative head and the linear bias correction are fit
-on the 40 validation subjects. 11 epochs of 320 subjects fill ~25 minutes of 2 CPU cores (a
-3-member ensemble of (8, 16, 16, 32, 16)-wide nets ran at 0.9 member-steps/s: over an hour).
+(stacked, one vmapped step, convolutions lowered to im2col matmuls on the CPU); their
+non-negative head and the linear bias correction are fit on the 40 validation subjects.
+20 epochs of 320 subjects fill ~24 minutes of 2 CPU cores.
 
-Expected (measured 2026-11-24 on 2 otherwise idle CPU cores, `brainage demo --preset cpu`):
-25.5 minutes for the whole demo, 1439 s of it training. Test MAE 3.92 years (r 0.96) for the
-ensemble and 3.86 for its best member, 3.65 after bias correction; that is 2.55x the cohort's
-oracle MAE of 1.54 years. The goal of 1.5x the oracle (2.3 years) is not reached with 320
-training subjects at 4 mm (benchmarks/RESULTS.md).
+Expected (measured 2026-11-24 07:17 on 2 otherwise idle CPU cores, `brainage demo --preset
+cpu`): 25.2 minutes for the whole demo, 1433 s of it training. Test MAE 3.36 years (r 0.97)
+for the ensemble and 3.56 for its best member, 3.26 after bias correction; that is 2.18x the
+cohort's oracle MAE of 1.54 years. The goal of 1.5x the oracle (2.3 years) is not reached
+(benchmarks/RESULTS.md: the members still underfit, train MAE ~ validation MAE ~ 3 years).
 """
 
 from __future__ import annotations

@@ -96,16 +96,19 @@ def reference_predictions(workdir: Path, rows: np.ndarray, which: str = "best",
   kwargs = dict(meta["manifest"]["model_kwargs"])
   assert meta["manifest"]["model"] == "mrinet"
   kwargs.pop("dtype", None)
+  kwargs["conv_lowering"] = "xla"  # the reference is XLA's convolution, whatever was trained
   model = MRInet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
   params = jax.tree.map(np.asarray, state["params"])
   if transform is not None:
     params = transform(params)
-  volumes = np.load(workdir / "cache" / "volumes.npy")  # [n, X, Y, Z, C] uint8
+  volumes = np.load(workdir / "cache" / "volumes.npy")  # [n, X, Y, Z, C] uint8 or float16
   index = json.loads((workdir / "cache" / "index.json").read_text())
   volumes = volumes[..., [index["sequences"].index(q) for q in meta["manifest"]["sequences"]]]
   out = []
   for i in rows:  # one subject at a time, input scaled in numpy
-    x = volumes[i:i + 1].astype(np.float64) / 255.0
+    # minmax caches hold uint8 (network input / 255), zscore caches float16 (used as stored)
+    x = volumes[i:i + 1].astype(np.float64)
+    x = x / 255.0 if volumes.dtype == np.uint8 else x
     out.append(float(np.asarray(model.apply({"params": params}, x.astype(np.float32),
                                             train=False))[0]))
   return np.array(out)
