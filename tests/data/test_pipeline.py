@@ -181,15 +181,25 @@ def test_worker_processes_deliver_the_same_batches(cohort):
       np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_memory_mapped_source_pickles_by_file_name(tmp_path, cohort):
-  volumes, ages = cohort
+@pytest.mark.parametrize("which", ["cohort", "zcohort"])  # uint8 (minmax) and float16 (zscore)
+def test_memory_mapped_source_pickles_by_file_name_and_feeds_workers(tmp_path, which, request):
+  volumes, ages = request.getfixturevalue(which)
   np.save(tmp_path / "volumes.npy", volumes)
   src = pl.ArraySource(np.load(tmp_path / "volumes.npy", mmap_mode="r"), ages)
   blob = pickle.dumps(src)
   assert len(blob) < volumes.nbytes // 4  # not a copy of the volumes
   back = pickle.loads(blob)
+  assert back.volumes.dtype == volumes.dtype
   rows = np.array([5, 1, 17])
   np.testing.assert_array_equal(back.read(rows), volumes[rows])
+  kw = dict(batch_size=4, seed=2, num_epochs=1, shard_index=0, shard_count=1)
+  ref = list(pl.HostPipeline(pl.ArraySource(volumes, ages), **kw))
+  got = list(pl.HostPipeline(src, worker_count=2, **kw))
+  assert len(got) == len(ref)
+  for a, b in zip(got, ref):
+    assert a["image"].dtype == volumes.dtype
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_bad_arguments_are_one_line_errors(cohort):
@@ -440,26 +450,6 @@ def test_zscore_device_mode_equals_host_mode_with_augmentation(zcohort):
                                  err_msg=k)
     image = np.asarray(a["image"])
     assert image.min() < -1 and image.max() > 2  # augmentation does not clip z-scores
-
-
-def test_zscore_memory_map_pickles_by_file_name_and_feeds_workers(tmp_path, zcohort):
-  volumes, ages = zcohort
-  np.save(tmp_path / "volumes.npy", volumes)
-  src = pl.ArraySource(np.load(tmp_path / "volumes.npy", mmap_mode="r"), ages)
-  blob = pickle.dumps(src)
-  assert len(blob) < volumes.nbytes // 4  # not a copy of the volumes
-  back = pickle.loads(blob)
-  assert back.volumes.dtype == np.float16
-  rows = np.array([5, 1, 17])
-  np.testing.assert_array_equal(back.read(rows), volumes[rows])
-  kw = dict(batch_size=4, seed=2, num_epochs=1, shard_index=0, shard_count=1)
-  ref = list(pl.HostPipeline(pl.ArraySource(volumes, ages), **kw))
-  got = list(pl.HostPipeline(src, worker_count=2, **kw))
-  assert len(got) == len(ref)
-  for a, b in zip(got, ref):
-    assert a["image"].dtype == np.float16
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_zscore_cache_through_the_batches_command(tmp_path, zcohort, capsys):
