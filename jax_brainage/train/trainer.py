@@ -115,16 +115,15 @@ def model_manifest(config: ml_collections.ConfigDict, data: data_lib.TrainingDat
           "loss": config.loss}
 
 
-def build_model(manifest: dict[str, Any], conv_lowering: str = "xla"):
+def build_model(manifest: dict[str, Any]):
   """The flax module a manifest describes (for inference from a workdir).
 
-  With XLA's convolution by default, whatever lowering it was trained with: this is the module
-  users explain (one lrp rule site per conv). Batched prediction asks for "auto" (im2col on CPU).
+  With XLA's convolution, whatever lowering it was trained with: this is the module users
+  explain (one lrp rule site per conv); batched prediction switches to im2col on CPU with
+  `models.lowering.for_inference`.
   """
-  kwargs = dict(manifest["model_kwargs"])
-  if "conv_lowering" in kwargs or conv_lowering != "xla":
-    kwargs["conv_lowering"] = conv_lowering
-  return models.get_model(manifest["model"], **kwargs)
+  return models.get_model(manifest["model"],
+                          **{**manifest["model_kwargs"], "conv_lowering": "xla"})
 
 
 def init_state(model, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
