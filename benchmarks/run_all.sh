@@ -4,7 +4,7 @@
 #   benchmarks/run_all.sh [OUTDIR]            # full size on an accelerator, small size on CPU
 #   SIZE=small benchmarks/run_all.sh out/     # force a size (full | small | tiny)
 #   ONLY="train lrp" benchmarks/run_all.sh    # a subset: train roofline lrp pipeline conv
-#                                             #   simulate ensemble scaling
+#                                             #   pool simulate ensemble scaling
 #
 # Where one command may run only ~10 minutes (a lent GPU), run it in parts with ONLY (train and
 # roofline are the long ones; bench_train.py --cases splits train further), same OUTDIR.
@@ -61,6 +61,7 @@ case "$SIZE" in
     run pipeline bench_pipeline.py --shapes 2mm,4mm --subjects 256 --batch-size 8 --steps 50 \
       --warmup 5
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 10
+    run pool bench_pool.py --side 98 --batch-size 4 --repeats 10
     run simulate bench_simulate.py --resolution 2 --n 40 --workers "$(nproc)"
     run ensemble bench_ensemble.py
     run scaling bench_scaling.py
@@ -72,6 +73,7 @@ case "$SIZE" in
     run pipeline bench_pipeline.py --shapes 2mm,4mm --subjects 64 --batch-size 8 --steps 20 \
       --workers 0,2
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 3
+    run pool bench_pool.py --side 50 --batch-size 4 --repeats 7
     run simulate bench_simulate.py --resolution 4 --n 200 --workers 2
     run ensemble bench_ensemble.py
     run scaling bench_scaling.py
@@ -85,6 +87,7 @@ case "$SIZE" in
     run pipeline bench_pipeline.py --shapes 16 --subjects 4 --batch-size 2 --steps 1 --warmup 1 \
       --workers 0 --augment off
     run conv bench_conv.py --side 16 --batch-size 1 --repeats 1 --lowerings xla,im2col_z
+    run pool bench_pool.py --side 8 --batch-size 1 --repeats 1
     ;;
   *)
     echo "SIZE must be full, small or tiny, got $SIZE" >&2

@@ -1,4 +1,6 @@
-"""How a model's convolutions are lowered: XLA's convolution, or patches @ kernel (im2col).
+"""How a model's convolutions and max-pool gradients are lowered for the backend.
+
+Convolutions: XLA's convolution, or patches @ kernel (im2col).
 
 XLA's CPU backend runs small-channel 3D convolutions several times slower than a matrix
 multiply of the same FLOPs (benchmarks/RESULTS.md: MRInet's single-channel conv1 at 64^3 took
@@ -18,6 +20,16 @@ lowering, so the trainer trains with `model.conv_lowering` ("auto"), a model res
 workdir (`trainer.build_model`) uses XLA's convolution (the module users explain), batched
 prediction asks for "auto" (`for_inference`), and the explanation code rebuilds any model with
 "xla" (`for_relevance`).
+
+Max-pooling: the forward pass is always XLA's `reduce_window_max` (what lrp's winner-take-all
+routing sees), but its gradient, XLA's `select_and_scatter`, is slow on the CPU: 116 ms of a
+344 ms training step of the cpu preset's MRInet (batch 4 at 50^3, 8 channels after conv1). A
+box maximum is separable, so the gradient here is that of one strided 1D maximum per axis
+(slices, `maximum` and pads), 2.5-4.5x faster (benchmarks/bench_pool.py). The two agree
+wherever the window's maximum is unique; at ties XLA routes the whole gradient to one winner
+and this splits it evenly (both are subgradients; after a ReLU the tied entries are zeros whose
+ReLU derivative is 0, so the parameter gradients are the same). Selected by the same lowering
+name as the convolutions.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import itertools
 import math
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -140,3 +153,62 @@ def for_relevance(model: Any) -> Any:
   if getattr(model, "conv_lowering", "xla") == "xla":
     return model
   return model.clone(conv_lowering="xla")
+
+
+def _pool_geometry(n: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
+  """(output size, low pad, high pad) of one axis, as XLA/Keras compute SAME and VALID."""
+  if padding == "SAME":
+    m = -(-n // s)
+    total = max((m - 1) * s + k - n, 0)
+    return m, total // 2, total - total // 2
+  return (n - k) // s + 1, 0, 0
+
+
+def separable_max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                       padding: str) -> jax.Array:
+  """Max-pooling of `x` `[batch, *spatial, C]` as one strided 1D maximum per spatial axis.
+
+  Equals `nn.max_pool(x, window, strides, padding)` exactly (max is associative); built from
+  slices and `maximum`, so that its autodiff gradient avoids `select_and_scatter`.
+  """
+  for axis, (k, s) in enumerate(zip(window, strides), start=1):
+    m, lo, hi = _pool_geometry(x.shape[axis], k, s, padding)
+    if lo or hi:
+      pads = [(0, 0, 0)] * x.ndim
+      pads[axis] = (lo, hi, 0)
+      x = jax.lax.pad(x, jnp.array(-jnp.inf, x.dtype), pads)
+    taps = [jax.lax.slice_in_dim(x, o, o + s * (m - 1) + 1, s, axis=axis) for o in range(k)]
+    x = functools.reduce(jnp.maximum, taps)
+  return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_separable_grad(x, window, strides, padding):
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  return _max_pool_separable_grad(x, window, strides, padding), x
+
+
+def _max_pool_bwd(window, strides, padding, x, g):
+  # Recomputing the (cheap) separable forward keeps only x as the residual.
+  _, vjp = jax.vjp(lambda v: separable_max_pool(v, window, strides, padding), x)
+  return vjp(g)
+
+
+_max_pool_separable_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: str,
+             lowering: str) -> jax.Array:
+  """`nn.max_pool(x, window, strides, padding)` whose gradient follows `lowering`.
+
+  "xla": XLA's own gradient; "im2col": the separable gradient; "auto": the separable gradient
+  on the CPU backend. The forward values are identical under every lowering.
+  """
+  check(lowering, "max_pool")
+  window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
+  if lowering == "im2col" or (lowering == "auto" and jax.default_backend() == "cpu"):
+    return _max_pool_separable_grad(x, window, strides, padding)
+  return nn.max_pool(x, window, strides=strides, padding=padding)

@@ -54,8 +54,9 @@ class MRInet(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The age head
       always computes in float32: bf16 steps are 0.25 years at 32-64 and 0.5 years above 64.
     param_dtype: parameter dtype (float32).
-    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the convolutions are
-      computed (`jax_brainage.models.lowering`); the parameters and outputs are the same.
+    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the convolutions and the
+      max-pool gradients are computed (`jax_brainage.models.lowering`); the parameters and
+      outputs are the same.
   """
 
   mean_age: float = 50.0
@@ -93,7 +94,7 @@ class MRInet(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i}")(x)
       x = nn.relu(x)
       # Overlapping 3^3 windows with stride 2, padded as Keras/TF "SAME": out = ceil(n / 2).
-      x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding="SAME")
+      x = lowering.max_pool(x, (3, 3, 3), (2, 2, 2), "SAME", self.conv_lowering)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
     x = nn.Dense(self.dense_features, kernel_init=_kernel_init, dtype=self.dtype,

@@ -130,7 +130,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
                      param_dtype=module.param_dtype, name=f"bn{i}")(x)
     if not last:
       # torch MaxPool3d(2, stride=2): VALID windows, odd remainders dropped.
-      x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+      x = lowering.max_pool(x, (2, 2, 2), (2, 2, 2), "VALID", module.conv_lowering)
     x = nn.relu(x)
   # Global average pooling as one window over the whole volume (Peng's AvgPool3d([5, 6, 5])),
   # summed in float32 (bf16 sums of ~150 voxels lose digits); from here on all is float32.
@@ -162,8 +162,9 @@ class SFCN(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`. The head and the
       log-softmax always run in float32.
     bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (PyTorch defaults).
-    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the trunk's convolutions are
-      computed (`jax_brainage.models.lowering`); the parameters and outputs are the same.
+    conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the trunk's convolutions and
+      max-pool gradients are computed (`jax_brainage.models.lowering`); the parameters and
+      outputs are the same.
   """
 
   age_range: tuple[float, float] = (15.0, 85.0)

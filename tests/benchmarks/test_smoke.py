@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 torch = pytest.importorskip("torch", reason="the PyTorch side of the harness needs torch")
 
 import bench_conv  # noqa: E402
+import bench_pool  # noqa: E402
 import bench_roofline  # noqa: E402
 import bench_train  # noqa: E402
 import torch_models  # noqa: E402
@@ -214,6 +215,18 @@ def test_bench_conv_tiny(tmp_path):
   # MRInet through every lowering gives the flax model's age (years)
   for name, diff in result["mrinet"]["max_abs_diff_vs_flax_years"].items():
     assert diff < 1e-3, name
+
+
+def test_bench_pool_tiny_gradients_agree(tmp_path):
+  out = tmp_path / "pool.json"
+  assert bench_pool.main(["--side", "8", "--batch-size", "1", "--repeats", "1",
+                          "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert ENV_KEYS <= set(result)
+  assert [r["shape"] for r in result["pools"]] == [[1, 8, 8, 8, 8], [1, 4, 4, 4, 16]]
+  assert all(r["max_abs_diff"] < 1e-5 for r in result["pools"])
+  assert {r["net"] for r in result["steps"]} == set(bench_pool.NETS)
+  assert all(r["max_abs_grad_diff"] < 1e-4 for r in result["steps"])
 
 
 def test_run_all_is_valid_bash():

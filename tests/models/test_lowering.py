@@ -199,3 +199,78 @@ def test_trainer_compiles_a_step_per_lowering():
     setups[name] = trainer.build_setup(config, (16, 16, 16), 1, 50.0, 10, sharding.make_mesh())
     assert setups[name].model.conv_lowering == name
   assert setups["xla"] is not setups["im2col"]
+
+
+def numpy_max_pool(x, window, strides, padding):
+  """Float64 max-pooling with argmax routing: returns (pooled, index of each window's winner).
+
+  x `[n, X, Y, Z, C]`; SAME pads with -inf as XLA and Keras do (low side gets the smaller half).
+  """
+  x = np.asarray(x, np.float64)
+  n, *spatial, c = x.shape
+  geometry = []
+  for size, k, s in zip(spatial, window, strides):
+    if padding == "SAME":
+      m = -(-size // s)
+      lo = max((m - 1) * s + k - size, 0) // 2
+    else:
+      m, lo = (size - k) // s + 1, 0
+    geometry.append((m, lo))
+  out = np.full((n, *(m for m, _ in geometry), c), -np.inf)
+  winner = np.zeros(out.shape + (3,), np.int64)
+  for idx in itertools.product(*(range(m) for m, _ in geometry)):
+    starts = [i * s - lo for i, s, (_, lo) in zip(idx, strides, geometry)]
+    for tap in itertools.product(*(range(k) for k in window)):
+      pos = [a + t for a, t in zip(starts, tap)]
+      if any(p < 0 or p >= size for p, size in zip(pos, spatial)):
+        continue
+      v = x[:, pos[0], pos[1], pos[2], :]
+      better = v > out[(slice(None), *idx, slice(None))]
+      out[(slice(None), *idx, slice(None))] = np.where(better, v,
+                                                       out[(slice(None), *idx, slice(None))])
+      winner[(slice(None), *idx, slice(None))] = np.where(
+          better[..., None], np.array(pos), winner[(slice(None), *idx, slice(None))])
+  return out, winner
+
+
+POOLS = [((3, 3, 3), (2, 2, 2), "SAME", (2, 7, 6, 5, 3)),
+         ((2, 2, 2), (2, 2, 2), "VALID", (1, 5, 7, 4, 2))]
+
+
+@pytest.mark.parametrize("window,strides,padding,shape", POOLS)
+def test_max_pool_and_its_separable_gradient_against_numpy(window, strides, padding, shape):
+  """Values equal a direct max; the gradient routes each window's cotangent to its maximum
+  (continuous random inputs: every maximum is unique)."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=shape).astype(np.float32)
+  want, winner = numpy_max_pool(x, window, strides, padding)
+  g = rng.normal(size=want.shape).astype(np.float32)
+  want_grad = np.zeros(shape, np.float64)
+  for idx in itertools.product(*(range(d) for d in want.shape[:-1])):
+    for ch in range(shape[-1]):
+      px, py, pz = winner[(*idx, ch)]
+      want_grad[idx[0], px, py, pz, ch] += g[(*idx, ch)]
+  np.testing.assert_array_equal(
+      np.asarray(lowering.separable_max_pool(jnp.asarray(x), window, strides, padding)), want)
+  for name in ("im2col", "xla"):
+    pool = lambda v: lowering.max_pool(v, window, strides, padding, name)
+    out, vjp = jax.vjp(pool, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), want)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), want_grad, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_max_pool_gradient_splits_ties_and_keeps_the_forward_primitive():
+  """All-equal windows share their cotangent evenly (the total is conserved); the forward pass
+  is still one reduce_window_max, the primitive lrp routes winner-take-all."""
+  x = jnp.zeros((1, 4, 4, 4, 1))
+  g = jnp.ones((1, 2, 2, 2, 1))
+  pool = lambda v: lowering.max_pool(v, (2, 2, 2), (2, 2, 2), "VALID", "im2col")
+  dx = jax.vjp(pool, x)[1](g)[0]
+  np.testing.assert_allclose(np.asarray(dx), np.full(x.shape, 1 / 8), rtol=1e-6)
+  prims = _primitives(pool, x)
+  assert "reduce_window_max" in prims and "select_and_scatter_add" not in prims
+  grad_prims = lambda name: _primitives(jax.grad(lambda v: jnp.sum(
+      lowering.max_pool(v, (2, 2, 2), (2, 2, 2), "VALID", name))), x)
+  assert "select_and_scatter_add" in grad_prims("xla")
+  assert "select_and_scatter_add" not in grad_prims("im2col")
