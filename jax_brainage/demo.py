@@ -194,7 +194,8 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
     cache = cache_lib.Cache.open(cache_dir)
     if (Path(cache.index.get("source", "")).resolve() != data_dir.resolve()
         or cache.sequences != sequences or len(cache) != int(s.n)
-        or cache.index.get("scaling") != config.data.scaling):
+        or cache.index.get("scaling") != config.data.scaling
+        or cache.preprocessing.bias_sigma_mm != float(config.data.bias_sigma_mm)):
       _log(quiet, f"cache {cache_dir} is not of {data_dir}; preparing it again")
       cache = None
   if cache is None:
@@ -202,7 +203,8 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
     dataset = bids.read_bids(data_dir, sequences)
     shape = tuple(int(v) for v in config.data.image_shape)
     prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
-                                   scaling=str(config.data.scaling))
+                                   scaling=str(config.data.scaling),
+                                   bias_sigma_mm=float(config.data.bias_sigma_mm))
     cache = cache_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
     stages["prepare_seconds"] = time.perf_counter() - t0
     save_record()

@@ -73,6 +73,8 @@ class Preprocessing:
     scaling: "minmax" (uint8) or "zscore" (float16).
     ceiling_percentile: brain percentile used as the minmax ceiling.
     regions: atlas labels to keep (None = whole brain).
+    bias_sigma_mm: > 0: homomorphic bias-field correction of every sequence with a Gaussian
+      field of this width (mm) before scaling (`intensity.correct_bias`); 0 = none.
   """
 
   sequences: tuple[str, ...] = ("T1w",)
@@ -81,6 +83,7 @@ class Preprocessing:
   scaling: str = "minmax"
   ceiling_percentile: float = intensity.DEFAULT_CEILING_PERCENTILE
   regions: tuple[int, ...] | None = None
+  bias_sigma_mm: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
@@ -98,6 +101,10 @@ class Preprocessing:
       raise ConfigError(f"ceiling percentile must be in (0, 100], got {self.ceiling_percentile}")
     if self.regions is not None:
       object.__setattr__(self, "regions", tuple(int(r) for r in self.regions))
+    if not 0 <= float(self.bias_sigma_mm) < 1000:
+      raise ConfigError(f"bias_sigma_mm must be 0 (no correction) or a width in mm, got "
+                        f"{self.bias_sigma_mm}")
+    object.__setattr__(self, "bias_sigma_mm", float(self.bias_sigma_mm))
 
   @property
   def dtype(self) -> np.dtype:
@@ -194,8 +201,13 @@ def preprocess_subject(
   # Scale on the cube: its statistics are those of what the network sees, at a fraction of the
   # cost of the whole field of view.
   brain_cube = prune.crop_or_pad(brain, inverse.offset, cube_shape)
+  cubes = [prune.crop_or_pad(v, inverse.offset, cube_shape) for v in volumes]
+  if prep.bias_sigma_mm > 0:
+    spacing = nifti.voxel_size(canonical_affine)
+    cubes = [intensity.correct_bias(c, brain_cube, prep.bias_sigma_mm, spacing, where=n)
+             for c, n in zip(cubes, names)]
   cube = intensity.scale_channels(
-      [prune.crop_or_pad(v, inverse.offset, cube_shape) for v in volumes], brain_cube,
+      cubes, brain_cube,
       scaling=prep.scaling, ceiling_percentile=prep.ceiling_percentile, names=names)
 
   if prep.regions is not None:
@@ -664,6 +676,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="minmax: clip + min-max to uint8; zscore: within the brain, float16")
   p.add_argument("--ceiling-percentile", type=float, default=intensity.DEFAULT_CEILING_PERCENTILE,
                  metavar="P", help="brain percentile used as the minmax ceiling (99.5)")
+  p.add_argument("--bias-sigma", type=float, default=0.0, metavar="MM",
+                 help="homomorphic bias-field correction with a Gaussian field of MM mm "
+                      "(e.g. 30) before scaling; 0: none (default)")
   p.add_argument("--regions", default=None, metavar="LABELS",
                  help="keep only these atlas regions: labels or names, comma-separated")
   p.add_argument("--atlas", default=None, metavar="FILE", help="label image for --regions")
@@ -697,7 +712,7 @@ def run(args: argparse.Namespace) -> int:
     labels = regions.parse_labels(args.regions, atlas)
   prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
                        scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
-                       regions=labels)
+                       regions=labels, bias_sigma_mm=args.bias_sigma)
   for sid, why in dataset.skipped:
     print(f"skipped {why}", file=sys.stderr)
   cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,

@@ -14,6 +14,16 @@ stored volume to the network input, used by training, prediction and explanation
 
 Either way 0 is the background, so zero padding (cube, shifts, rotations) adds background.
 
+Optional bias-field correction first (`correct_bias`, `brainage prepare --bias-sigma MM`): the
+study's T1 inputs were FreeSurfer's intensity-normalised `brain.finalsurfs.mgz`, i.e. already
+corrected for the scanner's smooth multiplicative bias field. A bias field scales local contrast:
+an 8% field changes a lentiform-to-white-matter SWI contrast as much as ~10 years of iron
+deposition do in the simulated cohort. Homomorphic correction divides each sequence by its
+low-pass field, the brain-masked Gaussian smoothing of log intensity (normalised convolution, so
+the brain's edge does not pull the estimate towards the background). Cheap (milliseconds per cube)
+and deterministic; the smoothing width must be well above the structures of interest (default
+when used: 30 mm).
+
 Several sequences become the channels of one `[x, y, z, channel]` array (`scale_channels`).
 """
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from jax_brainage.errors import DataError
 
@@ -120,6 +131,46 @@ def zscore(
     out[~np.asarray(brain, bool)] = 0.0
   # float16 holds z-scores to ~3 significant digits and saturates only beyond 65504.
   return out.astype(np.float16)
+
+
+def correct_bias(
+    data: np.ndarray, brain: np.ndarray, sigma_mm: float, voxel_size_mm: Sequence[float], *,
+    where: str = "image",
+) -> np.ndarray:
+  """Divides `data` `[x, y, z]` by its smooth multiplicative field; float32, same shape.
+
+  log field = G_sigma * (mask log x) / G_sigma * mask, re-centred to mean 0 over the brain (the
+  brain's mean log intensity is kept, so intensity scaling after this sees the usual range).
+  Voxels at or below 1% of the brain's median count as 1% of it inside the log (noise can push
+  dark CSF below zero). Outside the brain the data are left as they are.
+
+  Args:
+    data: one sequence's volume.
+    brain: boolean brain mask, same shape.
+    sigma_mm: Gaussian width of the field (mm), > 0.
+    voxel_size_mm: the voxel size per axis (mm), to turn sigma into voxels.
+  """
+  brain = np.asarray(brain, bool)
+  values = np.asarray(data, np.float64)
+  inside = values[brain]
+  if inside.size == 0:
+    raise DataError(f"{where}: empty brain (no voxel inside the brain mask)")
+  median = float(np.median(inside))
+  if not median > 0:
+    raise DataError(f"{where}: bias correction needs positive intensities inside the brain "
+                    f"(median {median:g})")
+  floor = 0.01 * median
+  sigma = [float(sigma_mm) / float(v) for v in voxel_size_mm]
+  weight = brain.astype(np.float64)
+  log = np.where(brain, np.log(np.maximum(values, floor)), 0.0)
+  smooth_log = ndimage.gaussian_filter(log, sigma, mode="constant")
+  smooth_weight = ndimage.gaussian_filter(weight, sigma, mode="constant")
+  field = np.zeros_like(values)
+  np.divide(smooth_log, smooth_weight, out=field, where=smooth_weight > 1e-6)
+  field -= field[brain].mean()
+  out = values.copy()
+  out[brain] = values[brain] * np.exp(-field[brain])
+  return out.astype(np.float32)
 
 
 def scale(

@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.scaling = "minmax"          # caches this config prepares (simulated cohorts): "minmax"
                                      # (the study's, uint8 in [0, 1]) or "zscore" (brain voxels
                                      # standardised, float16); an existing cache is used as it is
+  c.data.bias_sigma_mm = 0.0         # caches this config prepares: > 0 corrects each sequence's
+                                     # bias field (homomorphic, Gaussian of this width in mm)
   c.data.split_seed = 0              # 80/10/10 train/validation/test split
   c.data.workers = 0                 # grain worker processes (0: in the main process)
   c.data.mode = "auto"               # host (grain) | device (cohort resident on accelerators) |
@@ -291,6 +293,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
        "channel counts must be positive")
   need(config.data.scaling in SCALINGS, "data.scaling", f"must be one of {SCALINGS}")
+  need(0 <= config.data.bias_sigma_mm < 1000, "data.bias_sigma_mm",
+       "must be 0 (no correction) or a Gaussian width in mm")
   need(config.model.conv_lowering in LOWERINGS, "model.conv_lowering",
        f"must be one of {LOWERINGS}")
   need(config.model.dense_features > 0, "model.dense_features", "must be > 0")

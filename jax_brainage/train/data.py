@@ -220,6 +220,7 @@ def _simulate_and_prepare(config) -> None:
   # write_cohort re-uses a complete directory of the same configuration (and refuses another).
   out = simulate.write_cohort(s.out, cohort, workers=int(config.data.workers) or None)
   dataset = bids.read_bids(out, sequences)
-  prep = cache_lib.Preprocessing(sequences=sequences, scaling=str(config.data.scaling))
+  prep = cache_lib.Preprocessing(sequences=sequences, scaling=str(config.data.scaling),
+                                 bias_sigma_mm=float(config.data.bias_sigma_mm))
   cache_lib.prepare(dataset, config.data.cache, prep,
                     workers=max(1, int(config.data.workers)))

@@ -374,3 +374,24 @@ def test_freesurfer_conformed_mgz(make_bids, tmp_path):
     back = prune.to_subject_space(np.asarray(c.volumes[i][..., 0]), c.inverse(i))
     np.testing.assert_array_equal(back.affine, lia)
     np.testing.assert_array_equal(np.asarray(back.dataobj), _replica_uint8(t1, t1 > 0))
+
+
+def test_bias_corrected_cache_records_and_reapplies_the_correction(dataset, tmp_path):
+  """--bias-sigma is stored with the cache, changes the cubes, and new data gets it too."""
+  ds = bids.read_bids(dataset, "T1w,FLAIR")
+  _prepare_cli(["--data", str(dataset), "--out", str(tmp_path / "bc"), "--sequences",
+                "T1w,FLAIR", "--shape", "16", "--scaling", "zscore", "--bias-sigma", "6",
+                "--workers", "1", "--quiet"])
+  corrected = cache.Cache.open(tmp_path / "bc")
+  plain = cache.prepare(ds, tmp_path / "plain", cache.Preprocessing(
+      sequences=("T1w", "FLAIR"), shape=(16, 16, 16), scaling="zscore"))
+  assert corrected.preprocessing.bias_sigma_mm == 6.0 and plain.preprocessing.bias_sigma_mm == 0
+  a = np.asarray(corrected.volumes[0], np.float32)
+  b = np.asarray(plain.volumes[0], np.float32)
+  assert np.abs(a - b).max() > 0.05 and np.array_equal(a == 0, b == 0)
+  t1 = _brain(1)
+  cube, _ = corrected.preprocess({"T1w": nib.Nifti1Image(t1, AFFINE),
+                                  "FLAIR": _flair_on_flipped_grid(t1)}, subject="new")
+  np.testing.assert_array_equal(cube, corrected.volumes[1])
+  with pytest.raises(ConfigError, match="bias_sigma_mm"):
+    cache.Preprocessing(bias_sigma_mm=-1)
