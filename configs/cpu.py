@@ -1,5 +1,5 @@
-"""CPU preset: an ensemble of MRInets on a 400-subject, 3-sequence simulated cohort at 4 mm,
-sized for 2 CPU cores (the demo's default where there is no accelerator).
+"""CPU preset: one MRInet (an ensemble with `--config.ensemble.members N`) on a 400-subject,
+3-sequence simulated cohort at 4 mm, sized for 2 CPU cores (the demo's default where there is no accelerator).
 
 Command (simulates 400 subjects with T1w, FLAIR and SWI into data/sim-4mm-400 and prepares its
 bias-corrected, z-scored cache on first use):
@@ -11,19 +11,19 @@ Use `configs/cpu.py:study` for the study's MRInet widths (16, 16, 32, 64, 32) wi
 (conv1 twice as wide: the
 slowest layer on a CPU), `configs/cpu.py:t1` for T1w only.
 
-Design: the three sequences are the input channels of one sub-ensemble of 2 MRInets with conv1
-at half the study's width (an ensemble per sequence, as in the study, costs 3x the training on
-2 cores), trained at once (stacked, one vmapped step, convolutions as im2col matmuls and
-separable max-pool gradients on the CPU); their non-negative head and the linear bias
-correction are fit on the 40 validation subjects. Each sequence is bias-field corrected (20 mm)
-and z-scored. 24 epochs of 320 subjects fill ~23 minutes of 2 CPU cores.
+Design: the three sequences are the input channels of one MRInet with conv1 at half the study's
+width (an ensemble per sequence, as in the study, costs 3x the training on 2 cores; an ensemble
+of 2 vmapped members trained half as many epochs in the same time and scored worse, see below),
+its convolutions as im2col matmuls and its max-pool gradients separable on the CPU. Each
+sequence is bias-field corrected (20 mm) and z-scored. 56 epochs of 320 subjects fill ~23
+minutes of 2 CPU cores. `--config.ensemble.members 2` trains the 2-member ensemble with a
+non-negative head and linear bias correction fit on the 40 validation subjects.
 
-Expected (measured 2026-11-24 09:51 on 2 otherwise idle CPU cores, `brainage demo --preset
-cpu`): 24.0 minutes for the whole demo, 1350 s of it training. Test MAE 3.01 years (r 0.98)
-for the ensemble and 3.07 for its best member, 2.96 after bias correction (validation: 2.57);
-that is 1.96x the cohort's oracle MAE of 1.54 years. The goal of 1.5x the oracle (2.3 years)
-is not reached (benchmarks/RESULTS.md: training MAE ends at 2.4 years, so the members are
-still limited by what 24 epochs can fit).
+Expected (measured 2026-11-24 10:36 on 2 otherwise idle CPU cores, `brainage demo --preset
+cpu`): 23.9 minutes for the whole demo, 1383 s of it training. Test MAE 2.69 years (r 0.98;
+validation 2.15), 1.75x the cohort's oracle MAE of 1.54 years. The goal of 1.5x the oracle
+(2.3 years) is not reached. The 2-member ensemble for 24 epochs (09:51): 3.01 years test MAE,
+24.0 minutes (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -70,10 +70,14 @@ def get_config(arg: str | None = None):
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 100
   c.batch_size = 4
-  c.num_epochs = 24
+  c.num_epochs = 56
   c.patience = 0
   c.log_every_steps = 20
-  c.ensemble.members = 2
+  # One MRInet for 56 epochs beats 2 vmapped members for 24 in the same 23 minutes (test MAE
+  # 2.69 against 3.01 years, validation 2.15 against 2.57): the members underfit, and on a CPU
+  # one model trains at 14.7 volumes/s against 11.9 member-volumes/s for the pair. The head
+  # and correction below apply with `--config.ensemble.members N` (N > 1).
+  c.ensemble.members = 1
   c.ensemble.head = "nonnegative"
   c.ensemble.head_folds = 5
   c.ensemble.correction = "linear"
