@@ -678,7 +678,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  metavar="P", help="brain percentile used as the minmax ceiling (99.5)")
   p.add_argument("--bias-sigma", type=float, default=0.0, metavar="MM",
                  help="homomorphic bias-field correction with a Gaussian field of MM mm "
-                      "(e.g. 30) before scaling; 0: none (default)")
+                      "(e.g. 20) before scaling; 0: none (default)")
   p.add_argument("--regions", default=None, metavar="LABELS",
                  help="keep only these atlas regions: labels or names, comma-separated")
   p.add_argument("--atlas", default=None, metavar="FILE", help="label image for --regions")

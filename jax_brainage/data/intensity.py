@@ -20,9 +20,9 @@ corrected for the scanner's smooth multiplicative bias field. A bias field scale
 an 8% field changes a lentiform-to-white-matter SWI contrast as much as ~10 years of iron
 deposition do in the simulated cohort. Homomorphic correction divides each sequence by its
 low-pass field, the brain-masked Gaussian smoothing of log intensity (normalised convolution, so
-the brain's edge does not pull the estimate towards the background). Cheap (milliseconds per cube)
-and deterministic; the smoothing width must be well above the structures of interest (default
-when used: 30 mm).
+the brain's edge does not pull the estimate towards the background). Cheap (tens of milliseconds
+per 4 mm cube) and deterministic; the smoothing width must be well above the structures of
+interest (the presets use 20 mm).
 
 Several sequences become the channels of one `[x, y, z, channel]` array (`scale_channels`).
 """
