@@ -35,6 +35,7 @@ error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -189,22 +190,25 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   # 2. Prepare the cache (reused when it is complete and made from this dataset).
   cache_dir = Path(config.data.cache)
   t0 = time.perf_counter()
+  shape = tuple(int(v) for v in config.data.image_shape)
+  prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
+                                 scaling=str(config.data.scaling),
+                                 bias_sigma_mm=float(config.data.bias_sigma_mm))
   cache = None
   if (cache_dir / cache_lib.INDEX).is_file():
     cache = cache_lib.Cache.open(cache_dir)
+    # The whole preprocessing (sequences, cube, scaling, bias correction) must be the preset's;
+    # a cache stores its cube resolved, which a preset without image_shape leaves to the default.
+    stored = cache.preprocessing
+    if prep.shape is None:
+      stored = dataclasses.replace(stored, shape=None)
     if (Path(cache.index.get("source", "")).resolve() != data_dir.resolve()
-        or cache.sequences != sequences or len(cache) != int(s.n)
-        or cache.index.get("scaling") != config.data.scaling
-        or cache.preprocessing.bias_sigma_mm != float(config.data.bias_sigma_mm)):
+        or len(cache) != int(s.n) or stored != prep):
       _log(quiet, f"cache {cache_dir} is not of {data_dir}; preparing it again")
       cache = None
   if cache is None:
     _log(quiet, f"prepare {cache_dir}")
     dataset = bids.read_bids(data_dir, sequences)
-    shape = tuple(int(v) for v in config.data.image_shape)
-    prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
-                                   scaling=str(config.data.scaling),
-                                   bias_sigma_mm=float(config.data.bias_sigma_mm))
     cache = cache_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
     stages["prepare_seconds"] = time.perf_counter() - t0
     save_record()
