@@ -190,8 +190,19 @@ def open_training_data(config) -> TrainingData:
   """TrainingData from `config.data`: a prepared cache (`brainage prepare`); with
   `config.data.simulate.n > 0` a simulated cohort is written and prepared there first."""
   cache_dir = Path(config.data.cache)
-  if not (cache_dir / "index.json").exists() and config.data.simulate.n > 0:
-    _simulate_and_prepare(config)
+  if config.data.simulate.n > 0:
+    import jax
+
+    from jax_brainage import sharding
+
+    # On several hosts process 0 alone writes the cohort and its cache (on the shared file
+    # system the others read); they wait for it at a barrier instead of racing to write.
+    if sharding.is_main_process() and not (cache_dir / "index.json").exists():
+      _simulate_and_prepare(config)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("jax_brainage.simulate_and_prepare")
   from jax_brainage.data import cache as cache_lib
 
   cache = cache_lib.Cache.open(cache_dir)
@@ -208,7 +219,8 @@ def open_training_data(config) -> TrainingData:
 
 def _simulate_and_prepare(config) -> None:
   """Simulates the configured cohort as a BIDS dataset (all sequences of `config.data`) and
-  prepares its cache with the default cube for the resolution."""
+  prepares its cache: the `data.image_shape` box, or the default cube for the resolution when
+  that is (0, 0, 0)."""
   from jax_brainage.data import bids
   from jax_brainage.data import cache as cache_lib
   from jax_brainage.data import simulate
@@ -220,7 +232,9 @@ def _simulate_and_prepare(config) -> None:
   # write_cohort re-uses a complete directory of the same configuration (and refuses another).
   out = simulate.write_cohort(s.out, cohort, workers=int(config.data.workers) or None)
   dataset = bids.read_bids(out, sequences)
-  prep = cache_lib.Preprocessing(sequences=sequences, scaling=str(config.data.scaling),
+  shape = tuple(int(v) for v in config.data.image_shape)
+  prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
+                                 scaling=str(config.data.scaling),
                                  bias_sigma_mm=float(config.data.bias_sigma_mm))
   cache_lib.prepare(dataset, config.data.cache, prep,
                     workers=max(1, int(config.data.workers)))

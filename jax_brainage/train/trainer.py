@@ -5,7 +5,9 @@ sharding / update step / checkpoint / loop. Data parallel over every device of e
 (`jax_brainage.sharding` decides the layouts), one jitted update step with donated state and
 explicit output shardings, validation every epoch, early stopping on the validation loss,
 latest + best orbax checkpoints from which an interrupted run resumes bit for bit, TensorBoard
-scalars and input mid-slices, a tqdm progress bar with ETA.
+scalars and input mid-slices, a tqdm progress bar with ETA. The loop (`_run_loop`) is the same
+for one model and for M stacked ensemble members; what differs (one state or member groups,
+per-member validation and best states) is in `_OneModel` and `_StackedMembers`.
 
 Workdir layout:
     W/config.json          the experiment (full config + fingerprint); a different one is refused
@@ -691,7 +693,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                       total_steps, mesh, age_scale=train_age_scale(config, data))
   schedule, abstract_state, state_sharding = (setup.schedule, setup.abstract_state,
                                               setup.state_sharding)
-  train_step, eval_step = setup.train_step, setup.eval_step
   num_params = sum(int(x.size) for x in jax.tree.leaves(abstract_state["params"]))
   manifest = model_manifest(config, data, num_params)
 
@@ -728,116 +729,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     raise
 
   # --- Loop. -------------------------------------------------------------------------------------
-  writer = SummaryWriter(workdir / "tensorboard")
-  history: list[dict[str, Any]] = progress["history"]
-  stop = _finished(progress, step, total_steps, config)
-  start_time = time.perf_counter()
-  train_seconds_before = float(progress["train_seconds"] or 0.0)
-  start_step = step
-  steps_timed, timed_seconds = 0, 0.0
-  bar = progress_bar(total_steps, initial=step, quiet=quiet)
-  pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched (no sync per step)
-  last_good = checkpoints.latest_step()
-
-  def save(which: str) -> None:
-    nonlocal last_good
-    # Never write parameters that came out of a non-finite step.
-    _check_finite(pending, last_good, workdir)
-    progress["train_seconds"] = train_seconds_before + time.perf_counter() - start_time
-    progress["timed_steps"] += steps_timed - counted[0]
-    progress["timed_seconds"] += timed_seconds - counted[1]
-    counted[:] = [steps_timed, timed_seconds]
-    checkpoints.save(which, step, state, _meta(progress, manifest, batches))
-    if which == ckpt_lib.LATEST:
-      last_good = step
-
-  interval_start, interval_steps, compiled = time.perf_counter(), 0, False
-  counted = [0, 0.0]  # timed steps and seconds already added to `progress`
-  try:
-    while not stop:
-      batch = next(batches)
-      if step == 0 and config.num_image_summaries:
-        _write_input_images(writer, batch, int(config.num_image_summaries), data.dtype)
-      state, metrics = train_step(state, batch)
-      step += 1
-      pending.append(metrics)
-      bar.update(1)
-      if not compiled:
-        # The first step of a run compiles; time from its end so volumes/s measure steps.
-        jax.block_until_ready(metrics)
-        compiled = True
-        interval_start, interval_steps = time.perf_counter(), 0
-      else:
-        interval_steps += 1
-
-      end_of_epoch = step % steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch:
-        means = _check_finite(pending, last_good, workdir)
-        pending.clear()
-        seconds = time.perf_counter() - interval_start
-        steps_timed += interval_steps
-        timed_seconds += seconds
-        scalars = {"train/loss": means["loss"], "train/mae": means["mae"],
-                   "train/grad_norm": means["grad_norm"],
-                   "train/learning_rate": float(schedule(step - 1))}
-        if interval_steps:
-          scalars["train/volumes_per_second"] = interval_steps * batch_size / max(seconds, 1e-9)
-        writer.scalars(step, scalars)
-        bar.set_postfix(loss=f"{means['loss']:.3g}", mae=f"{means['mae']:.2f}")
-        interval_start, interval_steps = time.perf_counter(), 0
-
-      if end_of_epoch:
-        epoch = step // steps_per_epoch
-        val = evaluate(eval_step, state, val_batches)
-        improved = val["loss"] < progress["best_val_loss"]
-        progress["epoch"] = epoch
-        if improved:
-          progress.update(best_val_loss=val["loss"], best_val_mae=val["mae"], best_step=step,
-                          bad_epochs=0)
-        else:
-          progress["bad_epochs"] += 1
-        history.append({"epoch": epoch, "step": step, "val_loss": val["loss"],
-                        "val_mae": val["mae"], "val_rmse": val["rmse"]})
-        writer.scalars(step, {"val/loss": val["loss"], "val/mae": val["mae"],
-                              "val/rmse": val["rmse"], "val/best_loss": progress["best_val_loss"]})
-        writer.flush()
-        if not quiet and sharding.is_main_process():
-          bar.write(f"epoch {epoch}: val loss {val['loss']:.4g}, val MAE {val['mae']:.2f} years"
-                    + (" (best)" if improved else ""))
-        stop = _finished(progress, step, total_steps, config)
-        if improved:
-          save(ckpt_lib.BEST)
-        save(ckpt_lib.LATEST)
-        interval_start = time.perf_counter()  # validation is not training throughput
-      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        save(ckpt_lib.LATEST)
-      if max_steps is not None and step >= max_steps and not stop:
-        progress["stopped"] = "max_steps"
-        if last_good != step:
-          save(ckpt_lib.LATEST)
-        break
-  except KeyboardInterrupt:
-    # Keep what was trained: the state at the top of the loop is complete and consistent.
-    if last_good != step:
-      save(ckpt_lib.LATEST)
-    raise
-  finally:
-    # Also on errors (a NaN loss): let the last good checkpoint finish writing.
-    checkpoints.wait()
-    checkpoints.close()
-    bar.close()
-    writer.close()
-    batches.close()
-
-  result = {"step": step, "epoch": progress["epoch"], "best_val_loss": progress["best_val_loss"],
-            "best_val_mae": progress["best_val_mae"], "best_step": progress["best_step"],
-            "stopped": progress["stopped"] or "done", "num_params": num_params,
-            # A call that found the experiment finished reports the experiment's time.
-            "train_seconds": train_seconds_before + (
-                time.perf_counter() - start_time if step > start_step else 0.0),
-            "volumes_per_second": _throughput(progress, steps_timed - counted[0],
-                                              timed_seconds - counted[1], batch_size),
-            "history": history}
+  run = _run_loop(config, workdir, _OneModel(setup, state, batch_size), batches=batches,
+                  val_batches=val_batches, checkpoints=checkpoints, progress=progress,
+                  manifest=manifest, schedule=schedule, step=step, total_steps=total_steps,
+                  steps_per_epoch=steps_per_epoch, quiet=quiet, max_steps=max_steps,
+                  data_dtype=data.dtype)
+  result = {"step": run["step"], "epoch": progress["epoch"],
+            "best_val_loss": progress["best_val_loss"], "best_val_mae": progress["best_val_mae"],
+            "best_step": progress["best_step"], "stopped": progress["stopped"] or "done",
+            "num_params": num_params, "train_seconds": run["train_seconds"],
+            "volumes_per_second": run["volumes_per_second"], "history": progress["history"]}
   if sharding.is_main_process():
     fileio.write_json(workdir / "metrics.json", _jsonable(result))
   return result
@@ -916,26 +817,170 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
     raise
 
   # --- Loop. -------------------------------------------------------------------------------------
+  run = _run_loop(config, workdir, _StackedMembers(setup, states, bests, batch_size, members),
+                  batches=batches, val_batches=val_batches, checkpoints=checkpoints,
+                  progress=progress, manifest=manifest, schedule=schedule, step=step,
+                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, quiet=quiet,
+                  max_steps=max_steps, data_dtype=data.dtype)
+  per_member = [{"best_val_mae": p["best_val_mae"], "best_val_loss": p["best_val_loss"],
+                 "best_step": p["best_step"]} for p in progress["members"]]
+  result = {"step": run["step"], "epoch": progress["epoch"],
+            # The members' means; each member's own numbers are in "members".
+            "best_val_loss": float(np.mean([p["best_val_loss"] for p in per_member])),
+            "best_val_mae": float(np.mean([_float(p["best_val_mae"]) for p in per_member])),
+            "best_step": max(p["best_step"] for p in per_member),
+            "members": per_member, "stopped": progress["stopped"] or "done",
+            "num_params": num_params, "train_seconds": run["train_seconds"],
+            # Member-volumes/s: every member's batch counts.
+            "volumes_per_second": run["volumes_per_second"],
+            "vmap_width": setup.width, "groups": [[g.start, g.stop] for g in groups],
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "memory": setup.memory,
+            "history": progress["history"]}
+  if sharding.is_main_process():
+    fileio.write_json(workdir / "metrics.json", _jsonable(result))
+  return result
+
+
+def _members_finished(progress: dict[str, Any], step: int, total_steps: int,
+                      config: ml_collections.ConfigDict) -> bool:
+  if config.patience and all(m["bad_epochs"] >= config.patience for m in progress["members"]):
+    progress["stopped"] = "early_stopping"
+    return True
+  if step >= total_steps:
+    progress["stopped"] = "done"
+    return True
+  progress["stopped"] = ""
+  return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop, shared by one model and by stacked members.
+# ---------------------------------------------------------------------------------------------
+
+
+class _OneModel:
+  """What the loop trains for one model: its state, update and validation."""
+
+  def __init__(self, setup: Setup, state: Any, batch_size: int):
+    self.setup, self.state = setup, state
+    self.volumes_per_step = batch_size
+
+  def write_images(self, writer: SummaryWriter, batch: Any, n: int, dtype: np.dtype) -> None:
+    _write_input_images(writer, batch, n, dtype)
+
+  def train(self, batch: Any, pending: list[dict[str, jax.Array]]) -> None:
+    self.state, metrics = self.setup.train_step(self.state, batch)
+    pending.append(metrics)
+
+  def validate(self, val_batches: Any, progress: dict[str, Any],
+               step: int) -> tuple[bool, dict[str, Any], dict[str, float], str]:
+    """One pass over the validation split: (improved, history entry, scalars, message)."""
+    val = evaluate(self.setup.eval_step, self.state, val_batches)
+    improved = val["loss"] < progress["best_val_loss"]
+    if improved:
+      progress.update(best_val_loss=val["loss"], best_val_mae=val["mae"], best_step=step,
+                      bad_epochs=0)
+    else:
+      progress["bad_epochs"] += 1
+    entry = {"val_loss": val["loss"], "val_mae": val["mae"], "val_rmse": val["rmse"]}
+    scalars = {"val/loss": val["loss"], "val/mae": val["mae"], "val/rmse": val["rmse"],
+               "val/best_loss": progress["best_val_loss"]}
+    message = (f"val loss {val['loss']:.4g}, val MAE {val['mae']:.2f} years"
+               + (" (best)" if improved else ""))
+    return bool(improved), entry, scalars, message
+
+  def finished(self, progress: dict[str, Any], step: int, total_steps: int,
+               config: ml_collections.ConfigDict) -> bool:
+    return _finished(progress, step, total_steps, config)
+
+  def checkpoint_state(self, which: str) -> Any:
+    return self.state  # the best state is the latest one when it is saved as best
+
+
+class _StackedMembers:
+  """What the loop trains for M stacked members: group states, their updates, per-member
+  validation and best states (selected on device)."""
+
+  def __init__(self, setup: MemberSetup, states: list[Any], bests: list[Any], batch_size: int,
+               members: int):
+    self.setup, self.states, self.bests, self.members = setup, states, bests, members
+    self.volumes_per_step = batch_size * members
+
+  def write_images(self, writer: SummaryWriter, group_batches: Any, n: int,
+                   dtype: np.dtype) -> None:
+    _write_input_images(writer, group_batches[0], n, dtype, members=True)
+
+  def train(self, group_batches: Any, pending: list[dict[str, jax.Array]]) -> None:
+    for g, train_step in enumerate(self.setup.train_steps):
+      self.states[g], metrics = train_step(self.states[g], group_batches[g])
+      pending.append(metrics)
+
+  def validate(self, val_batches: Any, progress: dict[str, Any],
+               step: int) -> tuple[bool, dict[str, Any], dict[str, float], str]:
+    val = evaluate_members(self.setup.eval_step, self.states, val_batches, self.members)
+    improved = np.array([v["loss"] < p["best_val_loss"]
+                         for v, p in zip(val, progress["members"])])
+    for v, p, better in zip(val, progress["members"], improved):
+      if better:
+        p.update(best_val_loss=v["loss"], best_val_mae=v["mae"], best_step=step, bad_epochs=0)
+      else:
+        p["bad_epochs"] += 1
+    if improved.any():
+      # Each member's best is selected on device: no parameters travel to the host.
+      self.bests = [self.setup.keep_best(b, s, jnp.asarray(improved[grp]))
+                    for b, s, grp in zip(self.bests, self.states, self.setup.groups)]
+    mean = {k: float(np.mean([v[k] for v in val])) for k in ("loss", "mae", "rmse")}
+    entry = {"val_loss": mean["loss"], "val_mae": mean["mae"], "val_rmse": mean["rmse"],
+             "members": [{"val_loss": v["loss"], "val_mae": v["mae"], "val_rmse": v["rmse"]}
+                         for v in val]}
+    scalars = {"val/loss": mean["loss"], "val/mae": mean["mae"], "val/rmse": mean["rmse"]}
+    scalars.update({f"val_members/{m}_mae": v["mae"] for m, v in enumerate(val)})
+    message = (f"members' val MAE {mean['mae']:.2f} years (mean; {int(improved.sum())} of "
+               f"{self.members} improved)")
+    return bool(improved.any()), entry, scalars, message
+
+  def finished(self, progress: dict[str, Any], step: int, total_steps: int,
+               config: ml_collections.ConfigDict) -> bool:
+    return _members_finished(progress, step, total_steps, config)
+
+  def checkpoint_state(self, which: str) -> Any:
+    return self.setup.join(self.bests if which == ckpt_lib.BEST else self.states)
+
+
+def _run_loop(config: ml_collections.ConfigDict, workdir: Path, trainee: Any, *, batches: Any,
+              val_batches: Any, checkpoints: ckpt_lib.Checkpoints, progress: dict[str, Any],
+              manifest: dict[str, Any], schedule: optax.Schedule, step: int, total_steps: int,
+              steps_per_epoch: int, quiet: bool, max_steps: int | None,
+              data_dtype: np.dtype) -> dict[str, Any]:
+  """Trains `trainee` (`_OneModel` or `_StackedMembers`) from `step` to the end, early
+  stopping or `max_steps`; validates, logs and checkpoints on the way, and closes the
+  checkpoints, batches, writer and bar whatever happens.
+
+  Returns:
+    dict with step, train_seconds (all runs of the experiment) and volumes_per_second
+    (training volumes, compilation and validation excluded; every member's batch counts).
+  """
   writer = SummaryWriter(workdir / "tensorboard")
   history: list[dict[str, Any]] = progress["history"]
-  stop = _members_finished(progress, step, total_steps, config)
+  stop = trainee.finished(progress, step, total_steps, config)
   start_time = time.perf_counter()
   train_seconds_before = float(progress["train_seconds"] or 0.0)
   start_step = step
   steps_timed, timed_seconds = 0, 0.0
   bar = progress_bar(total_steps, initial=step, quiet=quiet)
-  pending: list[dict[str, jax.Array]] = []
+  pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched (no sync per step)
   last_good = checkpoints.latest_step()
-  counted = [0, 0.0]
+  counted = [0, 0.0]  # timed steps and seconds already added to `progress`
 
   def save(which: str) -> None:
     nonlocal last_good
+    # Never write parameters that came out of a non-finite step.
     _check_finite(pending, last_good, workdir)
     progress["train_seconds"] = train_seconds_before + time.perf_counter() - start_time
     progress["timed_steps"] += steps_timed - counted[0]
     progress["timed_seconds"] += timed_seconds - counted[1]
     counted[:] = [steps_timed, timed_seconds]
-    checkpoints.save(which, step, setup.join(bests if which == ckpt_lib.BEST else states),
+    checkpoints.save(which, step, trainee.checkpoint_state(which),
                      _meta(progress, manifest, batches))
     if which == ckpt_lib.LATEST:
       last_good = step
@@ -943,17 +988,15 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
   interval_start, interval_steps, compiled = time.perf_counter(), 0, False
   try:
     while not stop:
-      group_batches = next(batches)
+      batch = next(batches)
       if step == 0 and config.num_image_summaries:
-        _write_input_images(writer, group_batches[0], int(config.num_image_summaries),
-                            data.dtype, members=True)
-      for g, train_step in enumerate(setup.train_steps):
-        states[g], metrics = train_step(states[g], group_batches[g])
-        pending.append(metrics)
-      del group_batches
+        trainee.write_images(writer, batch, int(config.num_image_summaries), data_dtype)
+      trainee.train(batch, pending)
+      del batch
       step += 1
       bar.update(1)
       if not compiled:
+        # The first step of a run compiles; time from its end so volumes/s measure steps.
         jax.block_until_ready(pending[-1])
         compiled = True
         interval_start, interval_steps = time.perf_counter(), 0
@@ -971,7 +1014,7 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
                    "train/grad_norm": means["grad_norm"],
                    "train/learning_rate": float(schedule(step - 1))}
         if interval_steps:
-          scalars["train/volumes_per_second"] = (interval_steps * batch_size * members
+          scalars["train/volumes_per_second"] = (interval_steps * trainee.volumes_per_step
                                                  / max(seconds, 1e-9))
         writer.scalars(step, scalars)
         bar.set_postfix(loss=f"{means['loss']:.3g}", mae=f"{means['mae']:.2f}")
@@ -979,37 +1022,18 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
 
       if end_of_epoch:
         epoch = step // steps_per_epoch
-        val = evaluate_members(setup.eval_step, states, val_batches, members)
-        improved = np.array([v["loss"] < p["best_val_loss"]
-                             for v, p in zip(val, progress["members"])])
+        improved, entry, scalars, message = trainee.validate(val_batches, progress, step)
         progress["epoch"] = epoch
-        for v, p, better in zip(val, progress["members"], improved):
-          if better:
-            p.update(best_val_loss=v["loss"], best_val_mae=v["mae"], best_step=step,
-                     bad_epochs=0)
-          else:
-            p["bad_epochs"] += 1
-        if improved.any():
-          # Each member's best is selected on device: no parameters travel to the host.
-          bests = [setup.keep_best(b, s, jnp.asarray(improved[grp]))
-                   for b, s, grp in zip(bests, states, groups)]
-        mean = {k: float(np.mean([v[k] for v in val])) for k in ("loss", "mae", "rmse")}
-        history.append({"epoch": epoch, "step": step, "val_loss": mean["loss"],
-                        "val_mae": mean["mae"], "val_rmse": mean["rmse"],
-                        "members": [{"val_loss": v["loss"], "val_mae": v["mae"],
-                                     "val_rmse": v["rmse"]} for v in val]})
-        scalars = {"val/loss": mean["loss"], "val/mae": mean["mae"], "val/rmse": mean["rmse"]}
-        scalars.update({f"val_members/{m}_mae": v["mae"] for m, v in enumerate(val)})
+        history.append({"epoch": epoch, "step": step, **entry})
         writer.scalars(step, scalars)
         writer.flush()
         if not quiet and sharding.is_main_process():
-          bar.write(f"epoch {epoch}: members' val MAE {mean['mae']:.2f} years (mean; "
-                    f"{int(improved.sum())} of {members} improved)")
-        stop = _members_finished(progress, step, total_steps, config)
-        if improved.any():
+          bar.write(f"epoch {epoch}: {message}")
+        stop = trainee.finished(progress, step, total_steps, config)
+        if improved:
           save(ckpt_lib.BEST)
         save(ckpt_lib.LATEST)
-        interval_start = time.perf_counter()
+        interval_start = time.perf_counter()  # validation is not training throughput
       elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
         save(ckpt_lib.LATEST)
       if max_steps is not None and step >= max_steps and not stop:
@@ -1018,49 +1042,27 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
           save(ckpt_lib.LATEST)
         break
   except KeyboardInterrupt:
-    if last_good != step:
+    # Keep what was trained: the state at the top of the loop is complete and consistent. On
+    # several hosts the save is collective and the others may be at another step (or not
+    # interrupted at all): the last periodic checkpoint stands there.
+    if last_good != step and jax.process_count() == 1:
       save(ckpt_lib.LATEST)
     raise
   finally:
+    # Also on errors (a NaN loss): let the last good checkpoint finish writing.
     checkpoints.wait()
     checkpoints.close()
     bar.close()
     writer.close()
     batches.close()
 
-  per_member = [{"best_val_mae": p["best_val_mae"], "best_val_loss": p["best_val_loss"],
-                 "best_step": p["best_step"]} for p in progress["members"]]
-  result = {"step": step, "epoch": progress["epoch"],
-            # The members' means; each member's own numbers are in "members".
-            "best_val_loss": float(np.mean([p["best_val_loss"] for p in per_member])),
-            "best_val_mae": float(np.mean([_float(p["best_val_mae"]) for p in per_member])),
-            "best_step": max(p["best_step"] for p in per_member),
-            "members": per_member, "stopped": progress["stopped"] or "done",
-            "num_params": num_params,
-            "train_seconds": train_seconds_before + (
-                time.perf_counter() - start_time if step > start_step else 0.0),
-            # Member-volumes/s: every member's batch counts.
-            "volumes_per_second": _throughput(progress, steps_timed - counted[0],
-                                              timed_seconds - counted[1], batch_size * members),
-            "vmap_width": setup.width, "groups": [[g.start, g.stop] for g in groups],
-            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "memory": setup.memory,
-            "history": history}
-  if sharding.is_main_process():
-    fileio.write_json(workdir / "metrics.json", _jsonable(result))
-  return result
-
-
-def _members_finished(progress: dict[str, Any], step: int, total_steps: int,
-                      config: ml_collections.ConfigDict) -> bool:
-  if config.patience and all(m["bad_epochs"] >= config.patience for m in progress["members"]):
-    progress["stopped"] = "early_stopping"
-    return True
-  if step >= total_steps:
-    progress["stopped"] = "done"
-    return True
-  progress["stopped"] = ""
-  return False
-
+  return {"step": step,
+          # A call that found the experiment finished reports the experiment's time.
+          "train_seconds": train_seconds_before + (
+              time.perf_counter() - start_time if step > start_step else 0.0),
+          "volumes_per_second": _throughput(progress, steps_timed - counted[0],
+                                            timed_seconds - counted[1],
+                                            trainee.volumes_per_step)}
 
 # ---------------------------------------------------------------------------------------------
 # Helpers of the loop.

@@ -58,3 +58,16 @@ def make_config(members: int | None = None):
     config_lib.set_key(c, "ensemble.members", members)
   config_lib.validate(c)
   return c
+
+
+def simulate_config(root):
+  """A config whose training data is a 3-subject T1w cohort at 4 mm simulated into `root`/sim
+  and prepared into `root`/cache on first use."""
+  c = config_lib.base_config()
+  c.data.simulate.n, c.data.simulate.resolution = 3, 4
+  c.data.simulate.out = str(root / "sim")
+  c.data.cache = str(root / "cache")
+  c.data.sequences = ("T1w",)
+  c.data.workers = 1
+  config_lib.validate(c)
+  return c

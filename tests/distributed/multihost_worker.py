@@ -1,9 +1,12 @@
 """One process of the multi-process test run (started by `launch/local.py` from the test).
 
-    python tests/distributed/multihost_worker.py --full W_FULL --partial W_PART --log DIR
+    python tests/distributed/multihost_worker.py --full W_FULL --partial W_PART --log DIR \
+        [--simulate SIM]
 
-Joins the run from the BRAINAGE_* environment (`jax_brainage.distributed.initialize`), then
-trains the shared tiny experiment twice: into W_PART up to step RESUME_AT (resumed later by the
+Joins the run from the BRAINAGE_* environment (`jax_brainage.distributed.initialize`); with
+--simulate, opens the training data of a config that simulates a 3-subject cohort into SIM
+(the path every process takes when `data.simulate.n > 0`); then trains the shared tiny
+experiment twice: into W_PART up to step RESUME_AT (resumed later by the
 test on another process count), and into W_FULL to the end. Every file this process writes
 through `jax_brainage.fileio` is recorded in DIR/process_<i>.json, with its pid (TensorBoard
 event file names carry it), so the test can check that only process 0 writes.
@@ -28,6 +31,7 @@ def main() -> int:
   parser.add_argument("--partial", type=Path, required=True)
   parser.add_argument("--log", type=Path, required=True)
   parser.add_argument("--members", type=int, default=None, help="default: the case's")
+  parser.add_argument("--simulate", type=Path, default=None)
   args = parser.parse_args()
 
   distributed.initialize()  # before anything touches JAX
@@ -49,7 +53,13 @@ def main() -> int:
 
   fileio.atomic_path = recording_atomic_path
   config, data = case.make_config(args.members), case.make_data()
+  simulated = None
   try:
+    if args.simulate:
+      from jax_brainage.train import data as data_lib
+
+      opened = data_lib.open_training_data(case.simulate_config(args.simulate))
+      simulated = {"subjects": len(opened.source), "image_shape": list(opened.image_shape)}
     partial = trainer.train_and_evaluate(config, args.partial, data=data, quiet=True,
                                          max_steps=case.RESUME_AT)
     full = trainer.train_and_evaluate(config, args.full, data=data, quiet=True)
@@ -59,7 +69,7 @@ def main() -> int:
       "process_index": jax.process_index(), "process_count": jax.process_count(),
       "pid": os.getpid(), "describe": distributed.describe(), "written": written,
       "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-      "partial_step": partial["step"], "full_step": full["step"]})
+      "partial_step": partial["step"], "full_step": full["step"], "simulated": simulated})
   return 0
 
 

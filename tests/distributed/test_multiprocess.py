@@ -91,11 +91,12 @@ def runs(tmp_path_factory):
   """The 2-process job (full run + run stopped at RESUME_AT) and the 1-process reference."""
   root = tmp_path_factory.mktemp("multihost")
   full, partial, log = root / "full_2x2", root / "partial_2x2", root / "log"
+  simulated = root / "simulated"
   launcher = _load_launcher()
   output = io.StringIO()
   result = launcher.launch(
       [sys.executable, str(HERE / "multihost_worker.py"), "--full", str(full),
-       "--partial", str(partial), "--log", str(log)],
+       "--partial", str(partial), "--log", str(log), "--simulate", str(simulated)],
       PROCESSES, CPU_DEVICES, timeout_s=TIMEOUT_S, cwd=ROOT, sink=output,
       env={"XLA_FLAGS": "", "PYTHONPATH": str(ROOT)})
   assert result.status == 0, f"multi-process job failed {result}:\n{output.getvalue()[-6000:]}"
@@ -108,7 +109,7 @@ def runs(tmp_path_factory):
   ref_result = trainer.train_and_evaluate(config, reference, data=data, quiet=True)
   logs = [json.loads((log / f"process_{i}.json").read_text()) for i in range(PROCESSES)]
   return dict(full=full, partial=partial, reference=reference, ref_result=ref_result,
-              logs=logs, config=config, data=data)
+              logs=logs, config=config, data=data, simulated=simulated)
 
 
 def test_processes_joined_one_run(runs):
@@ -183,3 +184,18 @@ def test_only_process_zero_writes_logs_and_reports(runs):
   # TensorBoard names its event file ...<hostname>.<pid>.<n>: process 0's.
   assert f".{logs[0]['pid']}." in events[0].name
   assert f".{logs[1]['pid']}." not in events[0].name
+
+
+def test_process_zero_alone_simulates_and_prepares_the_cohort(runs):
+  """`data.simulate.n > 0` on two processes: process 0 writes the cohort and its cache while
+  process 1 waits at a barrier; then both read the same 3 subjects."""
+  root = str(runs["simulated"].resolve())
+  logs = runs["logs"]
+  written0 = {Path(p).relative_to(root).parts[0] for p in logs[0]["written"]
+              if p.startswith(root)}
+  # the cache is written in a hidden temporary directory (.cache.tmp-*) renamed into place
+  assert "sim" in written0 and {n.lstrip(".").split(".")[0] for n in written0} == {"sim", "cache"}
+  assert not [p for p in logs[1]["written"] if p.startswith(root)]
+  for log in logs:
+    assert log["simulated"] == {"subjects": 3, "image_shape": [50, 50, 50]}
+  assert len(list((runs["simulated"] / "sim").glob("sub-*/anat/*_T1w.nii.gz"))) == 3

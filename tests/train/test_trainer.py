@@ -13,6 +13,7 @@ import pytest
 from jax_brainage import models, sharding
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import checkpoint as ckpt_lib
+from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
 from jax_brainage.train import trainer
 
@@ -72,6 +73,39 @@ def test_resume_after_interruption_continues_exactly(trained, tmp_path, blob_dat
   resumed, meta = _restore_latest(workdir, config, blob_data)
   reference, ref_meta = _restore_latest(full_dir, config, blob_data)
   assert meta["data_state"] == ref_meta["data_state"]
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_ctrl_c_keeps_the_interrupted_step_and_resume_finishes_exactly(trained, tmp_path,
+                                                                     blob_data, monkeypatch):
+  """KeyboardInterrupt in the middle of epoch 2 (after step 7): the latest checkpoint is step
+  7, not the end of epoch 1, and resuming ends where the uninterrupted run ends."""
+  config, full_dir, full = trained
+  real_bar = trainer.progress_bar
+
+  def interrupting_bar(*args, **kwargs):
+    bar, steps = real_bar(*args, **kwargs), [0]
+    update = bar.update
+
+    def update_then_interrupt(n=1):
+      update(n)
+      steps[0] += n
+      if steps[0] == 7:
+        raise KeyboardInterrupt
+    bar.update = update_then_interrupt
+    return bar
+
+  monkeypatch.setattr(trainer, "progress_bar", interrupting_bar)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
+  monkeypatch.undo()
+  assert ckpt_lib.Checkpoints(tmp_path, read_only=True).latest_step() == 7
+  second = trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
+  assert second["step"] == full["step"]
+  assert [h["val_loss"] for h in second["history"]] == [h["val_loss"] for h in full["history"]]
+  resumed, _ = _restore_latest(tmp_path, config, blob_data)
+  reference, _ = _restore_latest(full_dir, config, blob_data)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
@@ -310,3 +344,26 @@ def _numbers(tree):
       yield from _numbers(v)
   elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
     yield float(tree)
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 0), (44, 52, 44)])
+def test_configured_box_shape_is_what_the_simulated_cache_holds(tmp_path, shape):
+  """`data.simulate.n > 0` simulates and prepares the cache on first use: with the configured
+  box `data.image_shape` (the cpu preset's 40 x 50 x 40 is one), or the default 50^3 cube at
+  4 mm. Either way the brain's voxels (nonzero in the T1w file, read with nibabel) are all
+  in the volume the trainer sees when the box holds the brain."""
+  import nibabel as nib
+
+  config = config_lib.base_config()
+  config.data.simulate.n, config.data.simulate.resolution = 3, 4
+  config.data.simulate.out = str(tmp_path / "sim")
+  config.data.cache = str(tmp_path / "cache")
+  config.data.sequences = ("T1w",)
+  config.data.image_shape = shape
+  config.data.workers = 1
+  data = data_lib.open_training_data(config)
+  assert data.image_shape == (shape if any(shape) else (50, 50, 50))
+  image = nib.load(tmp_path / "sim" / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz")
+  brain = np.count_nonzero(np.asarray(image.dataobj))
+  volume = np.asarray(data.source.volumes[0], np.float32)
+  assert 0.9 * brain <= np.count_nonzero(volume) <= brain
