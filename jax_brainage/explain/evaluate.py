@@ -530,7 +530,7 @@ def sanity_check(model, f, variables, x, stored_dtype, support, names: Sequence[
       xs = x[start:start + settings.batch_size]
       rows = jnp.arange(start, start + len(xs), dtype=jnp.uint32)
       keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(rows)
-      low, high = maps._bounds(xs, stored_dtype)
+      low, high = maps.input_bounds(xs, stored_dtype)
 
       def attribute(v, u, method=method, keys=keys, low=low, high=high):
         # voxel relevance (channels summed), as every other score of this module

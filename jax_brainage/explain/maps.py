@@ -167,7 +167,7 @@ def regression_apply(model) -> Callable:
   return apply_fn
 
 
-def _bounds(x: jax.Array, stored_dtype: np.dtype) -> tuple[Any, Any]:
+def input_bounds(x: jax.Array, stored_dtype: np.dtype) -> tuple[Any, Any]:
   """Input bounds for ZBox: [0, 1] for minmax (uint8) cubes, else each sample's and channel's
   range `[n, 1, 1, 1, C]`."""
   if stored_dtype == np.uint8:
@@ -261,7 +261,7 @@ def _compiled(model, method: Method, stacked: bool, mesh) -> Callable:
 
   def one(variables, volumes, keys):
     x = _network_input(volumes)
-    low, high = _bounds(x, volumes.dtype)
+    low, high = input_bounds(x, volumes.dtype)
     r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high)
     return r.astype(jnp.float32), apply_fn(variables, x)
 
