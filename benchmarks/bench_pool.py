@@ -3,13 +3,15 @@
 
 Two measurements, float32, median of --repeats calls after a warm-up:
 1. the gradient of one 3^3 stride-2 SAME pool (MRInet's) at the shapes MRInet's first two
-   pools see: `[batch, side, side, side, 8]` and `[batch, side/2, ..., 16]`;
+   pools see: `[batch, X, Y, Z, 8]` and `[batch, X/2, Y/2, Z/2, 16]` (a cube of --side, or the
+   box --shape X,Y,Z);
 2. a whole MRInet loss gradient (im2col convolutions, 3 input channels) with each pool
    gradient, for the cpu preset's widths and the narrow (8, 8, 16, 16, 8) net.
 Every row is checked: gradients agree with XLA's to float rounding (ReLU'd inputs).
 
   python benchmarks/bench_pool.py                        # the cpu preset's 50^3, batch 4
   python benchmarks/bench_pool.py --side 98 --batch-size 2 --out pool.json
+  python benchmarks/bench_pool.py --shape 40,50,40       # the cpu preset's box
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ def _time(fn, args, repeats: int) -> float:
   return seconds
 
 
-def bench_pools(side: int, batch: int, repeats: int) -> list[dict]:
+def bench_pools(shape: tuple[int, int, int], batch: int, repeats: int) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
-  for s, c in ((side, 8), (-(-side // 2), 16)):
-    x = jnp.asarray(np.maximum(rng.normal(size=(batch, s, s, s, c)), 0), jnp.float32)
+  for s, c in ((shape, 8), (tuple(-(-n // 2) for n in shape), 16)):
+    x = jnp.asarray(np.maximum(rng.normal(size=(batch, *s, c)), 0), jnp.float32)
     grads = {name: jax.jit(jax.grad(lambda v, name=name: jnp.sum(
         lowering.max_pool(v, (3, 3, 3), (2, 2, 2), "SAME", name) ** 2)))
              for name in ("xla", "im2col")}
@@ -53,10 +55,9 @@ def bench_pools(side: int, batch: int, repeats: int) -> list[dict]:
   return rows
 
 
-def bench_steps(side: int, batch: int, repeats: int) -> list[dict]:
+def bench_steps(shape: tuple[int, int, int], batch: int, repeats: int) -> list[dict]:
   rows = []
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, side, side, side, 3)),
-                  jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, *shape, 3)), jnp.float32)
   for net, (features, dense) in NETS.items():
     model = MRInet(conv_features=features, dense_features=dense, dropout_rate=0.0,
                    conv_lowering="im2col")
@@ -83,14 +84,23 @@ def bench_steps(side: int, batch: int, repeats: int) -> list[dict]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--side", type=int, default=50, help="cube side (voxels)")
+  parser.add_argument("--shape", help="box X,Y,Z (voxels) instead of the --side cube")
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--out", help="write results as JSON here")
   args = parser.parse_args(argv)
+  shape = (args.side,) * 3
+  if args.shape:
+    try:
+      shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+      shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+      parser.error(f"--shape must be X,Y,Z (positive voxel counts), got {args.shape!r}")
   result = {**common.environment("jax", "flax"), "benchmark": "pool",
-            "side": args.side, "batch_size": args.batch_size,
-            "pools": bench_pools(args.side, args.batch_size, args.repeats),
-            "steps": bench_steps(args.side, args.batch_size, args.repeats)}
+            "shape": list(shape), "batch_size": args.batch_size,
+            "pools": bench_pools(shape, args.batch_size, args.repeats),
+            "steps": bench_steps(shape, args.batch_size, args.repeats)}
   print("| input | XLA select_and_scatter ms | separable ms | speedup |")
   for r in result["pools"]:
     print(f"| {'x'.join(map(str, r['shape']))} | {1e3 * r['seconds']['xla']:.1f} | "

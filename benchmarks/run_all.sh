@@ -73,7 +73,7 @@ case "$SIZE" in
     run pipeline bench_pipeline.py --shapes 2mm,4mm --subjects 64 --batch-size 8 --steps 20 \
       --workers 0,2
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 3
-    run pool bench_pool.py --side 50 --batch-size 4 --repeats 7
+    run pool bench_pool.py --shape 40,50,40 --batch-size 4 --repeats 7   # the cpu preset's box
     run simulate bench_simulate.py --resolution 4 --n 200 --workers 2
     run ensemble bench_ensemble.py
     run scaling bench_scaling.py

@@ -229,5 +229,15 @@ def test_bench_pool_tiny_gradients_agree(tmp_path):
   assert all(r["max_abs_grad_diff"] < 1e-4 for r in result["steps"])
 
 
+def test_bench_pool_box_shape(tmp_path):
+  out = tmp_path / "pool.json"
+  assert bench_pool.main(["--shape", "8,10,6", "--batch-size", "1", "--repeats", "1",
+                          "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["shape"] == [8, 10, 6]
+  assert [r["shape"] for r in result["pools"]] == [[1, 8, 10, 6, 8], [1, 4, 5, 3, 16]]
+  assert all(r["max_abs_grad_diff"] < 1e-4 for r in result["steps"])
+
+
 def test_run_all_is_valid_bash():
   subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "run_all.sh")], check=True)
