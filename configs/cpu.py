@@ -1,29 +1,31 @@
-"""CPU preset: one MRInet (an ensemble with `--config.ensemble.members N`) on a 400-subject,
-3-sequence simulated cohort at 4 mm, sized for 2 CPU cores (the demo's default where there is no accelerator).
+"""CPU preset: one MRInet (an ensemble with `--config.ensemble.members N`) on a 1000-subject,
+3-sequence simulated cohort at 4 mm, sized for 2 CPU cores (the demo's default where there is
+no accelerator).
 
-Command (simulates 400 subjects with T1w, FLAIR and SWI into data/sim-4mm-400 and prepares its
-bias-corrected, z-scored cache on first use):
+Command (simulates 1000 subjects with T1w, FLAIR and SWI into data/sim-4mm-1000 and prepares
+its bias-corrected, z-scored 40 x 50 x 40 cache on first use, ~40 s):
 
     brainage train --config configs/cpu.py --workdir runs/cpu
     brainage demo --workdir runs/demo                     # the whole demo (default preset)
 
 Use `configs/cpu.py:study` for the study's MRInet widths (16, 16, 32, 64, 32) with dropout 0.5
-(conv1 twice as wide: the
-slowest layer on a CPU), `configs/cpu.py:t1` for T1w only.
+(conv1 twice as wide: the slowest layer on a CPU), `configs/cpu.py:t1` for T1w only.
 
 Design: the three sequences are the input channels of one MRInet with conv1 at half the study's
 width (an ensemble per sequence, as in the study, costs 3x the training on 2 cores; an ensemble
-of 2 vmapped members trained half as many epochs in the same time and scored worse, see below),
-its convolutions as im2col matmuls and its max-pool gradients separable on the CPU. Each
-sequence is bias-field corrected (20 mm) and z-scored. 56 epochs of 320 subjects fill ~23
-minutes of 2 CPU cores. `--config.ensemble.members 2` trains the 2-member ensemble with a
-non-negative head and linear bias correction fit on the 40 validation subjects.
+of 2 vmapped members trained half as many epochs in the same time and scored worse), its
+convolutions as im2col matmuls and its max-pool gradients separable on the CPU. Each sequence
+is bias-field corrected (20 mm) and z-scored, in a brain-centred 40 x 50 x 40 box rather than
+the 50^3 cube. 36 epochs of 800 subjects (7200 steps) fill ~23 minutes of 2 CPU cores.
+`--config.ensemble.members 2` trains the 2-member ensemble with a non-negative head and linear
+bias correction fit on the 100 validation subjects.
 
-Expected (measured 2026-11-24 10:36 on 2 otherwise idle CPU cores, `brainage demo --preset
-cpu`): 23.9 minutes for the whole demo, 1383 s of it training. Test MAE 2.69 years (r 0.98;
-validation 2.15), 1.75x the cohort's oracle MAE of 1.54 years. The goal of 1.5x the oracle
-(2.3 years) is not reached. The 2-member ensemble for 24 epochs (09:51): 3.01 years test MAE,
-24.0 minutes (benchmarks/RESULTS.md).
+Expected (measured 2026-11-24 12:13 on 2 otherwise idle CPU cores, `brainage demo --preset
+cpu`): 24.0 minutes for the whole demo, 1362 s of it training at 23.0 volumes/s. Test MAE 2.71
+years on 100 subjects (r 0.99; validation 2.76 at the best checkpoint, epoch 7), 1.76x the
+cohort's oracle MAE of 1.54 years. The goal of 1.5x the oracle (2.3 years) is not reached.
+The same net on 400 subjects (50^3, 56 epochs) scored 2.69 on 40 test subjects, with
+validation 2.15 on 40: that split was optimistic (benchmarks/RESULTS.md, session 5).
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ def get_config(arg: str | None = None):
   c = base_config()
   if arg not in (None, "", "study", "t1"):
     raise ValueError(f"argument {arg!r}: use study or t1")
-  c.data.simulate.n = 400
+  # 1000 subjects (800 / 100 / 100): simulated and prepared in ~40 s at 4 mm. 320 training
+  # subjects for 90 epochs overfit (training MAE 1.6, validation 2.3 years), and 40 test
+  # subjects measure a MAE to +-0.35 years; 100 to +-0.2.
+  c.data.simulate.n = 1000
   c.data.simulate.resolution = 4
   c.data.simulate.seed = 0
-  c.data.simulate.out = "data/sim-4mm-400"
-  c.data.cache = "data/sim-4mm-400-zscore-bias20-cache"
+  c.data.simulate.out = "data/sim-4mm-1000"
+  c.data.cache = "data/sim-4mm-1000-zscore-bias20-box-cache"
+  # A brain-centred 40 x 50 x 40 box (160 x 200 x 160 mm) instead of the 50^3 cube (200 mm):
+  # 1.7x faster steps (26 against 15 volumes/s). The box holds every simulated brain except a
+  # 4 mm slice at the edge of ~3% of them (`brainage prepare` warns which).
+  c.data.image_shape = (40, 50, 40)
   # z-scored inputs (centred brain intensities): a member leaves the mean age in the first epoch
   # instead of the third and is 1 year better after 10 (3.3 vs 4.3 years validation MAE); with
   # minmax [0, 1] inputs, all positive, conv1 filters with a negative weight sum start dead and
@@ -70,13 +79,13 @@ def get_config(arg: str | None = None):
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 100
   c.batch_size = 4
-  c.num_epochs = 56
+  c.num_epochs = 36
   c.patience = 0
   c.log_every_steps = 20
-  # One MRInet for 56 epochs beats 2 vmapped members for 24 in the same 23 minutes (test MAE
-  # 2.69 against 3.01 years, validation 2.15 against 2.57): the members underfit, and on a CPU
-  # one model trains at 14.7 volumes/s against 11.9 member-volumes/s for the pair. The head
-  # and correction below apply with `--config.ensemble.members N` (N > 1).
+  # One MRInet rather than an ensemble: on the earlier 400-subject, 50^3 setup one model for 56
+  # epochs beat 2 vmapped members for 24 in the same 23 minutes (test MAE 2.69 against 3.01
+  # years); on a CPU one model trains at 14.7 volumes/s against 11.9 member-volumes/s for the
+  # pair. The head and correction below apply with `--config.ensemble.members N` (N > 1).
   c.ensemble.members = 1
   c.ensemble.head = "nonnegative"
   c.ensemble.head_folds = 5
