@@ -841,18 +841,6 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
   return result
 
 
-def _members_finished(progress: dict[str, Any], step: int, total_steps: int,
-                      config: ml_collections.ConfigDict) -> bool:
-  if config.patience and all(m["bad_epochs"] >= config.patience for m in progress["members"]):
-    progress["stopped"] = "early_stopping"
-    return True
-  if step >= total_steps:
-    progress["stopped"] = "done"
-    return True
-  progress["stopped"] = ""
-  return False
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop, shared by one model and by stacked members.
 # ---------------------------------------------------------------------------------------------
@@ -888,10 +876,6 @@ class _OneModel:
     message = (f"val loss {val['loss']:.4g}, val MAE {val['mae']:.2f} years"
                + (" (best)" if improved else ""))
     return bool(improved), entry, scalars, message
-
-  def finished(self, progress: dict[str, Any], step: int, total_steps: int,
-               config: ml_collections.ConfigDict) -> bool:
-    return _finished(progress, step, total_steps, config)
 
   def checkpoint_state(self, which: str) -> Any:
     return self.state  # the best state is the latest one when it is saved as best
@@ -939,10 +923,6 @@ class _StackedMembers:
                f"{self.members} improved)")
     return bool(improved.any()), entry, scalars, message
 
-  def finished(self, progress: dict[str, Any], step: int, total_steps: int,
-               config: ml_collections.ConfigDict) -> bool:
-    return _members_finished(progress, step, total_steps, config)
-
   def checkpoint_state(self, which: str) -> Any:
     return self.setup.join(self.bests if which == ckpt_lib.BEST else self.states)
 
@@ -962,7 +942,7 @@ def _run_loop(config: ml_collections.ConfigDict, workdir: Path, trainee: Any, *,
   """
   writer = SummaryWriter(workdir / "tensorboard")
   history: list[dict[str, Any]] = progress["history"]
-  stop = trainee.finished(progress, step, total_steps, config)
+  stop = _finished(progress, step, total_steps, config)
   start_time = time.perf_counter()
   train_seconds_before = float(progress["train_seconds"] or 0.0)
   start_step = step
@@ -1029,7 +1009,7 @@ def _run_loop(config: ml_collections.ConfigDict, workdir: Path, trainee: Any, *,
         writer.flush()
         if not quiet and sharding.is_main_process():
           bar.write(f"epoch {epoch}: {message}")
-        stop = trainee.finished(progress, step, total_steps, config)
+        stop = _finished(progress, step, total_steps, config)
         if improved:
           save(ckpt_lib.BEST)
         save(ckpt_lib.LATEST)
@@ -1103,7 +1083,10 @@ def _float(x: Any) -> float:
 
 def _finished(progress: dict[str, Any], step: int, total_steps: int,
               config: ml_collections.ConfigDict) -> bool:
-  if config.patience and progress["bad_epochs"] >= config.patience:
+  """Whether training ends at `step` (sets progress["stopped"]); with stacked members, early
+  stopping waits until every member has gone `patience` epochs without improving."""
+  records = progress.get("members") or [progress]
+  if config.patience and all(r["bad_epochs"] >= config.patience for r in records):
     progress["stopped"] = "early_stopping"
     return True
   if step >= total_steps:

@@ -182,9 +182,9 @@ def test_member_groups_and_mesh_size():
 def test_early_stopping_waits_for_every_member(make_config):
   config = make_config(patience=2)
   progress = {"members": [{"bad_epochs": 2}, {"bad_epochs": 1}, {"bad_epochs": 3}]}
-  assert not trainer._members_finished(progress, 8, 100, config)
+  assert not trainer._finished(progress, 8, 100, config)
   progress["members"][1]["bad_epochs"] = 2
-  assert trainer._members_finished(progress, 8, 100, config)
+  assert trainer._finished(progress, 8, 100, config)
   assert progress["stopped"] == "early_stopping"
 
 
