@@ -4,7 +4,7 @@
 #   benchmarks/run_all.sh [OUTDIR]            # full size on an accelerator, small size on CPU
 #   SIZE=small benchmarks/run_all.sh out/     # force a size (full | small | tiny)
 #   ONLY="train lrp" benchmarks/run_all.sh    # a subset: train roofline lrp pipeline conv
-#                                             #   pool simulate ensemble scaling
+#                                             #   pool stem simulate ensemble scaling
 #
 # Where one command may run only ~10 minutes (a lent GPU), run it in parts with ONLY (train and
 # roofline are the long ones; bench_train.py --cases splits train further), same OUTDIR.
@@ -62,6 +62,7 @@ case "$SIZE" in
       --warmup 5
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 10
     run pool bench_pool.py --side 98 --batch-size 4 --repeats 10
+    run stem bench_stem.py --shape 98,98,98 --batch-size 8 --stems 2,3 --repeats 10
     run simulate bench_simulate.py --resolution 2 --n 40 --workers "$(nproc)"
     run ensemble bench_ensemble.py
     run scaling bench_scaling.py
@@ -74,6 +75,7 @@ case "$SIZE" in
       --workers 0,2
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 3
     run pool bench_pool.py --shape 40,50,40 --batch-size 4 --repeats 7   # the cpu preset's box
+    run stem bench_stem.py --shape 40,50,40 --batch-size 4 --repeats 8
     run simulate bench_simulate.py --resolution 4 --n 200 --workers 2
     run ensemble bench_ensemble.py
     run scaling bench_scaling.py
@@ -88,6 +90,7 @@ case "$SIZE" in
       --workers 0 --augment off
     run conv bench_conv.py --side 16 --batch-size 1 --repeats 1 --lowerings xla,im2col_z
     run pool bench_pool.py --side 8 --batch-size 1 --repeats 1
+    run stem bench_stem.py --shape 8,10,8 --batch-size 1 --repeats 1
     ;;
   *)
     echo "SIZE must be full, small or tiny, got $SIZE" >&2

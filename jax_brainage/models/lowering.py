@@ -13,6 +13,8 @@ gradient is again slices and matmuls.
 The cost is memory: the patch tensor holds k^3 copies of the layer input. `"auto"` therefore
 uses im2col on the CPU backend only, and only for layers whose patch tensor stays under
 `AUTO_PATCH_BYTES`; accelerators keep XLA's convolution (cuDNN's is the fast path there).
+A convolution whose stride equals its kernel (MRInet's patch stem) has non-overlapping windows:
+its patches are a reshape of the input (space-to-depth), no copies.
 
 Relevance must see one convolution per layer: lrp's composites assign rules by layer kind, and
 im2col turns a conv into a patch gather and a dense product. Parameters are the same under every
@@ -67,30 +69,36 @@ def _same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[
 def _patchable(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
                feature_group_count) -> bool:
   """Whether im2col below computes this convolution (the layouts flax uses, no dilation or
-  strides or groups); anything else goes to XLA's convolution."""
+  groups, stride 1 or stride = kernel); anything else goes to XLA's convolution."""
   ones = lambda v: v is None or all(int(d) == 1 for d in v)
+  kernel = tuple(int(k) for k in rhs.shape[:-2])
+  strides_ok = ones(window_strides) or tuple(int(s) for s in window_strides) == kernel
   layouts_ok = dimension_numbers is None or (
       isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers)
       and tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1, *range(1, lhs.ndim - 1))
       and tuple(dimension_numbers.rhs_spec) == (rhs.ndim - 1, rhs.ndim - 2,
                                                  *range(rhs.ndim - 2))
       and tuple(dimension_numbers.out_spec) == (0, lhs.ndim - 1, *range(1, lhs.ndim - 1)))
-  return (ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+  return (strides_ok and ones(lhs_dilation) and ones(rhs_dilation)
           and feature_group_count == 1 and layouts_ok)
 
 
 def im2col_conv(lhs: jax.Array, rhs: jax.Array, padding: Any,
-                precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-  """Stride-1 convolution as patches @ kernel.
+                precision: Any = None, preferred_element_type: Any = None,
+                strides: Sequence[int] | None = None) -> jax.Array:
+  """Convolution of stride 1 (or stride = kernel) as patches @ kernel.
 
   Args:
     lhs: `[batch, *spatial, C_in]` input (channels last).
     rhs: `[*kernel, C_in, C_out]` kernel (flax's layout).
     padding: "SAME" / "VALID" or one (low, high) pair per spatial axis.
+    strides: None / all 1, or equal to the kernel (non-overlapping windows).
   Returns:
     `[batch, *out_spatial, C_out]`, equal to `lax.conv_general_dilated` with the same layouts.
   """
   kernel = rhs.shape[:-2]
+  if strides is not None and any(int(s) != 1 for s in strides):
+    return _space_to_depth_conv(lhs, rhs, padding, precision, preferred_element_type)
   pads = _same_pads(lhs.shape[1:-1], kernel, (1,) * len(kernel), padding)
   x = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
   out = [n - k + 1 for n, k in zip(x.shape[1:-1], kernel)]
@@ -98,6 +106,23 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, padding: Any,
   cols = [x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)), slice(None))]
           for offset in itertools.product(*(range(k) for k in kernel))]
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  return jnp.einsum("...i,io->...o", patches, rhs.reshape(-1, rhs.shape[-1]),
+                    precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _space_to_depth_conv(lhs, rhs, padding, precision, preferred_element_type) -> jax.Array:
+  """Convolution with stride = kernel: each output voxel sees its own block of k^3 input voxels,
+  so the patches are the input regrouped `[batch, *out, k^3 * C_in]` (no copies)."""
+  kernel = tuple(int(k) for k in rhs.shape[:-2])
+  pads = _same_pads(lhs.shape[1:-1], kernel, kernel, padding)
+  x = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
+  out = [(n - k) // k + 1 for n, k in zip(x.shape[1:-1], kernel)]
+  x = x[(slice(None), *(slice(0, o * k) for o, k in zip(out, kernel)), slice(None))]  # VALID
+  d = len(kernel)
+  # [b, o1, k1, o2, k2, ..., C] -> [b, o1, o2, ..., k1, k2, ..., C]: rhs's row-major tap order.
+  x = x.reshape(x.shape[0], *itertools.chain.from_iterable(zip(out, kernel)), x.shape[-1])
+  x = x.transpose(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1)
+  patches = x.reshape(x.shape[0], *out, -1)
   return jnp.einsum("...i,io->...o", patches, rhs.reshape(-1, rhs.shape[-1]),
                     precision=precision, preferred_element_type=preferred_element_type)
 
@@ -130,7 +155,7 @@ def conv_general_dilated(lowering: str) -> Callable[..., jax.Array] | None:
       use = (jax.default_backend() == "cpu" and
              patch_bytes(lhs.shape, rhs.shape[:-2], lhs.dtype.itemsize) <= AUTO_PATCH_BYTES)
     if use:
-      return im2col_conv(lhs, rhs, padding, precision, preferred_element_type)
+      return im2col_conv(lhs, rhs, padding, precision, preferred_element_type, window_strides)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision=precision,

@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_features = ()         # MRInet / SFCN channels; () = the published network
   c.model.conv_lowering = "auto"     # "auto" (im2col on CPU, XLA's conv elsewhere), "xla", "im2col"
   c.model.dense_features = 64        # MRInet hidden dense width
+  c.model.patch_stem = 0             # MRInet: p > 1 replaces block 1 (conv 3^3 + max-pool) by
+                                     # a p^3 conv of stride p; 0 = the study's network
+  c.model.flip_average = False       # MRInet: at inference (validation, predict, maps) the mean
+                                     # age of the volume and its left-right mirror
   c.model.scale_output = False       # MRInet: age = mean + SD * head (SD of the training ages,
                                      # years) instead of raw years; False is the study's network
   c.model.age_range = (15.0, 85.0)   # SFCN age bins (years)
@@ -298,6 +302,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.model.conv_lowering in LOWERINGS, "model.conv_lowering",
        f"must be one of {LOWERINGS}")
   need(config.model.dense_features > 0, "model.dense_features", "must be > 0")
+  need(config.model.patch_stem == 0 or (config.model.patch_stem > 1
+                                        and config.model.name == "mrinet"),
+       "model.patch_stem", "must be 0, or a patch side > 1 for model.name='mrinet'")
+  need(not config.model.flip_average or config.model.name == "mrinet", "model.flip_average",
+       "is an MRInet option (model.name='mrinet')")
   need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
        "scales a regression output in years; sfcn predicts age bins")
   lo, hi = config.model.age_range
@@ -431,6 +440,10 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
                             "conv_lowering": str(m.conv_lowering)}
   if m.name == "mrinet":
     kwargs.update(mean_age=float(mean_age), dense_features=int(m.dense_features))
+    if m.patch_stem:
+      kwargs["patch_stem"] = int(m.patch_stem)
+    if m.flip_average:
+      kwargs["flip_average"] = True
     if m.conv_features:
       kwargs["conv_features"] = tuple(int(f) for f in m.conv_features)
     if m.scale_output:

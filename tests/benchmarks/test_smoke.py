@@ -28,6 +28,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch side of the harness nee
 
 import bench_conv  # noqa: E402
 import bench_pool  # noqa: E402
+import bench_stem  # noqa: E402
 import bench_roofline  # noqa: E402
 import bench_train  # noqa: E402
 import torch_models  # noqa: E402
@@ -237,6 +238,22 @@ def test_bench_pool_box_shape(tmp_path):
   assert result["shape"] == [8, 10, 6]
   assert [r["shape"] for r in result["pools"]] == [[1, 8, 10, 6, 8], [1, 4, 5, 3, 16]]
   assert all(r["max_abs_grad_diff"] < 1e-4 for r in result["steps"])
+
+
+def test_bench_stem_tiny_lowerings_agree(tmp_path):
+  out = tmp_path / "stem.json"
+  assert bench_stem.main(["--shape", "8,10,8", "--batch-size", "1", "--repeats", "1",
+                          "--stems", "2", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert ENV_KEYS <= set(result)
+  assert [r["case"] for r in result["rows"]] == ["block 1", "stem 2, s2d",
+                                                 "stem 2, strided conv"]
+  # the stem replaces block 1's 3^3 x 3 x 8 kernel by a 2^3 x 3 x 8 one (+ the same bias)
+  block, s2d, xla = (r["num_params"] for r in result["rows"])
+  assert block - s2d == (27 - 8) * 3 * 8 and s2d == xla
+  assert all(r["max_rel_grad_diff_s2d_vs_strided"] < 1e-4 for r in result["rows"][1:])
+  with pytest.raises(SystemExit):
+    bench_stem.main(["--stems", "1"])
 
 
 def test_run_all_is_valid_bash():

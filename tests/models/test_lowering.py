@@ -61,6 +61,34 @@ def test_gradients_equal_lax_convolution():
     np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,padding,shape", [
+    ((2, 2, 2), "SAME", (2, 8, 6, 4, 3)), ((2, 2, 2), "SAME", (2, 7, 6, 5, 3)),
+    ((2, 3, 2), "VALID", (2, 7, 8, 5, 3)), ((2, 2, 2), ((1, 0), (0, 1), (1, 1)), (1, 5, 5, 4, 2))])
+def test_stride_equal_to_kernel_is_a_reshape_equal_to_numpy(kernel, padding, shape):
+  """Non-overlapping windows (MRInet's patch stem): the stride-1 numpy convolution sampled every
+  `kernel` voxels, with lax's padding for that stride; gradients as lax's."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=shape).astype(np.float32)
+  w = rng.normal(size=(*kernel, shape[-1], 4)).astype(np.float32)
+  pads = (jax.lax.padtype_to_pads(shape[1:4], kernel, kernel, padding)
+          if isinstance(padding, str) else padding)
+  full = numpy_conv(x, w, pads)
+  want = full[:, ::kernel[0], ::kernel[1], ::kernel[2]]
+  conv = lowering.conv_general_dilated("im2col")
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NDHWC", "DHWIO", "NDHWC"))
+  ours = lambda x, w: conv(x, w, kernel, padding, dimension_numbers=dn)
+  got = ours(jnp.asarray(x), jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # A reshape, not XLA's convolution.
+  assert "conv_general_dilated" not in _primitives(ours, jnp.asarray(x), jnp.asarray(w))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, kernel, padding, dimension_numbers=dn)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) ** 2)
+  for argnum in (0, 1):
+    np.testing.assert_allclose(np.asarray(jax.grad(loss(ours), argnum)(x, w)),
+                               np.asarray(jax.grad(loss(ref), argnum)(x, w)),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_unsupported_convolutions_go_to_lax():
   """Strides, dilation and groups are not im2col's: the result must still be lax's."""
   rng = np.random.default_rng(2)
@@ -92,6 +120,8 @@ def _primitives(fn, *args) -> set[str]:
 MODELS = [
     ("mrinet", dict(conv_features=(4, 4, 8, 8, 4), dense_features=8, dropout_rate=0.0,
                     mean_age=50.0, age_scale=15.0)),
+    ("mrinet", dict(conv_features=(4, 4, 8, 8, 4), dense_features=8, dropout_rate=0.0,
+                    mean_age=50.0, patch_stem=2)),
     ("sfcn_regression", dict(channels=(4, 8, 8, 8, 8, 4), dropout_rate=0.0, mean_age=50.0)),
 ]
 

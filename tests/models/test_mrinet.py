@@ -82,13 +82,21 @@ def _tf_same_pool(x: torch.Tensor) -> torch.Tensor:
   return F.max_pool3d(F.pad(x, pads, value=-math.inf), 3, stride=2)
 
 
-def _torch_mrinet(params, x: np.ndarray) -> np.ndarray:
-  """Keras MRInet re-typed in PyTorch (NCDHW, float64), weights taken from the flax tree."""
+def _torch_mrinet(params, x: np.ndarray, patch_stem: int = 0) -> np.ndarray:
+  """Keras MRInet re-typed in PyTorch (NCDHW, float64), weights taken from the flax tree; with
+  `patch_stem` p, conv1 is a p^3 conv of stride p (TF SAME: padded after) and has no pool."""
   t = lambda a: torch.tensor(np.asarray(a, np.float64))
   h = t(x).permute(0, 4, 1, 2, 3)
   for i in range(1, 6):
     p = params[f"conv{i}"]
-    h = F.conv3d(h, t(p["kernel"]).permute(4, 3, 0, 1, 2), t(p["bias"]), padding="same")
+    kernel = t(p["kernel"]).permute(4, 3, 0, 1, 2)
+    if i == 1 and patch_stem:
+      pads = []
+      for n in reversed(h.shape[2:]):
+        pads += [0, -n % patch_stem]
+      h = F.relu(F.conv3d(F.pad(h, pads), kernel, t(p["bias"]), stride=patch_stem))
+      continue
+    h = F.conv3d(h, kernel, t(p["bias"]), padding="same")
     h = _tf_same_pool(F.relu(h))
   h = h.permute(0, 2, 3, 4, 1).flatten(1)  # Keras flattens channels-last
   h = F.relu(h @ t(params["dense1"]["kernel"]) + t(params["dense1"]["bias"]))
@@ -104,6 +112,21 @@ def test_forward_matches_pytorch_replica():
   assert y.shape == (2,) and y.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y), _torch_mrinet(params, np.asarray(x)),
                              rtol=1e-5, atol=1e-4)
+
+
+def test_patch_stem_matches_pytorch_replica_on_block_1s_grid():
+  model = MRInet(mean_age=47.0, conv_features=(8, 16, 32, 64, 32), patch_stem=2)
+  x = np.random.default_rng(3).uniform(size=(2, 33, 20, 27, 3)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: model.init(KEY(0), jnp.zeros(x.shape)))["params"]
+  assert shapes["conv1"]["kernel"].shape == (2, 2, 2, 3, 8)
+  # ceil(n / 2) as block 1's pool, then four pools: 33 -> 17 -> 9 -> 5 -> 3 -> 2 etc.
+  assert shapes["dense1"]["kernel"].shape == (2 * 1 * 1 * 32, 64)
+  params = random_params(model, x.shape, seed=4)
+  y = jax.jit(model.apply)({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(y), _torch_mrinet(params, x, patch_stem=2),
+                             rtol=1e-5, atol=1e-4)
+  with pytest.raises(ConfigError, match="patch_stem"):
+    MRInet(patch_stem=1)
 
 
 def test_output_bias_is_mean_age():
@@ -235,3 +258,52 @@ def test_lrp_through_the_age_scale_is_gradient_times_input():
                              atol=1e-5 * np.abs(output).max())
   np.testing.assert_allclose(np.asarray(relevance, np.float64).sum((1, 2, 3, 4)), output,
                              rtol=1e-3)
+
+
+def test_flip_average_is_the_mean_over_the_mirror_at_inference_only():
+  """Against the plain network on the volume and on its numpy mirror (axis x); training passes
+  are the plain network's; the parameters are the same."""
+  kwargs = dict(mean_age=47.0, conv_features=(4, 4, 8, 8, 4), dense_features=8, dropout_rate=0.0)
+  plain, tta = MRInet(**kwargs), MRInet(flip_average=True, **kwargs)
+  x = np.random.default_rng(7).uniform(size=(3, 20, 18, 16, 2)).astype(np.float32)
+  params = random_params(plain, x.shape, seed=8)
+  assert (jax.tree.structure(jax.eval_shape(lambda: tta.init(KEY(0), x))["params"])
+          == jax.tree.structure(params))
+  v = {"params": params}
+  mirrored = np.ascontiguousarray(x[:, ::-1])
+  want = 0.5 * (np.asarray(plain.apply(v, x), np.float64)
+                + np.asarray(plain.apply(v, mirrored), np.float64))
+  assert np.abs(np.asarray(plain.apply(v, x)) - np.asarray(plain.apply(v, mirrored))).min() > 1e-4
+  np.testing.assert_allclose(np.asarray(jax.jit(tta.apply)(v, x)), want, rtol=1e-6, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(tta.apply(v, x, train=True)),
+                             np.asarray(plain.apply(v, x)), rtol=1e-6)
+
+
+def test_lrp_of_the_flip_average_is_the_mean_of_both_passes_maps():
+  """The sum rule gives each pass relevance = half its age, so the map is the mean of the plain
+  network's map of the volume and its map of the mirror, mirrored back (LRP-epsilon, the
+  study's alpha2-beta1, and a ZBox first layer: every pass sees `[batch, ...]` bounds). In
+  float64: alpha-beta's float32 cancellation alone differs by ~0.3%."""
+  import lrp
+
+  with jax.enable_x64(True):
+    kwargs = dict(mean_age=40.0, conv_features=(4, 4, 4, 4, 4), dense_features=8,
+                  dropout_rate=0.0, dtype=jnp.float64, param_dtype=jnp.float64)
+    plain, tta = MRInet(**kwargs), MRInet(flip_average=True, **kwargs)
+    x = jnp.asarray(np.random.default_rng(9).uniform(size=(2, 32, 24, 16, 1)), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          random_params(plain, x.shape, seed=10))
+    variables = {"params": params}
+    composites = [lrp.composites.EpsilonAll(epsilon=1e-6),
+                  lrp.composites.EpsilonAlpha2Beta1(),
+                  lrp.composites.EpsilonGammaBox(low=0.0, high=1.0)]
+    for composite in composites:
+      explain = jax.jit(lambda model, v, x: lrp.relevance(model.apply, v, x,
+                                                          composite=composite),
+                        static_argnums=0)
+      got = np.asarray(explain(tta, variables, x))
+      own = np.asarray(explain(plain, variables, x))
+      mirror = np.asarray(explain(plain, variables, jnp.flip(x, axis=1)))[:, ::-1]
+      want = 0.5 * (own + mirror)
+      assert np.abs(own - mirror).max() > 0.1 * np.abs(want).max()  # the passes differ
+      assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want), repr(composite)

@@ -80,6 +80,11 @@ def test_overrides_set_typed_values():
     (["--config.augment.rotate_degrees", "90"], r"augment.rotate_degrees must lie in"),
     (["--config.data.scaling", "robust"], r"data.scaling='robust': must be one of"),
     (["--config.model.conv_lowering", "fft"], r"model.conv_lowering='fft': must be one of"),
+    (["--config.model.patch_stem", "1"], r"model.patch_stem=1: must be 0, or a patch side > 1"),
+    (["--config.model.name", "sfcn", "--config.loss", "soft_label", "--config.model.patch_stem",
+      "2"], r"model.patch_stem=2: .* for model.name='mrinet'"),
+    (["--config.model.name", "sfcn_regression", "--config.model.flip_average", "true"],
+     r"model.flip_average=True: is an MRInet option"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, match):
   config = config_lib.load_config(str(ROOT / "configs" / "tiny.py"))
