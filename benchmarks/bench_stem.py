@@ -111,7 +111,7 @@ def bench(shape: tuple[int, int, int], batch: int, stems: list[int], features: t
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--shape", default="40,50,40", help="input box X,Y,Z (voxels)")
+  parser.add_argument("--shape", default="40,50,40", help="input box X,Y,Z or one cube side (voxels)")
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--stems", default="2", help="comma list of patch sides (> 1)")
   parser.add_argument("--features", default="8,16,32,64,32",
@@ -120,12 +120,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", help="write results as JSON here")
   args = parser.parse_args(argv)
   try:
-    shape = tuple(int(v) for v in args.shape.split(","))
+    shape = common.parse_shape(args.shape)
     stems = [int(v) for v in args.stems.split(",")]
     features = tuple(int(v) for v in args.features.split(","))
-  except ValueError:
-    parser.error("--shape, --stems and --features take comma-separated integers")
-  if len(shape) != 3 or min(shape) < 1:
+  except ValueError as e:
+    parser.error(f"--shape, --stems and --features take integers: {e}")
+  if min(shape) < 1:
     parser.error(f"--shape must be X,Y,Z (positive voxel counts), got {args.shape!r}")
   if any(p < 2 for p in stems):
     parser.error(f"--stems: patch sides must be > 1, got {args.stems!r}")
