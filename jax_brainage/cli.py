@@ -1,35 +1,20 @@
-"""The `brainage` command: one sub-command per pipeline stage.
+"""The `brainage` command: one sub-command per pipeline stage (`jax_brainage.commands`).
 
-Each stage module owns its sub-command through `add_parser(subparsers)`, which adds a parser and
-sets `func=run(args) -> int`. This file only lists the modules, in pipeline order, so that
-`brainage --help` reads like the pipeline: data -> model -> train -> ensemble -> explain -> analyse.
+This file starts the process (huge pages, multi-host options before the sub-command) and turns
+a `BrainAgeError` into one line on stderr and exit code 2; each sub-command lives in its own
+thin module under jax_brainage/commands/, in pipeline order, so that `brainage --help` reads like
+the pipeline: data -> model -> train -> ensemble -> explain -> analyse.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
 
-from jax_brainage import distributed
+from jax_brainage import commands, distributed
 from jax_brainage.errors import BrainAgeError
-
-# Pipeline order; a module is listed once it provides `add_parser`.
-COMMAND_MODULES = (
-    "jax_brainage.data.simulate",  # brainage simulate
-    "jax_brainage.data.cache",  # brainage prepare
-    "jax_brainage.data.pipeline",  # brainage batches
-    "jax_brainage.train.trainer",  # brainage train
-    "jax_brainage.predict",  # brainage predict (single models and ensembles)
-    "jax_brainage.explain.command",  # brainage explain: relevance maps, region tables, figures
-    "jax_brainage.explain.evaluate",  # brainage evaluate-explanations: ground-truth scores
-    "jax_brainage.analyse.gap",  # brainage analyze: brain-age gap vs covariates
-    "jax_brainage.analyse.report",  # brainage report: the static HTML report
-    "jax_brainage.demo",  # brainage demo: the whole path on a simulated cohort
-)
-
 
 # XLA:CPU writes each step's activations and gradients into freshly allocated buffers; with 4 KiB
 # pages the kernel faults every page in again (18 M faults in one epoch of the cpu preset, a
@@ -83,16 +68,32 @@ def _reexec_with_huge_pages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
+  """The multi-host options (--coordinator, --num-processes, --process-id, --local-device-ids,
+  --cpu-devices), given before the sub-command: `brainage --coordinator H:P ... train ...`."""
+  group = parser.add_argument_group(
+      "multi-host", "join a multi-process run (SLURM, Open MPI and Cloud TPU are detected "
+      "automatically; these override the BRAINAGE_* environment variables)")
+  group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                     help="address of process 0's coordinator (same on every process)")
+  group.add_argument("--num-processes", type=int, metavar="N", default=None)
+  group.add_argument("--process-id", type=int, metavar="I", default=None)
+  group.add_argument("--local-device-ids", metavar="IDS", default=None,
+                     help="accelerators of this process, e.g. 0,1")
+  group.add_argument("--cpu-devices", type=int, metavar="K", default=None,
+                     help="fake CPU devices of this process (trying the multi-host path on CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="brainage",
       description="Brain age from structural MRI with ensembles of 3D CNNs, explained with LRP.",
   )
   # Multi-host options go before the sub-command: `brainage --coordinator H:P ... train ...`.
-  distributed.add_arguments(parser)
+  add_multihost_arguments(parser)
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-  for name in COMMAND_MODULES:
-    importlib.import_module(name).add_parser(subparsers)
+  for command in commands.COMMANDS:
+    command.add_parser(subparsers)
   return parser
 
 
@@ -103,9 +104,16 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     # Join a multi-process run when options, BRAINAGE_* variables or a SLURM / Open MPI /
-    # Cloud TPU environment say so; a plain local run initialises nothing.
-    if distributed.initialize_from_args(args) is not None:
-      print(f"brainage: {distributed.describe()}", file=sys.stderr)
+    # Cloud TPU environment say so; a plain local run initialises nothing. Every process logs
+    # where it stands.
+    settings = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                      args.local_device_ids, args.cpu_devices)
+  except BrainAgeError as e:  # the run as a whole, not the sub-command, could not start
+    print(f"brainage: error: {e}", file=sys.stderr)
+    return 2
+  if settings is not None:
+    print(f"brainage: {distributed.describe()}", file=sys.stderr, flush=True)
+  try:
     return int(args.func(args) or 0)
   except BrainAgeError as e:
     # One line naming the culprit; the traceback helps nobody who gave a wrong path.

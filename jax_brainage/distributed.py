@@ -27,12 +27,10 @@ local multi-process run never opens a socket on another interface.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import os
 import socket
-import sys
 import time
 from typing import Any, Sequence
 
@@ -268,7 +266,7 @@ def _host_port(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
-def _check_port_free(address: str) -> None:
+def check_port_free(address: str) -> None:
   """ConfigError if process 0 cannot listen on the coordinator's port."""
   host, port = _host_port(address)
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -372,7 +370,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # JAX aborts the whole process (no exception) when the coordinator cannot be reached or
     # its port cannot be bound: check first, and say which setting is wrong in one line.
     if settings.process_id == 0:
-      _check_port_free(kwargs.get("coordinator_bind_address") or settings.coordinator)
+      check_port_free(kwargs.get("coordinator_bind_address") or settings.coordinator)
     else:
       _wait_for_coordinator(settings, float(timeout))
   try:
@@ -419,61 +417,3 @@ def describe() -> str:
   return (f"process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}: "
           f"{len(local)} local of {len(devices)} global {devices[0].platform} devices "
           f"({kind}){how}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: global options of `brainage`, and `python -m jax_brainage.distributed ...`.
-# ---------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the multi-host options (--coordinator, --num-processes, --process-id,
-  --local-device-ids, --cpu-devices) to the top-level `brainage` parser."""
-  group = parser.add_argument_group(
-      "multi-host", "join a multi-process run (SLURM, Open MPI and Cloud TPU are detected "
-      "automatically; these override the BRAINAGE_* environment variables)")
-  group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                     help="address of process 0's coordinator (same on every process)")
-  group.add_argument("--num-processes", type=int, metavar="N", default=None)
-  group.add_argument("--process-id", type=int, metavar="I", default=None)
-  group.add_argument("--local-device-ids", metavar="IDS", default=None,
-                     help="accelerators of this process, e.g. 0,1")
-  group.add_argument("--cpu-devices", type=int, metavar="K", default=None,
-                     help="fake CPU devices of this process (trying the multi-host path on CPU)")
-
-
-def initialize_from_args(args: argparse.Namespace) -> Settings | None:
-  """`initialize` with the options of `add_arguments` (missing attributes count as unset)."""
-  return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                    getattr(args, "process_id", None), getattr(args, "local_device_ids", None),
-                    getattr(args, "cpu_devices", None))
-
-
-def main(argv: list[str] | None = None) -> int:
-  """`python -m jax_brainage.distributed [multi-host options] COMMAND ...`: initialise (options,
-  else the environment), log `describe()` from every process, then run `brainage COMMAND ...`."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  # The multi-host options come before the sub-command, as for `brainage` itself.
-  pre = argparse.ArgumentParser(prog="python -m jax_brainage.distributed", add_help=False)
-  add_arguments(pre)
-  pre.add_argument("command", nargs=argparse.REMAINDER)
-  known, unknown = pre.parse_known_args(argv)
-  try:
-    settings = initialize_from_args(known)
-  except ConfigError as e:
-    print(f"brainage: error: {e}", file=sys.stderr)
-    return 2
-  if settings is not None:
-    print(f"brainage: {describe()}", file=sys.stderr, flush=True)
-  from jax_brainage import cli
-  # Pass the options on only if the `brainage` parser has them (it then re-checks them: same
-  # settings, so initialize is a no-op there).
-  parser = cli.build_parser()
-  keeps = "--coordinator" in getattr(parser, "_option_string_actions", {})
-  return cli.main(argv if keeps else unknown + known.command)
-
-
-if __name__ == "__main__":
-  # Run the importable module's main, so `initialize`'s state is the one `cli` sees.
-  from jax_brainage.distributed import main as _main
-  sys.exit(_main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -45,8 +46,30 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
 
 
+def jsonable(x: Any) -> Any:
+  """A JSON-safe copy of `x`: mappings with str keys, tuples as lists, numpy scalars and arrays
+  as Python numbers and lists, non-finite floats as None (JSON has no NaN or Infinity), paths
+  as str. The one sanitiser for every JSON record the project writes."""
+  if isinstance(x, dict) or (hasattr(x, "items") and hasattr(x, "keys")):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if hasattr(x, "tolist") and hasattr(x, "dtype"):  # numpy arrays and scalars
+    return jsonable(x.tolist())
+  if isinstance(x, bool) or x is None or isinstance(x, str):
+    return x
+  if isinstance(x, int):
+    return int(x)
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
+  return x
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Atomically writes `obj` as indented JSON to `path`."""
+  """Atomically writes `obj` as indented JSON to `path` (pass it through `jsonable` first when
+  it may hold numpy values or non-finite floats)."""
   write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 

@@ -9,6 +9,24 @@ import numpy as np
 from jax_brainage import fileio
 
 
+def figure(width: float, height: float):
+  """A matplotlib Figure of `width` x `height` inches at 120 dpi, on the Agg backend and without
+  pyplot (no global figure state, safe in threads and without a display)."""
+  import matplotlib  # optional until a figure is drawn
+
+  matplotlib.use("Agg", force=False)
+  from matplotlib.figure import Figure
+
+  return Figure(figsize=(width, height), dpi=120)
+
+
+def save_png(fig, path: str | os.PathLike, *, tight: bool = False) -> None:
+  """Writes `fig` to `path` as a PNG atomically; `tight` crops to the drawn content (keeps a
+  legend placed outside the axes inside the image)."""
+  with fileio.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png", **({"bbox_inches": "tight"} if tight else {}))
+
+
 def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predicted: np.ndarray,
                               *, mae: float | None = None, oracle_mae: float | None = None,
                               title: str = "Brain age on the held-out test split") -> None:
@@ -20,14 +38,9 @@ def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predict
     mae: the test MAE (years), shown in the legend.
     oracle_mae: the best achievable MAE on the cohort (years), noted on the plot.
   """
-  import matplotlib
-
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure  # no pyplot: no global figure state
-
   ages = np.asarray(ages, np.float64)
   predicted = np.asarray(predicted, np.float64)
-  fig = Figure(figsize=(5.0, 5.0), dpi=120)
+  fig = figure(5.0, 5.0)
   ax = fig.add_subplot()
   lo = float(min(ages.min(), predicted.min())) - 2.0
   hi = float(max(ages.max(), predicted.max())) + 2.0
@@ -48,5 +61,4 @@ def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predict
   ax.set_title(title, fontsize=10)
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
-  with fileio.atomic_path(path, suffix=".png") as tmp:
-    fig.savefig(tmp, format="png")
+  save_png(fig, path)

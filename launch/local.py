@@ -9,7 +9,7 @@ BRAINAGE_NUM_PROCESSES, BRAINAGE_PROCESS_ID and BRAINAGE_CPU_DEVICES set (and JA
 so `jax_brainage.distributed.initialize()` joins them into one run with N*K devices, gloo
 collectives over loopback. Nothing listens or connects on any address but 127.0.0.1.
 
-A leading `brainage` is run as `python -m jax_brainage.distributed ...` (initialise, then the
+A leading `brainage` is run as `python -m jax_brainage ...` (initialise, then the
 `brainage` command). Output lines are prefixed with [p<i>] (or written to --log-dir/p<i>.log).
 If one process fails, or --timeout passes, or you press Ctrl-C, all processes (and their
 children) are stopped; the exit status is the first failure's (124 on timeout).
@@ -42,13 +42,13 @@ def free_port() -> int:
 
 
 def process_command(command: Sequence[str]) -> list[str]:
-  """The command each process runs: `brainage ...` -> `python -m jax_brainage.distributed ...`
-  (initialises from the environment before the command touches JAX)."""
+  """The command each process runs: `brainage ...` -> `python -m jax_brainage ...` (the same
+  command through this Python, which initialises from the environment before it touches JAX)."""
   command = list(command)
   if not command:
     raise ValueError("no command to launch (give it after --)")
   if command[0] == "brainage":
-    return [sys.executable, "-m", "jax_brainage.distributed", *command[1:]]
+    return [sys.executable, "-m", "jax_brainage", *command[1:]]
   return command
 
 
@@ -110,8 +110,7 @@ def launch(command: Sequence[str], processes: int, cpu_devices: int = 1, *,
   """Runs `command` as `processes` JAX processes on 127.0.0.1 and waits for all of them.
 
   Args:
-    command: argv of one process (a leading "brainage" becomes `python -m
-      jax_brainage.distributed`).
+    command: argv of one process (a leading "brainage" becomes `python -m jax_brainage`).
     processes: number of processes N; cpu_devices: CPU devices K of each (N*K in all).
     port: coordinator port on 127.0.0.1 (default: a free one).
     timeout_s: stop everything after this many seconds (status 124).

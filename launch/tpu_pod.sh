@@ -18,7 +18,7 @@
 #
 # Logs: every worker's output comes back through gcloud; the run's own logs and metrics are
 # written by process 0 only. Ctrl-C stops gcloud; the workers may keep running without their
-# ssh session: list them with --command 'pgrep -af jax_brainage.distributed' and stop them by
+# ssh session: list them with --command 'pgrep -af jax_brainage' and stop them by
 # process id (kill PID). Re-running this script resumes from the workdir's latest checkpoint.
 
 set -euo pipefail
@@ -38,7 +38,7 @@ for arg in "$@"; do EXTRA+=" $(printf '%q' "$arg")"; done
 REMOTE="cd $REPO_DIR && \
 export JAX_COMPILATION_CACHE_DIR=\$HOME/.cache/brainage/jax && \
 export PYTHONUNBUFFERED=1 && \
-python3 -m jax_brainage.distributed train --config $(printf '%q' "$CONFIG") \
+python3 -m jax_brainage train --config $(printf '%q' "$CONFIG") \
   --workdir $(printf '%q' "$WORKDIR") --quiet$EXTRA"
 
 echo "brainage: running on every worker of $TPU_NAME ($ZONE): $REMOTE"

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage import demo, predict
+from jax_brainage import artifact, demo, predict
 from jax_brainage.errors import BrainAgeError
 
 # A demo small enough for the test budget: 24 subjects at 4 mm, 32^3 cubes, one epoch.
@@ -36,11 +36,9 @@ def workdir(tmp_path_factory) -> Path:
   """A single-model T1w workdir with `cache` and `data` beside its checkpoints: the tiny demo's
   when the tiny preset trains one model on T1w, else one epoch of such a model trained on the
   demo's cache (cache and data linked in)."""
-  from jax_brainage.ensemble import store
-
   demo_dir = tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
   record = json.loads((demo_dir / "config.json").read_text())["config"]
-  if not store.is_ensemble_workdir(demo_dir) and tuple(record["data"]["sequences"]) == ("T1w",):
+  if not artifact.is_ensemble_workdir(demo_dir) and tuple(record["data"]["sequences"]) == ("T1w",):
     return demo_dir
   from jax_brainage.train import config as config_lib
   from jax_brainage.train import trainer
@@ -65,7 +63,7 @@ def workdir(tmp_path_factory) -> Path:
 def model_channels(workdir: Path) -> list[int]:
   """The cache channels the workdir's model reads."""
   index = json.loads((workdir / "cache" / "index.json").read_text())
-  return [index["sequences"].index(q) for q in predict.load_trained(workdir).sequences]
+  return [index["sequences"].index(q) for q in artifact.load(workdir).subs[0].sequences]
 
 
 def cli(argv: list[str]) -> int:
@@ -156,13 +154,13 @@ def test_predict_image_list_and_latest_checkpoint(workdir, tmp_path):
   np.testing.assert_allclose([float(r["predicted_age"]) for r in rows], expected, atol=2e-3)
 
 
-def test_predictor_batches_agree_with_single_subjects(workdir):
-  trained = predict.load_trained(workdir)
+def test_batches_agree_with_single_subjects(workdir):
+  model = artifact.load(workdir)
   volumes = np.load(workdir / "cache" / "volumes.npy")[:7][..., model_channels(workdir)]
-  batched = predict.Predictor(trained, batch_size=4)(volumes)  # 4 + 3 (padded)
+  batched = model.predict(volumes, batch_size=4).ensemble  # 4 + 3 (padded)
   np.testing.assert_allclose(batched, reference_predictions(workdir, np.arange(7)), atol=1e-3)
-  with pytest.raises(BrainAgeError, match=r"\(16, 16, 16\) voxels.*expects \(32, 32, 32\)"):
-    predict.Predictor(trained)(np.zeros((2, 16, 16, 16, 1), np.uint8))
+  with pytest.raises(BrainAgeError, match=r"expects \[n, 32, 32, 32, 1\].*got \[2, 16, 16, 16"):
+    model.predict(np.zeros((2, 16, 16, 16, 1), np.uint8))
 
 
 def _one_line_error(capsys, argv: list[str], pattern: str) -> str:
@@ -232,9 +230,10 @@ def ensemble_workdir(workdir, tmp_path_factory):
   import jax
 
   from jax_brainage.data import splits
+  from jax_brainage.ensemble import model as ensemble_model
   from jax_brainage.ensemble import store
 
-  one = store.load_sub_ensemble("all", workdir)
+  one = artifact.load_sub_ensemble("all", workdir)
   two = dataclasses.replace(one, name="t1x2", members=2, variables=jax.tree.map(
       lambda a, b: np.concatenate([a, b]), one.variables,
       {"params": jax.tree.map(lambda a: a[None], _perturb(one.member_variables(0)["params"]))}))
@@ -243,7 +242,7 @@ def ensemble_workdir(workdir, tmp_path_factory):
   rows = np.sort(np.concatenate([split.train, split.val]))
   volumes = np.load(workdir / "cache" / "volumes.npy")[rows][..., model_channels(workdir)]
   ages = np.array([index["subjects"][i]["age"] for i in rows], np.float64)
-  ens = store.fit_ensemble((one, two), {"all": volumes, "t1x2": volumes}, ages, folds=4,
+  ens = ensemble_model.fit_ensemble((one, two), {"all": volumes, "t1x2": volumes}, ages, folds=4,
                            correction="linear", batch_size=4)
   w = tmp_path_factory.mktemp("ensemble") / "W"
   store.save_ensemble(w, ens)

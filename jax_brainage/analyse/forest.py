@@ -13,32 +13,21 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
-from jax_brainage import fileio
+from jax_brainage import plots
+from jax_brainage.analyse.regression import INTERCEPT, GapRegression
+from jax_brainage.analyse.tables import number, read_tsv
+from jax_brainage.errors import DataError
 
 _REFERENCE_STYLES = (("tab:gray", "s"), ("tab:purple", "^"), ("tab:olive", "v"), ("tab:cyan", "P"))
 
 
-def _figure(width: float, height: float):
-  import matplotlib
-
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure  # no pyplot: no global figure state
-
-  return Figure(figsize=(width, height), dpi=120)
-
-
-def _save(fig, path: str | os.PathLike) -> None:
-  with fileio.atomic_path(path, suffix=".png") as tmp:
-    # "tight" keeps a legend placed outside the axes inside the image.
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-
-
-def forest_plot(path: str | os.PathLike, fit, *,
+def forest_plot(path: str | os.PathLike, fit: GapRegression, *,
                 true_effects: Mapping[str, float | None] | None = None,
                 reference: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
                 terms: Sequence[str] | None = None, title: str | None = None) -> None:
-  """Forest plot of a `gap.GapRegression` as a PNG.
+  """Forest plot of a `GapRegression` (the gap's OLS fit) as a PNG.
 
   Args:
     path: PNG to write.
@@ -49,13 +38,13 @@ def forest_plot(path: str | os.PathLike, fit, *,
     terms: the terms to show, top to bottom (default: all but the intercept).
     title: the figure title.
   """
-  terms = [t for t in (terms or fit.terms) if t != "intercept"]
+  terms = [t for t in (terms or fit.terms) if t != INTERCEPT]
   if not terms:
     terms = list(fit.terms)
   reference = dict(reference or {})
   rows = {t: fit[t] for t in terms}
   n_ref = len(reference)
-  fig = _figure(6.4, 1.2 + 0.42 * len(terms) * (1 + 0.35 * n_ref))
+  fig = plots.figure(6.4, 1.2 + 0.42 * len(terms) * (1 + 0.35 * n_ref))
   ax = fig.add_subplot()
   ys = np.arange(len(terms))[::-1].astype(float)
   spacing = 0.8 / (n_ref + 1)
@@ -97,12 +86,11 @@ def forest_plot(path: str | os.PathLike, fit, *,
   ax.set_title(title or f"{fit.response}: OLS estimates", fontsize=10)
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
-  _save(fig, path)
+  # "tight": the legend below the axes stays inside the image.
+  plots.save_png(fig, path, tight=True)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-  from scipy import stats
-
   if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return float("nan")
   return float(stats.spearmanr(x, y)[0])
@@ -122,7 +110,7 @@ def bias_plot(path: str | os.PathLike, age: np.ndarray, gap: np.ndarray,
   series = [("uncorrected", np.asarray(gap, np.float64), "tab:orange")]
   if corrected is not None:
     series.append(("bias-corrected", np.asarray(corrected, np.float64), "tab:blue"))
-  fig = _figure(6.0, 4.2)
+  fig = plots.figure(6.0, 4.2)
   ax = fig.add_subplot()
   grid = np.linspace(age.min(), age.max(), 2)
   for label, g, color in series:
@@ -137,7 +125,7 @@ def bias_plot(path: str | os.PathLike, age: np.ndarray, gap: np.ndarray,
   ax.set_title(title or "Brain-age gap vs age (regression to the mean)", fontsize=10)
   ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  plots.save_png(fig, path, tight=True)
 
 
 def bias_plot_from_predictions(path: str | os.PathLike, predictions: str | os.PathLike, *,
@@ -150,13 +138,10 @@ def bias_plot_from_predictions(path: str | os.PathLike, predictions: str | os.Pa
   Raises:
     DataError: fewer than 3 rows with a known age and gap, naming the file.
   """
-  from jax_brainage.analyse import gap as gap_lib
-  from jax_brainage.errors import DataError
-
-  columns, rows = gap_lib.read_tsv(predictions, "predictions TSV")
+  columns, rows = read_tsv(predictions, "predictions TSV")
   has_corrected = "brain_age_gap_corrected" in columns
   wanted = ("age", "brain_age_gap") + (("brain_age_gap_corrected",) if has_corrected else ())
-  values = [[gap_lib._number(row.get(c)) for c in wanted] for row in rows]
+  values = [[number(row.get(c)) for c in wanted] for row in rows]
   values = np.array([v for v in values if all(x is not None for x in v)], np.float64)
   if len(values) < 3:
     raise DataError(f"{predictions}: {len(values)} rows with a known age and gap; the bias "

@@ -27,17 +27,14 @@ A figure is a path or (path, caption); a table is a TSV path or a list of row di
 string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
 "mae_subs" or "member_mae" ({name: years}) become small tables in the accuracy section.
 
-From the command line (the demo calls `write_report` itself):
-
-    brainage report --workdir W [--summary W/summary.json] [--figure NAME=PNG ...]
-        [--table NAME=TSV ...] [--title TEXT]
+From the command line: `brainage report` (jax_brainage/commands/report.py); the demo calls
+`write_report` itself.
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import html
-import json
 import math
 import os
 import re
@@ -163,8 +160,6 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _read_table(path: Path) -> tuple[list[str], list[list[str]]]:
-  import csv
-
   try:
     with open(path, newline="", encoding="utf-8") as f:
       rows = [r for r in csv.reader(f, delimiter="," if path.suffix == ".csv" else "\t") if r]
@@ -387,51 +382,3 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
   index = out / INDEX
   fileio.write_text(index, page)
   return index
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
-  out = {}
-  for item in items or ():
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-      raise DataError(f"{flag} {item!r}: expected NAME=PATH")
-    out[name] = path
-  return out
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `brainage report`."""
-  p = subparsers.add_parser(
-      "report", help="one static HTML report (metrics, figures, tables) in WORKDIR/report",
-      description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True, type=Path, help="the report goes to WORKDIR/report")
-  p.add_argument("--summary", type=Path, default=None,
-                 help="summary JSON (default WORKDIR/summary.json when it exists)")
-  p.add_argument("--figure", action="append", default=[], metavar="NAME=PNG",
-                 help="a figure; NAME picks the section (scatter, bias, forest, relevance_*, "
-                      "perturbation_*, ...); repeat")
-  p.add_argument("--table", action="append", default=[], metavar="NAME=TSV",
-                 help="a table (gap_effects, relevance_scores, ...); repeat")
-  p.add_argument("--title", default="jax-brainage report")
-  p.set_defaults(func=run)
-  return p
-
-
-def run(args: argparse.Namespace) -> int:
-  path = args.summary or (args.workdir / "summary.json")
-  summary = {}
-  if args.summary is not None or path.is_file():
-    try:
-      summary = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-      raise DataError(f"--summary {path}: unreadable JSON ({type(e).__name__})") from None
-    if not isinstance(summary, dict):
-      raise DataError(f"--summary {path}: not a JSON object")
-  index = write_report(args.workdir, summary, _pairs(args.figure, "--figure"),
-                       _pairs(args.table, "--table"), title=args.title)
-  print(f"report -> {index}")
-  return 0

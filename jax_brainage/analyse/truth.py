@@ -37,10 +37,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import signal, stats
 
+from jax_brainage.analyse.regression import GapRegression, design_matrix, ols
+from jax_brainage.analyse.tables import ID_COLUMN, number, read_tsv, subject_id
+from jax_brainage.data import simulate
+from jax_brainage.data.simulation import population
+from jax_brainage.data.simulation.config import CohortConfig
 from jax_brainage.errors import DataError
 
 FACTORS = ("diabetes", "hypertension", "smoking")
-_DERIV = Path("derivatives") / "simulation"
 _AGE_STEP = 0.1  # years: integration grid of the posterior over chronological age
 _R_STEP = 0.05  # years: bins of the risk shift R
 _LOG_BMI_CELLS = 400  # midpoint cells of log BMI over +-7 SD
@@ -82,12 +86,9 @@ def load_truth(dataset: str | os.PathLike) -> SimulatedTruth:
   Raises:
     DataError: one line naming the missing or unreadable file.
   """
-  from jax_brainage.analyse import gap
-  from jax_brainage.data.simulation.config import CohortConfig
-
   dataset = Path(dataset)
-  config_path = dataset / _DERIV / "config.json"
-  table_path = dataset / _DERIV / "brain_age.tsv"
+  deriv = simulate.derivatives_dir(dataset)
+  config_path, table_path = deriv / "config.json", deriv / "brain_age.tsv"
   for path in (config_path, table_path):
     if not path.is_file():
       raise DataError(f"--truth {dataset}: no {path.relative_to(dataset)} (not a simulated "
@@ -96,10 +97,10 @@ def load_truth(dataset: str | os.PathLike) -> SimulatedTruth:
     config = CohortConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
   except (OSError, ValueError, TypeError) as e:
     raise DataError(f"{config_path}: unreadable cohort config ({e})") from None
-  _, rows = gap.read_tsv(table_path)
+  _, rows = read_tsv(table_path)
   age, brain_age = {}, {}
   for row in rows:
-    pid = row[gap.ID_COLUMN]
+    pid = row[ID_COLUMN]
     try:
       age[pid] = float(row["age"])
       brain_age[pid] = float(row["brain_age"])
@@ -141,8 +142,6 @@ def oracle_brain_age_only(config, brain_age: np.ndarray, *, chunk: int = 256) ->
   noise added by one convolution per age, so the cost is independent of the number of subjects
   beyond a [n, n_age] interpolation.
   """
-  from jax_brainage.data.simulation import population
-
   age = _age_grid(config)
   sd = config.bmi_log_sd
   # Density of R given a, on R bins: [n_age, n_r].
@@ -201,8 +200,6 @@ def oracle_latent(config, brain_age, male, diabetes, hypertension, smoking,
                   bmi) -> np.ndarray:
   """Posterior median of chronological age given b, sex, the three factors and BMI, `[n]`
   (years): p(a | b, X) ~ p(X | a) N(b; a + R(X), sigma_b) under the uniform age prior."""
-  from jax_brainage.data.simulation import population
-
   age = _age_grid(config)[None]  # [1, n_age]
   col = lambda v: np.asarray(v, np.float64)[:, None]  # noqa: E731
   b, male, bmi = col(brain_age), col(male), col(bmi)
@@ -231,14 +228,14 @@ def _linear_correction(gap: np.ndarray, age: np.ndarray) -> np.ndarray:
   return gap - x @ coef
 
 
-def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
+def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit: GapRegression,
             covariates: Sequence[str], *, confidence: float = 0.95,
             se: str = "classical") -> dict[str, Any]:
   """The references of the module docstring for the subjects and covariates of `fit`.
 
   Args:
     truth: `load_truth(...)`.
-    rows: the joined table `fit` was made from; fit: its `gap.GapRegression`.
+    rows: the joined table `fit` was made from; fit: its `GapRegression`.
     covariates: the covariates as given to `gap_regression`.
   Returns:
     {"per_term": {term: {true_effect, latent_estimate, latent_ci_low, latent_ci_high,
@@ -247,27 +244,24 @@ def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
   Raises:
     DataError: a subject of the fit is missing from brain_age.tsv.
   """
-  from jax_brainage.analyse import gap
-
-  _, x, terms, kept, _ = gap.design_matrix(rows, fit.response, list(covariates))
-  ids = [gap._subject(rows[i], i) for i in kept]
+  _, x, terms, kept, _ = design_matrix(rows, fit.response, list(covariates))
+  ids = [subject_id(rows[i], i) for i in kept]
   for pid in ids:
     if pid not in truth.brain_age:
       raise DataError(f"--truth {truth.dataset}: subject {pid} is not in "
-                      f"{_DERIV / 'brain_age.tsv'}")
+                      f"{simulate.DERIVATIVES / 'brain_age.tsv'}")
   a = np.array([truth.age[p] for p in ids])
   b = np.array([truth.brain_age[p] for p in ids])
-  fits = {"latent": gap.ols(b - a, x, terms, confidence=confidence, se=se,
-                            response="latent gap")}
+  fits = {"latent": ols(b - a, x, terms, confidence=confidence, se=se, response="latent gap")}
   notes = []
   oracle = oracle_brain_age_only(truth.config, b)
-  fits["oracle"] = gap.ols(_linear_correction(oracle - a, a), x, terms, confidence=confidence,
-                           se=se, response="oracle gap (brain age only)")
+  fits["oracle"] = ols(_linear_correction(oracle - a, a), x, terms, confidence=confidence,
+                       se=se, response="oracle gap (brain age only)")
   missing = None
   for c in ("sex", *FACTORS, "bmi"):
     for i in kept:
       value = rows[i].get(c)
-      ok = (str(value).strip() in ("F", "M")) if c == "sex" else gap._number(value) is not None
+      ok = (str(value).strip() in ("F", "M")) if c == "sex" else number(value) is not None
       if not ok:
         missing = missing or c
   if missing:
@@ -277,9 +271,8 @@ def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit,
     male = np.array([str(rows[i]["sex"]).strip() == "M" for i in kept], np.float64)
     full = oracle_latent(truth.config, b, male, get("diabetes"), get("hypertension"),
                          get("smoking"), get("bmi"))
-    fits["oracle_full"] = gap.ols(_linear_correction(full - a, a), x, terms,
-                                  confidence=confidence, se=se,
-                                  response="oracle gap (all latent)")
+    fits["oracle_full"] = ols(_linear_correction(full - a, a), x, terms, confidence=confidence,
+                              se=se, response="oracle gap (all latent)")
   true = truth.true_effects(terms)
   per_term: dict[str, dict[str, Any]] = {}
   for j, term in enumerate(terms):

@@ -1,19 +1,9 @@
-"""`brainage prepare`: one pass over NIfTI files into a compact, memory-mapped cache.
+"""The cube cache: `prepare` (one pass over NIfTI files into a compact, memory-mapped cache) and
+`Cache` (open one read-only). `brainage prepare` (jax_brainage.commands.prepare) runs `prepare`.
 
-    brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
-        [--voxel-size MM] [--scaling minmax|zscore] [--regions LABELS --atlas FILE]
-        [--workers N] [--skip-bad]
-
-Per subject (`preprocess_subject`, the one place this happens, also used on simulated subjects
-in memory and by `brainage predict` on new data): load and check every sequence; bring them onto
-the reference (first) sequence's grid, resampled to `--voxel-size` mm if asked; reorient to
-RAS+; centre the brain's bounding box (nonzero voxels of the reference, or a brain mask) in the
-cube; scale intensities (clip at a brain percentile + min-max to uint8, or z-score -> float16);
-optionally zero everything outside atlas regions. Sequences become channels.
-
-The cube shape defaults from the voxel size: 98^3 at 2 mm and 198^3 at 1 mm (the study's), else
-the smallest even side that holds 198 mm (`prune.default_cube_shape`). Without `--voxel-size`,
-every subject must have the same voxel size (checked), as the cube is counted in voxels.
+Every subject goes through `preprocess.preprocess_subject` (re-exported here with the
+`Preprocessing` record it follows) into a cube `[X, Y, Z, C]`. Without a `voxel_size`, every
+subject must have the same voxel size (checked), as the cube is counted in voxels.
 
 Cache layout:
   CACHE/volumes.npy   uint8 [n, X, Y, Z, C] (float16 for zscore), `np.load(mmap_mode="r")`.
@@ -28,7 +18,6 @@ complete: an interrupted or failed prepare leaves no half cache and an existing 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import datetime
@@ -48,177 +37,18 @@ import nibabel as nib
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import bids, intensity, nifti, prune, regions
+from jax_brainage.data import bids, nifti, prune, regions
+from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "VOLUMES", "INDEX", "ATLAS", "Cache", "Preprocessing",
+           "prepare", "prepare_row", "preprocess_subject"]
 
 FORMAT = "jax-brainage-cache"
 FORMAT_VERSION = 1
 VOLUMES = "volumes.npy"
 INDEX = "index.json"
 ATLAS = "atlas.nii.gz"
-
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing settings and the per-subject function.
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-  """How images become cubes; stored in the cache so new data is prepared identically.
-
-  Attributes:
-    sequences: sequence names, in channel order; the first is the reference (grid, brain).
-    shape: cube shape `[3]` (voxels); None = `prune.default_cube_shape` of the voxel size.
-    voxel_size: resample to this isotropic voxel size (mm); None = keep each image's grid.
-    scaling: "minmax" (uint8) or "zscore" (float16).
-    ceiling_percentile: brain percentile used as the minmax ceiling.
-    regions: atlas labels to keep (None = whole brain).
-    bias_sigma_mm: > 0: homomorphic bias-field correction of every sequence with a Gaussian
-      field of this width (mm) before scaling (`intensity.correct_bias`); 0 = none.
-  """
-
-  sequences: tuple[str, ...] = ("T1w",)
-  shape: tuple[int, int, int] | None = None
-  voxel_size: float | None = None
-  scaling: str = "minmax"
-  ceiling_percentile: float = intensity.DEFAULT_CEILING_PERCENTILE
-  regions: tuple[int, ...] | None = None
-  bias_sigma_mm: float = 0.0
-
-  def __post_init__(self):
-    object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
-    if self.scaling not in intensity.SCALINGS:
-      raise ConfigError(
-          f"unknown scaling {self.scaling!r}; choose {' or '.join(intensity.SCALINGS)}")
-    if self.shape is not None:
-      shape = tuple(int(s) for s in self.shape)
-      if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"cube shape must be 3 positive sizes, got {self.shape}")
-      object.__setattr__(self, "shape", shape)
-    if self.voxel_size is not None and not 0 < float(self.voxel_size) < 100:
-      raise ConfigError(f"voxel size must be a positive number of mm, got {self.voxel_size}")
-    if not 0 < float(self.ceiling_percentile) <= 100:
-      raise ConfigError(f"ceiling percentile must be in (0, 100], got {self.ceiling_percentile}")
-    if self.regions is not None:
-      object.__setattr__(self, "regions", tuple(int(r) for r in self.regions))
-    if not 0 <= float(self.bias_sigma_mm) < 1000:
-      raise ConfigError(f"bias_sigma_mm must be 0 (no correction) or a width in mm, got "
-                        f"{self.bias_sigma_mm}")
-    object.__setattr__(self, "bias_sigma_mm", float(self.bias_sigma_mm))
-
-  @property
-  def dtype(self) -> np.dtype:
-    return intensity.storage_dtype(self.scaling)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
-
-
-def _as_image(image, subject: str | None, *, require_brain: bool = True) -> nib.Nifti1Image:
-  """A checked in-memory image from a path or a nibabel image."""
-  if isinstance(image, (str, os.PathLike)):
-    return nifti.load_image(image, subject, require_brain=require_brain)
-  data = nifti.check_volume(
-      np.asanyarray(image.dataobj), getattr(image, "get_filename", lambda: None)(), subject,
-      require_brain=require_brain)
-  return nifti.make_image(data, image.affine)
-
-
-def preprocess_subject(
-    images: Mapping[str, Any],
-    prep: Preprocessing,
-    *,
-    subject: str | None = None,
-    mask=None,
-    atlas: regions.Atlas | None = None,
-) -> tuple[np.ndarray, prune.CubeInverse]:
-  """One subject's images -> the cube the network sees, plus its exact inverse.
-
-  Args:
-    images: sequence name -> image path or nibabel image, for every `prep.sequences` entry.
-    prep: the preprocessing settings.
-    subject: subject id, to name the culprit in errors.
-    mask: brain mask (path or image, any grid); default: nonzero voxels of the reference.
-    atlas: the region atlas, required when `prep.regions` is set.
-
-  Returns:
-    (cube `[X, Y, Z, C]` uint8 (minmax) or float16 (zscore), `CubeInverse` of the reference).
-
-  Raises:
-    DataError: one line naming subject and file (missing/corrupt file, 4D, NaN/Inf, empty brain,
-      nothing left inside the regions).
-  """
-  missing = [s for s in prep.sequences if s not in images]
-  if missing:
-    raise DataError(f"{subject or 'subject'}: no {missing[0]} image given")
-  loaded = [_as_image(images[s], subject) for s in prep.sequences]
-  names = [nifti.describe(images[s] if isinstance(images[s], (str, os.PathLike)) else None,
-                          subject) + f" ({s})" for s in prep.sequences]
-  ref = loaded[0]
-  ref_affine = np.asarray(ref.affine, np.float64)
-
-  # Target grid: the reference's own, or its isotropic resampling.
-  resampled = nifti.needs_resampling(ref_affine, prep.voxel_size)
-  if resampled:
-    grid_shape, grid_affine = nifti.isotropic_grid(ref.shape, ref_affine, prep.voxel_size)
-  else:
-    grid_shape, grid_affine = tuple(ref.shape[:3]), ref_affine
-
-  def on_grid(img: nib.Nifti1Image, order: int) -> np.ndarray:
-    data = np.asanyarray(img.dataobj)
-    if nifti.same_grid(img.shape, img.affine, grid_shape, grid_affine):
-      return data
-    return nifti.resample(data, img.affine, grid_shape, grid_affine, order=order)
-
-  ornt = nifti.canonical_orientation(grid_affine)
-  canonical_affine = nifti.reorient_affine(grid_affine, grid_shape, ornt)
-  volumes = [nifti.reorient_array(on_grid(img, 1), ornt) for img in loaded]
-  canonical_shape = volumes[0].shape
-
-  if mask is not None:
-    mask_img = _as_image(mask, subject)
-    brain = nifti.reorient_array(on_grid(mask_img, 0) != 0, ornt)
-    where_mask = nifti.describe(mask if isinstance(mask, (str, os.PathLike)) else None, subject)
-  else:
-    brain = volumes[0] != 0
-    where_mask = names[0]
-  try:
-    box = prune.brain_box(brain)
-  except ValueError:
-    raise DataError(f"{where_mask}: empty brain (no nonzero voxel on the "
-                    f"{'resampled ' if resampled else ''}grid)") from None
-
-  cube_shape = prep.shape or prune.default_cube_shape(
-      prep.voxel_size or float(np.max(nifti.voxel_size(grid_affine))))
-  inverse = prune.make_inverse(ref, canonical_shape, canonical_affine, ornt, resampled, box,
-                               cube_shape)
-  # Scale on the cube: its statistics are those of what the network sees, at a fraction of the
-  # cost of the whole field of view.
-  brain_cube = prune.crop_or_pad(brain, inverse.offset, cube_shape)
-  cubes = [prune.crop_or_pad(v, inverse.offset, cube_shape) for v in volumes]
-  if prep.bias_sigma_mm > 0:
-    spacing = nifti.voxel_size(canonical_affine)
-    cubes = [intensity.correct_bias(c, brain_cube, prep.bias_sigma_mm, spacing, where=n)
-             for c, n in zip(cubes, names)]
-  cube = intensity.scale_channels(
-      cubes, brain_cube,
-      scaling=prep.scaling, ceiling_percentile=prep.ceiling_percentile, names=names)
-
-  if prep.regions is not None:
-    if atlas is None:
-      raise ConfigError("region masking needs an atlas (--atlas FILE)")
-    keep = regions.region_mask(atlas, prep.regions, cube_shape, inverse.cube_affine)
-    if not np.any(keep & brain_cube):
-      raise DataError(f"{names[0]}: no brain voxel inside atlas regions "
-                      f"{','.join(map(str, prep.regions))}")
-    cube = regions.apply_mask(cube, keep)
-  return cube, inverse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +186,14 @@ def _init_worker(volumes_path: str, prep: dict[str, Any], atlas_path: str | None
   _WORKER["atlas"] = regions.load_atlas(atlas_path) if atlas_path else None
 
 
-def _work(item: tuple[int, bids.Subject]) -> tuple[int, dict[str, Any] | None, str | None]:
-  """Preprocesses row i into the shared memmap; returns (i, record, None) or (i, None, error)."""
+def prepare_row(item: tuple[int, bids.Subject]) -> tuple[int, dict[str, Any] | None, str | None]:
+  """One unit of `prepare`'s work (in a worker process, or in this one): preprocesses subject
+  `item = (i, subject)` into row i of the shared volumes memmap.
+
+  Returns:
+    (i, record, None) with the record's `inverse`, `voxel_size` (mm) and `brain_fits`, or
+    (i, None, error message) when the subject's data is bad (DataError).
+  """
   i, subject = item
   try:
     cube, inverse = preprocess_subject(
@@ -614,13 +450,13 @@ def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, pr
       _init_worker(*init_args)
       try:
         for item in items:
-          if not collect(_work(item)):
+          if not collect(prepare_row(item)):
             break
       finally:
         _WORKER.clear()
     else:
       with pool:  # Leaving the block terminates the workers, also on errors and Ctrl-C.
-        for outcome in pool.imap_unordered(_work, items):
+        for outcome in pool.imap_unordered(prepare_row, items):
           if not collect(outcome):
             break
   finally:
@@ -640,90 +476,3 @@ def _compact(volumes_path: Path, keep: list[int]) -> None:
     del target
   del source
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _shape_arg(text: str) -> tuple[int, int, int]:
-  try:
-    sizes = tuple(int(s) for s in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected N or X,Y,Z voxels, got {text!r}") from None
-  if len(sizes) == 1:
-    sizes = sizes * 3
-  if len(sizes) != 3 or min(sizes) < 1:
-    raise argparse.ArgumentTypeError(f"expected N or X,Y,Z positive voxels, got {text!r}")
-  return sizes
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `brainage prepare`."""
-  p = subparsers.add_parser(
-      "prepare", help="preprocess a BIDS dataset into a memory-mapped cube cache",
-      description=__doc__.split("\n\n")[0] + " Cube shape default: 98^3 at 2 mm, 198^3 at 1 mm, "
-      "else the smallest even side holding 198 mm.")
-  p.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                 help="BIDS dataset directory (participants.tsv + sub-*/anat/), or image files "
-                      "(one subject each, no age)")
-  p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to write")
-  p.add_argument("--sequences", default="T1w", help="comma-separated, channel order (T1w)")
-  p.add_argument("--shape", type=_shape_arg, default=None,
-                 help="cube shape N or X,Y,Z (default from the voxel size)")
-  p.add_argument("--voxel-size", type=float, default=None, metavar="MM",
-                 help="resample to isotropic MM voxels (default: keep; all must agree)")
-  p.add_argument("--scaling", choices=intensity.SCALINGS, default="minmax",
-                 help="minmax: clip + min-max to uint8; zscore: within the brain, float16")
-  p.add_argument("--ceiling-percentile", type=float, default=intensity.DEFAULT_CEILING_PERCENTILE,
-                 metavar="P", help="brain percentile used as the minmax ceiling (99.5)")
-  p.add_argument("--bias-sigma", type=float, default=0.0, metavar="MM",
-                 help="homomorphic bias-field correction with a Gaussian field of MM mm "
-                      "(e.g. 20) before scaling; 0: none (default)")
-  p.add_argument("--regions", default=None, metavar="LABELS",
-                 help="keep only these atlas regions: labels or names, comma-separated")
-  p.add_argument("--atlas", default=None, metavar="FILE", help="label image for --regions")
-  p.add_argument("--mask-suffix", default=None, metavar="SUFFIX",
-                 help="per-subject brain mask image suffix, e.g. 'mask' (default: nonzero "
-                      "voxels of the first sequence)")
-  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
-  p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                 help="parallel processes (default: CPU count, at most 8)")
-  p.add_argument("--skip-bad", action="store_true",
-                 help="report and skip subjects with bad data instead of stopping")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  p.set_defaults(func=run)
-  return p
-
-
-def run(args: argparse.Namespace) -> int:
-  sequences = bids.parse_sequences(args.sequences)
-  if (args.regions is None) != (args.atlas is None):
-    raise ConfigError("--regions and --atlas go together")
-  if len(args.data) == 1 and bids.split_image_name(Path(args.data[0]).name) is None:
-    dataset = bids.read_bids(args.data[0], sequences, session=args.session,
-                             mask_suffix=args.mask_suffix, skip_bad=args.skip_bad)
-  else:
-    if len(sequences) != 1:
-      raise ConfigError("a list of image files gives one sequence; pass one --sequences name")
-    dataset = bids.read_image_list(args.data, sequences[0], skip_bad=args.skip_bad)
-  atlas = labels = None
-  if args.atlas is not None:
-    atlas = regions.load_atlas(args.atlas)
-    labels = regions.parse_labels(args.regions, atlas)
-  prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
-                       scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
-                       regions=labels, bias_sigma_mm=args.bias_sigma)
-  for sid, why in dataset.skipped:
-    print(f"skipped {why}", file=sys.stderr)
-  cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,
-                  skip_bad=args.skip_bad, progress=not args.quiet)
-  skipped = len(cache.index["skipped"])
-  print(f"prepared {len(cache)} subjects -> {cache.path} "
-        f"({cache.volumes.dtype} {tuple(cache.volumes.shape)}, "
-        f"{cache.volumes.nbytes / 2**20:.1f} MiB)" + (f", skipped {skipped}" if skipped else ""))
-  not_fitting = [r["subject_id"] for r in cache.records if not r["brain_fits"]]
-  if not_fitting:
-    print(f"warning: the brain is cropped by the {'x'.join(map(str, cache.shape))} cube for "
-          f"{len(not_fitting)} subjects (e.g. {not_fitting[0]}); consider a larger --shape",
-          file=sys.stderr)
-  return 0

@@ -1,4 +1,4 @@
-"""The simulated 3D cohort with ground truth, and the `brainage simulate` command.
+"""The simulated 3D cohort with ground truth (written by `brainage simulate`).
 
 A cohort is defined by a `CohortConfig`; `Cohort(config).subject(i)` is a pure function of
 (config, i), so subjects can be made alone, in any order, on any worker, or served straight to
@@ -30,7 +30,6 @@ Model (see `simulation.population` and `simulation.render` for the formulas):
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -41,20 +40,22 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from jax_brainage import fileio
 from jax_brainage.data.anatomy import Atlas, TemplateAnatomy, load_anatomy
 from jax_brainage.data.simulation import population, render
 from jax_brainage.data.simulation.config import SEQUENCES, CohortConfig
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import DataError
 
 __all__ = [
-    "CohortConfig", "Cohort", "SimulatedSubject", "SEQUENCES", "write_cohort", "add_parser", "run",
-    "subject_id",
+    "CohortConfig", "Cohort", "SimulatedSubject", "SEQUENCES", "write_cohort", "subject_id",
 ]
 
 # Streams of one subject's randomness, each from SeedSequence([seed, index, stream]).
-_STREAM_POPULATION, _STREAM_NUISANCE = 0, 1
+STREAM_POPULATION, STREAM_NUISANCE = 0, 1
+# Where a written cohort keeps its ground truth, relative to the dataset root.
+DERIVATIVES = Path("derivatives") / "simulation"
 FORMAT_VERSION = 1
 
 
@@ -106,8 +107,15 @@ class SimulatedSubject:
     return self.brain_age - self.age
 
 
-def _stream(seed: int, index: int, stream: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+def stream(seed: int, index: int, which: int) -> np.random.Generator:
+  """Subject `index`'s random stream `which` (STREAM_POPULATION or STREAM_NUISANCE): a pure
+  function of (seed, index, which)."""
+  return np.random.default_rng(np.random.SeedSequence([seed, index, which]))
+
+
+def derivatives_dir(root: str | os.PathLike) -> Path:
+  """`root`/derivatives/simulation: a written cohort's ground truth (config, masks, atlas)."""
+  return Path(root) / DERIVATIVES
 
 
 class Cohort:
@@ -155,7 +163,7 @@ class Cohort:
     """Latent and observed variables of subject `index` (arrays of length 1); cheap, no images."""
     self._check_index(index)
     return population.sample_participants(
-        self.config, 1, _stream(self.config.seed, index, _STREAM_POPULATION)
+        self.config, 1, stream(self.config.seed, index, STREAM_POPULATION)
     )
 
   def latent_table(self) -> dict[str, np.ndarray]:
@@ -165,6 +173,12 @@ class Cohort:
         f.name: np.concatenate([getattr(p, f.name) for p in rows])
         for f in dataclasses.fields(population.Participants)
     }
+
+  def nuisance(self, index: int) -> render.Nuisance:
+    """What subject `index` has that is not age (pose, head size, individual anatomy...)."""
+    p = self.participants(index)
+    return render.draw_nuisance(self.config, self.anatomy, bool(p.male[0]),
+                                stream(self.config.seed, index, STREAM_NUISANCE))
 
   def _check_index(self, index: int) -> None:
     if not isinstance(index, (int, np.integer)) or not 0 <= index < self.config.n:
@@ -180,9 +194,7 @@ class Cohort:
     p = self.participants(index)
     male = bool(p.male[0])
     anatomy = self.anatomy
-    nuisance = render.draw_nuisance(
-        self.config, anatomy, male, _stream(self.config.seed, index, _STREAM_NUISANCE)
-    )
+    nuisance = self.nuisance(index)
     b = float(p.brain_age[0]) if brain_age is None else float(brain_age)
     out = render.render(self.config, anatomy, b, float(p.risk_shift[0]), nuisance, ground_truth)
     return SimulatedSubject(
@@ -216,6 +228,32 @@ class Cohort:
         brain_mask=out.brain_mask,
     )
 
+  def subject_labels(self, index: int) -> np.ndarray:
+    """The cohort atlas's labels on subject `index`'s own anatomy: int16 `[X, Y, Z]` on the
+    subject's image grid (0 outside its brain).
+
+    A subject is rendered by pulling template tissue through its warp (rotation, head size,
+    smooth deformation) and through the ventricles' outward displacement at its brain age; the
+    same pull applied to the atlas (nearest neighbour) labels the subject's structures.
+    """
+    config, anatomy = self.config, self.anatomy
+    subject = self.subject(index, ground_truth=False)  # its effects, as rendered
+    nuisance = self.nuisance(index)
+    coords = render.template_coordinates(config, anatomy, nuisance).reshape(3, -1)
+    r = float(anatomy.resolution_mm)
+    brain = ndimage.map_coordinates(anatomy.brain, coords, order=1, mode="constant", cval=0.0,
+                                    prefilter=False) >= 0.5
+    shift = nuisance.ventricle_base_mm + subject.effects["ventricle_expansion_mm"]
+    if shift != 0.0:
+      disp = np.stack([ndimage.map_coordinates(anatomy.ventricle_field[a], coords, order=1,
+                                               mode="constant", cval=0.0, prefilter=False)
+                       for a in range(3)])
+      coords = coords - (shift / r) * disp
+    labels = ndimage.map_coordinates(anatomy.atlas.labels, coords, order=0, mode="constant",
+                                     cval=0)
+    labels = np.where(brain, labels, 0).astype(np.int16)
+    return labels.reshape(anatomy.shape)
+
   def __getstate__(self):
     # Pickled to data-loader workers: send the config only; a worker reloads the anatomy (from
     # the in-process or on-disk cache) on first use.
@@ -234,7 +272,6 @@ class Cohort:
 # Writing a BIDS dataset.
 # ------------------------------------------------------------------------------------------------
 
-_DERIV = Path("derivatives") / "simulation"
 _PARTICIPANT_COLUMNS = (
     "participant_id", "age", "sex", "diabetes", "hypertension", "smoking", "bmi",
 )
@@ -257,7 +294,7 @@ def _nifti(data: np.ndarray, affine: np.ndarray, code: int):
 def _write_subject(out_dir: Path, subject: SimulatedSubject, config: CohortConfig) -> None:
   sid = subject.subject_id
   anat = out_dir / sid / "anat"
-  deriv = out_dir / _DERIV / sid / "anat"
+  deriv = out_dir / DERIVATIVES / sid / "anat"
   for seq in config.sequences:
     fileio.save_nifti(
         _nifti(subject.images[seq].astype(np.int16), subject.affine, code=1),
@@ -325,7 +362,7 @@ def _check_out_dir(out_dir: Path, config: CohortConfig) -> None:
     raise DataError(f"--out {out_dir} exists and is not a directory")
   if not out_dir.exists() or not any(out_dir.iterdir()):
     return
-  config_json = out_dir / _DERIV / "config.json"
+  config_json = out_dir / DERIVATIVES / "config.json"
   try:
     previous = json.loads(config_json.read_text())
   except (OSError, ValueError):
@@ -353,9 +390,9 @@ def write_cohort(
   config.validate()
   out_dir = Path(out_dir)
   _check_out_dir(out_dir, config)
-  if (out_dir / _DERIV / "cohort.json").exists():
+  if (out_dir / DERIVATIVES / "cohort.json").exists():
     return out_dir  # complete, same configuration (checked above)
-  fileio.write_json(out_dir / _DERIV / "config.json", config.to_dict())
+  fileio.write_json(out_dir / DERIVATIVES / "config.json", config.to_dict())
   workers = max(1, min(workers or os.cpu_count() or 1, config.n))
   anatomy = load_anatomy(config.resolution_mm)
   cohort = Cohort(config, anatomy)
@@ -383,7 +420,7 @@ def write_cohort(
     if pool is not None:
       pool.shutdown(cancel_futures=True)
 
-  deriv = out_dir / _DERIV
+  deriv = out_dir / DERIVATIVES
   fileio.save_nifti(_nifti(cohort.atlas.labels, anatomy.affine, code=4), deriv / "atlas.nii.gz")
   fileio.write_text(deriv / "atlas.tsv", cohort.atlas.table_tsv())
   fileio.save_nifti(
@@ -433,48 +470,3 @@ _PARTICIPANTS_SIDECAR = {
     "smoking": {"Description": "current smoker", "Levels": {"0": "no", "1": "yes"}},
     "bmi": {"Description": "body-mass index", "Units": "kg/m^2"},
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line.
-# ------------------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  parser = subparsers.add_parser(
-      "simulate",
-      help="write a simulated BIDS cohort with ground truth",
-      description="Simulate a 3D multi-sequence cohort on the MNI152 template with known ground "
-      "truth (latent brain age, ageing and lesion masks, atlas, oracle MAE), as a BIDS dataset.",
-  )
-  parser.add_argument("--out", required=True, help="output directory (new or empty)")
-  parser.add_argument("--n", type=int, required=True, help="number of subjects")
-  parser.add_argument("--resolution", type=int, default=2, help="voxel size in mm: 1, 2, 3 or 4")
-  parser.add_argument("--seed", type=int, default=0, help="cohort seed")
-  parser.add_argument(
-      "--sequences", default=",".join(SEQUENCES), help="comma-separated subset of T1w,FLAIR,swi"
-  )
-  parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-  parser.set_defaults(func=run)
-  return parser
-
-
-def run(args: argparse.Namespace) -> int:
-  sequences = tuple(s.strip() for s in str(args.sequences).split(",") if s.strip())
-  if args.workers is not None and args.workers < 1:
-    raise ConfigError(f"--workers {args.workers} must be at least 1")
-  if args.n is None or args.n < 1:
-    raise ConfigError(f"--n {args.n} must be at least 1")
-  if args.resolution not in (1, 2, 3, 4):
-    raise ConfigError(f"--resolution {args.resolution} must be 1, 2, 3 or 4 (mm)")
-  if args.seed < 0:
-    raise ConfigError(f"--seed {args.seed} must be non-negative")
-  config = CohortConfig(seed=args.seed, n=args.n, resolution_mm=args.resolution,
-                        sequences=sequences)
-  try:
-    out = write_cohort(args.out, config, workers=args.workers, progress=sys.stderr.isatty())
-  except OSError as e:  # disk full, permissions: files already written stay whole (atomic writes)
-    raise DataError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
-  cohort_json = json.loads((out / _DERIV / "cohort.json").read_text())
-  print(f"wrote {config.n} subjects to {out} (oracle MAE {cohort_json['oracle_mae']:.2f} years)")
-  return 0

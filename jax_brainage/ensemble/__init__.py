@@ -1,12 +1,17 @@
 """Ensembles of brain-age models: many members trained at once, sub-ensembles per sequence and
-region, a multi-level linear head, bias correction of the brain-age gap, ensemble relevance.
+region, a multi-level linear head, bias correction of the brain-age gap.
 
 Modules (one idea each):
   head.py        head models: least squares (optionally non-negative) and the multi-level head
   correction.py  bias correction of the brain-age gap (linear, degree-3 polynomial) and metrics
-  store.py       the ensemble store W/ensemble (one orbax checkpoint + manifest), jitted forward
-  relevance.py   LRP of every member in one jitted vmap; the ensemble's head-weighted relevance
-  experiment.py  training an ensemble experiment (sub-ensembles, head, correction, store)
+  model.py       the ensemble as a model (sub-ensembles, head, correction; jitted forward); a
+                 single trained model is an ensemble of one
+  store.py       the ensemble store W/ensemble (one orbax checkpoint + manifest)
+  experiment.py  training an ensemble experiment (sub-ensembles, head, correction, store) and
+                 the `brainage train` entry point (imported on its own: it needs the trainer)
+
+Loading any trained workdir is `jax_brainage.artifact.load`; ensemble relevance is
+`jax_brainage.explain.maps.ensemble_maps`.
 """
 
 from __future__ import annotations
@@ -14,18 +19,14 @@ from __future__ import annotations
 from jax_brainage.ensemble.correction import Correction, fit_correction, gap_metrics
 from jax_brainage.ensemble.head import (LinearHead, MultiLevelHead, fit_linear_head,
                                         fit_multilevel, member_spread)
-from jax_brainage.ensemble.relevance import (EnsembleRelevance, ensemble_relevance,
-                                             member_relevance)
-from jax_brainage.ensemble.store import (Ensemble, EnsemblePrediction, SubEnsemble,
+from jax_brainage.ensemble.model import (Ensemble, EnsemblePrediction, SubEnsemble,
                                          ensemble_metrics, fit_ensemble,
-                                         fit_ensemble_from_predictions, is_ensemble_workdir,
-                                         load_ensemble, load_sub_ensemble, save_ensemble)
+                                         fit_ensemble_from_predictions)
+from jax_brainage.ensemble.store import is_ensemble_workdir, load_ensemble, save_ensemble
 
 __all__ = [
     "Correction", "fit_correction", "gap_metrics",
     "LinearHead", "MultiLevelHead", "fit_linear_head", "fit_multilevel", "member_spread",
-    "EnsembleRelevance", "ensemble_relevance", "member_relevance",
     "Ensemble", "EnsemblePrediction", "SubEnsemble", "ensemble_metrics", "fit_ensemble",
-    "fit_ensemble_from_predictions", "is_ensemble_workdir", "load_ensemble", "load_sub_ensemble",
-    "save_ensemble",
+    "fit_ensemble_from_predictions", "is_ensemble_workdir", "load_ensemble", "save_ensemble",
 ]

@@ -1,7 +1,8 @@
-"""Training an ensemble experiment: sub-ensembles of stacked members, their head, the correction.
+"""Training an experiment: one model, or an ensemble of sub-ensembles, their head, the correction.
 
-`train_ensemble(config, workdir)` (what `brainage train` runs when `config.ensemble.members > 1`
-or `config.ensemble.sub_ensembles` is set):
+`train(config, workdir)` is what `brainage train` runs: `train_ensemble` when
+`config.ensemble.members > 1` or `config.ensemble.sub_ensembles` is set (`is_ensemble`), else the
+trainer's single model (`train.trainer.train_and_evaluate`). `train_ensemble(config, workdir)`:
 
 1. parses the sub-ensemble specs ("NAME=SEQ[+SEQ..][@REGION[+REGION..]]"; none: one "all" over
    `config.data.sequences`, whole brain);
@@ -37,9 +38,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jax_brainage import fileio, sharding
+from jax_brainage import artifact, fileio, sharding
+from jax_brainage.data import bids
+from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
+from jax_brainage.data import regions as regions_lib
 from jax_brainage.data import splits as splits_lib
+from jax_brainage.ensemble import model as model_lib
+from jax_brainage.ensemble import store as store_lib
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
@@ -70,6 +76,34 @@ def sub_config(config: ml_collections.ConfigDict, spec: config_lib.SubEnsembleSp
   return c
 
 
+def is_ensemble(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` is an ensemble experiment: stacked members (`config.ensemble.members > 1`)
+  or sub-ensembles (`config.ensemble.sub_ensembles`)."""
+  return config.ensemble.members > 1 or bool(config.ensemble.sub_ensembles)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quiet: bool = False,
+          max_steps: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the experiment `config` in `workdir`: what `brainage train` runs.
+
+  An ensemble experiment (`is_ensemble`: sub-ensembles of stacked members, head, correction,
+  store) with `train_ensemble`, else one model with `trainer.train_and_evaluate`.
+
+  Args:
+    config: a checked config (`config_lib.load_config`, overrides applied).
+    workdir: the experiment directory W.
+    quiet: no progress bars.
+    max_steps: stop (resumably) after this global step.
+  Returns:
+    `train_ensemble`'s summary (stopped, subs and, when done, ensemble) for an ensemble, else
+    `trainer.train_and_evaluate`'s result (stopped, step, epoch, best_val_mae (years),
+    best_step, ...).
+  """
+  if is_ensemble(config):
+    return train_ensemble(config, workdir, quiet=quiet, max_steps=max_steps)
+  return trainer.train_and_evaluate(config, workdir, quiet=quiet, max_steps=max_steps)
+
+
 def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                    quiet: bool = False, max_steps: int | None = None,
                    data: data_lib.TrainingData | None = None) -> dict[str, Any]:
@@ -93,8 +127,6 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       in the atlas, or the workdir holds another experiment.
     DataError: no atlas for a regional sub-ensemble; a regional cache whose subjects differ.
   """
-  from jax_brainage.ensemble import store as store_lib
-
   workdir = Path(workdir)
   config_lib.validate(config)
   specs = config_lib.parse_sub_ensembles(config)
@@ -103,7 +135,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     if missing:
       raise ConfigError(f"config.ensemble.sub_ensembles: {spec.spec()!r} reads {missing[0]!r}, "
                         f"which is not in config.data.sequences={tuple(config.data.sequences)}")
-  trainer._claim_workdir(config, workdir)
+  artifact.claim_workdir(config, workdir)
   base = data_lib.open_training_data(config) if data is None else data
   base.check_against(config.data.sequences, config.data.image_shape)
   if sharding.is_main_process():
@@ -138,13 +170,13 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   summary: dict[str, Any] = {"stopped": stopped, "subs": results,
                              "sub_ensembles": [s.spec() for s in specs]}
   if stopped == "done":
-    subs = [store_lib.load_sub_ensemble(s.name, sub_workdir(workdir, s.name), regions=s.regions)
+    subs = [artifact.load_sub_ensemble(s.name, sub_workdir(workdir, s.name), regions=s.regions)
             for s in specs]
     val = np.asarray(base.split.val)
     # Every sub-ensemble's own input of the validation subjects (uint8, as in training).
     inputs = {s.name: sub_data[s.name].source.read(val) for s in specs}
     ages = np.asarray(base.source.ages, np.float64)[val]
-    ensemble = store_lib.fit_ensemble(
+    ensemble = model_lib.fit_ensemble(
         subs, inputs, ages, head=config.ensemble.head, folds=int(config.ensemble.head_folds),
         correction=config.ensemble.correction, seed=int(config.seed),
         batch_size=int(config.eval_batch_size or config.batch_size), workdir=workdir,
@@ -157,7 +189,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                                member_weights={k: [float(w) for w in v] for k, v in
                                                ensemble.member_weights().items()})
   if sharding.is_main_process():
-    fileio.write_json(workdir / "metrics.json", trainer._jsonable(summary))
+    fileio.write_json(workdir / "metrics.json", fileio.jsonable(summary))
   return summary
 
 
@@ -175,8 +207,6 @@ def find_atlas(dataset_root: str | os.PathLike, regions: tuple[str, ...]):
     DataError: the dataset has no atlas.
     ConfigError: a region is in neither atlas (names the region and the known ones).
   """
-  from jax_brainage.data import regions as regions_lib
-
   folder = Path(dataset_root) / "derivatives" / "simulation"
   candidates = [folder / "atlas.nii.gz", folder / "atlas_regions.nii.gz"]
   present = [p for p in candidates if p.is_file()]
@@ -203,9 +233,6 @@ def regional_cache(config: ml_collections.ConfigDict, regions: tuple[str, ...],
     ConfigError: no `config.data.cache` to derive it from.
     DataError: the prepared cache's subjects differ from the experiment's.
   """
-  from jax_brainage.data import bids
-  from jax_brainage.data import cache as cache_lib
-
   if not config.data.cache or not (Path(config.data.cache) / "index.json").is_file():
     raise ConfigError(f"config.data.cache={config.data.cache!r}: regional sub-ensembles "
                       f"({'+'.join(regions)}) are prepared from the experiment's cache")
@@ -236,8 +263,6 @@ def regional_cache(config: ml_collections.ConfigDict, regions: tuple[str, ...],
 def _cache_data(cache_dir: Path, spec: config_lib.SubEnsembleSpec,
                 base: data_lib.TrainingData) -> data_lib.TrainingData:
   """A sub-ensemble's TrainingData from its regional cache, on the experiment's split."""
-  from jax_brainage.data import cache as cache_lib
-
   cache = cache_lib.Cache.open(cache_dir)
   source = pipeline_lib.ArraySource(cache.volumes, cache.ages, cache.subject_ids)
   if len(source) != len(base.source):

@@ -80,7 +80,6 @@ CRITERION = ("best_composite: among the LRP composites, the lowest mean rank ove
              "relevance mass accuracy on the 'ageing' mask, (2) mean relevance rank accuracy on "
              "the 'ageing' mask, (3) mean ABPC (LeRF - MoRF area, years); ties go to the higher "
              "mass accuracy")
-_DERIV = Path("derivatives") / "simulation"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,37 +109,8 @@ def mask_to_cube(mask: np.ndarray, affine: np.ndarray, inverse) -> np.ndarray:
 
 
 def subject_labels(cohort, index: int) -> np.ndarray:
-  """The cohort atlas's labels on subject `index`'s own anatomy: int16 `[X, Y, Z]` on the
-  subject's image grid (0 outside its brain).
-
-  The simulator renders a subject by pulling template tissue through its warp (rotation, head
-  size, smooth deformation) and through the ventricles' outward displacement at its brain age;
-  the same pull applied to the atlas (nearest neighbour) labels the subject's structures.
-  """
-  from scipy import ndimage
-
-  from jax_brainage.data import simulate
-  from jax_brainage.data.simulation import render
-
-  config, anatomy = cohort.config, cohort.anatomy
-  p = cohort.participants(index)
-  subject = cohort.subject(index, ground_truth=False)  # its effects, as rendered
-  nuisance = render.draw_nuisance(config, anatomy, bool(p.male[0]), simulate._stream(
-      config.seed, index, simulate._STREAM_NUISANCE))
-  coords = render.template_coordinates(config, anatomy, nuisance).reshape(3, -1)
-  r = float(anatomy.resolution_mm)
-  brain = ndimage.map_coordinates(anatomy.brain, coords, order=1, mode="constant", cval=0.0,
-                                  prefilter=False) >= 0.5
-  shift = nuisance.ventricle_base_mm + subject.effects["ventricle_expansion_mm"]
-  if shift != 0.0:
-    disp = np.stack([ndimage.map_coordinates(anatomy.ventricle_field[a], coords, order=1,
-                                             mode="constant", cval=0.0, prefilter=False)
-                     for a in range(3)])
-    coords = coords - (shift / r) * disp
-  labels = ndimage.map_coordinates(anatomy.atlas.labels, coords, order=0, mode="constant",
-                                   cval=0)
-  labels = np.where(brain, labels, 0).astype(np.int16)
-  return labels.reshape(anatomy.shape)
+  """The cohort atlas's labels on subject `index`'s own anatomy (`Cohort.subject_labels`)."""
+  return cohort.subject_labels(index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +141,7 @@ def ground_truth(data: Path, cohort, subject_id: str, sequences: Sequence[str],
 
   from jax_brainage.data import simulate
 
-  anat = data / _DERIV / subject_id / "anat"
+  anat = simulate.derivatives_dir(data) / subject_id / "anat"
   on_disk = [s for s in simulate.SEQUENCES
              if (anat / f"{subject_id}_{s}_ageingmask.nii.gz").is_file()]
   missing = [s for s in sequences if s not in on_disk]
@@ -212,7 +182,7 @@ def open_cohort(data: Path):
   """The simulated cohort behind a dataset written by `brainage simulate`."""
   from jax_brainage.data import simulate
 
-  path = data / _DERIV / "config.json"
+  path = simulate.derivatives_dir(data) / "config.json"
   if not path.is_file():
     raise DataError(f"--data {data}: no simulation ground truth ({path} missing); "
                     "evaluate-explanations needs a cohort written by `brainage simulate`")

@@ -1,9 +1,9 @@
 """Relevance maps of brain-age models: which voxels made the estimate older or younger.
 
-    from jax_brainage import predict
+    from jax_brainage import artifact
     from jax_brainage.explain import maps
-    trained = predict.load_trained("runs/tiny")
-    R = maps.relevance(trained, volumes)            # [n, X, Y, Z, C] cube space
+    model = artifact.load("runs/tiny")              # any trained workdir: an Ensemble
+    R = maps.relevance(model, volumes)              # [n, X, Y, Z, C] cube space
     img = maps.to_subject_space(R[0, ..., 0], inverse)   # the subject's own grid and affine
 
 Methods (`METHODS`, by snake_case name): every LRP composite of `lrp.composites` and four
@@ -18,7 +18,8 @@ jitted function per (model, method) computes fixed-size batches split over the d
 batch is padded and the padding dropped); random methods (SmoothGrad) draw their noise from
 `fold_in(PRNGKey(seed), row)`, so a subject's map does not depend on its batch.
 
-Ensembles (`jax_brainage.ensemble.store.Ensemble`): every member of every sub-ensemble is explained
+Every trained model is an `ensemble.model.Ensemble` (a single model is an ensemble of one), and
+`ensemble_maps` is the one implementation: every member of every sub-ensemble is explained
 in one jitted `vmap` over its stacked parameters; a sub-ensemble's map is its level-1 head's
 weighted sum of its members' maps and the ensemble's map the sum of all members' maps weighted by
 their effective weights in the multi-level head (exact for a linear head: the intercept gets no
@@ -39,7 +40,8 @@ import nibabel as nib
 import numpy as np
 
 import lrp
-from jax_brainage import sharding
+from jax_brainage import models, sharding
+from jax_brainage.data import intensity, nifti, prune
 from jax_brainage.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +73,14 @@ def _lrp(make_composite: Callable[[Any, Any], Any]) -> Attribute:
     del keys
     return lrp.relevance(apply_fn, variables, x, composite=make_composite(low, high))
   return attribute
+
+
+def composite_method(composite, name: str = "custom") -> Method:
+  """A `Method` of any `lrp.composites.Composite` instance (e.g. one with other epsilons), for
+  `Explainer`, `ensemble_maps` and `relevance`. Keep the instance: one compiled function per
+  method."""
+  return Method(name, "lrp", f"custom composite {type(composite).__name__}",
+                _lrp(lambda lo, hi: composite))
 
 
 def _per_sample(fn: Callable) -> Attribute:
@@ -152,8 +162,6 @@ def get_method(name: str) -> Method:
 def regression_apply(model) -> Callable:
   """`apply_fn(variables, x [n, X, Y, Z, C] float32) -> predicted age [n]` (years) of a
   regression model, the function every method explains."""
-  from jax_brainage import models
-
   if isinstance(model, models.SFCN):
     raise ConfigError(f"{type(model).__name__}: relevance maps explain regression models "
                       "(mrinet, sfcn_regression); SFCN's age-bin distribution has no single "
@@ -177,7 +185,6 @@ def input_bounds(x: jax.Array, stored_dtype: np.dtype) -> tuple[Any, Any]:
 
 
 def _network_input(volumes: jax.Array) -> jax.Array:
-  from jax_brainage.data import intensity
   return intensity.to_unit_float(volumes)
 
 
@@ -294,26 +301,12 @@ class EnsembleMaps:
   member_predictions: dict[str, np.ndarray]
 
 
-def is_ensemble(obj: Any) -> bool:
-  """Whether `obj` is an ensemble (has sub-ensembles and a head), not a single trained model."""
-  return hasattr(obj, "subs") and hasattr(obj, "head")
-
-
 def ensemble_sequences(ensemble) -> tuple[str, ...]:
   """Every sub-ensemble's sequences, in first-seen order (the ensemble map's channels)."""
   out: list[str] = []
   for sub in ensemble.subs:
     out += [s for s in sub.sequences if s not in out]
   return tuple(out)
-
-
-def _sub_model(sub):
-  """The members' flax module (`SubEnsemble.model`, else built from its manifest)."""
-  model = getattr(sub, "model", None)
-  if model is not None:
-    return model
-  from jax_brainage.train import trainer
-  return trainer.build_model(dict(sub.manifest))
 
 
 def _sub_inputs(ensemble, inputs) -> dict[str, np.ndarray]:
@@ -342,7 +335,7 @@ def _member_groups(sub, method, *, batch_size: int, seed: int,
   for start in range(0, m, g):
     take = np.minimum(np.arange(start, start + g), m - 1)
     variables = jax.tree.map(lambda a, t=take: np.asarray(a)[t], sub.variables)
-    out.append((Explainer(_sub_model(sub), variables, method, batch_size=batch_size, seed=seed,
+    out.append((Explainer(sub.model, variables, method, batch_size=batch_size, seed=seed,
                           stacked=True), min(g, m - start)))
   return out
 
@@ -354,7 +347,8 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
   """Relevance of every member, sub-ensemble and the ensemble.
 
   Args:
-    ensemble: a `jax_brainage.ensemble.store.Ensemble`.
+    ensemble: an `ensemble.model.Ensemble` (`artifact.load`; a single model is an ensemble of
+      one).
     inputs: {sub-ensemble name: volumes `[n, X, Y, Z, C_sub]`}, or one array for all when
       every sub-ensemble reads the same sequences.
     method, batch_size, seed, rows: as for `Explainer`.
@@ -396,25 +390,20 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
 # The one-call entry point.
 
 
-def relevance(trained_or_ensemble, volumes, method: Method | str = DEFAULT_METHOD, *,
+def relevance(ensemble, volumes, method: Method | str = DEFAULT_METHOD, *,
               batch_size: int = 8, seed: int = 0) -> np.ndarray:
-  """Cube-space relevance of a trained model or an ensemble, batched and jitted.
+  """Cube-space relevance of a trained model, batched and jitted (`ensemble_maps(...).ensemble`).
 
   Args:
-    trained_or_ensemble: `predict.TrainedModel` or `ensemble.store.Ensemble`.
+    ensemble: the trained model (`artifact.load`: an `Ensemble`, of one for a single model).
     volumes: `[n, X, Y, Z, C]` cubes (uint8/float16 as cached, or float32 network inputs); for
       an ensemble whose sub-ensembles read different sequences, {sub name: volumes}.
-    method: a name of `METHODS` (default `DEFAULT_METHOD`).
+    method: a name of `METHODS` (default `DEFAULT_METHOD`) or a `Method`.
     batch_size: volumes per jitted call; seed: seed of the random methods.
   Returns:
-    float32 `[n, X, Y, Z, C]` (for an ensemble: `C` = `ensemble_sequences`), positive = older.
+    float32 `[n, X, Y, Z, C]` (`C` = `ensemble_sequences`), positive = older.
   """
-  if is_ensemble(trained_or_ensemble):
-    return ensemble_maps(trained_or_ensemble, volumes, method, batch_size=batch_size,
-                         seed=seed).ensemble
-  trained = trained_or_ensemble
-  return Explainer(trained.model, trained.variables, method, batch_size=batch_size,
-                   seed=seed)(volumes)[0]
+  return ensemble_maps(ensemble, volumes, method, batch_size=batch_size, seed=seed).ensemble
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,8 +423,6 @@ def to_subject_space(relevance_cube: np.ndarray, cube_inverse, *,
   Returns:
     float32 `Nifti1Image` `[*original_shape(, k)]` with the original affine.
   """
-  from jax_brainage.data import nifti, prune
-
   img = prune.to_subject_space(np.asarray(relevance_cube, np.float32), cube_inverse, order=1)
   data = np.asarray(img.dataobj, np.float32)
   if cube_inverse.resampled and preserve_sum:

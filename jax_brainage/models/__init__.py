@@ -10,7 +10,7 @@ age bins `[batch, num_bins]`. `predicted_age` turns any model's output into year
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ from jax_brainage.models.sfcn import variables_from_torch as sfcn_variables_from
 __all__ = [
     "MRInet", "SFCN", "SFCNRegression", "AgeBins", "MODELS", "get_model", "predicted_age",
     "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
-    "sfcn_variables_from_torch",
+    "sfcn_variables_from_torch", "build_model", "variable_shapes",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -101,3 +101,28 @@ def num_parameters(model: nn.Module, input_shape: tuple[int, ...]) -> int:
                                                jnp.zeros(input_shape, jnp.float32))
   shapes = jax.eval_shape(init)
   return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
+
+
+def build_model(manifest: Mapping[str, Any]) -> nn.Module:
+  """The flax module a trained model's manifest describes (`artifact.model_manifest`: model,
+  model_kwargs, image_shape, sequences, ...).
+
+  With XLA's convolution, whatever lowering it was trained with: this is the module users
+  explain (one lrp rule site per conv); batched prediction switches to im2col on CPU with
+  `lowering.for_inference`.
+  """
+  return get_model(manifest["model"], **{**manifest["model_kwargs"], "conv_lowering": "xla"})
+
+
+def variable_shapes(manifest: Mapping[str, Any], members: int | None = None) -> Any:
+  """Shapes of a manifest's model variables ({"params": ..., **model_state}), with a leading
+  member axis `[members, ...]` unless `members` is None. Nothing is allocated."""
+  model = build_model(manifest)
+  channels = len(manifest["sequences"])
+  shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                         jnp.zeros((1, *manifest["image_shape"], channels), jnp.float32),
+                         train=False))
+  if members is None:
+    return shapes
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((members, *s.shape), s.dtype), shapes)

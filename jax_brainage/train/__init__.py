@@ -1,4 +1,8 @@
-"""Training: the loop (`train_and_evaluate`), its configs, checkpoints and TensorBoard logs.
+"""Training: the experiment (`train_and_evaluate`), its configs, checkpoints and TensorBoard logs.
+
+Modules: trainer.py (one model, or M stacked members), steps.py (schedule, optimiser, loss,
+jitted update and evaluation steps), members.py (stacked ensemble members), loop.py (the loop
+shared by both), data.py (what the trainer reads), config.py, checkpoint.py, summary.py.
 
 `brainage train --config configs/cpu.py --workdir W [--config.KEY VALUE ...]` runs it.
 """
@@ -8,11 +12,12 @@ from __future__ import annotations
 from jax_brainage.train.checkpoint import Checkpoints
 from jax_brainage.train.config import apply_overrides, base_config, load_config
 from jax_brainage.train.data import TrainingData, from_arrays, open_training_data
-from jax_brainage.train.trainer import (NonFiniteLossError, build_model, make_optimizer,
-                                        make_schedule, train_and_evaluate)
+from jax_brainage.train.loop import NonFiniteLossError
+from jax_brainage.train.steps import make_optimizer, make_schedule
+from jax_brainage.train.trainer import train_and_evaluate
 
 __all__ = [
     "Checkpoints", "NonFiniteLossError", "TrainingData", "apply_overrides", "base_config",
-    "build_model", "from_arrays", "load_config", "make_optimizer", "make_schedule",
+    "from_arrays", "load_config", "make_optimizer", "make_schedule",
     "open_training_data", "train_and_evaluate",
 ]

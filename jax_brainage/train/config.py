@@ -23,7 +23,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from jax_brainage.data.augment import AugmentConfig
+from jax_brainage.data.intensity import SCALINGS
 from jax_brainage.errors import ConfigError
+from jax_brainage.models import MODELS
+from jax_brainage.models.lowering import LOWERINGS
 
 LOSSES = ("mse", "mae", "soft_label")
 SCHEDULES = ("constant", "cosine")
@@ -278,10 +282,6 @@ def _parse(text: str, ref: Any) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """One-line ConfigError for the first value that cannot work (names the key)."""
-  from jax_brainage.models import MODELS
-  from jax_brainage.data.intensity import SCALINGS
-  from jax_brainage.models.lowering import LOWERINGS
-
   def need(ok: bool, key: str, what: str) -> None:
     if not ok:
       raise ConfigError(f"config.{key}={_get(config, key)!r}: {what}")
@@ -357,7 +357,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(e.head_folds >= 2, "ensemble.head_folds", "must be >= 2")
   need(e.correction in CORRECTIONS, "ensemble.correction", f"one of {CORRECTIONS}")
   parse_sub_ensembles(config)  # Raises a one-line ConfigError naming the bad spec.
-  from jax_brainage.data.augment import AugmentConfig
   AugmentConfig.from_config(config.augment)  # Raises its own one-line ConfigError.
 
 
@@ -397,7 +396,8 @@ def parse_sub_ensembles(config: ml_collections.ConfigDict) -> tuple[SubEnsembleS
   for text in specs:
     def bad(what: str) -> ConfigError:
       return ConfigError(f"config.ensemble.sub_ensembles: {text!r}: {what} (expected "
-                         "NAME=SEQ[+SEQ..][@REGION[+REGION..]], e.g. 't1_cerebellum=T1w@cerebellum')")
+                         "NAME=SEQ[+SEQ..][@REGION[+REGION..]], "
+                         "e.g. 't1_cerebellum=T1w@cerebellum')")
     if not isinstance(text, str) or text.count("=") != 1:
       raise bad("not a spec")
     name, rest = (part.strip() for part in text.split("="))

@@ -16,8 +16,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jax_brainage import sharding
+from jax_brainage.data import bids, simulate
+from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
 from jax_brainage.data import splits as splits_lib
 from jax_brainage.errors import ConfigError, DataError
@@ -114,8 +119,6 @@ class TrainingData:
     `pipeline.MemberPipeline`): per step a list over member `groups` of dicts of
     `[w, B, ...]` arrays; member m follows the plan of a single run with `seeds[m]` over
     `rows[m]`. `get_state`/`set_state`/`step` as for `train_batches`."""
-    import jax
-
     if mode == "auto":
       union = np.unique(np.concatenate([np.asarray(r) for r in rows]))
       nbytes = len(union) * int(np.prod(self.source.volume_shape)) * self.dtype.itemsize
@@ -191,20 +194,12 @@ def open_training_data(config) -> TrainingData:
   `config.data.simulate.n > 0` a simulated cohort is written and prepared there first."""
   cache_dir = Path(config.data.cache)
   if config.data.simulate.n > 0:
-    import jax
-
-    from jax_brainage import sharding
-
     # On several hosts process 0 alone writes the cohort and its cache (on the shared file
     # system the others read); they wait for it at a barrier instead of racing to write.
     if sharding.is_main_process() and not (cache_dir / "index.json").exists():
       _simulate_and_prepare(config)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       multihost_utils.sync_global_devices("jax_brainage.simulate_and_prepare")
-  from jax_brainage.data import cache as cache_lib
-
   cache = cache_lib.Cache.open(cache_dir)
   source = pipeline_lib.ArraySource(cache.volumes, cache.ages, cache.subject_ids)
   unlabelled = np.flatnonzero(~np.isfinite(cache.ages))
@@ -217,24 +212,33 @@ def open_training_data(config) -> TrainingData:
       split, tuple(config.data.sequences), str(cache_dir))
 
 
-def _simulate_and_prepare(config) -> None:
-  """Simulates the configured cohort as a BIDS dataset (all sequences of `config.data`) and
-  prepares its cache: the `data.image_shape` box, or the default cube for the resolution when
-  that is (0, 0, 0)."""
-  from jax_brainage.data import bids
-  from jax_brainage.data import cache as cache_lib
-  from jax_brainage.data import simulate
+def cohort_and_preprocessing(config) -> tuple[simulate.CohortConfig, cache_lib.Preprocessing]:
+  """The simulated cohort `config.data.simulate` describes and how to prepare it.
 
+  Returns:
+    (`CohortConfig` of `simulate.seed`, `simulate.n` subjects at `simulate.resolution` mm with
+    every sequence of `config.data.sequences`, the `Preprocessing` of its cache: those sequences,
+    the `data.image_shape` box (voxels) or, when that is (0, 0, 0), the default cube of the
+    resolution, `data.scaling` and `data.bias_sigma_mm` (mm)).
+  """
   s = config.data.simulate
   sequences = tuple(config.data.sequences)
   cohort = simulate.CohortConfig(seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution),
                                  sequences=sequences)
-  # write_cohort re-uses a complete directory of the same configuration (and refuses another).
-  out = simulate.write_cohort(s.out, cohort, workers=int(config.data.workers) or None)
-  dataset = bids.read_bids(out, sequences)
   shape = tuple(int(v) for v in config.data.image_shape)
   prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
                                  scaling=str(config.data.scaling),
                                  bias_sigma_mm=float(config.data.bias_sigma_mm))
+  return cohort, prep
+
+
+def _simulate_and_prepare(config) -> None:
+  """Simulates the configured cohort as a BIDS dataset (`cohort_and_preprocessing`) into
+  `data.simulate.out` and prepares its cache in `data.cache`."""
+  cohort, prep = cohort_and_preprocessing(config)
+  # write_cohort re-uses a complete directory of the same configuration (and refuses another).
+  out = simulate.write_cohort(config.data.simulate.out, cohort,
+                              workers=int(config.data.workers) or None)
+  dataset = bids.read_bids(out, tuple(config.data.sequences))
   cache_lib.prepare(dataset, config.data.cache, prep,
                     workers=max(1, int(config.data.workers)))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_brainage.analyse import gap
+from jax_brainage.analyse import gap, regression, tables
+from jax_brainage.commands import analyze
 from jax_brainage.errors import ConfigError, DataError
 
 
@@ -92,13 +93,13 @@ def test_confidence_intervals_cover_at_their_level_and_p_values_are_uniform():
     n = 25
     x = np.stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)], 1).astype(float)
     y = x @ true + rng.normal(0, 1.5, n)
-    fit = gap.ols(y, x, ("intercept", "x", "flag"))
+    fit = regression.ols(y, x, ("intercept", "x", "flag"))
     covered += (fit.ci_low <= true) & (true <= fit.ci_high)
     rejected += fit.p[2] < 0.05
   np.testing.assert_allclose(covered / reps, 0.95, atol=0.015)
   assert abs(rejected / reps - 0.05) < 0.015
   # A 90% interval covers less.
-  fit90 = gap.ols(y, x, ("intercept", "x", "flag"), confidence=0.9)
+  fit90 = regression.ols(y, x, ("intercept", "x", "flag"), confidence=0.9)
   assert np.all(fit90.ci_high - fit90.ci_low < fit.ci_high - fit.ci_low)
 
 
@@ -147,17 +148,17 @@ def test_default_covariates_and_join():
                   for i in range(6)]
   predictions = [{"participant_id": f"sub-{i}", "session": "n/a", "age": str(30 + i),
                   "predicted_age": str(31 + i), "brain_age_gap": "1"} for i in range(7)]
-  rows, unmatched = gap.join_tables(predictions, participants)
+  rows, unmatched = tables.join_tables(predictions, participants)
   assert unmatched == ["sub-6"]
   assert rows[0]["age"] == "30"  # the prediction's own age wins
   assert rows[1]["sex"] == "M"
   # group is constant; participant_id and the prediction columns are never covariates.
   constant = []
-  assert gap.default_covariates(rows, list(participants[0]), constant=constant) == [
+  assert regression.default_covariates(rows, list(participants[0]), constant=constant) == [
       "age", "sex", "diabetes", "bmi"]
   assert constant == ["group"]
   with pytest.raises(DataError, match="listed twice"):
-    gap.join_tables(predictions, participants + participants[:1])
+    tables.join_tables(predictions, participants + participants[:1])
 
 
 def _write_tsv(path, rows):
@@ -183,7 +184,7 @@ def test_analyze_command_writes_tsv_json_and_forest(tmp_path):
   preds[7]["brain_age_gap_corrected"] = "n/a"
   _write_tsv(tmp_path / "preds.tsv", preds)
   parser = argparse.ArgumentParser()
-  gap.add_parser(parser.add_subparsers())
+  analyze.add_parser(parser.add_subparsers())
   args = parser.parse_args(["analyze", "--predictions", str(tmp_path / "preds.tsv"),
                             "--participants", str(tmp_path / "participants.tsv"),
                             "--out", str(tmp_path / "out")])
@@ -228,7 +229,7 @@ def test_hc3_standard_errors_match_the_sandwich_and_cover_under_heteroscedastici
   n = 30
   x = np.stack([np.ones(n), rng.uniform(20, 80, n), rng.integers(0, 2, n)], 1)
   y = x @ [1.0, 0.1, 2.0] + rng.normal(0, 1, n) * (x[:, 1] / 30)
-  fit = gap.ols(y, x, ("intercept", "age", "flag"), se="hc3")
+  fit = regression.ols(y, x, ("intercept", "age", "flag"), se="hc3")
   # Textbook HC3 (MacKinnon & White 1985), written out with explicit inverses.
   xtx_inv = np.linalg.inv(x.T @ x)
   beta = xtx_inv @ x.T @ y
@@ -250,9 +251,9 @@ def test_hc3_standard_errors_match_the_sandwich_and_cover_under_heteroscedastici
     xx = np.stack([np.ones(n), a], 1)
     yy = 1.0 + 2.0 * a + rng.normal(0, 1, n) * (0.2 + 3 * a ** 2)
     for kind in covered:
-      f = gap.ols(yy, xx, ("intercept", "a"), se=kind)
+      f = regression.ols(yy, xx, ("intercept", "a"), se=kind)
       covered[kind] += f.ci_low[1] <= 2.0 <= f.ci_high[1]
   assert abs(covered["hc3"] / reps - 0.95) < 0.025
   assert covered["classical"] / reps < covered["hc3"] / reps - 0.02
   with pytest.raises(ConfigError, match="--se 'hc9'"):
-    gap.ols(y, x, ("intercept", "age", "flag"), se="hc9")
+    regression.ols(y, x, ("intercept", "age", "flag"), se="hc9")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jax_brainage.analyse import forest, gap, report
+from jax_brainage.commands import report as report_command
 from jax_brainage.errors import DataError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -195,7 +196,7 @@ def test_report_command(tmp_path):
   _png(tmp_path / "f.png")
   (tmp_path / "t.tsv").write_text("term\testimate\ndiabetes\t3.25\n")
   parser = argparse.ArgumentParser()
-  report.add_parser(parser.add_subparsers())
+  report_command.add_parser(parser.add_subparsers())
   args = parser.parse_args(["report", "--workdir", str(tmp_path), "--figure",
                             f"forest={tmp_path / 'f.png'}", "--table",
                             f"gap_effects={tmp_path / 't.tsv'}"])

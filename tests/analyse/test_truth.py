@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from jax_brainage.analyse import gap, truth
+from jax_brainage.analyse import gap, tables, truth
+from jax_brainage.commands import analyze
 from jax_brainage.data.simulation import population
 from jax_brainage.data.simulation.config import CohortConfig
 from jax_brainage.errors import DataError
@@ -90,7 +91,7 @@ def test_analyze_with_truth_recovers_the_generative_effects(tmp_path, sample):
     for i, pid in enumerate(ids):
       f.write(f"{pid}\tn/a\t{p.age[i]:.4f}\t{predicted[i]:.4f}\t{predicted[i] - p.age[i]:.4f}\n")
   parser = argparse.ArgumentParser()
-  gap.add_parser(parser.add_subparsers())
+  analyze.add_parser(parser.add_subparsers())
   args = parser.parse_args(["analyze", "--predictions", str(tmp_path / "preds.tsv"),
                             "--participants", str(tmp_path / "data" / "participants.tsv"),
                             "--out", str(tmp_path / "out"), "--truth", str(tmp_path / "data")])
@@ -155,7 +156,7 @@ def test_truth_reads_the_simulators_files(tmp_path):
   simulate.write_cohort(tmp_path, config, workers=1)
   sim = truth.load_truth(tmp_path)
   assert sim.config == config
-  _, participants = gap.read_tsv(tmp_path / "participants.tsv")
+  _, participants = tables.read_tsv(tmp_path / "participants.tsv")
   assert sorted(sim.age) == sorted(r["participant_id"] for r in participants)
   for r in participants:
     assert sim.age[r["participant_id"]] == pytest.approx(float(r["age"]), abs=1e-3)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from jax_brainage.commands import prepare as prepare_command
 from jax_brainage.data import bids, cache, prune, regions
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 from tests.data.conftest import oriented_affine
@@ -101,7 +102,7 @@ def test_in_memory_images_give_the_same_cube(dataset, tmp_path):
 
 def _prepare_cli(argv):
   parser = argparse.ArgumentParser(prog="brainage")
-  cache.add_parser(parser.add_subparsers(dest="command"))
+  prepare_command.add_parser(parser.add_subparsers(dest="command"))
   args = parser.parse_args(["prepare"] + [str(a) for a in argv])
   return args.func(args)
 
@@ -149,7 +150,7 @@ def test_interrupted_prepare_keeps_the_existing_cache(dataset, tmp_path, monkeyp
   cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(16, 16, 16)))
   before = _snapshot(out)
   calls = []
-  real_work = cache._work
+  real_work = cache.prepare_row
 
   def interrupted(item):
     calls.append(item[0])
@@ -157,7 +158,7 @@ def test_interrupted_prepare_keeps_the_existing_cache(dataset, tmp_path, monkeyp
       raise KeyboardInterrupt
     return real_work(item)
 
-  monkeypatch.setattr(cache, "_work", interrupted)
+  monkeypatch.setattr(cache, "prepare_row", interrupted)
   with pytest.raises(KeyboardInterrupt):
     cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
   assert _snapshot(out) == before

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_brainage import sharding as shd
+from jax_brainage.commands import batches as batches_command
 from jax_brainage.data import augment as aug
 from jax_brainage.data import pipeline as pl
 from jax_brainage.errors import ConfigError, DataError
@@ -315,9 +316,9 @@ def test_cache_source_and_batches_command(tmp_path, cohort, capsys):
 
 
 def _batches(argv: list[str]) -> int:
-  # The sub-command on its own parser (jax_brainage.cli imports every stage's module).
+  # The sub-command on its own parser (jax_brainage.cli imports every command's module).
   parser = argparse.ArgumentParser()
-  pl.add_parser(parser.add_subparsers(dest="command"))
+  batches_command.add_parser(parser.add_subparsers(dest="command"))
   args = parser.parse_args(["batches", *argv])
   return args.func(args)
 

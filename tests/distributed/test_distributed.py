@@ -148,7 +148,7 @@ def test_initialize_reports_an_unreachable_coordinator_in_one_line(tmp_path):
   env = dict(os.environ, BRAINAGE_COORDINATOR=f"127.0.0.1:{port}",
              BRAINAGE_NUM_PROCESSES="2", BRAINAGE_PROCESS_ID="1", BRAINAGE_INIT_TIMEOUT="1",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-m", "jax_brainage.distributed", "--help"], env=env,
+  proc = subprocess.run([sys.executable, "-m", "jax_brainage", "batches", "--cache", "c"], env=env,
                         cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2
@@ -203,7 +203,7 @@ def test_launcher_stops_every_process_and_child_on_failure_or_timeout(tmp_path, 
 def test_launcher_runs_brainage_through_the_distributed_entry_point():
   launcher = _launcher()
   assert launcher.process_command(["brainage", "train", "--config", "c.py"]) == [
-      sys.executable, "-m", "jax_brainage.distributed", "train", "--config", "c.py"]
+      sys.executable, "-m", "jax_brainage", "train", "--config", "c.py"]
   assert launcher.process_command(["python", "x.py"]) == ["python", "x.py"]
 
 
@@ -215,5 +215,5 @@ def test_a_busy_coordinator_port_is_a_one_line_error():
     s.listen(1)
     port = s.getsockname()[1]
     with pytest.raises(ConfigError, match=f"cannot serve the coordinator on port {port}"):
-      distributed._check_port_free(f"127.0.0.1:{port}")
-  distributed._check_port_free(f"127.0.0.1:{port}")  # free again once closed
+      distributed.check_port_free(f"127.0.0.1:{port}")
+  distributed.check_port_free(f"127.0.0.1:{port}")  # free again once closed

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jax_brainage import models
+from jax_brainage.ensemble.model import SubEnsemble
 
 SHAPE = (16, 16, 16)
 
@@ -69,12 +70,10 @@ def volumes(n: int, seed: int, channels: int = 1, shape=SHAPE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def two_subs():
   """Two sub-ensembles: 'a' (T1w, 3 members) and 'b' (T1w+FLAIR, 2 members)."""
-  from jax_brainage.ensemble import store
-
   ma, mb = tiny_manifest(("T1w",)), tiny_manifest(("T1w", "FLAIR"))
   model_a, each_a, stacked_a = random_members(ma, 3, seed=10)
   model_b, each_b, stacked_b = random_members(mb, 2, seed=20)
-  subs = (store.SubEnsemble("a", ("T1w",), (), ma, 3, stacked_a),
-          store.SubEnsemble("b", ("T1w", "FLAIR"), ("cerebellum",), mb, 2, stacked_b))
+  subs = (SubEnsemble("a", ("T1w",), (), ma, 3, stacked_a),
+          SubEnsemble("b", ("T1w", "FLAIR"), ("cerebellum",), mb, 2, stacked_b))
   return {"subs": subs, "models": {"a": model_a, "b": model_b},
           "each": {"a": each_a, "b": each_b}}

@@ -14,6 +14,7 @@ import pytest
 from tests.ensemble.conftest import volumes
 from jax_brainage.ensemble import correction as corr
 from jax_brainage.ensemble import head as head_lib
+from jax_brainage.ensemble import model as ensemble_model
 from jax_brainage.ensemble import store
 from jax_brainage.errors import ConfigError, DataError
 
@@ -49,7 +50,7 @@ def data():
 @pytest.fixture(scope="module")
 def ensemble(two_subs, data):
   val, val_ages, _, _ = data
-  return store.fit_ensemble(two_subs["subs"], val, val_ages, head="linear", folds=4,
+  return ensemble_model.fit_ensemble(two_subs["subs"], val, val_ages, head="linear", folds=4,
                             correction="linear", batch_size=3)
 
 
@@ -152,8 +153,8 @@ def test_check_cache(two_subs):
 
   sub = two_subs["subs"][1]
   prep = Preprocessing(sequences=("T1w", "FLAIR"), shape=(16, 16, 16), regions=(3,))
-  sub = store.SubEnsemble(sub.name, sub.sequences, sub.regions, sub.manifest, sub.members,
-                          sub.variables, "/c", prep.to_dict())
+  sub = ensemble_model.SubEnsemble(sub.name, sub.sequences, sub.regions, sub.manifest,
+                                   sub.members, sub.variables, "/c", prep.to_dict())
 
   def cache(**kw):
     p = Preprocessing(**{**dict(sequences=("T1w", "FLAIR"), shape=(16, 16, 16), regions=(3,)),
@@ -161,18 +162,18 @@ def test_check_cache(two_subs):
     return types.SimpleNamespace(path="/c", shape=p.shape, sequences=p.sequences,
                                  preprocessing=p)
 
-  store.check_cache(sub, cache())
+  ensemble_model.check_cache(sub, cache())
   with pytest.raises(DataError, match=r"/c: cubes are \(32, 32, 32\).*sub-ensemble b"):
-    store.check_cache(sub, cache(shape=(32, 32, 32)))
+    ensemble_model.check_cache(sub, cache(shape=(32, 32, 32)))
   with pytest.raises(DataError, match="'FLAIR'"):
-    store.check_cache(sub, cache(sequences=("T1w", "swi")))
+    ensemble_model.check_cache(sub, cache(sequences=("T1w", "swi")))
   with pytest.raises(DataError, match=r"preprocessing regions is \[3, 4\] now"):
-    store.check_cache(sub, cache(regions=(3, 4)))
+    ensemble_model.check_cache(sub, cache(regions=(3, 4)))
 
 
 def test_ensemble_metrics(two_subs, data, ensemble):
   _, _, test, ages = data
-  m = store.ensemble_metrics(ensemble, test, ages)
+  m = ensemble_model.ensemble_metrics(ensemble, test, ages)
   ref = _explicit(two_subs, test)
   ens = ensemble.head.apply(ref)
   from scipy.stats import spearmanr

@@ -96,9 +96,20 @@ def test_every_method_on_a_linear_model_is_analytic(name):
   np.testing.assert_allclose(relevance, expected, rtol=2e-4, atol=1e-6)
 
 
+def _ensemble_of_one(model, variables, sequences):
+  """A single model as every trained model is held: an ensemble of one member, identity head."""
+  from jax_brainage.ensemble import head as head_lib
+
+  sub = types.SimpleNamespace(name="model", sequences=sequences, regions=(), members=1,
+                              model=model, variables=jax.tree.map(lambda a: a[None], variables))
+  head = head_lib.MultiLevelHead({"model": head_lib.mean_head(1)},
+                                 head_lib.LinearHead(np.ones(1)), ("model",))
+  return types.SimpleNamespace(subs=(sub,), head=head)
+
+
 def test_relevance_of_a_trained_model_namespace_and_float_inputs():
   model, variables, volumes, x, w, b, y = _linear_case(3)
-  trained = types.SimpleNamespace(model=model, variables=variables)
+  trained = _ensemble_of_one(model, variables, ("T1w", "FLAIR"))
   from_uint8 = maps.relevance(trained, volumes, "gradient_x_input", batch_size=2)
   from_float = maps.relevance(trained, x.astype(np.float32), "gradient_x_input", batch_size=8)
   np.testing.assert_allclose(from_uint8, x * w, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,90 @@
+"""`brainage predict`: brain age of new subjects from a trained workdir.
+
+    brainage predict --workdir W --data DIR --out preds.tsv [--checkpoint best|latest]
+        [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
+
+The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
+is that of the cache it was trained on; the TSV's columns are described in
+`jax_brainage.predict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jax_brainage import artifact, predict
+from jax_brainage.data import bids
+from jax_brainage.ensemble import correction as correction_lib
+from jax_brainage.errors import ConfigError, DataError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `brainage predict`."""
+  p = subparsers.add_parser(
+      "predict", help="predicted age and brain-age gap of new subjects from a trained workdir",
+      description="`brainage predict`: brain age of new subjects from a trained workdir.")
+  p.add_argument("--workdir", required=True, type=Path,
+                 help="training workdir (brainage train): one model, or an ensemble experiment")
+  p.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                 help="BIDS dataset directory, or NIfTI files (one subject each, no age)")
+  p.add_argument("--out", required=True, type=Path, metavar="TSV", help="predictions to write")
+  p.add_argument("--checkpoint", choices=artifact.CHECKPOINTS, default="best",
+                 help="best by validation loss (default) or latest (single-model workdirs)")
+  p.add_argument("--sequences", default=None,
+                 help="comma-separated sequences of the data (default: the model's); must be "
+                      "the model's")
+  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
+  p.add_argument("--batch-size", type=int, default=8, help="volumes per model call (8)")
+  p.add_argument("--members-per-call", type=int, default=0, metavar="N",
+                 help="ensembles: members evaluated per call (0 = all of a sub-ensemble at "
+                      "once; fewer bound device memory)")
+  p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                 help="threads preprocessing subjects")
+  p.add_argument("--skip-bad", action="store_true",
+                 help="report and skip subjects with bad data instead of stopping")
+  p.set_defaults(func=run)
+  return p
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.batch_size < 1:
+    raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+  model = artifact.load(args.workdir, args.checkpoint)
+  inputs = predict.model_inputs(model)
+  if args.sequences is not None:
+    given = bids.parse_sequences(args.sequences)
+    if given != inputs.sequences:
+      raise DataError(f"--sequences {','.join(given)}: {artifact.describe(model)} needs "
+                      f"{','.join(inputs.sequences)} (in that order)")
+  dataset = predict.read_dataset(args.data, inputs.sequences, session=args.session,
+                                 skip_bad=args.skip_bad)
+  subjects, prediction, skipped = predict.predict_dataset(
+      model, dataset, batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
+      inputs=inputs, members_per_call=args.members_per_call)
+  for sid, why in skipped:
+    print(f"skipped {sid}: {why}", file=sys.stderr)
+  if not subjects:
+    raise DataError(f"{' '.join(map(str, args.data))}: no subject could be predicted")
+  predict.write_predictions(args.out, model, subjects, prediction)
+  line = f"predicted {len(subjects)} subjects with {artifact.describe(model)} -> {args.out}"
+  known = np.array([i for i, s in enumerate(subjects) if s.age is not None], int)
+  if len(known) > 1:
+    ages = np.array([subjects[i].age for i in known], np.float64)
+    if artifact.is_single_model(model):
+      m = predict.summary_metrics(ages, prediction.ensemble[known])
+      line += f"; MAE {m['mae']:.2f} years, r {m['r']:.3f} over {m['n']} with known age"
+    else:
+      m = correction_lib.gap_metrics(ages, prediction.ensemble[known],
+                                     prediction.corrected(ages))
+      line += (f"; MAE {m['mae']:.2f} years ({m['mae_corrected']:.2f} "
+               f"{model.correction.kind}-corrected), gap-age Spearman "
+               f"{m['spearman_gap_age']:.2f} ({m['spearman_gap_age_corrected']:.2f} corrected), "
+               f"mean uncertainty {float(np.mean(prediction.spread)):.2f} over {m['n']} with "
+               "known age")
+  print(line)
+  return 0

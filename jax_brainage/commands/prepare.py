@@ -1,0 +1,109 @@
+"""`brainage prepare`: one pass over NIfTI files into a compact, memory-mapped cache.
+
+    brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
+        [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
+        [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
+        [--skip-bad] [--quiet]
+
+The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
+(`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
+`--data` is a BIDS dataset, or a list of image files (one subject each, no age). Prints the
+cache's size, and on stderr skipped subjects and brains the cube crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from jax_brainage.data import bids, intensity, regions
+from jax_brainage.data.cache import Preprocessing, prepare
+from jax_brainage.errors import ConfigError
+
+
+def _shape_arg(text: str) -> tuple[int, int, int]:
+  """argparse type of --shape: "N" (a cube) or "X,Y,Z" positive voxel counts."""
+  try:
+    sizes = tuple(int(s) for s in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected N or X,Y,Z voxels, got {text!r}") from None
+  if len(sizes) == 1:
+    sizes = sizes * 3
+  if len(sizes) != 3 or min(sizes) < 1:
+    raise argparse.ArgumentTypeError(f"expected N or X,Y,Z positive voxels, got {text!r}")
+  return sizes
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `brainage prepare`."""
+  p = subparsers.add_parser(
+      "prepare", help="preprocess a BIDS dataset into a memory-mapped cube cache",
+      description=__doc__.split("\n\n")[0] + " Cube shape default: 98^3 at 2 mm, 198^3 at 1 mm, "
+      "else the smallest even side holding 198 mm.")
+  p.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                 help="BIDS dataset directory (participants.tsv + sub-*/anat/), or image files "
+                      "(one subject each, no age)")
+  p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to write")
+  p.add_argument("--sequences", default="T1w", help="comma-separated, channel order (T1w)")
+  p.add_argument("--shape", type=_shape_arg, default=None,
+                 help="cube shape N or X,Y,Z (default from the voxel size)")
+  p.add_argument("--voxel-size", type=float, default=None, metavar="MM",
+                 help="resample to isotropic MM voxels (default: keep; all must agree)")
+  p.add_argument("--scaling", choices=intensity.SCALINGS, default="minmax",
+                 help="minmax: clip + min-max to uint8; zscore: within the brain, float16")
+  p.add_argument("--ceiling-percentile", type=float, default=intensity.DEFAULT_CEILING_PERCENTILE,
+                 metavar="P", help="brain percentile used as the minmax ceiling (99.5)")
+  p.add_argument("--bias-sigma", type=float, default=0.0, metavar="MM",
+                 help="homomorphic bias-field correction with a Gaussian field of MM mm "
+                      "(e.g. 20) before scaling; 0: none (default)")
+  p.add_argument("--regions", default=None, metavar="LABELS",
+                 help="keep only these atlas regions: labels or names, comma-separated")
+  p.add_argument("--atlas", default=None, metavar="FILE", help="label image for --regions")
+  p.add_argument("--mask-suffix", default=None, metavar="SUFFIX",
+                 help="per-subject brain mask image suffix, e.g. 'mask' (default: nonzero "
+                      "voxels of the first sequence)")
+  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
+  p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                 help="parallel processes (default: CPU count, at most 8)")
+  p.add_argument("--skip-bad", action="store_true",
+                 help="report and skip subjects with bad data instead of stopping")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=run)
+  return p
+
+
+def run(args: argparse.Namespace) -> int:
+  """Reads the dataset, prepares its cache and prints what it holds; returns 0."""
+  sequences = bids.parse_sequences(args.sequences)
+  if (args.regions is None) != (args.atlas is None):
+    raise ConfigError("--regions and --atlas go together")
+  if len(args.data) == 1 and bids.split_image_name(Path(args.data[0]).name) is None:
+    dataset = bids.read_bids(args.data[0], sequences, session=args.session,
+                             mask_suffix=args.mask_suffix, skip_bad=args.skip_bad)
+  else:
+    if len(sequences) != 1:
+      raise ConfigError("a list of image files gives one sequence; pass one --sequences name")
+    dataset = bids.read_image_list(args.data, sequences[0], skip_bad=args.skip_bad)
+  atlas = labels = None
+  if args.atlas is not None:
+    atlas = regions.load_atlas(args.atlas)
+    labels = regions.parse_labels(args.regions, atlas)
+  prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
+                       scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
+                       regions=labels, bias_sigma_mm=args.bias_sigma)
+  for sid, why in dataset.skipped:
+    print(f"skipped {why}", file=sys.stderr)
+  cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,
+                  skip_bad=args.skip_bad, progress=not args.quiet)
+  skipped = len(cache.index["skipped"])
+  print(f"prepared {len(cache)} subjects -> {cache.path} "
+        f"({cache.volumes.dtype} {tuple(cache.volumes.shape)}, "
+        f"{cache.volumes.nbytes / 2**20:.1f} MiB)" + (f", skipped {skipped}" if skipped else ""))
+  not_fitting = [r["subject_id"] for r in cache.records if not r["brain_fits"]]
+  if not_fitting:
+    print(f"warning: the brain is cropped by the {'x'.join(map(str, cache.shape))} cube for "
+          f"{len(not_fitting)} subjects (e.g. {not_fitting[0]}); consider a larger --shape",
+          file=sys.stderr)
+  return 0

@@ -1,0 +1,186 @@
+"""Per-subject preprocessing: the `Preprocessing` record and `preprocess_subject`.
+
+`preprocess_subject` is the one place images become the network's cube (used by `brainage
+prepare` for every subject of a cache, on simulated subjects in memory, and by `brainage predict`
+on new data through `Cache.preprocess`): load and check every sequence; bring them onto the
+reference (first) sequence's grid, resampled to `voxel_size` mm if asked; reorient to RAS+;
+centre the brain's bounding box (nonzero voxels of the reference, or a brain mask) in the cube;
+optionally correct the bias field; scale intensities (clip at a brain percentile + min-max to
+uint8, or z-score -> float16); optionally zero everything outside atlas regions. Sequences become
+channels.
+
+The cube shape defaults from the voxel size: 98^3 at 2 mm and 198^3 at 1 mm (the study's), else
+the smallest even side that holds 198 mm (`prune.default_cube_shape`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import nibabel as nib
+import numpy as np
+
+from jax_brainage.data import bids, intensity, nifti, prune, regions
+from jax_brainage.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How images become cubes; stored in the cache so new data is prepared identically.
+
+  Attributes:
+    sequences: sequence names, in channel order; the first is the reference (grid, brain).
+    shape: cube shape `[3]` (voxels); None = `prune.default_cube_shape` of the voxel size.
+    voxel_size: resample to this isotropic voxel size (mm); None = keep each image's grid.
+    scaling: "minmax" (uint8) or "zscore" (float16).
+    ceiling_percentile: brain percentile used as the minmax ceiling.
+    regions: atlas labels to keep (None = whole brain).
+    bias_sigma_mm: > 0: homomorphic bias-field correction of every sequence with a Gaussian
+      field of this width (mm) before scaling (`intensity.correct_bias`); 0 = none.
+  """
+
+  sequences: tuple[str, ...] = ("T1w",)
+  shape: tuple[int, int, int] | None = None
+  voxel_size: float | None = None
+  scaling: str = "minmax"
+  ceiling_percentile: float = intensity.DEFAULT_CEILING_PERCENTILE
+  regions: tuple[int, ...] | None = None
+  bias_sigma_mm: float = 0.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
+    if self.scaling not in intensity.SCALINGS:
+      raise ConfigError(
+          f"unknown scaling {self.scaling!r}; choose {' or '.join(intensity.SCALINGS)}")
+    if self.shape is not None:
+      shape = tuple(int(s) for s in self.shape)
+      if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"cube shape must be 3 positive sizes, got {self.shape}")
+      object.__setattr__(self, "shape", shape)
+    if self.voxel_size is not None and not 0 < float(self.voxel_size) < 100:
+      raise ConfigError(f"voxel size must be a positive number of mm, got {self.voxel_size}")
+    if not 0 < float(self.ceiling_percentile) <= 100:
+      raise ConfigError(f"ceiling percentile must be in (0, 100], got {self.ceiling_percentile}")
+    if self.regions is not None:
+      object.__setattr__(self, "regions", tuple(int(r) for r in self.regions))
+    if not 0 <= float(self.bias_sigma_mm) < 1000:
+      raise ConfigError(f"bias_sigma_mm must be 0 (no correction) or a width in mm, got "
+                        f"{self.bias_sigma_mm}")
+    object.__setattr__(self, "bias_sigma_mm", float(self.bias_sigma_mm))
+
+  @property
+  def dtype(self) -> np.dtype:
+    return intensity.storage_dtype(self.scaling)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+
+
+def _as_image(image, subject: str | None, *, require_brain: bool = True) -> nib.Nifti1Image:
+  """A checked in-memory image from a path or a nibabel image."""
+  if isinstance(image, (str, os.PathLike)):
+    return nifti.load_image(image, subject, require_brain=require_brain)
+  data = nifti.check_volume(
+      np.asanyarray(image.dataobj), getattr(image, "get_filename", lambda: None)(), subject,
+      require_brain=require_brain)
+  return nifti.make_image(data, image.affine)
+
+
+def preprocess_subject(
+    images: Mapping[str, Any],
+    prep: Preprocessing,
+    *,
+    subject: str | None = None,
+    mask=None,
+    atlas: regions.Atlas | None = None,
+) -> tuple[np.ndarray, prune.CubeInverse]:
+  """One subject's images -> the cube the network sees, plus its exact inverse.
+
+  Args:
+    images: sequence name -> image path or nibabel image, for every `prep.sequences` entry.
+    prep: the preprocessing settings.
+    subject: subject id, to name the culprit in errors.
+    mask: brain mask (path or image, any grid); default: nonzero voxels of the reference.
+    atlas: the region atlas, required when `prep.regions` is set.
+
+  Returns:
+    (cube `[X, Y, Z, C]` uint8 (minmax) or float16 (zscore), `CubeInverse` of the reference).
+
+  Raises:
+    DataError: one line naming subject and file (missing/corrupt file, 4D, NaN/Inf, empty brain,
+      nothing left inside the regions).
+  """
+  missing = [s for s in prep.sequences if s not in images]
+  if missing:
+    raise DataError(f"{subject or 'subject'}: no {missing[0]} image given")
+  loaded = [_as_image(images[s], subject) for s in prep.sequences]
+  names = [nifti.describe(images[s] if isinstance(images[s], (str, os.PathLike)) else None,
+                          subject) + f" ({s})" for s in prep.sequences]
+  ref = loaded[0]
+  ref_affine = np.asarray(ref.affine, np.float64)
+
+  # Target grid: the reference's own, or its isotropic resampling.
+  resampled = nifti.needs_resampling(ref_affine, prep.voxel_size)
+  if resampled:
+    grid_shape, grid_affine = nifti.isotropic_grid(ref.shape, ref_affine, prep.voxel_size)
+  else:
+    grid_shape, grid_affine = tuple(ref.shape[:3]), ref_affine
+
+  def on_grid(img: nib.Nifti1Image, order: int) -> np.ndarray:
+    data = np.asanyarray(img.dataobj)
+    if nifti.same_grid(img.shape, img.affine, grid_shape, grid_affine):
+      return data
+    return nifti.resample(data, img.affine, grid_shape, grid_affine, order=order)
+
+  ornt = nifti.canonical_orientation(grid_affine)
+  canonical_affine = nifti.reorient_affine(grid_affine, grid_shape, ornt)
+  volumes = [nifti.reorient_array(on_grid(img, 1), ornt) for img in loaded]
+  canonical_shape = volumes[0].shape
+
+  if mask is not None:
+    mask_img = _as_image(mask, subject)
+    brain = nifti.reorient_array(on_grid(mask_img, 0) != 0, ornt)
+    where_mask = nifti.describe(mask if isinstance(mask, (str, os.PathLike)) else None, subject)
+  else:
+    brain = volumes[0] != 0
+    where_mask = names[0]
+  try:
+    box = prune.brain_box(brain)
+  except ValueError:
+    raise DataError(f"{where_mask}: empty brain (no nonzero voxel on the "
+                    f"{'resampled ' if resampled else ''}grid)") from None
+
+  cube_shape = prep.shape or prune.default_cube_shape(
+      prep.voxel_size or float(np.max(nifti.voxel_size(grid_affine))))
+  inverse = prune.make_inverse(ref, canonical_shape, canonical_affine, ornt, resampled, box,
+                               cube_shape)
+  # Scale on the cube: its statistics are those of what the network sees, at a fraction of the
+  # cost of the whole field of view.
+  brain_cube = prune.crop_or_pad(brain, inverse.offset, cube_shape)
+  cubes = [prune.crop_or_pad(v, inverse.offset, cube_shape) for v in volumes]
+  if prep.bias_sigma_mm > 0:
+    spacing = nifti.voxel_size(canonical_affine)
+    cubes = [intensity.correct_bias(c, brain_cube, prep.bias_sigma_mm, spacing, where=n)
+             for c, n in zip(cubes, names)]
+  cube = intensity.scale_channels(
+      cubes, brain_cube,
+      scaling=prep.scaling, ceiling_percentile=prep.ceiling_percentile, names=names)
+
+  if prep.regions is not None:
+    if atlas is None:
+      raise ConfigError("region masking needs an atlas (--atlas FILE)")
+    keep = regions.region_mask(atlas, prep.regions, cube_shape, inverse.cube_affine)
+    if not np.any(keep & brain_cube):
+      raise DataError(f"{names[0]}: no brain voxel inside atlas regions "
+                      f"{','.join(map(str, prep.regions))}")
+    cube = regions.apply_mask(cube, keep)
+  return cube, inverse
+
