@@ -2,9 +2,9 @@
 single-model steps, and (with several devices) members spread over the mesh's 'ensemble' axis.
 
 Every row times one update of all N members (each on its own batch of B volumes) with the
-trainer's own compiled steps (`trainer.build_member_setup` / `trainer.build_setup`), the state
-donated as in training; reported as member-steps/s (N / seconds) and volumes/s (N * B /
-seconds). Rows:
+trainer's own compiled steps (`train.members.build_member_setup` / `train.steps.build_setup`),
+the state donated as in training; reported as member-steps/s (N / seconds) and volumes/s
+(N * B / seconds). Rows:
 
 - sequential:    N calls of the single-model step, one device (what N separate runs do per step)
 - vmap-N:        the member step over all N members at once, one device
@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from jax_brainage import sharding  # noqa: E402
 from jax_brainage.train import config as config_lib  # noqa: E402
-from jax_brainage.train import trainer  # noqa: E402
+from jax_brainage.train import members as train_members  # noqa: E402
+from jax_brainage.train import steps as train_steps  # noqa: E402
 
 MEAN_AGE = 50.0
 TOTAL_STEPS = 10_000
@@ -70,8 +71,8 @@ def _images(shape: tuple[int, ...], seed: int) -> np.ndarray:
 def member_case(config, side: int, mesh) -> tuple[Callable[[], Any], dict[str, Any]]:
   """All members updated once by the trainer's member step(s) on `mesh`."""
   shape = (side,) * 3
-  setup = trainer.build_member_setup(config, shape, 1, MEAN_AGE, TOTAL_STEPS, mesh)
-  seeds = trainer.member_seeds(config)
+  setup = train_members.build_member_setup(config, shape, 1, MEAN_AGE, TOTAL_STEPS, mesh)
+  seeds = train_members.member_seeds(config)
   states = setup.split(jax.device_put(setup.init(seeds), setup.state_sharding))
   b = int(config.batch_size)
   spec = sharding.batch_sharding(mesh, members=True)
@@ -100,8 +101,8 @@ def sequential_case(config, side: int, mesh) -> tuple[Callable[[], Any], dict[st
   shape = (side,) * 3
   single = make_config("tiny" if config.model.conv_features else "mrinet", 1,
                        int(config.batch_size), lowering=config.model.conv_lowering)
-  setup = trainer.build_setup(single, shape, 1, MEAN_AGE, TOTAL_STEPS, mesh)
-  seeds = trainer.member_seeds(config)
+  setup = train_steps.build_setup(single, shape, 1, MEAN_AGE, TOTAL_STEPS, mesh)
+  seeds = train_members.member_seeds(config)
   states = [jax.device_put(setup.init(s), setup.state_sharding) for s in seeds]
   b = int(config.batch_size)
   spec = sharding.batch_sharding(mesh)

@@ -53,7 +53,7 @@ import bench_roofline  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
 from jax_brainage import sharding  # noqa: E402
-from jax_brainage.train import trainer  # noqa: E402
+from jax_brainage.train import steps as train_steps  # noqa: E402
 
 # The study's full multi-level ensemble (paper.md / cohort.md).
 STUDY = {"sequences": 3, "members": 10, "train_subjects": 2111, "val_subjects": 264,
@@ -127,7 +127,7 @@ def volume_cost(dtype: str, shape: tuple[int, int, int], batch: int = 1) -> dict
   abstract shapes (nothing of the size of a volume is allocated; XLA compiles for one device)."""
   config = bench_train.experiment_config("mrinet-198", dtype, batch, "full")
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  setup = trainer.build_setup(config, shape, 1, 50.0, 1000, mesh)
+  setup = train_steps.build_setup(config, shape, 1, 50.0, 1000, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {
       "image": jax.ShapeDtypeStruct((batch, *shape, 1), jnp.float32, sharding=batch_sharding),

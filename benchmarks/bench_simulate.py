@@ -22,38 +22,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
+from jax_brainage import fileio  # noqa: E402
 from jax_brainage.data import simulate  # noqa: E402
 from jax_brainage.data.anatomy import load_anatomy  # noqa: E402
-
-
-def _cpu_name() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-  out = {"python": platform.python_version()}
-  for pkg in ("numpy", "scipy", "nibabel", "nilearn"):
-    try:
-      out[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      out[pkg] = "absent"
-  return out
 
 
 def bench(resolution: int, n: int, workers: int, render_subjects: int, seed: int) -> dict:
@@ -99,21 +80,19 @@ def main(argv=None) -> int:
   rows = [bench(r, args.n, args.workers, args.render_subjects, args.seed) for r in args.resolution]
   header = (f"{'mm':>3} {'n':>6} {'workers':>7} {'render s/subj/core':>19} "
             f"{'write total s':>14} {'write s/subj/core':>18} {'MB':>8}")
-  print(f"device: {_cpu_name()} ({os.cpu_count()} cores)")
+  print(f"device: {common.cpu_name()} ({os.cpu_count()} cores)")
   print(header)
   for r in rows:
     print(f"{r['resolution_mm']:>3} {r['n']:>6} {r['workers']:>7} "
           f"{r['render_s_per_subject_per_core']:>19.3f} {r['write_total_s']:>14.1f} "
           f"{r['write_s_per_subject_per_core']:>18.3f} {r['dataset_mb']:>8.1f}")
   if args.out:
-    from jax_brainage import fileio
-
     fileio.write_json(args.out, {
         "benchmark": "simulate",
-        "device": _cpu_name(),
+        "device": common.cpu_name(),
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": common.versions("scipy", "nibabel", "nilearn"),
         "results": rows,
     })
   return 0

@@ -1,7 +1,7 @@
 """Training throughput (volumes/s): this project's jitted train step against PyTorch, same run.
 
 Per case (MRInet at 98^3 and 198^3, SFCN at 160x192x160) and compute dtype (float32, bfloat16):
-- jax: the trainer's own step (`trainer.build_setup`: forward, loss, backward, Adam, donated
+- jax: the trainer's own step (`train.steps.build_setup`: forward, loss, backward, Adam, donated
   state, explicit shardings, data parallel over all local devices), per conv lowering
   (`--lowerings`; `jit-auto` is what the trainer ships: im2col on CPU, XLA's conv elsewhere);
 - torch: the same architecture (`benchmarks/torch_models.py`, same initial weights, same loss,
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from jax_brainage import models, sharding  # noqa: E402
 from jax_brainage.train import config as config_lib  # noqa: E402
-from jax_brainage.train import trainer  # noqa: E402
+from jax_brainage.train import steps as train_steps  # noqa: E402
 
 # case -> (model name, loss, input (x, y, z) voxels per size)
 CASES: dict[str, tuple[str, str, dict[str, tuple[int, int, int]]]] = {
@@ -93,7 +93,7 @@ def random_batch(shape: tuple[int, ...], batch_size: int, seed: int = 0) -> dict
 class JaxStep:
   """The trainer's jitted update step for a case, its sharded state and a device-resident batch.
 
-  Attributes: setup (`trainer.Setup`), state, batch, params (trainable count), mesh.
+  Attributes: setup (`train.steps.Setup`), state, batch, params (trainable count), mesh.
   `run()` does one step (the state is donated and replaced) and returns the metrics.
   """
 
@@ -103,7 +103,7 @@ class JaxStep:
     self.shape = tuple(shape or CASES[case][2][size])
     self.mesh = mesh or sharding.make_mesh()
     sharding.check_batch_size(batch_size, self.mesh)
-    self.setup = trainer.build_setup(config, self.shape, 1, 50.0, 1000, self.mesh)
+    self.setup = train_steps.build_setup(config, self.shape, 1, 50.0, 1000, self.mesh)
     self.state = jax.device_put(self.setup.init(0), self.setup.state_sharding)
     self.batch = sharding.global_batch(self.mesh, random_batch(self.shape, batch_size))
     self.params = sum(int(x.size) for x in jax.tree.leaves(self.state["params"]))
@@ -143,8 +143,8 @@ def measure_torch(case: str, dtype: str, batch_size: int, size: str, variant: st
   # The flax model and its initial weights, built by the trainer's own code (no jit, no step).
   config = experiment_config(case, dtype, batch_size, size)
   model = models.get_model(name, **config_lib.model_kwargs(config, 50.0))
-  state = trainer.init_state(model, trainer.make_optimizer(
-      config.optimizer, trainer.make_schedule(config.optimizer, 1000)), shape, 1, 0)
+  state = train_steps.init_state(model, train_steps.make_optimizer(
+      config.optimizer, train_steps.make_schedule(config.optimizer, 1000)), shape, 1, 0)
   variables = jax.tree.map(np.asarray, {"params": state["params"], **state["model_state"]})
   jax_params = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
   device = "cuda" if torch.cuda.is_available() else "cpu"

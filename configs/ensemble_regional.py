@@ -20,7 +20,12 @@ An accelerator is needed (9 x N trainings of configs/mrinet_2mm.py worth of comp
 
 from __future__ import annotations
 
-from jax_brainage.train.config import base_config
+from pathlib import Path
+
+from jax_brainage.train.config import import_config
+
+# The whole-brain ensemble's cohort, members, head and correction; sub-ensembles per region.
+ensemble_wholebrain = import_config(Path(__file__).with_name("ensemble_wholebrain.py"))
 
 SEQUENCES = {"t1": "T1w", "flair": "FLAIR", "swi": "swi"}
 REGIONS = ("cerebellum", "subcortical", "cortical")
@@ -30,27 +35,8 @@ def get_config(arg: str | None = None):
   members = int(arg) if arg else 3
   if members < 1:
     raise ValueError(f"argument {arg!r}: members per sub-ensemble must be >= 1")
-  c = base_config()
-  c.data.simulate.n = 2637
-  c.data.simulate.resolution = 2
-  c.data.simulate.seed = 0
-  c.data.simulate.out = "data/sim-2mm-3seq"
-  c.data.cache = "data/sim-2mm-3seq-cache"
-  c.data.sequences = ("T1w", "FLAIR", "swi")
-  c.data.image_shape = (98, 98, 98)
-  c.model.name = "mrinet"
-  c.augment.shift_voxels = 2
-  c.augment.rotate_degrees = 5.0
-  c.augment.flip_lr = True
-  c.batch_size = 8
-  c.num_epochs = 80
-  c.patience = 15
-  c.log_every_steps = 50
-  c.ensemble.members = members
+  c = ensemble_wholebrain.get_config(str(members))
   c.ensemble.sub_ensembles = tuple(f"{short}_{region}={sequence}@{region}"
                                    for short, sequence in SEQUENCES.items()
                                    for region in REGIONS)
-  c.ensemble.head = "linear"
-  c.ensemble.head_folds = 5
-  c.ensemble.correction = "linear"
   return c

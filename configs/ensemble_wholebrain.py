@@ -22,29 +22,22 @@ bench_ensemble.py measures it); an accelerator is needed.
 
 from __future__ import annotations
 
-from jax_brainage.train.config import base_config
+from pathlib import Path
+
+from jax_brainage.train.config import import_config
+
+# The members are the study's MRInet at 2 mm, trained as configs/mrinet_2mm.py trains one.
+mrinet_2mm = import_config(Path(__file__).with_name("mrinet_2mm.py"))
 
 
 def get_config(arg: str | None = None):
   members = int(arg) if arg else 10
   if members < 1:
     raise ValueError(f"argument {arg!r}: members per sequence must be >= 1")
-  c = base_config()
-  c.data.simulate.n = 2637
-  c.data.simulate.resolution = 2
-  c.data.simulate.seed = 0
+  c = mrinet_2mm.get_config("3seq")
+  # The same 2 mm cohort simulated with all three sequences (a directory of its own).
   c.data.simulate.out = "data/sim-2mm-3seq"
   c.data.cache = "data/sim-2mm-3seq-cache"
-  c.data.sequences = ("T1w", "FLAIR", "swi")
-  c.data.image_shape = (98, 98, 98)
-  c.model.name = "mrinet"
-  c.augment.shift_voxels = 2
-  c.augment.rotate_degrees = 5.0
-  c.augment.flip_lr = True
-  c.batch_size = 8
-  c.num_epochs = 80
-  c.patience = 15
-  c.log_every_steps = 50
   c.ensemble.members = members
   c.ensemble.sub_ensembles = ("t1=T1w", "flair=FLAIR", "swi=swi")
   c.ensemble.head = "linear"

@@ -34,7 +34,6 @@ error.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -49,8 +48,16 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jax_brainage import fileio, plots, predict
-from jax_brainage.errors import ConfigError
+from jax_brainage import artifact, fileio, plots, predict
+from jax_brainage.analyse import forest, gap, report
+from jax_brainage.data import bids, simulate, splits
+from jax_brainage.data import cache as cache_lib
+from jax_brainage.ensemble import experiment
+from jax_brainage.ensemble import model as ensemble_model
+from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.explain import derivative, evaluate, maps, scoring, truth
+from jax_brainage.train import config as config_lib
+from jax_brainage.train import data as train_data
 
 # preset -> configs/FILE[:ARG]
 PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "ensemble_wholebrain.py:5"}
@@ -76,8 +83,6 @@ def preset_config(preset: str, workdir: Path, data_dir: Path,
                   overrides: Sequence[str] = ()):
   """The preset's training config with the demo's data locations and `--config.KEY VALUE`
   overrides applied (a locked, validated ConfigDict)."""
-  from jax_brainage.train import config as config_lib
-
   if preset not in PRESETS:
     raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
   name, _, arg = PRESETS[preset].partition(":")
@@ -149,10 +154,6 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   Returns:
     the summary dict written to W/summary.json (ages and errors in years).
   """
-  from jax_brainage.data import bids
-  from jax_brainage.data import cache as cache_lib
-  from jax_brainage.data import simulate, splits
-
   preset = preset or default_preset()
   if preset not in PRESETS:
     raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -174,10 +175,9 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
 
   # 1. Simulate (write_cohort returns a complete dataset of this configuration as it is).
   s = config.data.simulate
-  cohort_config = simulate.CohortConfig(seed=int(s.seed), n=int(s.n),
-                                        resolution_mm=int(s.resolution), sequences=sequences)
+  cohort_config, prep = train_data.cohort_and_preprocessing(config)
   t0 = time.perf_counter()
-  cohort_json = data_dir / "derivatives" / "simulation" / "cohort.json"
+  cohort_json = simulate.derivatives_dir(data_dir) / "cohort.json"
   reused = cohort_json.is_file()
   _log(quiet, f"simulate {s.n} subjects at {s.resolution} mm -> {data_dir}"
        + (" (reused)" if reused else ""))
@@ -190,10 +190,6 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   # 2. Prepare the cache (reused when it is complete and made from this dataset).
   cache_dir = Path(config.data.cache)
   t0 = time.perf_counter()
-  shape = tuple(int(v) for v in config.data.image_shape)
-  prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
-                                 scaling=str(config.data.scaling),
-                                 bias_sigma_mm=float(config.data.bias_sigma_mm))
   cache = None
   if (cache_dir / cache_lib.INDEX).is_file():
     cache = cache_lib.Cache.open(cache_dir)
@@ -216,7 +212,7 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
     _log(quiet, f"prepare {cache_dir} (reused)")
 
   # 3. Train (resumes an interrupted run; a finished one is not trained again).
-  ensemble_run = bool(config.ensemble.members > 1 or config.ensemble.sub_ensembles)
+  ensemble_run = experiment.is_ensemble(config)
   metrics_path = workdir / "metrics.json"
   train = stages.get("train")
   if train is None or not metrics_path.is_file():
@@ -237,12 +233,8 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   test = split.test
   test_ids = [cache.subject_ids[i] for i in test]
   t0 = time.perf_counter()
-  if ensemble_run:
-    ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = (
-        _predict_ensemble(workdir, data_dir, sequences, test_ids))
-  else:
-    ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = (
-        _predict_single(workdir, cache, test, int(config.eval_batch_size or config.batch_size)))
+  ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = _predict(
+      workdir, data_dir, test_ids, int(config.eval_batch_size or config.batch_size))
   predict_seconds = time.perf_counter() - t0
   metrics = predict.summary_metrics(ages, predicted)
 
@@ -319,7 +311,7 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "numpy": np.__version__},
   }
-  summary = _finite(summary)
+  summary = fileio.jsonable(summary)
   fileio.write_json(workdir / SUMMARY, summary)
   _report(workdir, summary, explained, scores, analysis)
   return summary
@@ -330,20 +322,16 @@ REPORT_DIR = "report"
 
 
 def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, Any]:
-  """Trains the preset (a single model or an ensemble experiment); the demo's training record."""
-  from jax_brainage.train import trainer
-
+  """Trains the preset (`experiment.train`: a single model or an ensemble experiment); the
+  demo's training record."""
+  result = experiment.train(config, workdir, quiet=quiet)
   if not ensemble_run:
-    result = trainer.train_and_evaluate(config, workdir, quiet=quiet)
     vps = result["volumes_per_second"]
     return {"train_seconds": result["train_seconds"],
             "volumes_per_second": vps if math.isfinite(vps) else None,
             "step": result["step"], "epoch": result["epoch"], "stopped": result["stopped"],
             "best_step": result["best_step"], "best_val_mae": result["best_val_mae"],
             "num_params": result["num_params"]}
-  from jax_brainage.ensemble import experiment
-
-  result = experiment.train_ensemble(config, workdir, quiet=quiet)
   subs = list((result.get("subs") or {}).values())
   seconds = sum(float(r.get("train_seconds") or 0.0) for r in subs)
   # Training volumes per second over all sub-ensembles (each step feeds every stacked member
@@ -362,63 +350,42 @@ def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, 
                             for r in subs)}
 
 
-def _predict_single(workdir: Path, cache, test: np.ndarray, batch_size: int):
-  """The best checkpoint on the test subjects' cached cubes (predict's jitted batches)."""
-  trained = predict.load_trained(workdir, "best")
-  predictor = predict.Predictor(trained, batch_size)
-  predicted = predictor(np.asarray(cache.volumes[test]))
-  ages = np.asarray(cache.ages[test], np.float64)
-  predictions = [
-      predict.Prediction(cache.subject_ids[i], cache.records[i].get("session"),
-                         float(cache.ages[i]), float(p))
-      for i, p in zip(test, predicted)]
-  predict.write_predictions(workdir / PREDICTIONS, predictions)
-  return (ages, np.asarray(predicted, np.float64), {}, f"{trained.checkpoint}/{trained.step}",
-          trained.manifest["model"], trained.image_shape, trained.sequences)
-
-
-def _predict_ensemble(workdir: Path, data_dir: Path, sequences: Sequence[str],
-                      test_ids: Sequence[str]):
-  """The ensemble store on the test subjects, prepared from their NIfTI files exactly as
-  `brainage predict` prepares new data; writes predict's ensemble TSV."""
-  import dataclasses as dc
-
-  from jax_brainage.data import bids
-  from jax_brainage.ensemble import store
-
-  ensemble = store.load_ensemble(workdir)
-  inputs = predict.ensemble_inputs(ensemble)
+def _predict(workdir: Path, data_dir: Path, test_ids: Sequence[str], batch_size: int):
+  """The trained model (`artifact.load`) on the test subjects, prepared from their NIfTI files
+  exactly as `brainage predict` prepares new data; writes predict's TSV."""
+  model = artifact.load(workdir)
+  inputs = predict.model_inputs(model)
   dataset = bids.read_bids(data_dir, inputs.sequences)
   wanted = set(test_ids)
-  dataset = dc.replace(dataset, subjects=tuple(x for x in dataset.subjects
-                                               if x.subject_id in wanted))
-  subjects, prediction, _ = predict.predict_ensemble_dataset(ensemble, dataset, inputs=inputs)
-  fileio.write_text(workdir / PREDICTIONS, predict.ensemble_tsv(ensemble, subjects, prediction))
+  dataset = dataclasses.replace(dataset, subjects=tuple(x for x in dataset.subjects
+                                                        if x.subject_id in wanted))
+  subjects, prediction, _ = predict.predict_dataset(model, dataset, inputs=inputs,
+                                                    batch_size=batch_size)
+  predict.write_predictions(workdir / PREDICTIONS, model, subjects, prediction)
   ages = np.asarray([x.age for x in subjects], np.float64)
-  extra = store.prediction_metrics(ensemble, prediction, ages)
-  extra["correction"] = ensemble.correction.kind
-  first = ensemble.subs[0]
-  return (ages, np.asarray(prediction.ensemble, np.float64), extra, "ensemble",
+  first = model.subs[0]
+  if artifact.is_single_model(model):
+    extra, checkpoint = {}, f"best/{first.step}"
+  else:
+    extra = ensemble_model.prediction_metrics(model, prediction, ages)
+    extra["correction"] = model.correction.kind
+    checkpoint = "ensemble"
+  return (ages, np.asarray(prediction.ensemble, np.float64), extra, checkpoint,
           first.manifest["model"], first.image_shape, inputs.sequences)
 
 
 def _explain(workdir: Path, data_dir: Path, sequences: Sequence[str], subject_ids: Sequence[str],
              quiet: bool) -> dict[str, Any]:
   """`brainage explain` of a few test subjects: subject-space maps, region tables, montages."""
-  from jax_brainage.data import bids
-  from jax_brainage.explain import command as explain_command
-  from jax_brainage.explain import maps
-
   if not subject_ids:
     return {}
   _log(quiet, f"explain {len(subject_ids)} test subjects ({maps.DEFAULT_METHOD}) -> "
               f"{workdir / 'explain'}")
-  target = explain_command.Target(workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
-                                  batch_size=N_EXPLAINED, seed=0,
-                                  levels=explain_command.LEVELS)
+  target = derivative.Target(workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
+                             batch_size=N_EXPLAINED, seed=0, levels=derivative.LEVELS)
   dataset = bids.read_bids(data_dir, target.sequences)
-  atlas = data_dir / "derivatives" / "simulation" / "atlas.nii.gz"
-  return explain_command.explain_dataset(
+  atlas = simulate.derivatives_dir(data_dir) / "atlas.nii.gz"
+  return derivative.explain_dataset(
       target, dataset, workdir / "explain", subjects=list(subject_ids),
       atlas_path=atlas if atlas.is_file() else None, group_columns=["diabetes"], n_figures=2,
       glass_brain=True, quiet=True)
@@ -427,33 +394,28 @@ def _explain(workdir: Path, data_dir: Path, sequences: Sequence[str], subject_id
 def _evaluate_explanations(workdir: Path, data_dir: Path, n: int,
                            quiet: bool) -> dict[str, Any]:
   """Relevance mass / rank accuracy on the ageing masks: default method and the gradient."""
-  from jax_brainage.explain import evaluate, maps
-
   if n == 0:
     return {}
   methods = (maps.DEFAULT_METHOD, "gradient")
   _log(quiet, f"evaluate explanations ({', '.join(methods)}) on {n} test subjects")
-  model = evaluate.load_model(workdir)
+  model = artifact.load(workdir)
   # Region perturbation costs ~2 x 16 forward passes per subject and method: on an accelerator
   # only (the mass and rank accuracies in the summary do not need it).
   settings = evaluate.Settings(perturb=jax.default_backend() != "cpu")
   result = evaluate.evaluate(model, data_dir, methods, subjects=n, split="test",
                              settings=settings)
-  files = evaluate.write_outputs(workdir / "evaluation", result)
+  files = scoring.write_outputs(workdir / "evaluation", result)
   out: dict[str, Any] = {"method": maps.DEFAULT_METHOD, "files": files}
   for name, row in result["summary"].items():
-    out[name] = {"relevance_mass_accuracy": row[f"{evaluate.PRIMARY_MASK}_mass_accuracy"],
-                 "relevance_rank_accuracy": row[f"{evaluate.PRIMARY_MASK}_rank_accuracy"],
-                 "mask_share": row[f"{evaluate.PRIMARY_MASK}_share"], "n": row["n"]}
+    out[name] = {"relevance_mass_accuracy": row[f"{truth.PRIMARY_MASK}_mass_accuracy"],
+                 "relevance_rank_accuracy": row[f"{truth.PRIMARY_MASK}_rank_accuracy"],
+                 "mask_share": row[f"{truth.PRIMARY_MASK}_share"], "n": row["n"]}
   return out
 
 
 def _analyse(workdir: Path, data_dir: Path, quiet: bool) -> dict[str, Any]:
   """OLS of the (corrected) gap on the risk factors with the simulator's true effects beside;
   the bias plot. Too few test subjects for the covariates is recorded, not fatal."""
-  from jax_brainage.analyse import forest, gap
-  from jax_brainage.errors import DataError
-
   out: dict[str, Any] = {}
   tsv = workdir / PREDICTIONS
   try:
@@ -479,8 +441,6 @@ BIAS_PLOT = "test_bias.png"
 def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
             scores: dict[str, Any], analysis: dict[str, Any]) -> Path:
   """W/report/index.html: metrics, scatter, bias and forest plots, montages, scores."""
-  from jax_brainage.analyse import report
-
   figures: dict[str, Any] = {"scatter": workdir / SCATTER}
   if analysis.get("bias_plot"):
     figures["bias"] = analysis["bias_plot"]
@@ -510,58 +470,3 @@ def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
     tables["relevance:regions"] = workdir / "explain" / groups
   return report.write_report(workdir, summary, figures, tables,
                              title=f"jax-brainage demo ({summary['preset']})")
-
-
-def _finite(x: Any) -> Any:
-  """JSON-safe: non-finite floats -> None, recursively."""
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(float(x)) else None
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `brainage demo`."""
-  from jax_brainage.train import trainer
-
-  p = subparsers.add_parser(
-      "demo", help="simulate, prepare, train and evaluate on a held-out test split, end to end",
-      description=__doc__.split("\n\n")[0] + " Override preset keys with --config.KEY VALUE.")
-  p.add_argument("--workdir", required=True, type=Path, help="the demo's directory")
-  p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                 help="tiny (minutes), cpu (<30 min on 2 cores), gpu (accelerator); default: "
-                      "gpu on an accelerator, else cpu")
-  p.add_argument("--data-dir", type=Path, default=None,
-                 help="where the simulated BIDS dataset goes (default WORKDIR/data)")
-  p.add_argument("--workers", type=int, default=None,
-                 help="processes for simulation and preparation (default: CPU count, <= 8)")
-  p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
-  p.set_defaults(func=run, overrides=[])
-  # The same `--config.KEY VALUE` collection as `brainage train`.
-  p.__class__ = trainer.OverrideParser
-  return p
-
-
-def run(args: argparse.Namespace) -> int:
-  if args.workers is not None and args.workers < 1:
-    raise ConfigError(f"--workers {args.workers} must be at least 1")
-  summary = run_demo(args.workdir, args.preset, data_dir=args.data_dir,
-                     overrides=getattr(args, "overrides", []) or [], quiet=args.quiet,
-                     workers=args.workers)
-  vps = summary["volumes_per_second"]
-  print(f"brainage demo ({summary['preset']}): test MAE {summary['mae']:.2f} years "
-        f"(oracle {summary['oracle_mae']:.2f}, ratio {summary['mae_over_oracle']:.2f}), RMSE "
-        f"{summary['rmse']:.2f}, r {summary['r']:.3f} on {summary['n_test']} test subjects; "
-        f"trained {summary['train_seconds']:.0f} s"
-        + (f" at {vps:.1f} volumes/s" if vps else "")
-        + f"; {Path(summary['workdir']) / SUMMARY}")
-  return 0

@@ -11,13 +11,13 @@ relevance. One jittable, vmappable function; parameters are never mutated.
 
 from __future__ import annotations
 
-from lrp import attribution, canonizers, composites, core, graph, rules
+from lrp import attribution, canonizers, composites, core, graph, interpret, rules
 from lrp.core import CompositeError, LRPError, Stabilizer, UnsupportedLayerError, stabilize
 from lrp.propagation import (Explanation, convergence_delta, describe, explain, relevance,
                              relevance_fn)
 
 __all__ = [
-    "attribution", "canonizers", "composites", "core", "graph", "rules",
+    "attribution", "canonizers", "composites", "core", "graph", "interpret", "rules",
     "CompositeError", "LRPError", "Stabilizer", "UnsupportedLayerError", "stabilize",
     "Explanation", "convergence_delta", "describe", "explain", "relevance", "relevance_fn",
 ]

@@ -2,7 +2,7 @@
 
 `BatchNormFold` folds inference-mode BatchNorm (any per-element affine map y = x * scale + shift
 with parameter operands, as flax's nn.BatchNorm(use_running_average=True) computes it) into the
-neighbouring linear layer, on the traced program (lrp.graph):
+neighbouring linear layer, on the traced program (lrp.graph, lrp.interpret):
 
 - BN after a conv/dense: W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps);
 - BN before a conv/dense: W' = W * s (on the input side), b' = b + W (beta - mean * s), with
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from lrp import graph
+import jax
+
+from lrp import graph, interpret, rules
+from lrp.core import UnsupportedLayerError
 
 
 class BatchNormFold:
@@ -44,8 +47,6 @@ def canonize(apply_fn: Callable, variables, x, canonizers: Iterable = (BatchNorm
   Returns:
     (f, layers): f as above, and the names of the linear layers with BatchNorm folded in.
   """
-  from lrp import rules
-
   prog = graph.trace(apply_fn, variables, x)
   plan = graph.analyse(prog, fold_affine=wants_fold(canonizers))
   folded = []
@@ -57,12 +58,12 @@ def canonize(apply_fn: Callable, variables, x, canonizers: Iterable = (BatchNorm
     elif site.category == "norm":
       site.rule = rules.Norm()
     elif site.kind == "affine":
-      raise graph.UnsupportedLayerError(
+      raise UnsupportedLayerError(
           f"affine layer '{site.name}' is not next to a linear layer and cannot be folded")
     else:
       site.rule = rules.Pass()
 
   def f(variables, x):
-    return graph.evaluate(plan, graph.jax.tree.leaves(variables), x)
+    return interpret.evaluate(plan, jax.tree.leaves(variables), x)
 
   return f, folded

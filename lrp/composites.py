@@ -23,7 +23,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from lrp import rules as R
+from lrp.canonizers import BatchNormFold
 from lrp.core import CompositeError, UnsupportedLayerError
+from lrp.graph import name_matches
 
 _GROUPS = {
     "linear": {"conv", "conv_transpose", "dense"},
@@ -82,7 +84,6 @@ class Composite:
     self.name_map = tuple((_patterns(p), r) for p, r in name_map)
     self.first_map = tuple((frozenset(_kinds(t)), r) for t, r in first_map)
     if canonizers is None:  # BatchNorm folding is always wanted; canonizers=() switches it off
-      from lrp.canonizers import BatchNormFold
       canonizers = (BatchNormFold(),)
     self.canonizers = tuple(canonizers)
 
@@ -91,8 +92,6 @@ class Composite:
 
   def rule_for(self, site):
     """The rule of one site (lrp.graph.Site), or None if nothing maps it."""
-    from lrp.graph import name_matches
-
     for patterns, rule in self.name_map:
       if any(name_matches(p, site.name) for p in patterns):
         return rule

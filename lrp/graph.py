@@ -1,4 +1,4 @@
-"""Program transformation: trace a model, find its rule sites, re-evaluate it with LRP rules.
+"""Program tracing and analysis: trace a model and find its LRP rule sites.
 
 `trace` turns `apply_fn(variables, x)` into a flat list of primitive equations (jit, custom_jvp,
 custom_vjp, closed_call and remat sub-programs are inlined), each with its flax module path from
@@ -14,10 +14,9 @@ custom_vjp, closed_call and remat sub-programs are inlined), each with its flax 
            parameter operand are 'affine' (an unfolded BatchNorm) and have no default rule.
 
 Everything else (reshape, max-pooling, slicing, concatenation, ...) is re-bound as it is: its own
-VJP routes relevance (max-pooling: winner takes all). `Interpreter` evaluates the program with each
-site replaced by a `jax.custom_vjp` function whose backward pass is the site's rule, so that the
-VJP of the re-evaluated program is the relevance. Parameters are ordinary arguments: nothing is
-mutated, and the whole computation is one jittable, vmappable function.
+VJP routes relevance (max-pooling: winner takes all). `lrp.interpret.evaluate` re-evaluates the
+analysed program (a `Plan`) with the rules installed. `name_matches` and `find_site` select sites
+by module path.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from typing import Any, Callable
 
 import jax
 from jax.extend import core as jex_core
-import jax.numpy as jnp
 import numpy as np
 
 from lrp.core import UnsupportedLayerError
@@ -433,242 +431,6 @@ def _mark_nonneg_and_first(prog, steps, data, param):
       ok = all(_literal_nonneg(a) for _, a in step[1].post)
     if ok:
       nonneg.update(outs)
-
-
-# ---------------------------------------------------------------------------------------------
-# The effective linear layer seen by the rules
-# ---------------------------------------------------------------------------------------------
-
-
-class LinearLayer:
-  """Static structure of a linear site: out = A * lin(a * x, w) + b (A, a: folded element-wise
-  scales of a canonized BatchNorm after/before the layer, b: effective bias, all optional).
-
-  Parameters travel separately as a dict pytree p = {'w', 'a', 'A', 'b'} (absent keys: None).
-  `forward(x, p, mode)` is the linear map (no bias) with the effective weights unmodified ('w'),
-  restricted to their positive ('pos') or negative ('neg') part, squared ('sq') or replaced by
-  ones ('ones'); `transpose(x, p, mode, s)` is its transpose applied to s (shape of x).
-  """
-
-  def __init__(self, site: LinearSite, x_nonneg: bool):
-    self.prim = site.eqn.prim
-    self.params = site.eqn.params
-    self.x_pos = site.x_pos
-    self.x_nonneg = x_nonneg
-    self.name = site.name
-
-  def lin(self, x, w):
-    args = (x, w) if self.x_pos == 0 else (w, x)
-    return self.prim.bind(*args, **self.params)
-
-  def forward(self, x, p, mode="w"):
-    w, a, A = p["w"], p.get("a"), p.get("A")
-    if mode == "ones":
-      return self.lin(x, jnp.ones_like(w))
-    if mode == "sq":
-      y = self.lin(x if a is None else jnp.square(a) * x, jnp.square(w))
-      return y if A is None else jnp.square(A) * y
-    if mode == "w":
-      y = self.lin(x if a is None else a * x, w)
-      return y if A is None else A * y
-    # Effective weight A_j w_ji a_i has the sign of the product of the three signs.
-    want = 1 if mode == "pos" else -1
-    total = 0.0
-    for ws, wpart in ((1, jnp.maximum(w, 0)), (-1, jnp.minimum(w, 0))):
-      for As, Apart in ((1, None if A is None else jnp.maximum(A, 0)),
-                        (-1, None if A is None else jnp.minimum(A, 0))):
-        if A is None and As < 0:
-          continue
-        for as_, apart in ((1, None if a is None else jnp.maximum(a, 0)),
-                           (-1, None if a is None else jnp.minimum(a, 0))):
-          if a is None and as_ < 0:
-            continue
-          if ws * As * as_ != want:
-            continue
-          y = self.lin(x if apart is None else apart * x, wpart)
-          total = total + (y if Apart is None else Apart * y)
-    return total
-
-  def transpose(self, x, p, mode, s):
-    _, vjp = jax.vjp(lambda u: self.forward(u, p, mode), x)
-    return vjp(s.astype(x.dtype) if s.dtype != x.dtype else s)[0]
-
-  def bias(self, p):
-    return p.get("b")
-
-
-# ---------------------------------------------------------------------------------------------
-# Interpreter
-# ---------------------------------------------------------------------------------------------
-
-
-def _fold_chain(chain, read, shape, dtype):
-  """(scale, shift) of a chain of affine steps, both broadcast to `shape` (None if identity)."""
-  A = B = None
-  for op, atom, dpos in chain:
-    v = jnp.broadcast_to(jnp.asarray(read(atom), dtype), shape)
-    if op == "add":
-      B = v if B is None else B + v
-    elif op == "sub" and dpos == 0:
-      B = -v if B is None else B - v
-    elif op == "sub":
-      A = -jnp.ones(shape, dtype) if A is None else -A
-      B = v if B is None else v - B
-    elif op == "mul":
-      A = v if A is None else A * v
-      B = None if B is None else B * v
-    else:  # div by the constant operand
-      A = 1.0 / v if A is None else A / v
-      B = None if B is None else B / v
-  return A, B
-
-
-def _zeros_like_tree(p):
-  return jax.tree.map(jnp.zeros_like, p)
-
-
-def _linear_site_fn(rule, layer: LinearLayer):
-  @jax.custom_vjp
-  def f(x, p):
-    z = layer.forward(x, p, "w")
-    return z if p.get("b") is None else z + p["b"]
-
-  def fwd(x, p):
-    z = f(x, p)
-    return z, (x, p, z)
-
-  def bwd(res, R):
-    x, p, z = res
-    return rule.linear(layer, x, p, z, R).astype(x.dtype), _zeros_like_tree(p)
-
-  f.defvjp(fwd, bwd)
-  return f
-
-
-def _norm_site_fn(rule, eqn: Eqn, data_pos, post=()):
-  def fn(*xs):
-    args = list(eqn.ins)
-    for i, x in zip(data_pos, xs):
-      args[i] = x
-    args = [a.value if isinstance(a, Const) else a for a in args]
-    y = eqn.prim.bind(*args, **eqn.params)
-    for op, v in post:
-      y = y * v if op == "mul" else y / v
-    return y
-
-  @jax.custom_vjp
-  def f(*xs):
-    return fn(*xs)
-
-  def fwd(*xs):
-    y = fn(*xs)
-    return y, (xs, y)
-
-  def bwd(res, R):
-    xs, y = res
-    return tuple(r.astype(x.dtype) for r, x in zip(rule.norm(fn, xs, y, R), xs))
-
-  f.defvjp(fwd, bwd)
-  return f
-
-
-@jax.custom_vjp
-def _pass_to_root(root, value):
-  return value
-
-
-def _pass_fwd(root, value):
-  return value, (jnp.zeros_like(root), jnp.zeros_like(value))
-
-
-def _pass_bwd(res, R):
-  zr, zv = res
-  return R.astype(zr.dtype).reshape(zr.shape), zv
-
-
-_pass_to_root.defvjp(_pass_fwd, _pass_bwd)
-
-
-def _is_float(x):
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def evaluate(plan: Plan, leaves, x, probes_in=None, probes_out=None):
-  """Re-evaluate the program with the rules installed; the VJP of this function is the relevance.
-
-  Args:
-    plan: from `analyse`, with a rule on every site.
-    leaves: the parameter leaves (flattened variables).
-    x: the input, [batch, ...].
-    probes_in / probes_out: {site: zeros} added to a site's input / output, so that the
-      cotangent of a probe is the relevance at that layer's input / output.
-  Returns:
-    the model output (same value as apply_fn(variables, x)).
-  """
-  prog = plan.program
-  probes_in = probes_in or {}
-  probes_out = probes_out or {}
-  env = dict(zip(prog.param_ids, leaves))
-  env[prog.data_id] = x
-
-  def read(a):
-    return a.value if isinstance(a, Const) else env[a]
-
-  for step in plan.steps:
-    kind = step[0]
-    if kind == "eqn":
-      e = step[1]
-      out = e.prim.bind(*[read(a) for a in e.ins], **e.params)
-      for o, v in zip(e.outs, out if e.prim.multiple_results else [out]):
-        env[o] = v
-    elif kind == "member":
-      e, g = step[1], step[2]
-      vals = [jax.lax.stop_gradient(read(a)) if isinstance(a, int) and a in plan.data else read(a)
-              for a in e.ins]
-      out = e.prim.bind(*vals, **e.params)
-      if _is_float(out) and _is_float(env[g.root]):
-        out = _pass_to_root(env[g.root], out)  # Pass: relevance goes to the group's input
-      env[e.outs[0]] = out
-    else:
-      site = step[1]
-      if isinstance(site, LinearSite):
-        xin = env[site.root]
-        if site in probes_in:
-          xin = xin + probes_in[site]
-        e = site.eqn
-        w = read(site.w)
-        zshape = tuple(prog.avals[e.outs[0]].shape)
-        dtype = jnp.result_type(prog.avals[e.outs[0]].dtype)
-        a, c = _fold_chain(site.in_chain, read, tuple(xin.shape), xin.dtype)
-        A, B = _fold_chain(site.out_chain, read, zshape, dtype)
-        layer = LinearLayer(site, site.x_nonneg)
-        bias = B
-        if c is not None:  # a BatchNorm shift before the layer becomes part of its bias
-          cb = layer.forward(c, {"w": w, "A": A}, "w")
-          bias = cb if bias is None else bias + cb
-        p = {"w": w}
-        if a is not None:
-          p["a"] = a
-        if A is not None:
-          p["A"] = A
-        if bias is not None:
-          p["b"] = bias
-        out = _linear_site_fn(site.rule, layer)(xin, p)
-        if site in probes_out:
-          out = out + probes_out[site]
-        env[site.out] = out
-      else:
-        e = site.eqn
-        xs = [read(e.ins[i]) for i in site.data_pos]
-        if site in probes_in:
-          xs = [v + probes_in[site][j] for j, v in enumerate(xs)]
-        post = [(op, jnp.broadcast_to(jnp.asarray(read(a)), prog.avals[site.out].shape))
-                for op, a in site.post]
-        out = _norm_site_fn(site.rule, e, site.data_pos, post)(*xs)
-        if site in probes_out:
-          out = out + probes_out[site]
-        env[site.out] = out
-  return read(prog.out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`relevance` and `explain`: LRP for any `apply_fn(variables, x)` (lrp.graph does the work)."""
+"""`relevance` and `explain`: LRP for any `apply_fn(variables, x)` (lrp.graph traces and analyses
+the model, lrp.interpret re-evaluates it with the rules)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from lrp import canonizers as _canonizers
 from lrp import composites as _composites
-from lrp import graph
+from lrp import graph, interpret
 from lrp.core import LRPError
 
 
@@ -98,8 +99,8 @@ def explain(apply_fn: Callable, variables, x, composite=None, seed=None,
   def run(x, probes):
     by_site = {sites[n]: p for n, p in probes.items()}
     if where == "input":
-      return graph.evaluate(plan, leaves, x, probes_in=by_site)
-    return graph.evaluate(plan, leaves, x, probes_out=by_site)
+      return interpret.evaluate(plan, leaves, x, probes_in=by_site)
+    return interpret.evaluate(plan, leaves, x, probes_out=by_site)
 
   output, vjp = jax.vjp(run, x, probes)
   start = _starting_relevance(seed, output)

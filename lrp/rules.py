@@ -6,8 +6,8 @@ x+ = max(x, 0), x- = min(x, 0), same for W and b; "W^T s" is the vector-Jacobian
 as the backward pass of that layer (zennit's "modified gradient" convention: the cotangent at
 every activation is its relevance).
 
-Rules see a layer through a `LinearLayer` (lrp.graph) that offers the effective linear map (after
-BatchNorm folding) with weights unmodified ('w'), restricted to positive ('pos') or negative
+Rules see a layer through a `LinearLayer` (lrp.interpret) that offers the effective linear map
+(after BatchNorm folding) with weights unmodified ('w'), restricted to positive ('pos') or negative
 ('neg') weights, squared ('sq') or set to ones ('ones'), its transposes, and the effective bias.
 When the layer's input is known to be non-negative (it is produced by a ReLU, or a max-pool of
 one), the x- terms are exactly zero and are skipped: ZPlus then costs one extra forward and one
@@ -58,7 +58,7 @@ class Rule:
     """Relevance at the input of a linear layer.
 
     Args:
-      layer: the `lrp.graph.LinearLayer` (static structure of the layer).
+      layer: the `lrp.interpret.LinearLayer` (static structure of the layer).
       x: layer input, [batch, ...in].
       p: the layer's parameters (a dict pytree: w, and optionally a, A, b; see LinearLayer).
       z: the layer's unmodified output W x + b, [batch, ...out].

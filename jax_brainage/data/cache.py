@@ -475,4 +475,3 @@ def _compact(volumes_path: Path, keep: list[int]) -> None:
     target.flush()
     del target
   del source
-

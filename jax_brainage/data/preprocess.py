@@ -183,4 +183,3 @@ def preprocess_subject(
                       f"{','.join(map(str, prep.regions))}")
     cube = regions.apply_mask(cube, keep)
   return cube, inverse
-

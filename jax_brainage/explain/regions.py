@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jax_brainage import fileio
+from jax_brainage.data import nifti
 from jax_brainage.errors import DataError
 
 STATISTICS = ("voxels", "sum", "mean", "positive", "negative", "positive_fraction")
@@ -36,8 +37,6 @@ def atlas_in_cube(atlas, inverse) -> np.ndarray:
     atlas: `jax_brainage.data.regions.Atlas` (label image on any grid, world mm).
     inverse: the subject's `prune.CubeInverse` (its `cube_affine` places the cube in the world).
   """
-  from jax_brainage.data import nifti
-
   shape, affine = tuple(inverse.cube_shape), inverse.cube_affine
   if nifti.same_grid(atlas.labels.shape, atlas.affine, shape, affine):
     return np.asarray(atlas.labels, np.int32)

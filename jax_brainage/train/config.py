@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,12 +140,13 @@ def base_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; checks it.
+def import_config(path: str | os.PathLike) -> types.ModuleType:
+  """The module of config file `path`, run but not called: for a config that builds on another,
+  e.g. `mrinet_2mm = import_config(Path(__file__).with_name("mrinet_2mm.py"))`, then
+  `c = mrinet_2mm.get_config("3seq")` in its own `get_config`.
 
-  Raises ConfigError naming the file if it is missing, has no `get_config`, or fails checks.
+  Raises ConfigError naming the file if it is missing or fails to run.
   """
-  path, _, arg = str(spec).partition(":")
   file = Path(path)
   if not file.is_file():
     raise ConfigError(f"config file {path} not found")
@@ -157,6 +159,16 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as e:  # A config is user code: report where it broke, in one line.
     raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; checks it.
+
+  Raises ConfigError naming the file if it is missing, has no `get_config`, or fails checks.
+  """
+  path, _, arg = str(spec).partition(":")
+  module = import_config(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config(arg=None)")
   try:

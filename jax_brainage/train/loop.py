@@ -34,7 +34,13 @@ class NonFiniteLossError(BrainAgeError):
 
 
 class OneModel:
-  """What the loop trains for one model: its state, update and validation."""
+  """What the loop trains for one model: its state, update and validation.
+
+  A trainee (this or `StackedMembers`) has `volumes_per_step` (volumes one step trains on),
+  `write_images` (step-0 input summaries), `train(batch, pending)` (one update; its metrics are
+  appended to `pending`, still on device), `validate` and `checkpoint_state(which)` (the state
+  saved as "latest" or "best").
+  """
 
   def __init__(self, setup: steps.Setup, state: Any, batch_size: int):
     self.setup, self.state = setup, state

@@ -14,11 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from jax_brainage import artifact, models
+from jax_brainage.commands import train as train_command
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble import experiment
 from jax_brainage.ensemble import store as store_lib
 from jax_brainage.train import config as config_lib
-from jax_brainage.train import trainer
 
 CONFIG = "configs/ensemble_tiny.py"
 
@@ -36,13 +37,14 @@ def overrides(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(overrides, tmp_path_factory):
-  """Interrupted inside the first sub-ensemble, then finished by `brainage train` (trainer.run)."""
+  """Interrupted inside the first sub-ensemble, then finished by `brainage train`
+  (commands.train.run)."""
   config = config_lib.apply_overrides(config_lib.load_config(CONFIG), overrides)
   workdir = tmp_path_factory.mktemp("experiment")
   partial = experiment.train_ensemble(config, workdir, quiet=True, max_steps=3)
   args = argparse.Namespace(config=CONFIG, overrides=overrides, workdir=workdir, quiet=True,
                             max_steps=None)
-  assert trainer.run(args) == 0
+  assert train_command.run(args) == 0
   return config, workdir, partial
 
 
@@ -98,7 +100,7 @@ def test_store_restores_members_head_and_validation_metrics(trained):
   predictions, ages = {}, None
   for sub in ensemble.subs:
     # The store holds each member's best checkpoint of its trainer workdir.
-    manifest, variables, _ = trainer.load_members(workdir / "sub" / sub.name, "best")
+    manifest, variables, _ = artifact.load_members(workdir / "sub" / sub.name, "best")
     for a, b in zip(jax.tree.leaves(sub.variables), jax.tree.leaves(variables), strict=True):
       np.testing.assert_array_equal(a, b)
     # Validation predictions by a plain flax forward pass, member by member.
@@ -106,7 +108,7 @@ def test_store_restores_members_head_and_validation_metrics(trained):
     cache = cache_lib.Cache.open(cfg["data"]["cache"])
     channels = [cache.sequences.index(s) for s in sub.sequences]
     x = np.asarray(cache.volumes[val][..., channels], np.float32) / 255.0
-    model = trainer.build_model(manifest)
+    model = models.build_model(manifest)
     predictions[sub.name] = np.stack(
         [np.asarray(model.apply(jax.tree.map(lambda v: v[m], variables), x, train=False))
          for m in range(sub.members)], axis=1)

@@ -19,14 +19,21 @@ import numpy as np
 import pytest
 
 import lrp
-from jax_brainage import predict
+from jax_brainage import artifact, predict
+from jax_brainage.commands import explain as explain_command
+from jax_brainage.data import cache as cache_lib
+from jax_brainage.ensemble import correction as correction_lib
+from jax_brainage.ensemble import head as head_lib
+from jax_brainage.ensemble import store
+from jax_brainage.ensemble.model import Ensemble, SubEnsemble
 from jax_brainage.errors import ConfigError, DataError
-from jax_brainage.explain import command, maps
+from jax_brainage.explain import derivative, maps
+from jax_brainage.explain.groups import subject_groups
 
 
 def explain_cli(argv: list[str]) -> int:
   parser = argparse.ArgumentParser()
-  command.add_parser(parser.add_subparsers())
+  explain_command.add_parser(parser.add_subparsers())
   args = parser.parse_args(["explain", *argv])
   return args.func(args)
 
@@ -42,7 +49,7 @@ def explained(explain_workdir, tmp_path_factory):
   assert explain_cli(["--workdir", str(explain_workdir), "--data",
                       str(explain_workdir / "data"), "--out", str(out), "--batch-size", "4",
                       "--figures", "2", "--workers", "2", "--quiet"]) == 0
-  return out, json.loads((out / command.INDEX).read_text())
+  return out, json.loads((out / derivative.INDEX).read_text())
 
 
 def _cube_to_subject(cube: np.ndarray, cube_affine: np.ndarray, img) -> np.ndarray:
@@ -64,6 +71,15 @@ def _cube_affine(inverse: dict) -> np.ndarray:
   return np.asarray(inverse["grid_affine"], np.float64) @ shift
 
 
+def _single_model(workdir: Path) -> types.SimpleNamespace:
+  """The trained model of a single-model workdir: its flax module, own (unstacked) variables,
+  manifest, sequences and training cache."""
+  (sub,) = artifact.load(workdir).subs
+  return types.SimpleNamespace(model=sub.model, variables=sub.member_variables(0),
+                               manifest=sub.manifest, sequences=sub.sequences,
+                               cache_dir=sub.cache_dir)
+
+
 def test_subject_maps_match_lrp_in_the_subject_space(explain_workdir, explained):
   out, index = explained
   data = explain_workdir / "data"
@@ -74,7 +90,7 @@ def test_subject_maps_match_lrp_in_the_subject_space(explain_workdir, explained)
   cache_index = json.loads((explain_workdir / "cache" / "index.json").read_text())
   rows = {s["subject_id"]: (i, s) for i, s in enumerate(cache_index["subjects"])}
   volumes = np.load(explain_workdir / "cache" / "volumes.npy")
-  trained = predict.load_trained(explain_workdir)
+  trained = _single_model(explain_workdir)
   chosen = ["sub-0002", "sub-0007"]
   x = jnp.asarray(volumes[[rows[s][0] for s in chosen]].astype(np.float32) / np.float32(255))
   # The default method's composite, built here from lrp directly (not through maps).
@@ -172,21 +188,21 @@ def test_region_tables_and_group_maps(explain_workdir, explained):
 
 def test_subject_selection_and_errors(explain_workdir, explained, tmp_path):
   # The default method and batch size of the `explained` run: its compiled function is reused.
-  target = command.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
-                          batch_size=4, seed=0, levels=command.LEVELS)
+  target = derivative.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
+                             batch_size=4, seed=0, levels=derivative.LEVELS)
   dataset = predict.read_dataset([explain_workdir / "data"], target.required_sequences)
-  index = command.explain_dataset(target, dataset, tmp_path / "two",
-                                  subjects=["0003", "sub-0001"], n_figures=0,
-                                  glass_brain=False, quiet=True, age_band=0)
+  index = derivative.explain_dataset(target, dataset, tmp_path / "two",
+                                     subjects=["0003", "sub-0001"], n_figures=0,
+                                     glass_brain=False, quiet=True, age_band=0)
   assert [s["participant_id"] for s in index["subjects"]] == ["sub-0003", "sub-0001"]
   assert sorted(p.name for p in (tmp_path / "two").glob("sub-*")) == ["sub-0001", "sub-0003"]
   assert not index["tables"] and not (tmp_path / "two" / "regions").exists()  # no atlas given
   assert not any(g["group"] == "age" for g in index["groups"])
   with pytest.raises(DataError, match="sub-0099"):
-    command.explain_dataset(target, dataset, tmp_path / "x", subjects=["sub-0099"], quiet=True)
+    derivative.explain_dataset(target, dataset, tmp_path / "x", subjects=["sub-0099"], quiet=True)
   with pytest.raises(ConfigError, match="nosuch"):
-    command.explain_dataset(target, dataset, tmp_path / "x", group_columns=["nosuch"],
-                            quiet=True)
+    derivative.explain_dataset(target, dataset, tmp_path / "x", group_columns=["nosuch"],
+                               quiet=True)
   base = ["--workdir", str(explain_workdir), "--data", str(explain_workdir / "data"), "--out",
           str(tmp_path / "y")]
   with pytest.raises(ConfigError, match="--composite"):
@@ -203,7 +219,7 @@ def test_subject_groups():
                                                 (50.0, "F", 0.0, 25.0), (77.0, None, 1.0, 22.0),
                                                 (None, "M", 1.0, 40.0), (63.0, "F", 0.0, 35.0),
                                                 (64.0, "F", 0.0, 33.0), (65.0, "M", 0.0, 24.0)])]
-  groups, how = command.subject_groups(subjects, age_band=10)
+  groups, how = subject_groups(subjects, age_band=10)
   assert list(groups)[0] == ("all", "all") and len(groups[("all", "all")]) == 8
   assert groups[("age", "40to50")] == ["sub-0", "sub-1"]
   assert groups[("age", "50to60")] == ["sub-2"]
@@ -213,23 +229,19 @@ def test_subject_groups():
   assert set(groups[("bmi", "high")]) == {f"sub-{i}" for i, b in enumerate(
       [20.0, 31.0, 25.0, 22.0, 40.0, 35.0, 33.0, 24.0]) if b > median}
   assert how["bmi"]["split"] == "median"
-  only = command.subject_groups(subjects, age_band=5, columns=["smoking"])[0]
+  only = subject_groups(subjects, age_band=5, columns=["smoking"])[0]
   assert ("sex", "F") not in only and ("age", "40to45") in only and ("age", "45to50") in only
 
 
 def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tmp_path):
   """An ensemble store (E2's format) built from the tiny model: sub-ensembles "a" and "b" with two
   members each (the model and rescaled copies); maps against x * grad per member."""
-  from jax_brainage.ensemble import correction as correction_lib
-  from jax_brainage.ensemble import head as head_lib
-  from jax_brainage.ensemble import store
-
-  trained = predict.load_trained(explain_workdir)
-  cache = predict.open_training_cache(trained)
+  trained = _single_model(explain_workdir)
+  cache = cache_lib.Cache.open(trained.cache_dir)
   second = jax.tree.map(lambda a: a * np.float32(0.8), trained.variables)
   third = jax.tree.map(lambda a: a * np.float32(1.1), trained.variables)
   members = {"a": [trained.variables, second], "b": [second, third]}
-  subs = tuple(store.SubEnsemble(
+  subs = tuple(SubEnsemble(
       name=name, sequences=trained.sequences, regions=(), manifest=trained.manifest,
       members=len(vs), variables=jax.tree.map(lambda *a: np.stack(a), *vs),
       cache_dir=str(trained.cache_dir), preprocessing=cache.preprocessing.to_dict())
@@ -239,16 +251,16 @@ def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tm
               "b": head_lib.LinearHead(np.array([1.0, -0.2]), 0.0)},
       level2=head_lib.LinearHead(np.array([0.7, 0.4]), -3.0), names=("a", "b"))
   workdir = tmp_path / "ens"
-  store.save_ensemble(workdir, store.Ensemble(subs=subs, head=head,
-                                              correction=correction_lib.Correction()))
+  store.save_ensemble(workdir, Ensemble(subs=subs, head=head,
+                                        correction=correction_lib.Correction()))
   out = tmp_path / "maps"
   chosen = ["sub-0004", "sub-0009"]
   assert explain_cli(["--workdir", str(workdir), "--data", str(explain_workdir / "data"),
                       "--out", str(out), "--composite", "gradient_x_input", "--subjects",
                       *chosen, "--figures", "1", "--no-glass-brain", "--members-per-call", "1",
                       "--quiet"]) == 0
-  index = json.loads((out / command.INDEX).read_text())
-  assert index["model"]["kind"] == "ensemble" and index["levels"] == list(command.LEVELS)
+  index = json.loads((out / derivative.INDEX).read_text())
+  assert index["model"]["kind"] == "ensemble" and index["levels"] == list(derivative.LEVELS)
   cache_index = json.loads((explain_workdir / "cache" / "index.json").read_text())
   rows = {s["subject_id"]: (i, s) for i, s in enumerate(cache_index["subjects"])}
   volumes = np.load(explain_workdir / "cache" / "volumes.npy")
@@ -292,21 +304,21 @@ def test_skip_bad_subjects_and_a_user_atlas(explain_workdir, explained, tmp_path
   shutil.copytree(explain_workdir / "data", data,
                   ignore=shutil.ignore_patterns("derivatives"))
   (data / "sub-0005" / "anat" / "sub-0005_T1w.nii.gz").write_bytes(b"not a nifti")
-  target = command.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
-                          batch_size=4, seed=0, levels=command.LEVELS)
+  target = derivative.Target(explain_workdir, "best", maps.get_method(maps.DEFAULT_METHOD),
+                             batch_size=4, seed=0, levels=derivative.LEVELS)
   dataset = predict.read_dataset([data], target.required_sequences)
   with pytest.raises(DataError, match="sub-0005"):
-    command.explain_dataset(target, dataset, tmp_path / "strict", quiet=True, n_figures=0,
-                            glass_brain=False)
+    derivative.explain_dataset(target, dataset, tmp_path / "strict", quiet=True, n_figures=0,
+                               glass_brain=False)
   atlas = explain_workdir / "data" / "derivatives" / "simulation" / "atlas_regions.nii.gz"
-  index = command.explain_dataset(target, dataset, tmp_path / "lenient", skip_bad=True,
-                                  quiet=True, n_figures=0, glass_brain=False, atlas_path=atlas)
+  index = derivative.explain_dataset(target, dataset, tmp_path / "lenient", skip_bad=True,
+                                     quiet=True, n_figures=0, glass_brain=False, atlas_path=atlas)
   assert [s["participant_id"] for s in index["skipped"]] == ["sub-0005"]
   assert "sub-0005" not in {s["participant_id"] for s in index["subjects"]}
   assert len(index["subjects"]) == 9 and not (tmp_path / "lenient" / "sub-0005").exists()
   rows = read_tsv(tmp_path / "lenient" / "regions" / "relevance_regions.tsv")
   assert {r["region"] for r in rows} == {"cortical", "subcortical", "cerebellum"}
   assert len(rows) == 9 * 3
-  written = json.loads((tmp_path / "lenient" / command.INDEX).read_text())
+  written = json.loads((tmp_path / "lenient" / derivative.INDEX).read_text())
   assert written["tables"]["labels"] == {"1": "cortical", "2": "subcortical", "3": "cerebellum"}
   assert written["skipped"][0]["participant_id"] == "sub-0005"

@@ -7,12 +7,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage.explain import evaluate
+from jax_brainage import artifact
+from jax_brainage.commands import evaluate_explanations
+from jax_brainage.explain import evaluate, scoring, truth
 
 METHODS = ("epsilon_plus_flat", "gradient")
 
@@ -36,10 +39,18 @@ def evaluated(explain_workdir, tmp_path_factory):
   except SystemExit as e:  # the lead has not registered the sub-command yet
     if e.code != 2:
       raise
-    rc = evaluate.run(evaluate.add_parser(
+    rc = evaluate_explanations.run(evaluate_explanations.add_parser(
         __import__("argparse").ArgumentParser().add_subparsers()).parse_args(argv[1:]))
   assert rc == 0
   return out
+
+
+def _single_model(workdir: Path):
+  """The trained model of a single-model workdir: the loaded ensemble of one, its flax module
+  and own (unstacked) variables."""
+  ensemble = artifact.load(workdir)
+  (sub,) = ensemble.subs
+  return SimpleNamespace(ensemble=ensemble, model=sub.model, variables=sub.member_variables(0))
 
 
 def _cube_mask(path: Path, inverse: dict) -> np.ndarray:
@@ -91,10 +102,9 @@ def test_scores_against_numpy_replica(evaluated, explain_workdir):
   import jax
 
   import lrp
-  from jax_brainage import predict
 
   result = json.loads((evaluated / "evaluation.json").read_text())
-  trained = predict.load_trained(explain_workdir)
+  trained = _single_model(explain_workdir)
   index = json.loads((explain_workdir / "cache" / "index.json").read_text())
   rows = {s["subject_id"]: s for s in index["subjects"]}
   volumes = np.load(explain_workdir / "cache" / "volumes.npy")
@@ -126,11 +136,11 @@ def test_scores_against_numpy_replica(evaluated, explain_workdir):
 
 def test_subject_structures_follow_the_subject_anatomy(explain_workdir):
   """The warped atlas's ventricles lie on the subject's dark CSF, not the template's place."""
-  cohort = evaluate.open_cohort(explain_workdir / "data")
+  cohort = truth.open_cohort(explain_workdir / "data")
   names = {v["name"]: k for k, v in cohort.atlas.table.items()}
   t1 = np.asanyarray(nib.load(explain_workdir / "data" / "sub-0002" / "anat" /
                               "sub-0002_T1w.nii.gz").dataobj).astype(np.float64)
-  labels = evaluate.subject_labels(cohort, 1)
+  labels = cohort.subject_labels(1)
   assert labels.shape == t1.shape
   assert np.all(labels[t1 == 0] == 0)
   vent = labels == names["lateral_ventricles"]
@@ -144,7 +154,7 @@ def test_not_a_simulated_cohort(explain_workdir, tmp_path):
   from jax_brainage.errors import DataError
 
   with pytest.raises(DataError, match="no simulation ground truth"):
-    evaluate.open_cohort(tmp_path)
+    truth.open_cohort(tmp_path)
 
 
 def test_best_composite_criterion():
@@ -157,13 +167,13 @@ def test_best_composite_criterion():
   }
   # rank sums (0 = best): a 1 + 2 + 1 = 4, b 0 + 1 + 2 = 3, c 2 + 0 + 0 = 2 -> c; the baseline,
   # better on everything, is never the default composite
-  assert evaluate.best_composite(summary, kinds) == "c"
-  assert evaluate.best_composite({"g": summary["g"]}, kinds) is None
+  assert scoring.best_composite(summary, kinds) == "c"
+  assert scoring.best_composite({"g": summary["g"]}, kinds) is None
   # a tie in rank sums (x: 0 + 1 + 0.5, y: 1 + 0 + 0.5) goes to the higher mass accuracy
   tie = {"x": {"ageing_mass_accuracy": 0.6, "ageing_rank_accuracy": 0.4, "abpc": 1.0},
          "y": {"ageing_mass_accuracy": 0.4, "ageing_rank_accuracy": 0.6, "abpc": 1.0}}
-  assert evaluate.best_composite(tie, {"x": "lrp", "y": "lrp"}) == "x"
-  assert evaluate.best_composite(dict(reversed(tie.items())), {"x": "lrp", "y": "lrp"}) == "x"
+  assert scoring.best_composite(tie, {"x": "lrp", "y": "lrp"}) == "x"
+  assert scoring.best_composite(dict(reversed(tie.items())), {"x": "lrp", "y": "lrp"}) == "x"
 
 
 def test_sanity_check_against_scipy(explain_workdir, tmp_path):
@@ -174,12 +184,11 @@ def test_sanity_check_against_scipy(explain_workdir, tmp_path):
   from scipy import stats
 
   import lrp
-  from jax_brainage import predict
   from lrp import evaluation as ev
 
   methods = ["gradient", "epsilon_alpha2_beta1"]
-  trained = predict.load_trained(explain_workdir)
-  result = evaluate.evaluate(trained, explain_workdir / "data", methods, subjects=2,
+  trained = _single_model(explain_workdir)
+  result = evaluate.evaluate(trained.ensemble, explain_workdir / "data", methods, subjects=2,
                              split="all", settings=evaluate.Settings(perturb=False, sanity=True,
                                                                      batch_size=2))
   sanity = result["sanity_check"]
@@ -189,7 +198,7 @@ def test_sanity_check_against_scipy(explain_workdir, tmp_path):
   assert layers[0] == "age_head" and layers[1] == "dense1" and layers[-1] == "conv1"
   assert sorted(layers) == sorted(trained.variables["params"])
   assert set(sanity["final_spearman_abs"]) == set(methods)
-  paths = evaluate.write_outputs(tmp_path, result)
+  paths = scoring.write_outputs(tmp_path, result)
   rows = read_tsv(paths["sanity"])
   assert [(r["method"], r["layer"]) for r in rows] == [(m, l) for m in methods for l in layers]
   assert all(r["n"] == "2" for r in rows)

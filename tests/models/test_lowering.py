@@ -206,27 +206,26 @@ def test_lowering_is_not_part_of_the_architecture():
 
 def test_restored_models_use_xla_convolutions_and_predict_with_auto():
   """A workdir's model (what users hand to lrp) has one conv per layer; prediction may not."""
-  from jax_brainage.train import trainer
   manifest = {"model": "mrinet", "model_kwargs": {"conv_lowering": "auto", "mean_age": 40.0,
                                                   "conv_features": [4, 4, 8, 8, 4]}}
-  model = trainer.build_model(manifest)
+  model = models.build_model(manifest)
   assert model.conv_lowering == "xla"
   assert lowering.for_inference(model).conv_lowering == "auto"
-  assert trainer.build_model({"model": "mrinet", "model_kwargs": {}}).conv_lowering == "xla"
+  assert models.build_model({"model": "mrinet", "model_kwargs": {}}).conv_lowering == "xla"
 
 
 def test_trainer_compiles_a_step_per_lowering():
   """The lowering is resumable (not in the experiment fingerprint) yet compiles another program:
   the trainer's setup cache must not hand the xla step to an im2col config."""
   from jax_brainage import sharding
-  from jax_brainage.train import trainer
+  from jax_brainage.train import steps
   setups = {}
   for name in ("xla", "im2col"):
     config = config_lib.base_config()
     config.data.cache = "/unused"
     config.model.conv_features = (4, 4, 8, 8, 4)
     config.model.conv_lowering = name
-    setups[name] = trainer.build_setup(config, (16, 16, 16), 1, 50.0, 10, sharding.make_mesh())
+    setups[name] = steps.build_setup(config, (16, 16, 16), 1, 50.0, 10, sharding.make_mesh())
     assert setups[name].model.conv_lowering == name
   assert setups["xla"] is not setups["im2col"]
 

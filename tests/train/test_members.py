@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax_brainage import sharding
+from jax_brainage import artifact, sharding
 from jax_brainage.errors import ConfigError
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
-from jax_brainage.train import trainer
+from jax_brainage.train import loop, trainer
+from jax_brainage.train import members as members_lib
 
 MEMBERS = 3
 EPOCHS = 2  # 32 training subjects / batch 8 = 4 steps per epoch
@@ -64,10 +65,10 @@ def test_members_equal_single_runs_with_seeds_s_s1_s2(ensemble_run, single_runs)
   # The members differ from each other (own initialisation, data order, dropout).
   assert len({round(h["val_loss"], 3) for h in result["history"][0]["members"]}) == MEMBERS
   for which in (ckpt_lib.LATEST, ckpt_lib.BEST):
-    manifest, stacked, _ = trainer.load_members(workdir, which)
+    manifest, stacked, _ = artifact.load_members(workdir, which)
     assert manifest["members"] == MEMBERS
     for m, (single_dir, _) in enumerate(single_runs):
-      single_manifest, single_vars, _ = trainer.load_members(single_dir, which)
+      single_manifest, single_vars, _ = artifact.load_members(single_dir, which)
       assert single_manifest["members"] == 1
       # `best` holds every member at its own best epoch (they differ between members here).
       _close(jax.tree.map(lambda x: x[m], stacked), jax.tree.map(lambda x: x[0], single_vars))
@@ -82,12 +83,12 @@ def test_2x2_mesh_equals_single_runs(single_runs, make_config, blob_data, tmp_pa
   config = make_config(**COMMON, **{"ensemble.members": 2})
   result = trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
   assert result["mesh"] == {"ensemble": 2, "data": 2}
-  _, stacked, _ = trainer.load_members(tmp_path, "latest")
+  _, stacked, _ = artifact.load_members(tmp_path, "latest")
   for m, (single_dir, single) in enumerate(single_runs[:2]):
     np.testing.assert_allclose([h["members"][m]["val_loss"] for h in result["history"]],
                                [h["val_loss"] for h in single["history"]], rtol=RTOL)
     _close(jax.tree.map(lambda x: x[m], stacked),
-           jax.tree.map(lambda x: x[0], trainer.load_members(single_dir, "latest")[1]))
+           jax.tree.map(lambda x: x[0], artifact.load_members(single_dir, "latest")[1]))
 
 
 def test_sequential_groups_chosen_from_memory_equal_one_vmapped_step(
@@ -95,8 +96,8 @@ def test_sequential_groups_chosen_from_memory_equal_one_vmapped_step(
   """When the compiled step for 3 members does not fit the device memory, members train in
   groups of 1 one after another; the result is the same as all 3 in one step."""
   config, workdir, result = ensemble_run
-  monkeypatch.setattr(trainer, "_MEMBER_SETUPS", {})
-  monkeypatch.setattr(trainer, "device_memory_budget", lambda device=None: 1)
+  monkeypatch.setattr(members_lib, "MEMBER_SETUPS", {})
+  monkeypatch.setattr(members_lib, "device_memory_budget", lambda device=None: 1)
   sequential = trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
   assert sequential["vmap_width"] == 1 and sequential["groups"] == [[0, 1], [1, 2], [2, 3]]
   # One member's compiled step needs less memory than three members'.
@@ -106,7 +107,7 @@ def test_sequential_groups_chosen_from_memory_equal_one_vmapped_step(
     np.testing.assert_allclose([m["val_loss"] for m in a["members"]],
                                [m["val_loss"] for m in b["members"]], rtol=RTOL)
   for which in ("latest", "best"):
-    _close(trainer.load_members(tmp_path, which)[1], trainer.load_members(workdir, which)[1])
+    _close(artifact.load_members(tmp_path, which)[1], artifact.load_members(workdir, which)[1])
 
 
 def test_resume_of_member_run_is_exact(ensemble_run, blob_data, tmp_path):
@@ -120,7 +121,7 @@ def test_resume_of_member_run_is_exact(ensemble_run, blob_data, tmp_path):
     np.testing.assert_allclose([m["val_loss"] for m in a["members"]],
                                [m["val_loss"] for m in b["members"]], rtol=1e-6)
   for which in ("latest", "best"):
-    _close(trainer.load_members(tmp_path, which)[1], trainer.load_members(full_dir, which)[1])
+    _close(artifact.load_members(tmp_path, which)[1], artifact.load_members(full_dir, which)[1])
   meta = ckpt_lib.Checkpoints(tmp_path, read_only=True).read_meta()
   full_meta = ckpt_lib.Checkpoints(full_dir, read_only=True).read_meta()
   assert meta["data_state"] == full_meta["data_state"]
@@ -140,7 +141,7 @@ def test_bootstrap_rows_are_resamples_of_the_train_split_per_member(blob_data):
   # One epoch of member batches delivers each member's resample exactly (duplicates included),
   # with the images of those subjects.
   mesh = sharding.make_mesh(1)
-  groups = trainer.member_groups(3, 2)
+  groups = members_lib.member_groups(3, 2)
   batches = blob_data.member_batches(mesh, 8, seeds, rows, None, groups, mode="host")
   seen = [collections.Counter() for _ in seeds]
   volumes = blob_data.source.volumes
@@ -162,18 +163,18 @@ def _split_members(group):
 
 
 def test_member_groups_and_mesh_size():
-  assert trainer.member_groups(5, 2) == (slice(0, 2), slice(2, 4), slice(4, 5))
-  assert trainer.member_groups(5, 4) == (slice(0, 3), slice(3, 5))  # balanced
-  assert trainer.member_groups(8, 4, unit=2) == (slice(0, 4), slice(4, 8))
-  assert trainer.member_groups(3, 3) == (slice(0, 3),)
+  assert members_lib.member_groups(5, 2) == (slice(0, 2), slice(2, 4), slice(4, 5))
+  assert members_lib.member_groups(5, 4) == (slice(0, 3), slice(3, 5))  # balanced
+  assert members_lib.member_groups(8, 4, unit=2) == (slice(0, 4), slice(4, 8))
+  assert members_lib.member_groups(3, 3) == (slice(0, 3),)
   config = config_lib.base_config()
   config.data.cache = "x"
   config.ensemble.members = 4
-  assert trainer.ensemble_mesh_size(config, 4, (8,)) == 4
+  assert members_lib.ensemble_mesh_size(config, 4, (8,)) == 4
   config.ensemble.members = 6  # the 'ensemble' axis must divide the members
-  assert trainer.ensemble_mesh_size(config, 4, (8,)) == 2
+  assert members_lib.ensemble_mesh_size(config, 4, (8,)) == 2
   config.ensemble.members = 3
-  assert trainer.ensemble_mesh_size(config, 4, (8,)) == 1
+  assert members_lib.ensemble_mesh_size(config, 4, (8,)) == 1
   config.ensemble.members, config.ensemble.mesh_size = 4, 3
   with pytest.raises(ConfigError, match="ensemble.mesh_size"):
     config_lib.validate(config)
@@ -182,9 +183,9 @@ def test_member_groups_and_mesh_size():
 def test_early_stopping_waits_for_every_member(make_config):
   config = make_config(patience=2)
   progress = {"members": [{"bad_epochs": 2}, {"bad_epochs": 1}, {"bad_epochs": 3}]}
-  assert not trainer._finished(progress, 8, 100, config)
+  assert not loop.finished(progress, 8, 100, config)
   progress["members"][1]["bad_epochs"] = 2
-  assert trainer._finished(progress, 8, 100, config)
+  assert loop.finished(progress, 8, 100, config)
   assert progress["stopped"] == "early_stopping"
 
 
@@ -230,7 +231,7 @@ def test_device_resident_member_batches_equal_host_batches(blob_data, zscore_blo
   mesh = sharding.make_mesh(2)
   seeds = [3, 4]
   rows = blob_data.member_rows(seeds, bootstrap=True)
-  groups = trainer.member_groups(2, 2, unit=2)
+  groups = members_lib.member_groups(2, 2, unit=2)
   augment = AugmentConfig(shift_voxels=1)
   host = blob_data.member_batches(mesh, 8, seeds, rows, augment, groups, mode="host")
   device = blob_data.member_batches(mesh, 8, seeds, rows, augment, groups, mode="device")

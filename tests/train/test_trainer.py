@@ -10,24 +10,26 @@ import numpy as np
 import optax
 import pytest
 
-from jax_brainage import models, sharding
+from jax_brainage import artifact, models, sharding
+from jax_brainage.commands import train as train_command
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
-from jax_brainage.train import trainer
+from jax_brainage.train import loop, trainer
+from jax_brainage.train import steps as steps_lib
 
 EPOCHS = 6  # 32 training subjects / batch 8 = 4 steps per epoch
 
 
 def _restore_latest(workdir, config, data):
   """Latest checkpoint's state as numpy, restored onto the experiment's own abstract state."""
-  setup = trainer.build_setup(config, data.image_shape, 1, data.mean_train_age,
-                              4 * config.num_epochs, sharding.make_mesh())
+  setup = steps_lib.build_setup(config, data.image_shape, 1, data.mean_train_age,
+                                4 * config.num_epochs, sharding.make_mesh())
   num_params = sum(int(x.size) for x in jax.tree.leaves(setup.abstract_state["params"]))
   ckpts = ckpt_lib.Checkpoints(workdir, read_only=True)
   state, meta = ckpts.restore(ckpt_lib.LATEST, setup.abstract_state,
-                              trainer.model_manifest(config, data, num_params))
+                              artifact.model_manifest(config, data, num_params))
   ckpts.close()
   return jax.device_get(state), meta
 
@@ -82,7 +84,7 @@ def test_ctrl_c_keeps_the_interrupted_step_and_resume_finishes_exactly(trained, 
   """KeyboardInterrupt in the middle of epoch 2 (after step 7): the latest checkpoint is step
   7, not the end of epoch 1, and resuming ends where the uninterrupted run ends."""
   config, full_dir, full = trained
-  real_bar = trainer.progress_bar
+  real_bar = loop.progress_bar
 
   def interrupting_bar(*args, **kwargs):
     bar, steps = real_bar(*args, **kwargs), [0]
@@ -96,7 +98,7 @@ def test_ctrl_c_keeps_the_interrupted_step_and_resume_finishes_exactly(trained, 
     bar.update = update_then_interrupt
     return bar
 
-  monkeypatch.setattr(trainer, "progress_bar", interrupting_bar)
+  monkeypatch.setattr(loop, "progress_bar", interrupting_bar)
   with pytest.raises(KeyboardInterrupt):
     trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
   monkeypatch.undo()
@@ -164,10 +166,10 @@ def test_data_parallel_step_equals_single_device_step(make_config, blob_data):
   model = models.get_model("mrinet", mean_age=50.0, conv_features=(4, 4, 8, 8, 4),
                            dense_features=8, dropout_rate=0.5)
   tx = optax.adam(config.optimizer.learning_rate)
-  state = trainer.init_state(model, tx, (16, 16, 16), 1, seed=3)
+  state = steps_lib.init_state(model, tx, (16, 16, 16), 1, seed=3)
   images = np.asarray(blob_data.source.read(np.arange(8)), np.float32) / 255.0
   host_batch = {"image": images, "age": blob_data.source.ages[:8]}
-  step_fn = trainer.make_train_step(config, model, tx)
+  step_fn = steps_lib.make_train_step(config, model, tx)
 
   def run(devices):
     mesh = sharding.make_mesh(devices=devices)
@@ -203,7 +205,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(make_config,
                                                                     tmp_path):
   # A learning rate of 1e8 sends the weights to ~1e8 after one step: the second loss is inf.
   config = make_config(**{"optimizer.learning_rate": 1e8, "checkpoint_every_steps": 1})
-  with pytest.raises(trainer.NonFiniteLossError) as info:
+  with pytest.raises(loop.NonFiniteLossError) as info:
     trainer.train_and_evaluate(config, tmp_path, data=blob_data, quiet=True)
   message = str(info.value)
   assert "\n" not in message and "at step 2" in message
@@ -261,7 +263,7 @@ def test_sequences_are_picked_by_name_in_model_order():
 def test_learning_rate_schedules_follow_their_formulas(make_config, schedule, warmup):
   config = make_config(**{"optimizer.schedule": schedule, "optimizer.warmup_steps": warmup})
   lr, total = config.optimizer.learning_rate, 25
-  fn = trainer.make_schedule(config.optimizer, total)
+  fn = steps_lib.make_schedule(config.optimizer, total)
   for t in (0, 3, 5, 12, 24):
     if t < warmup:
       expected = lr * t / warmup
@@ -276,13 +278,13 @@ def test_train_command_collects_config_overrides(tmp_path):
   import argparse
 
   parser = argparse.ArgumentParser(prog="brainage")
-  trainer.add_parser(parser.add_subparsers(dest="command"))
+  train_command.add_parser(parser.add_subparsers(dest="command"))
   args = parser.parse_args(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
                             "--config.optimizer.learning_rate", "1e-3",
                             "--config.data.sequences=('T1w','FLAIR')", "--quiet"])
   assert args.overrides == ["--config.optimizer.learning_rate", "1e-3",
                             "--config.data.sequences=('T1w','FLAIR')"]
-  assert args.quiet and args.func is trainer.run
+  assert args.quiet and args.func is train_command.run
   with pytest.raises(SystemExit):
     parser.parse_args(["train", "--config", "x.py", "--workdir", "w", "--bogus"])
 
@@ -321,7 +323,7 @@ def test_zscore_cache_trains_an_ensemble_through_the_command(tmp_path, capsys):
                                progress=False)
   assert prepared.volumes.dtype == np.float16 and np.asarray(prepared.volumes).min() < 0
   parser = argparse.ArgumentParser(prog="brainage")
-  trainer.add_parser(parser.add_subparsers(dest="command"))
+  train_command.add_parser(parser.add_subparsers(dest="command"))
   workdir = tmp_path / "work"
   args = parser.parse_args([
       "train", "--config", "configs/tiny.py", "--workdir", str(workdir), "--quiet",

@@ -95,4 +95,3 @@ def make_pipeline(source: Source, *, batch_size: int, mode: str = "auto", mesh: 
       drop_remainder=drop_remainder, num_epochs=num_epochs, worker_count=worker_count,
       require_ages=require_ages)
   return HostFeedPipeline(host, mesh, augment)
-

@@ -24,6 +24,7 @@ from jax_brainage.data.pipeline.plan import (STREAM_AUG0, STREAM_AUG1, STREAM_OR
 from jax_brainage.data.pipeline.sources import ArraySource, check_ages, check_volumes
 from jax_brainage.errors import ConfigError, DataError
 
+
 def fits_on_device(nbytes: int, device: jax.Device | None = None, *, fraction: float = 0.5,
                    cpu_bytes: int | None = None) -> bool:
   """Whether `nbytes` of data may stay resident on `device`, leaving room for the model.
@@ -214,4 +215,3 @@ class DeviceResidentIterator:
 
   def close(self) -> None:
     pass
-

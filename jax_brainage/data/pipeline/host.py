@@ -24,6 +24,7 @@ from jax_brainage.data.pipeline.plan import BatchPlan, aug_seeds
 from jax_brainage.data.pipeline.sources import Source, check_ages, source_dtype
 from jax_brainage.errors import ConfigError, DataError
 
+
 class _ReadBatch:
   """grain map function: global step -> this process's batch (picklable for worker processes)."""
 
@@ -249,4 +250,3 @@ class HostFeedPipeline:
 
   def __iter__(self) -> DeviceFeed:
     return DeviceFeed(iter(self.host), self.mesh, self.augment)
-

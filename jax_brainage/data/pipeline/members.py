@@ -25,6 +25,7 @@ from jax_brainage.data.pipeline.plan import (STATE_VERSION, STREAM_REPEAT, Batch
 from jax_brainage.data.pipeline.sources import ArraySource, Source, check_ages
 from jax_brainage.errors import ConfigError, DataError
 
+
 def bootstrap_rows(rows: np.ndarray, seed: int) -> np.ndarray:
   """A bootstrap resample of `rows`: as many draws with replacement, int32 [m], in draw order.
 
@@ -209,4 +210,3 @@ class MemberIterator(SteppedIterator):
         out.append(batch)
     self._step += 1
     return out
-

@@ -232,4 +232,3 @@ class BatchPlan:
     if step < 0 or (self.num_steps is not None and step > self.num_steps):
       raise ConfigError(f"pipeline state step={step} lies outside [0, {self.num_steps}]")
     return step
-

@@ -18,6 +18,7 @@ from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import intensity, preprocess, simulate
 from jax_brainage.errors import DataError
 
+
 class Source(Protocol):
   """What the pipelines read from (the cache, arrays in memory, the simulator).
 
@@ -131,14 +132,12 @@ def cache_source(path: str | os.PathLike) -> ArraySource:
                      list(ids) if ids is not None else None)
 
 
-
 def check_ages(ages: np.ndarray, rows: np.ndarray, subject_ids: Sequence[str] | None) -> None:
   """DataError naming the first of `rows` whose age (years, `ages` [n]) is not finite."""
   bad = rows[~np.isfinite(np.asarray(ages)[rows])]
   if bad.size:
     who = subject_ids[bad[0]] if subject_ids is not None else f"row {bad[0]}"
     raise DataError(f"subject {who}: no age (select labelled subjects for training/evaluation)")
-
 
 
 class SimulatorSource:
@@ -194,4 +193,3 @@ class SimulatorSource:
                                               subject=self.subject_ids[i])
       cubes.append(cube)
     return np.stack(cubes).astype(self.dtype, copy=False)
-

@@ -1,0 +1,386 @@
+"""Relevance maps of new subjects as a BIDS derivative dataset (what `brainage explain` writes).
+
+    from jax_brainage import predict
+    from jax_brainage.explain import derivative, maps
+    target = derivative.Target("runs/demo", "best", maps.get_method(maps.DEFAULT_METHOD),
+                               batch_size=8, seed=0, levels=derivative.LEVELS)
+    dataset = predict.read_dataset(["data/new-bids"], target.required_sequences)
+    index = derivative.explain_dataset(target, dataset, "runs/demo/explain")
+
+Subjects are preprocessed exactly as `brainage predict` does (the training cache's
+`Preprocessing` record: grid, cube, intensity scaling, region mask) and explained in fixed-size
+jitted batches (`maps.ensemble_maps`: every trained model is an ensemble, a single model one of
+one). Written under the output directory (every file atomically, so an interrupted run leaves
+only complete files):
+
+  dataset_description.json
+  sub-<id>/[ses-<s>/]anat/sub-<id>[_ses-<s>]_model-<m>_seq-<seq>_relevance.nii.gz
+      the map in the subject's own space: the exact inverse of crop and reorientation, the
+      input image's affine and grid (float32, years per voxel; positive = older). <m> is the
+      model (e.g. mrinet) of a single-model workdir; for an ensemble "ensemble", each
+      sub-ensemble's name and each member's <sub>m<k> (--levels).
+  group/group-<g>_value-<v>_model-<m>_seq-<seq>_space-<template|cube>_relevance.nii.gz
+      mean map of a group of subjects: everyone (group-all), age bands (--age-band years),
+      sex and every participants.tsv column (--groups): columns with few values by value, others
+      split at the median (low/high). On the common template grid when every subject's image
+      shares one grid (registered data, the simulated cohort), else on the cube grid.
+  regions/relevance_regions.tsv, regions/group_regions.tsv
+      voxels, sum, mean, positive, negative relevance and positive fraction per atlas label, per
+      subject and per group (--atlas, default the simulated cohort's atlas or the training
+      cache's region atlas; skipped without one).
+  figures/*.png      slice montages over the anatomy (first --figures subjects, every group) and a
+                     glass brain of the group-all map; tensorboard/ the same montages.
+  explain.json       what was written: method, model, subjects (predicted age, relevance sum,
+                     maps), groups, tables, figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jax_brainage import artifact, fileio, predict
+from jax_brainage.data import cache as cache_lib
+from jax_brainage.data import nifti, simulate
+from jax_brainage.data import regions as atlas_lib
+from jax_brainage.errors import DataError
+from jax_brainage.explain import figures, maps
+from jax_brainage.explain import regions as region_tables
+from jax_brainage.explain.groups import GroupMaps, entity, subject_groups
+from jax_brainage.train.summary import SummaryWriter
+
+INDEX = "explain.json"
+LEVELS = ("ensemble", "subs", "members")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names.
+
+
+def subject_prefix(subject_id: str, session: str | None) -> str:
+  """sub-X[_ses-S]: the start of a subject's file names."""
+  sid = subject_id if subject_id.startswith("sub-") else f"sub-{subject_id}"
+  return sid + (f"_ses-{session}" if session else "")
+
+
+def map_path(out: Path, subject_id: str, session: str | None, model: str, sequence: str) -> Path:
+  """out/sub-X/[ses-S/]anat/sub-X[_ses-S]_model-M_seq-SEQ_relevance.nii.gz"""
+  sid = subject_id if subject_id.startswith("sub-") else f"sub-{subject_id}"
+  folder = out / sid / (f"ses-{session}" if session else "") / "anat"
+  name = (f"{subject_prefix(subject_id, session)}_model-{entity(model)}_seq-{entity(sequence)}"
+          "_relevance.nii.gz")
+  return folder / name
+
+
+# ---------------------------------------------------------------------------------------------
+# What is explained: the trained model of a workdir, with the inputs each part reads.
+
+
+class Target:
+  """The trained model of a workdir (`artifact.load`), how new data becomes its inputs, and the
+  compiled explainers.
+
+  Inputs are prepared as `brainage predict` prepares them (`predict.model_inputs`): `views` maps
+  a key to a cache (view) whose `preprocess` makes one cube per subject (one per distinct
+  training cache and sequence view), `of_sub` maps each sub-ensemble's name to (view key,
+  channel indices or None). `levels` are the map families written: ("model",) for a single
+  model (its maps are named after its architecture, `top`); a subset of LEVELS for an ensemble.
+  """
+
+  def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
+               seed: int, levels: Sequence[str], members_per_call: int = 0):
+    self.method = method
+    self.members_per_call = members_per_call
+    self.batch_size = batch_size
+    self.seed = seed
+    self.ensemble = artifact.load(workdir, checkpoint)
+    inputs = predict.model_inputs(self.ensemble)
+    self.views, self.of_sub = dict(inputs.views), dict(inputs.of_sub)
+    self.required_sequences: tuple[str, ...] = tuple(inputs.sequences)
+    self.sequences = maps.ensemble_sequences(self.ensemble)
+    self._explainers: dict[str, list] = {}
+    if artifact.is_single_model(self.ensemble):
+      # One model: its maps only, named after its architecture (no member/sub-ensemble maps).
+      sub = self.ensemble.subs[0]
+      self.top = str(sub.manifest["model"])
+      self.levels = ("model",)
+      self.description = {"kind": "single", "model": self.top, "checkpoint": checkpoint,
+                          "step": sub.step, "sequences": list(sub.sequences)}
+    else:
+      self.top = "ensemble"
+      self.levels = tuple(levels)
+      self.description = {"kind": "ensemble", "sub_ensembles": {
+          s.name: {"sequences": list(s.sequences), "regions": list(s.regions),
+                   "members": int(s.members)} for s in self.ensemble.subs}}
+
+  @property
+  def caches(self) -> list[Any]:
+    """The distinct training caches behind the views."""
+    out: dict[str, Any] = {}
+    for view in self.views.values():
+      out.setdefault(str(view.path), view)
+    return list(out.values())
+
+  def prepare(self, subject) -> tuple[dict[str, np.ndarray], Any]:
+    """One subject's inputs {sub-ensemble: cube [X, Y, Z, C]} and the CubeInverse they share."""
+    cubes, inverse = {}, None
+    prepared = {}
+    for key, view in self.views.items():
+      images = {q: subject.images[q] for q in view.sequences}
+      prepared[key], inv = view.preprocess(images, subject=subject.subject_id,
+                                           mask=subject.mask)
+      if inverse is None:
+        inverse = inv
+      elif inv != inverse:
+        raise DataError(f"{subject.subject_id}: the sub-ensembles' inputs were cut from "
+                        "different grids (caches with other cube shapes or reference "
+                        "sequences); their maps cannot be added")
+    for name, (key, channels) in self.of_sub.items():
+      cubes[name] = prepared[key] if channels is None else prepared[key][..., channels]
+    return cubes, inverse
+
+  def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+              ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
+    """Maps of one batch: ({model label: (relevance [n, X, Y, Z, C], channel names)}, the top
+    level's predicted age [n] (years)); the top level comes first."""
+    em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
+                            batch_size=self.batch_size, seed=self.seed, rows=rows,
+                            members_per_call=self.members_per_call,
+                            explainers=self._explainers)
+    out = {self.top: (em.ensemble, em.sequences)}
+    if "subs" in self.levels:
+      for name, r in em.subs.items():
+        out[name] = (r, em.sub_sequences[name])
+    if "members" in self.levels:
+      for name, r in em.members.items():
+        for k in range(r.shape[0]):
+          out[f"{name}m{k}"] = (r[k], em.sub_sequences[name])
+    head = self.ensemble.head
+    predicted = head.apply({n: np.asarray(p).T for n, p in em.member_predictions.items()})
+    return out, np.asarray(predicted, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def find_atlas(data: Sequence[str | os.PathLike], target: Target) -> Path | None:
+  """Default atlas: the simulated cohort's (DATA/derivatives/simulation/atlas.nii.gz), else the
+  training cache's region atlas; None if neither exists."""
+  if len(data) == 1:
+    candidate = simulate.derivatives_dir(data[0]) / "atlas.nii.gz"
+    if candidate.is_file():
+      return candidate
+  for cache in target.caches:
+    candidate = Path(cache.path) / cache_lib.ATLAS
+    if candidate.is_file():
+      return candidate
+  return None
+
+
+def select_subjects(dataset, wanted: Sequence[str] | None):
+  """The dataset's subjects, or those named (with or without "sub-"), in the order given."""
+  if not wanted:
+    return list(dataset.subjects)
+  by_id: dict[str, list[Any]] = {}
+  for s in dataset.subjects:
+    by_id.setdefault(s.subject_id, []).append(s)
+  chosen = []
+  for w in wanted:
+    sid = w if w.startswith("sub-") else f"sub-{w}"
+    if sid not in by_id and w in by_id:
+      sid = w
+    if sid not in by_id:
+      raise DataError(f"--subjects {w}: no such subject in {dataset.root or 'the data'}")
+    chosen += by_id.pop(sid)
+  return chosen
+
+
+def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
+                    subjects: Sequence[str] | None = None, workers: int = 1,
+                    skip_bad: bool = False, atlas_path: str | os.PathLike | None = None,
+                    age_band: float = 10.0, group_columns: Sequence[str] | None = None,
+                    n_figures: int = 4, glass_brain: bool = True,
+                    quiet: bool = False) -> dict[str, Any]:
+  """Explains every (chosen) subject of `dataset` and writes maps, tables, figures and index
+  (see the module docstring).
+
+  Args:
+    target: the model and method (`Target`); dataset: `predict.read_dataset` with
+      `target.required_sequences`.
+    subjects: participant ids to explain, in this order (default all).
+    workers: threads preparing subjects (and compressing maps); skip_bad: report subjects whose
+      images fail instead of stopping.
+    atlas_path: label image for the region tables (None: no tables).
+    age_band: width of the age-band groups (years; 0: none); group_columns: participants.tsv
+      columns to group by (default sex and every covariate).
+    n_figures: subjects with montages; glass_brain: a glass brain of the group-all map.
+  Returns:
+    the index written to out/explain.json.
+  """
+  out = Path(out)
+  chosen = select_subjects(dataset, subjects)
+  groups, how = subject_groups(chosen, age_band=age_band, columns=group_columns)
+  atlas = atlas_lib.load_atlas(atlas_path) if atlas_path is not None else None
+  ids = region_tables.label_ids(atlas) if atlas is not None else None
+  fileio.write_json(out / "dataset_description.json", {
+      "Name": "jax-brainage relevance maps", "BIDSVersion": "1.9.0",
+      "DatasetType": "derivative",
+      "GeneratedBy": [{"Name": "jax-brainage explain", "Description":
+                       f"{target.method.name}: {target.method.summary}"}]})
+  index: dict[str, Any] = {
+      "method": target.method.name, "method_kind": target.method.kind,
+      "method_summary": target.method.summary, "model": target.description,
+      "levels": list(target.levels), "sequences": list(target.sequences),
+      "units": "years of predicted age per voxel (positive: older)",
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "subjects": [], "skipped": [], "groups": [], "tables": {}, "figures": []}
+  accumulators = GroupMaps(groups)
+  region_rows: list[dict] = []
+  writer = SummaryWriter(out / "tensorboard")
+  skipped: list[tuple[str, str]] = list(dataset.skipped)
+  inverses: dict[int, Any] = {}  # id(subject) -> its CubeInverse (set by the preparing threads)
+
+  def prepare(subject):
+    cubes, inverses[id(subject)] = target.prepare(subject)
+    return cubes
+
+  n_done = 0
+
+  def explain_batch(batch: list[Any], cubes: dict[str, np.ndarray]) -> None:
+    nonlocal n_done
+    rows = np.arange(n_done, n_done + len(batch))
+    levels, predicted = target.explain(cubes, rows)
+    first_input = cubes[next(iter(target.of_sub))]
+    for j, subject in enumerate(batch):
+      inverse = inverses.pop(id(subject))
+      entry = {"participant_id": subject.subject_id, "session": subject.session,
+               "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}
+      labels = region_tables.atlas_in_cube(atlas, inverse) if atlas is not None else None
+      for level, (rel, seqs) in levels.items():
+        r = rel[j]
+        entry["maps"][level] = []
+        for c, seq in enumerate(seqs):
+          path = map_path(out, subject.subject_id, subject.session, level, seq)
+          save(maps.to_subject_space(r[..., c], inverse), path)
+          entry["maps"][level].append(str(path.relative_to(out)))
+        if level == target.top:
+          entry["relevance_sum"] = float(np.sum(r, dtype=np.float64))
+          entry["relevance_positive"] = float(np.sum(np.maximum(r, 0), dtype=np.float64))
+        if labels is not None:
+          parts = [(seq, r[..., c]) for c, seq in enumerate(seqs)]
+          if len(seqs) > 1:
+            parts.append(("all", r.sum(axis=-1)))
+          for seq, rc in parts:
+            stats = region_tables.region_statistics(rc, labels, ids)
+            region_rows.extend(region_tables.subject_rows(
+                [subject.subject_id], {k: v[None] for k, v in stats.items()}, ids, atlas.names,
+                model=level, sequence=seq))
+      top, top_seqs = levels[target.top]
+      anatomy = _anatomy(first_input[j])
+      accumulators.add(subject.subject_id, top[j], anatomy, inverse)
+      if len(index["subjects"]) < n_figures:
+        entry["figures"] = _subject_figures(out, writer, subject, anatomy, top[j], top_seqs,
+                                            target.top)
+        index["figures"] += entry["figures"]
+      index["subjects"].append(entry)
+    n_done += len(batch)
+    if not quiet:
+      print(f"explained {n_done}/{len(chosen)} subjects", file=sys.stderr)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as writers:
+    writes: collections.deque = collections.deque()
+
+    def save(img, path):
+      # Compressing NIfTI maps is the slow part of writing: it overlaps the next batch. At most
+      # a few batches of maps wait in memory.
+      writes.append(writers.submit(fileio.save_nifti, img, path))
+      while len(writes) > 4 * target.batch_size:
+        writes.popleft().result()
+
+    for batch, cubes in predict.prepared_batches(
+        dataclasses.replace(dataset, subjects=tuple(chosen)), prepare, target.batch_size,
+        workers=workers, skip_bad=skip_bad, skipped=skipped):
+      explain_batch(batch, cubes)
+    while writes:  # raises the first failed write
+      writes.popleft().result()
+  index["skipped"] = [{"participant_id": s, "reason": why} for s, why in skipped]
+  if not index["subjects"]:
+    raise DataError(f"{dataset.root or 'data'}: no subject could be explained")
+  _group_maps(out, writer, target, accumulators, index, glass_brain)
+  index["group_definitions"] = how
+  writer.close()
+
+  if atlas is not None:
+    region_tables.write_table(out / "regions" / "relevance_regions.tsv", region_rows,
+                              region_tables.SUBJECT_COLUMNS)
+    region_tables.write_table(out / "regions" / "group_regions.tsv",
+                              region_tables.group_rows(region_rows, groups),
+                              region_tables.GROUP_COLUMNS)
+    index["tables"] = {"subjects": "regions/relevance_regions.tsv",
+                       "groups": "regions/group_regions.tsv", "atlas": str(atlas_path),
+                       "labels": {int(i): atlas.names.get(int(i), str(int(i))) for i in ids}}
+  fileio.write_json(out / INDEX, index)
+  return index
+
+
+def _group_maps(out: Path, writer, target: Target, accumulators: GroupMaps,
+                index: dict[str, Any], glass_brain: bool) -> None:
+  """Writes every group's mean map (NIfTI) and its figures; records them in `index`."""
+  for (group, value), (rel, anat, affine, space) in accumulators.means().items():
+    record = {"group": group, "value": value, "n": int(accumulators.count[(group, value)]),
+              "space": space, "maps": []}
+    for c, seq in enumerate(target.sequences):
+      name = (f"group-{group}_value-{value}_model-{entity(target.top)}_seq-{entity(seq)}"
+              f"_space-{space}_relevance.nii.gz")
+      fileio.save_nifti(nifti.make_image(rel[..., c].astype(np.float32), affine),
+                        out / "group" / name)
+      record["maps"].append(f"group/{name}")
+      stem = name[: -len("_relevance.nii.gz")]
+      png = out / "figures" / f"{stem}_montage.png"
+      figures.save_montage(png, _canonical(anat, affine), _canonical(rel[..., c], affine),
+                           title=f"{group} = {value} (n = {record['n']}), {seq}, "
+                                 f"{target.method.name}")
+      rgb, _ = figures.montage_rgb(_canonical(anat, affine), _canonical(rel[..., c], affine))
+      figures.write_tensorboard_image(writer, 0, f"groups/{group}={value}/{seq}", rgb)
+      record.setdefault("figures", []).append(str(png.relative_to(out)))
+      if glass_brain and group == "all":
+        glass = out / "figures" / f"{stem}_glassbrain.png"
+        figures.save_glass_brain(glass, nifti.make_image(rel[..., c].astype(np.float32), affine),
+                                 title=f"all subjects, {seq}")
+        record["figures"].append(str(glass.relative_to(out)))
+    index["figures"] += record.get("figures", [])
+    index["groups"].append(record)
+
+
+def _anatomy(cube: np.ndarray) -> np.ndarray:
+  """The first channel of an input cube as float32 `[X, Y, Z]` (figure background)."""
+  return np.asarray(cube[..., 0], np.float32)
+
+
+def _canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+  """A volume on any grid reoriented to RAS+ (figure panels assume RAS+)."""
+  return nifti.reorient_array(np.asarray(volume), nifti.canonical_orientation(affine))
+
+
+def _subject_figures(out: Path, writer, subject, anatomy: np.ndarray, relevance: np.ndarray,
+                     sequences: Sequence[str], model: str) -> list[str]:
+  paths = []
+  for c, seq in enumerate(sequences):
+    png = out / "figures" / (f"{subject_prefix(subject.subject_id, subject.session)}_model-"
+                             f"{entity(model)}_seq-{entity(seq)}_montage.png")
+    age = "" if subject.age is None else f", age {float(subject.age):.1f}"
+    figures.save_montage(png, anatomy, relevance[..., c],
+                         title=f"{subject.subject_id}{age}, {seq}")
+    rgb, _ = figures.montage_rgb(anatomy, relevance[..., c])
+    figures.write_tensorboard_image(writer, 0, f"subjects/{subject.subject_id}/{seq}", rgb)
+    paths.append(str(png.relative_to(out)))
+  return paths
