@@ -72,8 +72,9 @@ def get_config(arg: str | None = None):
     c.model.dropout_rate = 0.5       # the study's widths (16, 16, 32, 64, 32) and dropout
   else:
     # A 2^3 patch stem replaces block 1 (conv 3^3 + pool at full resolution): 54 against 118 ms
-    # per step of 4 volumes (benchmarks/bench_stem.py). On 3000 subjects it scored as well as the full block at 2.7x the
-    # speed (test MAE 2.42 in 30 epochs against 2.44 in 12 in the same time).
+    # per step of 4 volumes (benchmarks/bench_stem.py). On 3000 subjects it scored as well as the
+    # full block at 2.7x the speed (test MAE 2.42 in 30 epochs against 2.44 in 12 in the same
+    # time).
     c.model.patch_stem = 2
     # Average the prediction for the scan and its mirror image (a test-time augmentation that
     # matches training with flip_lr): 2.42 -> 2.36 years on 400 test subjects.

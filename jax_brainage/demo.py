@@ -48,16 +48,17 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jax_brainage import artifact, fileio, plots, predict
+from jax_brainage import fileio, plots, predict
 from jax_brainage.analyse import forest, gap, report
 from jax_brainage.data import bids, simulate, splits
 from jax_brainage.data import cache as cache_lib
-from jax_brainage.ensemble import experiment
 from jax_brainage.ensemble import model as ensemble_model
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import derivative, evaluate, maps, scoring, truth
+from jax_brainage.train import artifact
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as train_data
+from jax_brainage.train import experiment
 
 # preset -> configs/FILE[:ARG]
 PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "ensemble_wholebrain.py:5"}

@@ -1,6 +1,7 @@
 """Brain age of new subjects from a trained model, preprocessed exactly as in training.
 
-    from jax_brainage import artifact, predict
+    from jax_brainage import predict
+    from jax_brainage.train import artifact
     model = artifact.load("runs/demo")                     # any trained workdir
     dataset = predict.read_dataset(["data/new-bids"], predict.model_inputs(model).sequences)
     subjects, prediction, skipped = predict.predict_dataset(model, dataset)
@@ -39,11 +40,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jax_brainage import artifact, fileio
+from jax_brainage import fileio
 from jax_brainage.data import bids
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble.model import Ensemble, EnsemblePrediction, check_cache
 from jax_brainage.errors import DataError
+from jax_brainage.train import artifact
 
 COLUMNS = ("participant_id", "session", "age", "predicted_age", "brain_age_gap")
 CORRECTED_COLUMNS = ("predicted_age_corrected", "brain_age_gap_corrected")

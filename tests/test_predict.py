@@ -13,8 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage import artifact, demo, predict
+from jax_brainage import demo, predict
 from jax_brainage.errors import BrainAgeError
+from jax_brainage.train import artifact
 
 # A demo small enough for the test budget: 24 subjects at 4 mm, 32^3 cubes, one epoch.
 TINY_OVERRIDES = ["--config.data.simulate.n", "24", "--config.num_epochs", "1",

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_brainage import artifact, predict
+from jax_brainage import predict
 from jax_brainage.data import bids
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.train import artifact
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

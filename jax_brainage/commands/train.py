@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from jax_brainage import sharding
-from jax_brainage.ensemble import experiment
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import experiment
 
 
 class OverrideParser(argparse.ArgumentParser):

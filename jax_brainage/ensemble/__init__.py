@@ -7,11 +7,10 @@ Modules (one idea each):
   model.py       the ensemble as a model (sub-ensembles, head, correction; jitted forward); a
                  single trained model is an ensemble of one
   store.py       the ensemble store W/ensemble (one orbax checkpoint + manifest)
-  experiment.py  training an ensemble experiment (sub-ensembles, head, correction, store) and
-                 the `brainage train` entry point (imported on its own: it needs the trainer)
 
-Loading any trained workdir is `jax_brainage.artifact.load`; ensemble relevance is
-`jax_brainage.explain.maps.ensemble_maps`.
+Nothing here trains: `jax_brainage.train.experiment` trains an ensemble experiment (sub-ensembles
+of stacked members, head, correction, store). Loading any trained workdir is
+`jax_brainage.train.artifact.load`; ensemble relevance is `jax_brainage.explain.maps.ensemble_maps`.
 """
 
 from __future__ import annotations

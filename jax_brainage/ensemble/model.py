@@ -9,7 +9,7 @@ parameters stack along a leading member axis and one `jax.vmap` over that axis e
 all in one jitted call; batches of subjects are split over the devices ('data' axis). Applying it
 to inputs of other sequences, shape or regions is a one-line DataError naming the culprit.
 Saving and loading is `jax_brainage.ensemble.store`; building one from training workdirs is
-`jax_brainage.artifact`.
+`jax_brainage.train.artifact`.
 """
 
 from __future__ import annotations

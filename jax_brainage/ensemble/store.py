@@ -1,6 +1,6 @@
 """The ensemble store: an `Ensemble` saved as ONE orbax checkpoint W/ensemble.
 
-Layout (inside an experiment workdir W, see `jax_brainage.ensemble.experiment`):
+Layout (inside an experiment workdir W, see `jax_brainage.train.experiment`):
 
     W/ensemble/                 one orbax checkpoint (written to a temporary name, then renamed)
       variables/                {sub-ensemble name: stacked variables, every leaf [M, ...]}
@@ -33,7 +33,6 @@ from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble.model import Ensemble, SubEnsemble
 from jax_brainage.errors import ConfigError
-from jax_brainage.train import checkpoint as ckpt_lib
 
 STORE = "ensemble"
 MANIFEST_KIND = "jax_brainage.ensemble"
@@ -141,7 +140,7 @@ def load_ensemble(workdir: str | os.PathLike) -> Ensemble:
     with ocp.Checkpointer(_handler()) as ckptr:
       stored = ckptr.metadata(path).item_metadata["variables"]
       stored = getattr(stored, "tree", stored)
-      ckpt_lib.check_shapes(stored, expected, path)
+      models.check_shapes(stored, expected, path)
       device = jax.local_devices()[0]
       abstract = jax.tree.map(
           lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jax_brainage import artifact, fileio, predict
+from jax_brainage import fileio, predict
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import nifti, simulate
 from jax_brainage.data import regions as atlas_lib
@@ -55,6 +55,7 @@ from jax_brainage.errors import DataError
 from jax_brainage.explain import figures, maps
 from jax_brainage.explain import regions as region_tables
 from jax_brainage.explain.groups import GroupMaps, entity, subject_groups
+from jax_brainage.train import artifact
 from jax_brainage.train.summary import SummaryWriter
 
 INDEX = "explain.json"

@@ -1,8 +1,8 @@
 """The LRP rule-experimentation tool: explain held-out simulated subjects with every method and
 score the maps against the cohort's ground truth (`brainage evaluate-explanations`).
 
-    from jax_brainage import artifact
     from jax_brainage.explain import evaluate, scoring
+    from jax_brainage.train import artifact
     model = artifact.load("runs/demo")                      # any trained workdir
     result = evaluate.evaluate(model, "data/sim", ["epsilon_alpha2_beta1", "gradient"])
     scoring.write_outputs("runs/demo/evaluation", result)
@@ -32,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_brainage import artifact, predict
+from jax_brainage import predict
 from jax_brainage.data import intensity
 from jax_brainage.ensemble.model import Ensemble
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import maps, scoring, truth
 from jax_brainage.explain.truth import PRIMARY_MASK
+from jax_brainage.train import artifact
 
 SPLITS = ("test", "val", "train", "all")
 

@@ -1,7 +1,7 @@
 """Relevance maps of brain-age models: which voxels made the estimate older or younger.
 
-    from jax_brainage import artifact
     from jax_brainage.explain import maps
+    from jax_brainage.train import artifact
     model = artifact.load("runs/tiny")              # any trained workdir: an Ensemble
     R = maps.relevance(model, volumes)              # [n, X, Y, Z, C] cube space
     img = maps.to_subject_space(R[0, ..., 0], inverse)   # the subject's own grid and affine

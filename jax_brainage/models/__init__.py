@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_brainage.errors import ConfigError
 from jax_brainage.models import losses, lowering
@@ -25,7 +26,7 @@ from jax_brainage.models.sfcn import variables_from_torch as sfcn_variables_from
 __all__ = [
     "MRInet", "SFCN", "SFCNRegression", "AgeBins", "MODELS", "get_model", "predicted_age",
     "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
-    "sfcn_variables_from_torch", "build_model", "variable_shapes",
+    "sfcn_variables_from_torch", "build_model", "variable_shapes", "check_shapes",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -126,3 +127,29 @@ def variable_shapes(manifest: Mapping[str, Any], members: int | None = None) -> 
   if members is None:
     return shapes
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct((members, *s.shape), s.dtype), shapes)
+
+
+def check_shapes(stored: Any, expected: Any, where: Any) -> None:
+  """ConfigError naming `where` (a checkpoint or store) and the first leaf whose tree path or
+  array shape differs between `stored` and `expected` (e.g. `variable_shapes(manifest)`)."""
+  def shape_map(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in flat}
+
+  have, want = shape_map(stored), shape_map(expected)
+  for name in sorted(set(have) | set(want)):
+    if have.get(name) != want.get(name):
+      raise ConfigError(f"checkpoint {where} does not fit this model: {name} has shape "
+                        f"{have.get(name, 'missing')} there, {want.get(name, 'missing')} here")
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  parts = []
+  for p in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)

@@ -19,7 +19,7 @@ its patches are a reshape of the input (space-to-depth), no copies.
 Relevance must see one convolution per layer: lrp's composites assign rules by layer kind, and
 im2col turns a conv into a patch gather and a dense product. Parameters are the same under every
 lowering, so the trainer trains with `model.conv_lowering` ("auto"), a model restored from a
-workdir (`trainer.build_model`) uses XLA's convolution (the module users explain), batched
+workdir (`models.build_model`) uses XLA's convolution (the module users explain), batched
 prediction asks for "auto" (`for_inference`), and the explanation code rebuilds any model with
 "xla" (`for_relevance`).
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_brainage import models
 from jax_brainage.errors import ConfigError
 
 LATEST, BEST = "latest", "best"
@@ -98,7 +98,7 @@ class Checkpoints:
     meta = self.read_meta(which, step)
     check_manifest(meta.get("manifest", {}), manifest, where)
     stored = manager.item_metadata(step)["state"]
-    check_shapes(stored, abstract_state, where)
+    models.check_shapes(stored, abstract_state, where)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
@@ -151,31 +151,6 @@ def check_manifest(stored: dict[str, Any], expected: dict[str, Any], where: Path
     if _plain(a) != _plain(b):
       raise ConfigError(f"checkpoint {where} holds another architecture: {key} is {a!r} there, "
                         f"{b!r} here")
-
-
-def check_shapes(stored: Any, abstract_state: Any, where: Path | str) -> None:
-  """ConfigError if the checkpoint's tree or array shapes differ from `abstract_state`'s."""
-  def shape_map(tree: Any) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in flat}
-
-  have, want = shape_map(stored), shape_map(abstract_state)
-  for name in sorted(set(have) | set(want)):
-    if have.get(name) != want.get(name):
-      raise ConfigError(f"checkpoint {where} does not fit this model: {name} has shape "
-                        f"{have.get(name, 'missing')} there, {want.get(name, 'missing')} here")
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-  parts = []
-  for p in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
 
 
 def _plain(x: Any) -> Any:

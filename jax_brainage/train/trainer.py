@@ -10,7 +10,7 @@ bit, TensorBoard scalars and input mid-slices, a tqdm progress bar with ETA (`tr
 (`train.members`). `brainage train` (`jax_brainage.commands.train`) runs it through
 `ensemble.experiment.train`.
 
-Workdir layout (the contract is `jax_brainage.artifact`'s):
+Workdir layout (the contract is `jax_brainage.train.artifact`'s):
     W/config.json          the experiment (full config + fingerprint); a different one is refused
     W/checkpoints/latest/  to resume;  W/checkpoints/best/  lowest validation loss
     W/tensorboard/         event files;  W/metrics.json  per-epoch history and the final result
@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jax_brainage import artifact, fileio, sharding
+from jax_brainage import fileio, sharding
 from jax_brainage.data import splits as splits_lib
 from jax_brainage.errors import ConfigError
+from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lrp
-from jax_brainage import artifact, predict
+from jax_brainage import predict
 from jax_brainage.commands import explain as explain_command
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble import correction as correction_lib
@@ -29,6 +29,7 @@ from jax_brainage.ensemble.model import Ensemble, SubEnsemble
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import derivative, maps
 from jax_brainage.explain.groups import subject_groups
+from jax_brainage.train import artifact
 
 
 def explain_cli(argv: list[str]) -> int:

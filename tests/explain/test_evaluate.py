@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage import artifact
 from jax_brainage.commands import evaluate_explanations
 from jax_brainage.explain import evaluate, scoring, truth
+from jax_brainage.train import artifact
 
 METHODS = ("epsilon_plus_flat", "gradient")
 

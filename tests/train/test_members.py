@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from jax_brainage import artifact, sharding
+from jax_brainage import sharding
 from jax_brainage.errors import ConfigError
+from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import loop, trainer

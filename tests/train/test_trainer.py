@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from jax_brainage import artifact, models, sharding
+from jax_brainage import models, sharding
 from jax_brainage.commands import train as train_command
 from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib

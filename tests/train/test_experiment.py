@@ -14,12 +14,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage import artifact, models
+from jax_brainage import models
 from jax_brainage.commands import train as train_command
 from jax_brainage.data import cache as cache_lib
-from jax_brainage.ensemble import experiment
 from jax_brainage.ensemble import store as store_lib
+from jax_brainage.train import artifact
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import experiment
 
 CONFIG = "configs/ensemble_tiny.py"
 

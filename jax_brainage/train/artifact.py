@@ -161,7 +161,7 @@ def load_members(workdir: str | os.PathLike,
     # The parameters must be those of the manifest's model (a one-line error otherwise).
     expected = models.variable_shapes(manifest, None if members is None else int(members))
     stored = checkpoints.stored_metadata(which, step)
-    ckpt_lib.check_shapes({"params": stored["params"]}, {"params": expected["params"]},
+    models.check_shapes({"params": stored["params"]}, {"params": expected["params"]},
                           f"{where}/{step}")
     state, meta = checkpoints.restore_stored(which, step)
   finally:

@@ -38,7 +38,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jax_brainage import artifact, fileio, sharding
+from jax_brainage import fileio, sharding
 from jax_brainage.data import bids
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
@@ -47,6 +47,7 @@ from jax_brainage.data import splits as splits_lib
 from jax_brainage.ensemble import model as model_lib
 from jax_brainage.ensemble import store as store_lib
 from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.train import artifact
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
 from jax_brainage.train import trainer
