@@ -3,7 +3,7 @@
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
         [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
         [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
-        [--skip-bad] [--quiet]
+        [--age-range MIN,MAX] [--no-resample-oblique] [--skip-bad] [--quiet]
 
 The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
@@ -67,6 +67,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--session", default=None, help="use images of ses-SESSION only")
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="parallel processes (default: CPU count, at most 8)")
+  p.add_argument("--age-range", default=None, metavar="MIN,MAX",
+                 help="plausible ages in years; an age outside is bad data (default 0,120)")
+  p.add_argument("--no-resample-oblique", dest="resample_oblique", action="store_false",
+                 help="refuse images with an oblique affine instead of resampling them onto an "
+                      "axis-aligned grid")
   p.add_argument("--skip-bad", action="store_true",
                  help="report and skip subjects with bad data instead of stopping")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError("--regions and --atlas go together")
   if len(args.data) == 1 and bids.split_image_name(Path(args.data[0]).name) is None:
     dataset = bids.read_bids(args.data[0], sequences, session=args.session,
-                             mask_suffix=args.mask_suffix, skip_bad=args.skip_bad)
+                             mask_suffix=args.mask_suffix, skip_bad=args.skip_bad,
+                             age_range=args.age_range)
   else:
     if len(sequences) != 1:
       raise ConfigError("a list of image files gives one sequence; pass one --sequences name")
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     labels = regions.parse_labels(args.regions, atlas)
   prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
                        scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
-                       regions=labels, bias_sigma_mm=args.bias_sigma)
+                       regions=labels, bias_sigma_mm=args.bias_sigma,
+                       resample_oblique=args.resample_oblique)
   for sid, why in dataset.skipped:
     print(f"skipped {why}", file=sys.stderr)
   cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,

@@ -31,6 +31,9 @@ from jax_brainage.errors import ConfigError, DataError
 SEQUENCES = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "swi")
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
 MISSING = ("", "n/a", "na", "nan", "none")
+# Plausible chronological ages (years, inclusive); `read_bids(age_range=...)`, `prepare
+# --age-range MIN,MAX`. An age outside is a typo or a unit mistake (months, days), not a person.
+DEFAULT_AGE_RANGE = (0.0, 120.0)
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F"}
 
 
@@ -111,11 +114,35 @@ def normalise_id(raw: str) -> str:
   return raw if raw.startswith("sub-") else f"sub-{raw}"
 
 
-def _number(text: str) -> float | None:
+def parse_age_range(spec: str | Sequence[float] | None) -> tuple[float, float]:
+  """`"MIN,MAX"` or a pair of years -> (min, max); None -> `DEFAULT_AGE_RANGE`.
+
+  Raises:
+    ConfigError: not two finite numbers with min < max.
+  """
+  if spec is None:
+    return DEFAULT_AGE_RANGE
+  items = spec.split(",") if isinstance(spec, str) else list(spec)
   try:
-    value = float(text)
-  except ValueError:
+    low, high = (float(v) for v in items)
+  except (TypeError, ValueError):
+    raise ConfigError(f"age range must be MIN,MAX in years, got {spec!r}") from None
+  if not (math.isfinite(low) and math.isfinite(high) and low < high):
+    raise ConfigError(f"age range must be two finite numbers of years with MIN < MAX, got "
+                      f"{spec!r}")
+  return low, high
+
+
+# A plain decimal number in ASCII (Python's float() also takes "3_5", "inf" and non-ASCII digits,
+# which in a table are typos, not numbers).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(text: str) -> float | None:
+  """A finite number from a plain decimal string, else None."""
+  if not _DECIMAL.fullmatch(text):
     return None
+  value = float(text)
   return value if math.isfinite(value) else None
 
 
@@ -202,6 +229,7 @@ def read_bids(
     require_age: bool = True,
     mask_suffix: str | None = None,
     skip_bad: bool = False,
+    age_range: str | Sequence[float] | None = None,
 ) -> Dataset:
   """Reads and validates a BIDS-like dataset.
 
@@ -212,6 +240,8 @@ def read_bids(
     require_age: every subject needs a numeric age (training); False for prediction.
     mask_suffix: also find a brain mask per subject, e.g. "mask" for `sub-01_desc-brain_mask`.
     skip_bad: report and leave out subjects with a problem instead of raising.
+    age_range: plausible ages (years, inclusive), "MIN,MAX" or a pair; default
+      `DEFAULT_AGE_RANGE` (0 to 120). An age outside is a subject problem.
 
   Returns:
     `Dataset` with subjects in participants.tsv order.
@@ -219,10 +249,11 @@ def read_bids(
   Raises:
     ConfigError: unknown sequence name.
     DataError: missing root or table, a table without participant_id (or age when required), or
-      (unless `skip_bad`) a subject problem: duplicated id, missing or non-numeric age, a
-      subject without images, images without a row, several candidate images.
+      (unless `skip_bad`) a subject problem: duplicated id, missing, non-numeric or implausible
+      age, a subject without images, images without a row, several candidate images.
   """
   sequences = parse_sequences(sequences)
+  min_age, max_age = parse_age_range(age_range)
   root = Path(root)
   if not root.is_dir():
     raise DataError(f"{root}: dataset directory not found")
@@ -268,8 +299,12 @@ def read_bids(
           continue
       else:
         age = _number(raw)
-        if age is None or age < 0:
+        if age is None:
           problem(sid, f"{where}: non-numeric or invalid age {raw!r} (years expected)")
+          continue
+        if not min_age <= age <= max_age:
+          problem(sid, f"{where}: implausible age {raw!r} (outside {min_age:g} to {max_age:g} "
+                       "years; --age-range MIN,MAX)")
           continue
     sex = None
     if sex_col is not None and row.values[sex_col].lower() not in MISSING:

@@ -9,11 +9,20 @@ Cache layout:
   CACHE/volumes.npy   uint8 [n, X, Y, Z, C] (float16 for zscore), `np.load(mmap_mode="r")`.
   CACHE/index.json    format and version, shape, sequences, scaling, voxel size, source, the
                       preprocessing settings, and per subject: subject_id, age, sex, covariates,
-                      the `CubeInverse` that maps cube arrays back onto the subject's grid.
+                      the `CubeInverse` that maps cube arrays back onto the subject's grid;
+                      "checksums": the CRC-32 of every row of volumes.npy (its bytes in C order).
   CACHE/atlas.nii.gz  the region atlas, when `--regions` was used (so predict can re-apply it).
 
 The cache is built in a hidden temporary directory beside CACHE and renamed into place when
 complete: an interrupted or failed prepare leaves no half cache and an existing good cache intact.
+
+Integrity: each worker takes the CRC-32 of the cube it writes; once every row is on disk, prepare
+reads the rows back and compares (a write that did not land is an error) and stores the
+checksums in index.json. `Cache.open` (verify=True, the default) checks every row against them
+once per process and file version (a memo keyed by the files' device, inode, size and times), so
+a cache garbled on disk is a one-line DataError naming the cache and its first bad subject.
+CRC-32 runs at ~4 GB/s on one core (zlib): 0.2 s for 5000 subjects of 50^3 voxels (625 MB, in
+the page cache), ~12 s plus the disk read for 46 GB (2000 subjects of 198^3 x 3), once per process.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,14 +51,50 @@ from jax_brainage.data import bids, nifti, prune, regions
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "VOLUMES", "INDEX", "ATLAS", "Cache", "Preprocessing",
-           "prepare", "prepare_row", "preprocess_subject"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CHECKSUM", "VOLUMES", "INDEX", "ATLAS", "Cache",
+           "Preprocessing", "prepare", "prepare_row", "preprocess_subject", "row_checksum"]
 
 FORMAT = "jax-brainage-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row checksums.
+CHECKSUM = "crc32"
 VOLUMES = "volumes.npy"
 INDEX = "index.json"
 ATLAS = "atlas.nii.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums.
+
+# (device, inode, size, mtime, ctime) of volumes.npy and index.json of caches verified in this
+# process: a cache is read in full once per process, not at every open.
+_VERIFIED: set[tuple[int, ...]] = set()
+
+
+def row_checksum(row: np.ndarray) -> int:
+  """CRC-32 of one cache row `[X, Y, Z, C]` (its bytes in C order), as index.json stores it."""
+  return zlib.crc32(np.ascontiguousarray(row))
+
+
+def _file_version(*paths: Path) -> tuple[int, ...]:
+  key = []
+  for p in paths:
+    st = os.stat(p)
+    key += [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+  return tuple(key)
+
+
+def _verify(path: Path, volumes: np.ndarray, subject_ids: Sequence[str],
+            checksums: Sequence[int]) -> None:
+  """Checks every row of `volumes` against `checksums`; DataError naming the first bad one."""
+  key = _file_version(path / VOLUMES, path / INDEX)
+  if key in _VERIFIED:
+    return
+  bad = [i for i in range(len(volumes)) if row_checksum(volumes[i]) != int(checksums[i])]
+  if bad:
+    raise DataError(
+        f"{path / VOLUMES}: corrupt cache volumes: row {bad[0]} ({subject_ids[bad[0]]}) fails its "
+        f"checksum ({len(bad)} of {len(volumes)} rows bad); re-run `brainage prepare`")
+  _VERIFIED.add(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +130,13 @@ class Cache:
     self.preprocessing = Preprocessing.from_dict(index["preprocessing"])
 
   @classmethod
-  def open(cls, path: str | os.PathLike) -> "Cache":
-    """Opens CACHE; DataError (one line) for a missing, corrupt, incomplete or old cache."""
+  def open(cls, path: str | os.PathLike, *, verify: bool = True) -> "Cache":
+    """Opens CACHE; DataError (one line) for a missing, corrupt, incomplete or old cache.
+
+    With `verify` every row of volumes.npy is checked against its checksum in index.json (once
+    per process and file version; see the module docstring for the cost); a garbled cache is a
+    DataError naming it and the first bad subject. False skips the check (index-only uses).
+    """
     path = Path(path)
     index_path = path / INDEX
     if not path.is_dir():
@@ -109,6 +160,10 @@ class Cache:
       Preprocessing.from_dict(index["preprocessing"])
       for r in index["subjects"]:
         r["subject_id"], r["age"], r["inverse"]
+      checksums = index["checksums"]
+      if checksums["algorithm"] != CHECKSUM or len(checksums["rows"]) != n:
+        raise ValueError("checksums")
+      [int(c) for c in checksums["rows"]]
     except (KeyError, TypeError, ValueError, BrainAgeError) as e:
       raise DataError(f"{index_path}: corrupt cache index (bad or missing {e})") from None
     volumes_path = path / VOLUMES
@@ -121,6 +176,12 @@ class Cache:
     if volumes.shape != tuple(expected) or volumes.dtype != dtype:
       raise DataError(f"{volumes_path}: holds {volumes.dtype} {volumes.shape}, index says "
                       f"{dtype} {tuple(expected)}; re-run `brainage prepare`")
+    if verify:
+      try:
+        _verify(path, volumes, [r["subject_id"] for r in index["subjects"]],
+                index["checksums"]["rows"])
+      except OSError as e:
+        raise DataError(f"{volumes_path}: unreadable cache volumes ({e})") from None
     return cls(path, index, volumes)
 
   def __len__(self) -> int:
@@ -191,7 +252,8 @@ def prepare_row(item: tuple[int, bids.Subject]) -> tuple[int, dict[str, Any] | N
   `item = (i, subject)` into row i of the shared volumes memmap.
 
   Returns:
-    (i, record, None) with the record's `inverse`, `voxel_size` (mm) and `brain_fits`, or
+    (i, record, None) with the record's `inverse`, `voxel_size` (mm), `brain_fits` and the
+    `checksum` of the row as written (`row_checksum`), or
     (i, None, error message) when the subject's data is bad (DataError).
   """
   i, subject = item
@@ -201,9 +263,10 @@ def prepare_row(item: tuple[int, bids.Subject]) -> tuple[int, dict[str, Any] | N
         atlas=_WORKER["atlas"])
   except DataError as e:
     return i, None, str(e)
-  _WORKER["volumes"][i] = cube
+  row = _WORKER["volumes"][i]
+  row[...] = cube
   return i, {"inverse": inverse.to_dict(), "voxel_size": list(inverse.voxel_size),
-             "brain_fits": inverse.brain_fits}, None
+             "brain_fits": inverse.brain_fits, "checksum": row_checksum(row)}, None
 
 
 def _record(subject: bids.Subject, root: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -250,16 +313,18 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def _first_voxel_size(subjects: Sequence[bids.Subject], sequence: str, skip_bad: bool) -> float:
-  """Largest voxel edge (mm) of the first readable reference image (header only)."""
+  """Largest voxel edge (mm) of the first reference image whose header passes the checks of
+  `nifti.read_geometry` (finite, plausible voxel sizes, units); header only, no voxel read.
+  A bad header is the error (or, with `skip_bad`, the next subject is tried: the worker reports
+  the bad one when it gets to it)."""
   for subject in subjects:
-    path = subject.images[sequence]
     try:
-      return float(max(nifti.voxel_size(nib.load(path).affine)))
-    except Exception as e:  # The full load in the worker reports it properly (or skips it).
+      _, affine = nifti.read_geometry(subject.images[sequence], subject.subject_id)
+    except DataError:
       if not skip_bad:
-        nifti.load_image(path, subject.subject_id)
-        raise DataError(f"{path}: {subject.subject_id}: unreadable image header "
-                        f"({type(e).__name__})") from None
+        raise
+      continue
+    return float(max(nifti.voxel_size(affine)))
   raise DataError(f"no readable {sequence} image among {len(subjects)} subjects")
 
 
@@ -385,6 +450,8 @@ def prepare(
       keep = sorted(results)
       if len(keep) < n:
         _compact(volumes_tmp, keep)
+      checksums = _read_back(volumes_tmp, [results[i]["checksum"] for i in keep],
+                             [subjects[i].subject_id for i in keep])
 
     index = {
         "format": FORMAT,
@@ -404,6 +471,7 @@ def prepare(
             "labels": list(prep.regions), "atlas": ATLAS, "source": atlas.path,
             "names": [atlas.names.get(r, "") for r in prep.regions]},
         "subjects": [_record(subjects[i], dataset.root, results[i]) for i in keep],
+        "checksums": {"algorithm": CHECKSUM, "rows": checksums},
         "skipped": [{"subject_id": sid, "reason": why} for sid, why in dataset.skipped] + [
             {"subject_id": subjects[i].subject_id, "reason": failures[i]}
             for i in sorted(failures)],
@@ -414,7 +482,7 @@ def prepare(
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-  return Cache.open(out)
+  return Cache.open(out, verify=False)  # Its rows were just read back and checked.
 
 
 def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, progress):
@@ -462,6 +530,18 @@ def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, pr
   finally:
     bar.close()
   return results, failures
+
+
+def _read_back(volumes_path: Path, written: list[int], subject_ids: list[str]) -> list[int]:
+  """Checksums of the rows on disk, checked against those of the cubes the workers wrote."""
+  volumes = np.load(volumes_path, mmap_mode="r")
+  checksums = [row_checksum(volumes[j]) for j in range(len(volumes))]
+  del volumes
+  for j, (got, want) in enumerate(zip(checksums, written)):
+    if got != want:
+      raise DataError(f"{volumes_path}: row {j} ({subject_ids[j]}) reads back different from "
+                      "what was written (disk or file-system error)")
+  return checksums
 
 
 def _compact(volumes_path: Path, keep: list[int]) -> None:

@@ -9,22 +9,59 @@ Images are brought to one canonical voxel orientation, RAS+ (first voxel axis ru
 second to Anterior, third to Superior), with exactly the semantics of
 `nibabel.as_closest_canonical`, but the orientation transform is returned so that a map made on the
 canonical grid can be put back onto the subject's own voxel order exactly (`undo_orientation`).
+
+Headers are checked before anything is sized or read from them (`read_geometry`, `load_image`):
+- the voxel-to-world affine is nibabel's choice (sform if sform_code > 0, else qform if
+  qform_code > 0); with both codes 0 nibabel falls back to an ANALYZE affine from the voxel sizes
+  whose left-right direction is a guess (the NIfTI standard calls it unspecified), so such a file
+  is refused; pixdim[1:4] must be finite and non-zero (negative ones are taken as their absolute
+  values, as nibabel does);
+- spatial units (xyzt_units) are honoured: metres and microns are converted to mm, unknown (0)
+  counts as mm, any other code is refused;
+- every voxel edge must lie in [MIN_VOXEL_MM, MAX_VOXEL_MM] = [0.1, 20] mm: below 0.1 mm no
+  scanner images a whole brain (a 198 mm cube would need > 1980^3 voxels), above 20 mm a brain is
+  fewer than 10 voxels across;
+- a single-file NIfTI whose vox_offset points inside its header (header bytes would be read as
+  voxels) is refused, and so is a payload shorter than the header's dimensions and type promise
+  (checked before anything is allocated);
+- scl_slope must be finite and not negative (0 means unscaled, as the NIfTI standard says);
+  scl_inter must be finite; an intercept that turns the zero background into non-zero values
+  is refused (the brain is found from non-zero voxels);
+- gzip-compressed files (.nii.gz, .mgz) are decompressed whole by Python's gzip module, which
+  checks the stream's CRC-32 and length at its end (nibabel alone reads only the bytes it needs
+  and can miss a garbled stream).
+
+Oblique images (voxel axes rotated against the world axes, `is_oblique`) are not merely
+reoriented: `aligned_grid` gives the axis-aligned grid that `preprocess` resamples them onto.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations, spaces
+from nibabel import arrayproxy, filebasedimages, openers, orientations, spaces
 from scipy import ndimage
 
 from jax_brainage.errors import DataError
 
 # The orientation of a RAS+ canonical grid in nibabel's `ornt` notation ([axis, flip] per axis).
 RAS_ORNT = orientations.axcodes2ornt(("R", "A", "S"))
+
+# Plausible voxel edge lengths (mm) of a brain image (see the module docstring).
+MIN_VOXEL_MM = 0.1
+MAX_VOXEL_MM = 20.0
+# NIfTI xyzt_units spatial codes (the low 3 bits) -> (name, mm per unit), as nibabel names them.
+SPATIAL_UNITS = {0: ("unknown", 1.0), 1: ("meter", 1000.0), 2: ("mm", 1.0), 3: ("micron", 1e-3)}
+# An affine is oblique when treating it as axis-aligned (each voxel axis along its nearest world
+# axis, same length) would move some voxel of the field of view by more than this many voxels:
+# below half a voxel, reorienting puts every voxel where nearest-neighbour resampling would.
+OBLIQUE_TOLERANCE_VOXELS = 0.5
+# Files nibabel reads through gzip (their CRC is checked by decompressing them whole).
+GZIP_SUFFIXES = (".gz", ".mgz")
 
 
 def describe(path: str | os.PathLike | None, subject: str | None) -> str:
@@ -36,6 +73,145 @@ def describe(path: str | os.PathLike | None, subject: str | None) -> str:
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _open(path: str | os.PathLike, *, whole: bool):
+  """Opens an image and reads its raw header; returns `(img, raw NIfTI header or None, bytes)`.
+
+  `bytes` is the size of the (decompressed) file holding the voxels, or None when unknown. With
+  `whole`, a gzip-compressed file is decompressed completely (the CRC check) and, for single-file
+  formats, the image is rebuilt from the decompressed bytes (read once).
+  """
+  img = nib.load(os.fspath(path))
+  header = None
+  if isinstance(img.header, nib.Nifti1Header):  # Also NIfTI-2 (a subclass).
+    # The image's own header is a working copy (nibabel resets vox_offset and the scaling in
+    # it); the checks need the fields as stored.
+    header_file = img.file_map.get("header", img.file_map["image"]).filename
+    with openers.ImageOpener(header_file) as f:
+      header = type(img.header).from_fileobj(f, check=False)
+  image_file = img.file_map["image"].filename
+  available = None
+  if image_file is not None and image_file.lower().endswith(GZIP_SUFFIXES):
+    if whole:
+      with gzip.open(image_file, "rb") as f:  # Raises at EOF on a bad CRC-32 or length.
+        payload = f.read()
+      available = len(payload)
+      if isinstance(img, filebasedimages.SerializableImage) and set(img.file_map) == {"image"}:
+        img = type(img).from_bytes(payload)
+      del payload
+  elif image_file is not None:
+    available = os.path.getsize(image_file)
+  return img, header, available
+
+
+def _spatial_unit(header, where: str) -> tuple[str, float]:
+  code = int(header["xyzt_units"]) & 0x07
+  if code not in SPATIAL_UNITS:
+    raise DataError(f"{where}: unknown spatial unit code {code} in xyzt_units (NIfTI knows 0 "
+                    "unknown, 1 meter, 2 mm, 3 micron)")
+  return SPATIAL_UNITS[code]
+
+
+def _checked_affine(img, header, where: str) -> np.ndarray:
+  """The image's voxel-to-world affine `[4, 4]` in mm, after every geometry check."""
+  affine = np.array(img.affine, dtype=np.float64)
+  unit, scale = "mm", 1.0
+  if header is not None:
+    pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+      raise DataError(f"{where}: invalid voxel size in the header (pixdim "
+                      f"{', '.join(f'{v:g}' for v in pixdim)}): must be finite and non-zero")
+    unit, scale = _spatial_unit(header, where)
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+      raise DataError(
+          f"{where}: no orientation in the header (qform_code and sform_code are 0), so which "
+          "side is left is unknown; store the image with its sform or qform set")
+  if affine.shape == (4, 4):
+    affine[:3] *= scale  # World coordinates in mm (rows, so the origin is converted too).
+  return check_affine(affine, where, unit="" if unit in ("mm", "unknown") else unit)
+
+
+def check_affine(affine: np.ndarray, where: str = "image", *, unit: str = "") -> np.ndarray:
+  """Checks a voxel-to-world affine `[4, 4]` (mm); returns it as float64.
+
+  Raises:
+    DataError: one line naming `where` unless the affine is finite, every voxel edge lies in
+      [MIN_VOXEL_MM, MAX_VOXEL_MM] and the voxel axes are independent. `unit` (e.g. "micron")
+      names the header's units in the message.
+  """
+  affine = np.asarray(affine, np.float64)
+  if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+    raise DataError(f"{where}: invalid voxel-to-world affine (not a finite 4x4 matrix)")
+  sizes = voxel_size(affine)
+  if not (np.all(sizes >= MIN_VOXEL_MM) and np.all(sizes <= MAX_VOXEL_MM)):
+    raise DataError(
+        f"{where}: implausible voxel size {'x'.join(f'{v:.4g}' for v in sizes)} mm"
+        f"{f' (xyzt_units {unit})' if unit else ''}; expected {MIN_VOXEL_MM:g} to "
+        f"{MAX_VOXEL_MM:g} mm per edge")
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(sizes)):
+    raise DataError(f"{where}: singular voxel-to-world affine (voxel axes are not independent)")
+  return affine
+
+
+def _check_layout(img, header, available: int | None, where: str) -> None:
+  """Refuses voxel data that would be read from the header or from beyond the file's end."""
+  if header is not None and header["magic"].item() in (b"n+1", b"n+2"):
+    offset, minimum = float(header["vox_offset"]), type(header).single_vox_offset
+    if not offset >= minimum:
+      raise DataError(f"{where}: vox_offset {offset:g} lies inside the {minimum}-byte header "
+                      "(header bytes would be read as voxels)")
+  proxy = img.dataobj
+  if not isinstance(proxy, arrayproxy.ArrayProxy):
+    return
+  shape = tuple(int(s) for s in proxy.shape)
+  if any(s < 1 for s in shape):
+    raise DataError(f"{where}: invalid image dimensions {shape}")
+  need = int(np.prod(shape, dtype=object)) * np.dtype(proxy.dtype).itemsize
+  if available is not None and int(proxy.offset) + need > available:
+    raise DataError(
+        f"{where}: truncated or corrupt image (the header promises {need} bytes of voxels at "
+        f"offset {int(proxy.offset)}, the file holds {available} bytes)")
+
+
+def _check_scaling(header, where: str) -> None:
+  if header is None:
+    return
+  slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+  if slope == 0:
+    return  # NIfTI: no scaling.
+  if not np.isfinite(slope) or slope < 0:
+    raise DataError(f"{where}: invalid intensity scaling scl_slope {slope:g} (must be a finite, "
+                    "positive number, or 0 for none)")
+  if not np.isfinite(inter):
+    raise DataError(f"{where}: invalid intensity scaling scl_inter {inter:g} (not finite)")
+
+
+def read_geometry(
+    path: str | os.PathLike, subject: str | None = None
+) -> tuple[tuple[int, ...], np.ndarray]:
+  """The checked grid of an image file from its header alone (no voxel is read).
+
+  Returns:
+    (shape, voxel-to-world affine `[4, 4]` in mm), after the checks of the module docstring
+    (voxel sizes, units, codes, layout); the same affine `load_image` gives the image.
+
+  Raises:
+    DataError: one line naming subject and file.
+  """
+  where = describe(path, subject)
+  if not os.path.isfile(path):
+    raise DataError(f"{where}: file not found" if not os.path.exists(path) else
+                    f"{where}: not a regular file, expected an image file")
+  try:
+    img, header, available = _open(path, whole=False)
+    _check_layout(img, header, available, where)
+    affine = _checked_affine(img, header, where)
+    return tuple(int(s) for s in img.shape), affine
+  except (DataError, MemoryError):
+    raise
+  except Exception as e:  # nibabel raises many types for bad files; the user needs one line.
+    raise DataError(f"{where}: unreadable or corrupt image ({_one_line(e)})") from e
 
 
 def load_image(
@@ -53,12 +229,14 @@ def load_image(
 
   Returns:
     Image with data `[x, y, z]` (the file's own dtype, native byte order, scaling applied by
-    nibabel) and the file's voxel-to-world affine (mm). Trailing singleton axes (e.g. a
-    `[x, y, z, 1]` series) are dropped.
+    nibabel) and the file's voxel-to-world affine in mm (nibabel's `img.affine`, converted from
+    metres or microns when xyzt_units says so). Trailing singleton axes (e.g. a `[x, y, z, 1]`
+    series) are dropped.
 
   Raises:
     DataError: one line naming subject and file, for a missing, unreadable, corrupt or truncated
-      file, a non-3D image, NaN/Inf voxels or (with `require_brain`) an all-zero image.
+      file (a gzip stream failing its CRC included), a header failing the checks of the module
+      docstring, a non-3D image, NaN/Inf voxels or (with `require_brain`) an all-zero image.
   """
   where = describe(path, subject)
   if not os.path.exists(path):
@@ -66,22 +244,26 @@ def load_image(
   if os.path.isdir(path):
     raise DataError(f"{where}: is a directory, expected an image file")
   try:
-    img = nib.load(os.fspath(path))
+    img, header, available = _open(path, whole=True)
+    _check_layout(img, header, available, where)
+    affine = _checked_affine(img, header, where)
+    _check_scaling(header, where)
     # Reading the voxels is where truncated or corrupt payloads fail (header reads are lazy).
-    data = np.asanyarray(img.dataobj)
-    affine = np.asarray(img.affine, dtype=np.float64)
-  except MemoryError:
+    data = np.asarray(np.asanyarray(img.dataobj))
+    proxy = img.dataobj
+    if (isinstance(proxy, arrayproxy.ArrayProxy) and float(proxy.inter) != 0
+        and not np.any(data == 0) and np.any(np.asarray(proxy.get_unscaled()) == 0)):
+      raise DataError(
+          f"{where}: scl_inter {float(proxy.inter):g} turns the zero background into "
+          f"{float(proxy.inter):g}: the brain is found from non-zero voxels (store the image "
+          "without the intercept)")
+  except (DataError, MemoryError):
     raise
   except Exception as e:  # nibabel raises many types for bad files; the user needs one line.
     raise DataError(f"{where}: unreadable or corrupt image ({_one_line(e)})") from e
-  data = np.asarray(data)
   if data.dtype.byteorder not in ("=", "|"):
     data = data.astype(data.dtype.newbyteorder("="))
   data = check_volume(data, path, subject, require_brain=require_brain)
-  if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-    raise DataError(f"{where}: invalid voxel-to-world affine")
-  if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-    raise DataError(f"{where}: singular voxel-to-world affine (zero voxel size)")
   return make_image(data, affine)
 
 
@@ -257,3 +439,56 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, tol: float = 1e-4) -> bool:
   """Whether two images share a voxel grid (shape and affine up to `tol` mm)."""
   return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(
       np.asarray(affine_a, np.float64), np.asarray(affine_b, np.float64), atol=tol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Oblique affines.
+
+
+def _axis_aligned(affine: np.ndarray) -> np.ndarray:
+  """The linear part `[3, 3]` with each voxel axis put on its nearest world axis (same length,
+  same direction sign), as reorientation alone treats it."""
+  linear = np.asarray(affine, np.float64)[:3, :3]
+  aligned = np.zeros((3, 3))
+  for i, (axis, flip) in enumerate(canonical_orientation(affine)):
+    aligned[int(axis), i] = flip * np.linalg.norm(linear[:, i])
+  return aligned
+
+
+def obliquity_mm(shape: Sequence[int], affine: np.ndarray) -> float:
+  """How far (mm) ignoring the rotation of `affine` would move the farthest voxel of the field of
+  view `shape` (measured from its centre, over its 8 corners)."""
+  affine = np.asarray(affine, np.float64)
+  difference = affine[:3, :3] - _axis_aligned(affine)
+  half = (np.asarray(shape[:3], np.float64) - 1) / 2
+  corners = np.array(np.meshgrid(*[(-h, h) for h in half], indexing="ij")).reshape(3, -1)
+  return float(np.max(np.linalg.norm(difference @ corners, axis=0)))
+
+
+def obliquity_degrees(affine: np.ndarray) -> float:
+  """The largest angle (degrees) between a voxel axis and its nearest world axis."""
+  return float(np.degrees(np.max(nib.affines.obliquity(np.asarray(affine, np.float64)))))
+
+
+def is_oblique(shape: Sequence[int], affine: np.ndarray) -> bool:
+  """Whether reorienting alone would misplace voxels of (shape, affine) by more than
+  `OBLIQUE_TOLERANCE_VOXELS` of the smallest voxel edge (then resample: `aligned_grid`)."""
+  tolerance = OBLIQUE_TOLERANCE_VOXELS * float(np.min(voxel_size(affine)))
+  return obliquity_mm(shape, affine) > tolerance
+
+
+def aligned_grid(
+    shape: Sequence[int], affine: np.ndarray
+) -> tuple[tuple[int, int, int], np.ndarray]:
+  """An axis-aligned RAS+ grid covering the field of view of (shape, affine), same voxel sizes.
+
+  Each voxel axis keeps its edge length on the world axis nearest to it; the grid is nibabel's
+  `resample_to_output` grid (`spaces.vox2out_vox`) for those sizes. Returns (shape, affine).
+  """
+  affine = np.asarray(affine, np.float64)
+  sizes = np.empty(3)
+  for i, (axis, _) in enumerate(canonical_orientation(affine)):
+    sizes[int(axis)] = voxel_size(affine)[i]
+  out_shape, out_affine = spaces.vox2out_vox(
+      (tuple(int(s) for s in shape[:3]), affine), tuple(float(v) for v in sizes))
+  return tuple(int(v) for v in out_shape), np.asarray(out_affine, np.float64)

@@ -2,12 +2,14 @@
 
 `preprocess_subject` is the one place images become the network's cube (used by `brainage
 prepare` for every subject of a cache, on simulated subjects in memory, and by `brainage predict`
-on new data through `Cache.preprocess`): load and check every sequence; bring them onto the
-reference (first) sequence's grid, resampled to `voxel_size` mm if asked; reorient to RAS+;
-centre the brain's bounding box (nonzero voxels of the reference, or a brain mask) in the cube;
-optionally correct the bias field; scale intensities (clip at a brain percentile + min-max to
-uint8, or z-score -> float16); optionally zero everything outside atlas regions. Sequences become
-channels.
+on new data through `Cache.preprocess`): load and check every sequence (`nifti.load_image`: header,
+units, scaling, CRC); bring them onto the reference (first) sequence's grid, resampled to
+`voxel_size` mm if asked, and resampled onto an axis-aligned grid in world space if the reference
+is oblique (`nifti.is_oblique`; `resample_oblique=False` refuses such images instead); reorient
+to RAS+; centre the brain's bounding box (nonzero voxels of the reference, or a brain mask) in the
+cube; optionally correct the bias field; scale intensities (clip at a brain percentile + min-max
+to uint8, or z-score -> float16); optionally zero everything outside atlas regions. Sequences
+become channels.
 
 The cube shape defaults from the voxel size: 98^3 at 2 mm and 198^3 at 1 mm (the study's), else
 the smallest even side that holds 198 mm (`prune.default_cube_shape`).
@@ -39,6 +41,10 @@ class Preprocessing:
     regions: atlas labels to keep (None = whole brain).
     bias_sigma_mm: > 0: homomorphic bias-field correction of every sequence with a Gaussian
       field of this width (mm) before scaling (`intensity.correct_bias`); 0 = none.
+    resample_oblique: resample a reference image whose affine is oblique (voxel axes rotated
+      against the world axes beyond `nifti.OBLIQUE_TOLERANCE_VOXELS`) onto an axis-aligned grid
+      in world space (linear; masks nearest), so the brain lands in the cube where its world
+      coordinates say; False: refuse such images (one-line DataError).
   """
 
   sequences: tuple[str, ...] = ("T1w",)
@@ -48,6 +54,7 @@ class Preprocessing:
   ceiling_percentile: float = intensity.DEFAULT_CEILING_PERCENTILE
   regions: tuple[int, ...] | None = None
   bias_sigma_mm: float = 0.0
+  resample_oblique: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
@@ -69,6 +76,9 @@ class Preprocessing:
       raise ConfigError(f"bias_sigma_mm must be 0 (no correction) or a width in mm, got "
                         f"{self.bias_sigma_mm}")
     object.__setattr__(self, "bias_sigma_mm", float(self.bias_sigma_mm))
+    if not isinstance(self.resample_oblique, (bool, np.bool_)):
+      raise ConfigError(f"resample_oblique must be true or false, got {self.resample_oblique!r}")
+    object.__setattr__(self, "resample_oblique", bool(self.resample_oblique))
 
   @property
   def dtype(self) -> np.dtype:
@@ -88,10 +98,10 @@ def _as_image(image, subject: str | None, *, require_brain: bool = True) -> nib.
   """A checked in-memory image from a path or a nibabel image."""
   if isinstance(image, (str, os.PathLike)):
     return nifti.load_image(image, subject, require_brain=require_brain)
+  filename = getattr(image, "get_filename", lambda: None)()
   data = nifti.check_volume(
-      np.asanyarray(image.dataobj), getattr(image, "get_filename", lambda: None)(), subject,
-      require_brain=require_brain)
-  return nifti.make_image(data, image.affine)
+      np.asanyarray(image.dataobj), filename, subject, require_brain=require_brain)
+  return nifti.make_image(data, nifti.check_affine(image.affine, nifti.describe(filename, subject)))
 
 
 def preprocess_subject(
@@ -127,10 +137,19 @@ def preprocess_subject(
   ref = loaded[0]
   ref_affine = np.asarray(ref.affine, np.float64)
 
-  # Target grid: the reference's own, or its isotropic resampling.
-  resampled = nifti.needs_resampling(ref_affine, prep.voxel_size)
-  if resampled:
+  # Target grid: the reference's own, its isotropic resampling, or (oblique reference) its
+  # axis-aligned resampling; either resampled grid is axis-aligned in world space.
+  oblique = nifti.is_oblique(ref.shape, ref_affine)
+  if oblique and not prep.resample_oblique:
+    raise DataError(
+        f"{names[0]}: oblique voxel-to-world affine (voxel axes up to "
+        f"{nifti.obliquity_degrees(ref_affine):.1f} degrees off the world axes) and resampling "
+        "of oblique images is off (--no-resample-oblique)")
+  resampled = oblique or nifti.needs_resampling(ref_affine, prep.voxel_size)
+  if resampled and prep.voxel_size is not None:
     grid_shape, grid_affine = nifti.isotropic_grid(ref.shape, ref_affine, prep.voxel_size)
+  elif resampled:
+    grid_shape, grid_affine = nifti.aligned_grid(ref.shape, ref_affine)
   else:
     grid_shape, grid_affine = tuple(ref.shape[:3]), ref_affine
 

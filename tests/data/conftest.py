@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 from pathlib import Path
@@ -86,3 +87,17 @@ def one_line(message: str) -> bool:
 def save(img, path: os.PathLike) -> Path:
   nib.save(img, path)
   return Path(path)
+
+
+def with_header(raw: bytes, **fields) -> bytes:
+  """A single-file NIfTI-1 `raw` with header fields replaced as stored on disk (nibabel's image
+  header is a working copy, so this edits the bytes); `pixdimN=v` sets one pixdim item."""
+  hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+  for key, value in fields.items():
+    if key.startswith("pixdim") and key != "pixdim":
+      pixdim = hdr["pixdim"].copy()
+      pixdim[int(key[len("pixdim"):])] = value
+      hdr["pixdim"] = pixdim
+    else:
+      hdr[key] = value
+  return hdr.binaryblock + raw[len(hdr.binaryblock):]

@@ -137,14 +137,31 @@ def test_duplicated_ids(make_bids):
 
 
 @pytest.mark.parametrize("age,what", [("n/a", "missing age"), ("", "missing age"),
-                                      ("forty", "non-numeric"), ("-3", "invalid"),
-                                      ("inf", "non-numeric")])
+                                      ("forty", "non-numeric"), ("-3", "implausible"),
+                                      ("inf", "non-numeric"), ("999", "implausible"),
+                                      ("4_7", "non-numeric"), ("\uff14\uff17", "non-numeric")])
 def test_bad_ages(make_bids, age, what):
   root = _dataset(make_bids, **{"sub-05": {"age": age, "T1w": _img(), "FLAIR": _img()}})
   _fails(DataError, bids.read_bids, root, names=("sub-05", what, "participants.tsv", "line 5"))
   ds = bids.read_bids(root, skip_bad=True)
   assert len(ds) == 3 and ds.skipped[0][0] == "sub-05"
   assert bids.read_bids(root, require_age=False, skip_bad=True).subjects  # prediction path
+
+
+def test_age_range(make_bids):
+  root = _dataset(make_bids, **{"sub-05": {"age": 121, "T1w": _img(), "FLAIR": _img()},
+                                "sub-06": {"age": 0, "T1w": _img(), "FLAIR": _img()}})
+  message = _fails(DataError, bids.read_bids, root, names=("sub-05", "participants.tsv",
+                                                           "line 5", "0 to 120"))
+  assert "implausible age '121'" in message
+  ds = bids.read_bids(root, skip_bad=True)  # 0 (a newborn) is inside the default range.
+  assert [s.subject_id for s in ds.subjects] == ["sub-01", "sub-02", "sub-03", "sub-06"]
+  assert [sid for sid, _ in ds.skipped] == ["sub-05"]
+  wide = bids.read_bids(root, age_range="0,150")
+  assert [s.age for s in wide.subjects] == [34.5, 71.0, 18.0, 121.0, 0.0]
+  _fails(DataError, bids.read_bids, root, age_range=(18, 80), names=("sub-05", "18 to 80"))
+  for bad in ("10", "50,10", "a,b", "0,inf", (1, 2, 3)):
+    _fails(ConfigError, bids.read_bids, root, age_range=bad, names=("age range",))
 
 
 def test_ragged_table_row(tmp_path):

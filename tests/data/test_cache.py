@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import zlib
 
 import nibabel as nib
 import nibabel.processing
@@ -14,7 +16,7 @@ import scipy.stats
 from jax_brainage.commands import prepare as prepare_command
 from jax_brainage.data import bids, cache, prune, regions
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
-from tests.data.conftest import oriented_affine
+from tests.data.conftest import oriented_affine, with_header
 
 LAS = np.array([[0, -1], [1, 1], [2, 1]], float)
 AFFINE = oriented_affine(LAS, zooms=(2.0, 2.0, 2.0), origin=(20.0, -18.0, -14.0))
@@ -396,3 +398,99 @@ def test_bias_corrected_cache_records_and_reapplies_the_correction(dataset, tmp_
   np.testing.assert_array_equal(cube, corrected.volumes[1])
   with pytest.raises(ConfigError, match="bias_sigma_mm"):
     cache.Preprocessing(bias_sigma_mm=-1)
+
+
+def _row_offset(volumes_path, row: int) -> int:
+  """Byte offset of a row of an .npy file (its header read by numpy's format module)."""
+  with open(volumes_path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                   np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+    return f.tell() + row * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+
+
+def test_checksums_are_written_and_a_garbled_cache_is_refused(dataset, tmp_path):
+  out = tmp_path / "cache"
+  c = cache.prepare(bids.read_bids(dataset, "T1w,FLAIR"), out, PREP)
+  # Independent reference: zlib's CRC-32 of each row's bytes.
+  rows = [zlib.crc32(np.ascontiguousarray(v).tobytes()) for v in np.load(out / "volumes.npy")]
+  assert c.index["checksums"] == {"algorithm": "crc32", "rows": rows}
+  assert c.index["format_version"] == 2
+  assert len(cache.Cache.open(out)) == 3  # Verified once in this process.
+
+  # 4 KiB of garbage inside row 1, size kept (what the hostile test did).
+  start = _row_offset(out / "volumes.npy", 1) + 100
+  with open(out / "volumes.npy", "r+b") as f:
+    f.seek(start)
+    original = f.read(4096)
+    f.seek(start)
+    f.write(bytes(b ^ 0x5A for b in original))
+  with pytest.raises(DataError) as e:
+    cache.Cache.open(out)
+  message = str(e.value)
+  assert "\n" not in message and str(out / "volumes.npy") in message
+  assert "row 1 (sub-02) fails its checksum (1 of 3 rows bad)" in message
+  assert len(cache.Cache.open(out, verify=False)) == 3  # Index-only uses may skip the check.
+  with open(out / "volumes.npy", "r+b") as f:
+    f.seek(start)
+    f.write(original)
+  assert cache.Cache.open(out).subject_ids == ["sub-01", "sub-02", "sub-03"]
+
+
+def test_an_index_without_checksums_is_refused(dataset, tmp_path):
+  out = tmp_path / "cache"
+  cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
+  index = json.loads((out / "index.json").read_text())
+  for broken in ({k: v for k, v in index.items() if k != "checksums"},
+                 {**index, "checksums": {"algorithm": "md5", "rows": index["checksums"]["rows"]}},
+                 {**index, "checksums": {"algorithm": "crc32", "rows": [1, 2]}}):
+    (out / "index.json").write_text(json.dumps(broken))
+    with pytest.raises(DataError, match="corrupt cache index"):
+      cache.Cache.open(out)
+  (out / "index.json").write_text(json.dumps({**index, "format_version": 1}))
+  with pytest.raises(DataError, match="format version 1, this code reads 2; re-run"):
+    cache.Cache.open(out)
+
+
+def test_a_row_that_does_not_read_back_is_an_error(dataset, tmp_path, monkeypatch):
+  calls = []
+  honest = cache.row_checksum
+
+  def lying(row):  # The workers' checksum of sub-02's cube differs from what lands on disk.
+    calls.append(1)
+    return honest(row) + (1 if len(calls) == 2 else 0)
+
+  monkeypatch.setattr(cache, "row_checksum", lying)
+  with pytest.raises(DataError, match="row 1 \\(sub-02\\) reads back different"):
+    cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "c", cache.Preprocessing(
+        shape=(8, 8, 8)))
+  assert not (tmp_path / "c").exists()
+
+
+def test_implausible_first_header_does_not_size_the_cube(dataset, tmp_path):
+  # A 1e-3 mm voxel once sized a 198000^3 memmap (OSError); NaN crashed default_cube_shape.
+  path = dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+  raw = gzip.decompress(path.read_bytes())
+  for fields, what in [(dict(pixdim1=1e-3, pixdim2=1e-3, pixdim3=1e-3, sform_code=0, qform_code=1),
+                        "implausible voxel size 0.001x0.001x0.001 mm"),
+                       (dict(pixdim1=np.nan, sform_code=0, qform_code=1), "invalid voxel size"),
+                       (dict(srow_y=np.array([0, np.inf, 0, 0], np.float32)), "not a finite")]:
+    path.write_bytes(gzip.compress(with_header(raw, **fields)))
+    ds = bids.read_bids(dataset, "T1w")
+    with pytest.raises(DataError, match=f"sub-01: {path}: .*{what}"):
+      cache.prepare(ds, tmp_path / "strict", cache.Preprocessing())
+    c = cache.prepare(ds, tmp_path / "skip", cache.Preprocessing(), skip_bad=True)
+    assert c.shape == (98, 98, 98) and c.subject_ids == ["sub-02", "sub-03"]
+    assert what in c.index["skipped"][0]["reason"]
+
+
+def test_cli_age_range(dataset, tmp_path, capsys):
+  argv = ["--data", dataset, "--out", tmp_path / "c", "--shape", "8", "--workers", "1", "--quiet"]
+  with pytest.raises(DataError, match="sub-02: implausible age '47.5' \\(outside 0 to 30 years"):
+    _prepare_cli(argv + ["--age-range", "0,30"])
+  assert _prepare_cli(argv + ["--age-range", "0,30", "--skip-bad"]) == 0
+  assert cache.Cache.open(tmp_path / "c").subject_ids == ["sub-01"]
+  assert "skipped" in capsys.readouterr().err
+  with pytest.raises(ConfigError, match="age range"):
+    _prepare_cli(argv + ["--age-range", "30"])

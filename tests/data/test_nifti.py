@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import nibabel as nib
 import nibabel.processing
@@ -12,7 +13,7 @@ import pytest
 from jax_brainage.data import nifti
 from jax_brainage.errors import DataError
 from tests.data.conftest import (
-    MNI_T1, NIBABEL_DATA, all_orientations, blob, oriented_affine, real_image)
+    MNI_T1, NIBABEL_DATA, all_orientations, blob, oriented_affine, real_image, with_header)
 
 # Real 3D images with unusual orientations, voxel sizes and dtypes (LAS int16 big-endian, RAS
 # uint8 with 1x3x2 mm voxels, an oblique .mgz, NIfTI-2, the MNI template, a float32 stat map).
@@ -123,6 +124,144 @@ def test_directory_and_gzip_of_garbage(tmp_path):
   path = tmp_path / "bad.nii.gz"
   path.write_bytes(gzip.compress(b"\x01" * 1000))
   assert "corrupt" in _error(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header fields: voxel sizes, units, codes, layout, scaling, gzip CRC.
+
+HEADER_AFFINE = np.array([[-4.0, 0, 0, 30], [0, 4, 0, -40], [0, 0, 4, -20], [0, 0, 0, 1]])
+
+
+def _raw(data=None) -> bytes:
+  """A 4 mm int16 brain (zero background) as single-file NIfTI-1 bytes, sform and qform set."""
+  img = nib.Nifti1Image(blob((10, 12, 9), seed=5) if data is None else data, HEADER_AFFINE)
+  img.set_qform(HEADER_AFFINE, code=1)
+  img.set_sform(HEADER_AFFINE, code=1)
+  img.header.set_xyzt_units("mm", "sec")
+  return img.to_bytes()
+
+
+def _file(tmp_path, raw: bytes, name="sub-07_T1w.nii", gz_level=None):
+  path = tmp_path / (name + (".gz" if gz_level is not None else ""))
+  path.write_bytes(raw if gz_level is None else gzip.compress(raw, compresslevel=gz_level))
+  return path
+
+
+@pytest.mark.parametrize("fields", [
+    dict(pixdim1=np.nan, sform_code=0), dict(pixdim2=0.0, sform_code=0),
+    dict(pixdim3=np.inf, sform_code=0), dict(pixdim1=1e-3, pixdim2=1e-3, pixdim3=1e-3,
+                                             sform_code=0),
+    dict(pixdim2=25.0, sform_code=0), dict(srow_x=np.array([np.nan, 0, 0, 30], np.float32)),
+    dict(srow_y=np.zeros(4, np.float32)), dict(srow_z=np.array([0, 0, 1e-4, -20], np.float32)),
+    dict(pixdim1=np.nan),  # pixdim unused (sform), but a non-finite voxel size is corruption
+], ids=lambda f: ",".join(f"{k}={v if np.ndim(v) == 0 else 'row'}" for k, v in f.items()))
+def test_bad_voxel_sizes_are_refused_from_the_header_alone(tmp_path, fields):
+  path = _file(tmp_path, with_header(_raw(), **fields))
+  message = _error(path)
+  assert "voxel" in message or "affine" in message
+  with pytest.raises(DataError) as e:  # What the cache sizes its cube from: no voxel read.
+    nifti.read_geometry(path, "sub-07")
+  assert str(e.value) == message
+
+
+def test_plausible_voxel_size_bounds():
+  ok = np.diag([nifti.MIN_VOXEL_MM, nifti.MAX_VOXEL_MM, 1.0, 1.0])
+  np.testing.assert_array_equal(nifti.check_affine(ok), ok)
+  for sizes in ([0.09, 1, 1], [1, 20.5, 1], [1, 1, np.nan]):
+    with pytest.raises(DataError, match="implausible voxel size|not a finite"):
+      nifti.check_affine(np.diag(sizes + [1.0]), "x.nii")
+  with pytest.raises(DataError, match="singular"):
+    nifti.check_affine(np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+
+
+def test_negative_pixdim_and_qform_follow_nibabel(tmp_path):
+  path = _file(tmp_path, with_header(_raw(), pixdim1=-4.0, sform_code=0))
+  img = nifti.load_image(path, "sub-07")
+  np.testing.assert_allclose(img.affine, nib.load(path).affine)
+  np.testing.assert_allclose(nifti.voxel_size(img.affine), [4, 4, 4])
+
+
+@pytest.mark.parametrize("code,mm", [(1, 1000.0), (3, 1e-3)], ids=["meter", "micron"])
+def test_spatial_units_are_converted_to_mm(tmp_path, code, mm):
+  # A 4 mm image stored in metres (0.004) or microns (4000): the same grid in mm.
+  affine = HEADER_AFFINE.copy()
+  affine[:3] /= mm
+  raw = with_header(_raw(), xyzt_units=code, pixdim1=4 / mm, pixdim2=4 / mm, pixdim3=4 / mm,
+                    srow_x=affine[0], srow_y=affine[1], srow_z=affine[2], qform_code=0)
+  path = _file(tmp_path, raw)
+  img = nifti.load_image(path, "sub-07")
+  np.testing.assert_allclose(img.affine[:3], nib.load(path).affine[:3] * mm, rtol=1e-6)
+  np.testing.assert_allclose(img.affine, HEADER_AFFINE, rtol=1e-5, atol=1e-5)
+  # The usual mistake: a mm image labelled micron is a 4-micron voxel, refused in one line.
+  message = _error(_file(tmp_path, with_header(_raw(), xyzt_units=3), name="mislabelled.nii"),
+                   subject="sub-07")
+  assert "implausible voxel size 0.004x0.004x0.004 mm (xyzt_units micron)" in message
+  assert "unit code 5" in _error(_file(tmp_path, with_header(_raw(), xyzt_units=5),
+                                       name="code5.nii"))
+
+
+def test_no_orientation_codes_are_refused(tmp_path):
+  path = _file(tmp_path, with_header(_raw(), qform_code=0, sform_code=0))
+  assert "qform_code and sform_code are 0" in _error(path)
+  only_qform = _file(tmp_path, with_header(_raw(), sform_code=0), name="q.nii")
+  np.testing.assert_allclose(nifti.load_image(only_qform).affine, nib.load(only_qform).affine)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 351.0])
+def test_vox_offset_inside_the_header_is_refused(tmp_path, offset):
+  for level in (None, 6):
+    path = _file(tmp_path, with_header(_raw(), vox_offset=offset), gz_level=level)
+    # Ours, or nibabel's own refusal (it accepts only 0), both one line naming the file.
+    assert re.search(f"vox_offset {offset:g} lies inside the 352-byte header|vox offset "
+                     f"{offset:g} too low", _error(path))
+
+
+def test_payload_is_checked_before_anything_is_allocated(tmp_path):
+  dim = np.array([3, 30000, 30000, 30000, 1, 1, 1, 1], np.int16)
+  for level in (None, 1):
+    path = _file(tmp_path, with_header(_raw(), dim=dim), gz_level=level)
+    assert "truncated or corrupt image (the header promises" in _error(path)
+
+
+def test_garbled_gzip_stream_is_caught_by_its_crc(tmp_path):
+  data = blob((10, 12, 9), seed=5)
+  stored = bytearray(gzip.compress(_raw(data), compresslevel=0))  # Deflate "stored" blocks.
+  stored[len(stored) // 2] ^= 0xFF  # One voxel byte: still a valid deflate stream.
+  path = tmp_path / "garbled.nii.gz"
+  path.write_bytes(bytes(stored))
+  # nibabel reads only the bytes it needs and returns a wrong voxel without a word...
+  silently = np.asanyarray(nib.load(path).dataobj)
+  assert np.count_nonzero(silently != data) == 1
+  # ...the whole stream, read with its CRC checked, is refused.
+  assert "CRC check failed" in _error(path)
+
+
+@pytest.mark.parametrize("slope,inter,what", [
+    (np.nan, 0.0, "scl_slope nan"), (np.inf, 0.0, "scl_slope inf"), (-1.0, 0.0, "scl_slope -1"),
+    (1.0, np.nan, "(scl_inter|invalid intercept) nan"),
+    (1.0, 1e6, "scl_inter 1e\\+06 turns the zero background"),
+    (2.0, -0.5, "scl_inter -0.5 turns the zero background")])
+def test_bad_intensity_scaling_is_refused(tmp_path, slope, inter, what):
+  path = _file(tmp_path, with_header(_raw(), scl_slope=slope, scl_inter=inter))
+  assert re.search(what, _error(path))
+
+
+@pytest.mark.parametrize("slope,inter", [(0.0, 0.0), (2.5, 0.0), (1e30, 0.0)])
+def test_valid_intensity_scaling_is_nibabels(tmp_path, slope, inter):
+  path = _file(tmp_path, with_header(_raw(), scl_slope=slope, scl_inter=inter))
+  np.testing.assert_array_equal(np.asarray(nifti.load_image(path).dataobj),
+                                np.asanyarray(nib.load(path).dataobj))
+
+
+def test_intercept_that_keeps_a_zero_background_is_accepted(tmp_path):
+  # nibabel's own float -> int16 storage: a slope and an intercept under which 0 stays 0.
+  data = blob((10, 12, 9), seed=5).astype(np.float32) / 7
+  img = nib.Nifti1Image(data, HEADER_AFFINE, dtype=np.int16)
+  path = tmp_path / "scaled.nii"
+  nib.save(img, path)
+  assert np.asanyarray(nib.load(path).dataobj).min() == 0
+  np.testing.assert_array_equal(np.asarray(nifti.load_image(path).dataobj),
+                                np.asanyarray(nib.load(path).dataobj))
 
 
 # ---------------------------------------------------------------------------------------------

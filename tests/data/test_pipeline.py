@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import zlib
 
 import jax
 import numpy as np
@@ -288,11 +289,13 @@ def _fake_cache(tmp_path, volumes, ages):
   (tmp_path / "cache").mkdir()
   np.save(tmp_path / "cache" / "volumes.npy", volumes)
   scaling = "zscore" if volumes.dtype == np.float16 else "minmax"
-  index = dict(format="jax-brainage-cache", format_version=1, shape=list(volumes.shape[1:4]),
+  index = dict(format="jax-brainage-cache", format_version=2, shape=list(volumes.shape[1:4]),
                sequences=["T1w", "FLAIR"], dtype=volumes.dtype.name, scaling=scaling,
                preprocessing=dict(sequences=["T1w", "FLAIR"]),
                subjects=[dict(subject_id=f"sub-{i:03d}", age=float(a), inverse={})
-                         for i, a in enumerate(ages)])
+                         for i, a in enumerate(ages)],
+               checksums=dict(algorithm="crc32", rows=[
+                   zlib.crc32(np.ascontiguousarray(v).tobytes()) for v in volumes]))
   (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
   return tmp_path / "cache"
 
