@@ -150,9 +150,10 @@ class Cache:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
       raise DataError(f"{index_path}: not a {FORMAT} index")
     version = index.get("format_version")
-    if version != FORMAT_VERSION:
+    # Version 1 (before checksums) still opens, unverified: re-prepare it to get checksums.
+    if version not in (1, FORMAT_VERSION):
       raise DataError(f"{index_path}: cache format version {version}, this code reads "
-                      f"{FORMAT_VERSION}; re-run `brainage prepare`")
+                      f"1 to {FORMAT_VERSION}; re-run `brainage prepare`")
     try:
       n = len(index["subjects"])
       expected = (n, *index["shape"], len(index["sequences"]))
@@ -160,10 +161,11 @@ class Cache:
       Preprocessing.from_dict(index["preprocessing"])
       for r in index["subjects"]:
         r["subject_id"], r["age"], r["inverse"]
-      checksums = index["checksums"]
-      if checksums["algorithm"] != CHECKSUM or len(checksums["rows"]) != n:
-        raise ValueError("checksums")
-      [int(c) for c in checksums["rows"]]
+      if version == FORMAT_VERSION:
+        checksums = index["checksums"]
+        if checksums["algorithm"] != CHECKSUM or len(checksums["rows"]) != n:
+          raise ValueError("checksums")
+        [int(c) for c in checksums["rows"]]
     except (KeyError, TypeError, ValueError, BrainAgeError) as e:
       raise DataError(f"{index_path}: corrupt cache index (bad or missing {e})") from None
     volumes_path = path / VOLUMES
@@ -176,7 +178,7 @@ class Cache:
     if volumes.shape != tuple(expected) or volumes.dtype != dtype:
       raise DataError(f"{volumes_path}: holds {volumes.dtype} {volumes.shape}, index says "
                       f"{dtype} {tuple(expected)}; re-run `brainage prepare`")
-    if verify:
+    if verify and version == FORMAT_VERSION:
       try:
         _verify(path, volumes, [r["subject_id"] for r in index["subjects"]],
                 index["checksums"]["rows"])

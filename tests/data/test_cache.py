@@ -438,7 +438,7 @@ def test_checksums_are_written_and_a_garbled_cache_is_refused(dataset, tmp_path)
   assert cache.Cache.open(out).subject_ids == ["sub-01", "sub-02", "sub-03"]
 
 
-def test_an_index_without_checksums_is_refused(dataset, tmp_path):
+def test_an_index_without_checksums_is_refused_unless_it_predates_them(dataset, tmp_path):
   out = tmp_path / "cache"
   cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
   index = json.loads((out / "index.json").read_text())
@@ -448,8 +448,13 @@ def test_an_index_without_checksums_is_refused(dataset, tmp_path):
     (out / "index.json").write_text(json.dumps(broken))
     with pytest.raises(DataError, match="corrupt cache index"):
       cache.Cache.open(out)
-  (out / "index.json").write_text(json.dumps({**index, "format_version": 1}))
-  with pytest.raises(DataError, match="format version 1, this code reads 2; re-run"):
+  # A version-1 cache (written before checksums) still opens, unverified, with its own volumes.
+  old = {k: v for k, v in index.items() if k != "checksums"}
+  (out / "index.json").write_text(json.dumps({**old, "format_version": 1}))
+  opened = cache.Cache.open(out)
+  np.testing.assert_array_equal(np.asarray(opened.volumes), np.load(out / "volumes.npy"))
+  (out / "index.json").write_text(json.dumps({**index, "format_version": 3}))
+  with pytest.raises(DataError, match="format version 3, this code reads 1 to 2; re-run"):
     cache.Cache.open(out)
 
 
