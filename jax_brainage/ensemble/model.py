@@ -24,6 +24,7 @@ import numpy as np
 
 from jax_brainage import fileio, models, sharding
 from jax_brainage.data import intensity
+from jax_brainage.data.preprocess import Preprocessing
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.errors import ConfigError, DataError
@@ -368,8 +369,10 @@ def check_cache(sub: SubEnsemble, cache, who: str | None = None) -> None:
     raise DataError(f"{where}: has no sequence {missing[0]!r} that {who} reads")
   if sub.preprocessing is not None:
     now = fileio.jsonable(cache.preprocessing.to_dict())
-    for key in sorted(set(now) | set(sub.preprocessing)):
-      a, b = fileio.jsonable(sub.preprocessing.get(key)), now.get(key)
+    # A record written before a preprocessing option existed meant that option's default.
+    recorded = {**fileio.jsonable(Preprocessing().to_dict()), **sub.preprocessing}
+    for key in sorted(set(now) | set(recorded)):
+      a, b = fileio.jsonable(recorded.get(key)), now.get(key)
       if a != b:
         raise DataError(f"{where}: preprocessing {key} is {b!r} now, {who} "
                         f"was trained with {a!r} (was the cache prepared again?)")
