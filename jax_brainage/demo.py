@@ -29,7 +29,7 @@ minutes), cpu (cpu.py: 400 subjects at 4 mm, 3 MRInets on T1w + FLAIR + SWI; siz
 cores) and gpu (ensemble_wholebrain.py:5: 2637 subjects at 2 mm as in the study, 98^3 cubes,
 3 sequences x 5 members; for an accelerator). The default is gpu when JAX has an accelerator,
 else cpu. A workdir belongs to one preset: another preset's workdir is refused with a one-line
-error.
+error; and to one demo at a time (`jax_brainage.lock`: a second one is refused in one line).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jax_brainage import fileio, plots, predict
+from jax_brainage import fileio, lock, plots, predict
 from jax_brainage.analyse import forest, gap, report
 from jax_brainage.data import bids, simulate, splits
 from jax_brainage.data import cache as cache_lib
@@ -165,6 +165,14 @@ def run_demo(workdir: str | os.PathLike, preset: str | None = None, *,
   overrides = [str(o) for o in overrides]
   workers = workers or min(os.cpu_count() or 1, 8)
   config = preset_config(preset, workdir, data_dir, overrides)
+  # One demo per workdir at a time (the training inside takes the same lock: one holder).
+  with lock.hold(workdir, "brainage demo"):
+    return _run_stages(workdir, preset, data_dir, overrides, config, quiet, workers)
+
+
+def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str], config,
+                quiet: bool, workers: int) -> dict[str, Any]:
+  """`run_demo`'s stages, inside the workdir's lock."""
   workdir.mkdir(parents=True, exist_ok=True)
   record = _claim(workdir, preset, data_dir, overrides)
   stages = record.setdefault("stages", {})

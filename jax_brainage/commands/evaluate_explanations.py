@@ -9,8 +9,9 @@ The LRP rule-experimentation tool (`jax_brainage.explain.evaluate`): on a simula
 explains the held-out subjects of a trained workdir with every method of `explain.maps.METHODS`
 and scores each map against the ground-truth masks (`explain.truth`), by 3D region perturbation
 and by the model-parameter randomisation sanity check (`explain.scoring`, which also describes
-the outputs: scores.tsv, summary.tsv, evaluation.json, evaluation.png, sanity.tsv). It prints
-one line: the methods evaluated, the summary table and the best composite.
+the outputs: scores.tsv, summary.tsv, evaluation.json, evaluation.png, sanity.tsv), holding the
+lock of --out (`jax_brainage.lock`: a second writer is refused in one line). It prints one line:
+the methods evaluated, the summary table and the best composite.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@
         [--session S] [--workers N] [--skip-bad] [--seed S]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
-written under --out: subject-space maps, group maps, region tables, figures, explain.json). This
-command prints the subjects it skipped (stderr) and one line: subjects explained, group maps,
-region tables and the index.
+written under --out: subject-space maps, group maps, region tables, figures, explain.json),
+holding the lock of --out (`jax_brainage.lock`) from before the model loads. This command
+prints the subjects it skipped (stderr) and one line: subjects explained, group maps, region
+tables and the index.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from jax_brainage import predict
+from jax_brainage import lock, predict
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import derivative, maps
 
@@ -84,21 +85,24 @@ def run(args: argparse.Namespace) -> int:
   method = maps.get_method(args.composite)
   if args.members_per_call < 0:
     raise ConfigError(f"--members-per-call {args.members_per_call} must be 0 (all) or more")
-  target = derivative.Target(args.workdir, args.checkpoint, method, batch_size=args.batch_size,
-                             seed=args.seed, levels=levels,
-                             members_per_call=args.members_per_call)
-  dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
-                                 skip_bad=args.skip_bad)
-  atlas = args.atlas if args.atlas is not None else derivative.find_atlas(args.data, target)
   if args.atlas is not None and not args.atlas.is_file():
     raise DataError(f"--atlas {args.atlas}: file not found")
-  columns = None if args.groups is None else [c.strip() for c in args.groups.split(",")
-                                              if c.strip()]
-  index = derivative.explain_dataset(target, dataset, args.out, subjects=args.subjects,
-                                     workers=args.workers, skip_bad=args.skip_bad,
-                                     atlas_path=atlas, age_band=args.age_band,
-                                     group_columns=columns, n_figures=args.figures,
-                                     glass_brain=not args.no_glass_brain, quiet=args.quiet)
+  # --out's lock from the start: a second writer is refused before the model loads
+  # (explain_dataset holds the same lock again: one holder).
+  with lock.hold(args.out, "brainage explain"):
+    target = derivative.Target(args.workdir, args.checkpoint, method,
+                               batch_size=args.batch_size, seed=args.seed, levels=levels,
+                               members_per_call=args.members_per_call)
+    dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
+                                   skip_bad=args.skip_bad)
+    atlas = args.atlas if args.atlas is not None else derivative.find_atlas(args.data, target)
+    columns = None if args.groups is None else [c.strip() for c in args.groups.split(",")
+                                                if c.strip()]
+    index = derivative.explain_dataset(target, dataset, args.out, subjects=args.subjects,
+                                       workers=args.workers, skip_bad=args.skip_bad,
+                                       atlas_path=atlas, age_band=args.age_band,
+                                       group_columns=columns, n_figures=args.figures,
+                                       glass_brain=not args.no_glass_brain, quiet=args.quiet)
   for s in index["skipped"]:
     print(f"skipped {s['participant_id']}: {s['reason']}", file=sys.stderr)
   print(f"explained {len(index['subjects'])} subjects with {args.workdir} ({method.name}) -> "

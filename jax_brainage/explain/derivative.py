@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jax_brainage import fileio, predict
+from jax_brainage import fileio, lock, predict
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import nifti, simulate
 from jax_brainage.data import regions as atlas_lib
@@ -212,7 +212,8 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
                     n_figures: int = 4, glass_brain: bool = True,
                     quiet: bool = False) -> dict[str, Any]:
   """Explains every (chosen) subject of `dataset` and writes maps, tables, figures and index
-  (see the module docstring).
+  (see the module docstring), holding the lock of `out` (`jax_brainage.lock`: a second writer
+  of `out` is refused in one line; temporaries a killed run left in `out` are removed first).
 
   Args:
     target: the model and method (`Target`); dataset: `predict.read_dataset` with
@@ -226,8 +227,20 @@ def explain_dataset(target: Target, dataset, out: str | os.PathLike, *,
     n_figures: subjects with montages; glass_brain: a glass brain of the group-all map.
   Returns:
     the index written to out/explain.json.
+  Raises:
+    ConfigError: another process writes `out`.
   """
-  out = Path(out)
+  with lock.hold(out, "brainage explain"):
+    return _write_derivative(target, dataset, Path(out), subjects=subjects, workers=workers,
+                             skip_bad=skip_bad, atlas_path=atlas_path, age_band=age_band,
+                             group_columns=group_columns, n_figures=n_figures,
+                             glass_brain=glass_brain, quiet=quiet)
+
+
+def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, skip_bad,
+                      atlas_path, age_band, group_columns, n_figures, glass_brain,
+                      quiet) -> dict[str, Any]:
+  """`explain_dataset`'s work, inside the lock of `out`."""
   chosen = select_subjects(dataset, subjects)
   groups, how = subject_groups(chosen, age_band=age_band, columns=group_columns)
   atlas = atlas_lib.load_atlas(atlas_path) if atlas_path is not None else None

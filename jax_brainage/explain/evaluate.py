@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_brainage import predict
+from jax_brainage import lock, predict
 from jax_brainage.data import intensity
 from jax_brainage.ensemble.model import Ensemble
 from jax_brainage.errors import ConfigError, DataError
@@ -318,14 +318,18 @@ def evaluate_explanations(workdir: str | os.PathLike, data: str | os.PathLike,
     settings, subjects, split, progress: as for `evaluate`.
   Returns:
     (the result of `evaluate`, {output: path}).
+  Raises:
+    ConfigError: another process writes `out` (its lock, `jax_brainage.lock`, is held from the
+      start, so the refusal comes before the evaluation's minutes, not after them).
   """
-  model = artifact.load(workdir, checkpoint)
-  voxel = voxel_size_mm(model)
-  settings = dataclasses.replace(settings or Settings(),
-                                 patch_size=max(1, int(round(patch_mm / voxel))))
-  result = evaluate(model, data, methods, subjects=subjects, split=split, settings=settings,
-                    progress=progress)
-  return result, scoring.write_outputs(out, result)
+  with lock.hold(out, "brainage evaluate-explanations"):
+    model = artifact.load(workdir, checkpoint)
+    voxel = voxel_size_mm(model)
+    settings = dataclasses.replace(settings or Settings(),
+                                   patch_size=max(1, int(round(patch_mm / voxel))))
+    result = evaluate(model, data, methods, subjects=subjects, split=split, settings=settings,
+                      progress=progress)
+    return result, scoring.write_outputs(out, result)
 
 
 def evaluate_methods(workdir: str | os.PathLike, data: str | os.PathLike,

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # auto (device on an accelerator when it fits)
   c.data.simulate = ml_collections.ConfigDict()
   c.data.simulate.n = 0              # > 0: simulate this many subjects if `cache` is missing
+                                     # (the config file's `cache`: a --config.data.cache
+                                     # override must exist, unless the override also sets
+                                     # data.simulate.n or .out; see apply_overrides)
   c.data.simulate.resolution = 4     # mm (1, 2, 3 or 4)
   c.data.simulate.seed = 0
   c.data.simulate.out = ""           # where the simulated BIDS dataset goes
@@ -221,15 +224,19 @@ def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies `--config.a.b VALUE` / `--config.a.b=VALUE` pairs (values as Python literals).
 
-  Returns a checked copy; an unknown key, a missing value or a wrong type is a one-line
-  ConfigError naming the key.
+  Returns a checked copy; an unknown key, a missing value, a wrong type or a value `validate`
+  refuses is a one-line ConfigError naming the key. A path the user names must exist
+  (`check_named_paths`): an overridden `init_from`, and an overridden `data.cache` without a
+  prepared cache there unless the overrides also ask to simulate (`data.simulate.n` or `.out`).
   """
+  before = str(config.data.cache)
   config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
   items = list(overrides)
+  named: set[str] = set()
   i = 0
   while i < len(items):
     flag = items[i]
-    if not flag.startswith("--config."):
+    if not isinstance(flag, str) or not flag.startswith("--config."):
       raise ConfigError(f"unrecognised argument {flag!r} (overrides look like "
                         "--config.optimizer.learning_rate 1e-3)")
     if "=" in flag:
@@ -240,10 +247,42 @@ def apply_overrides(config: ml_collections.ConfigDict,
         raise ConfigError(f"override {flag} has no value")
       text = items[i + 1]
       i += 2
-    set_key(config, flag[len("--config."):], text)
+    key = flag[len("--config."):]
+    set_key(config, key, text)
+    named.add(key)
   config.lock()
   validate(config)
+  check_named_paths(config, named, before)
   return config
+
+
+def check_named_paths(config: ml_collections.ConfigDict, named: set[str] | Sequence[str],
+                      before: str) -> None:
+  """Paths the user named on the command line must exist: `init_from` (a workdir), and
+  `data.cache` (a prepared cache) unless the same overrides ask to simulate.
+
+  A config that simulates (`data.simulate.n > 0`) prepares its cache on first use; that is for
+  the path its file chose. A different path given as an override (`named` holds the overridden
+  keys, `before` the file's `data.cache`) is where the user says a cache IS: preparing a
+  simulated cohort there (the issue's `--config.data.cache /nonexistent`: 100 synthetic
+  subjects trained on without a word) is only right when the same overrides ask to simulate
+  (`data.simulate.n` or `data.simulate.out`).
+
+  Raises:
+    ConfigError: one line naming the key and the path.
+  """
+  named = set(named)
+  # os.path (not Path) checks: they answer False for a name the OS refuses (too long, ...).
+  if "init_from" in named and config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from={config.init_from!r}: no such workdir")
+  cache = str(config.data.cache)
+  if ("data.cache" not in named or cache == before or config.data.simulate.n <= 0
+      or named & {"data.simulate.n", "data.simulate.out"}):
+    return
+  if not os.path.isfile(os.path.join(cache, "index.json")):
+    raise ConfigError(f"config.data.cache={cache!r}: no prepared cache there (no index.json); "
+                      f"prepare one (brainage prepare --out {cache}), or to simulate the "
+                      "config's cohort into it also set --config.data.simulate.n")
 
 
 def set_key(config: ml_collections.ConfigDict, dotted: str, text: str | Any) -> None:
@@ -280,8 +319,8 @@ def _parse(text: str, ref: Any) -> Any:
     return text
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+  except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+    return text  # not a literal: the type check names the key
   if isinstance(ref, (tuple, list)) and not isinstance(value, (tuple, list)):
     value = (value,)
   return value
@@ -292,11 +331,37 @@ def _parse(text: str, ref: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+# Integers are bounded so that nothing downstream overflows (step counters and seeds are
+# int32/uint32 on the device); cube sides are bounded so that a typo cannot size a memmap of
+# petabytes.
+MAX_INT = 2**31 - 1
+MAX_CUBE_SIDE = 2048  # voxels
+PATH_KEYS = ("data.cache", "data.simulate.out", "init_from")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """One-line ConfigError for the first value that cannot work (names the key)."""
+  """One-line ConfigError for the first value that cannot work (names the key).
+
+  Besides each key's own rule: every float is finite (no NaN or infinity, which JSON cannot
+  store and no optimiser survives), every int lies in [-MAX_INT, MAX_INT], seeds are >= 0,
+  paths hold no NUL byte, tuples hold the element type their key needs.
+  """
   def need(ok: bool, key: str, what: str) -> None:
     if not ok:
       raise ConfigError(f"config.{key}={_get(config, key)!r}: {what}")
+
+  for key, value in _flatten(config.to_dict()).items():
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+      if isinstance(v, float):
+        need(math.isfinite(v), key, "must be a finite number")
+      elif isinstance(v, int) and not isinstance(v, bool):
+        need(-MAX_INT <= v <= MAX_INT, key, f"must lie in [-{MAX_INT}, {MAX_INT}]")
+  for key in ("seed", "data.split_seed", "data.simulate.seed"):
+    need(_get(config, key) >= 0, key, "must be >= 0")
+  need(config.seed + config.ensemble.members <= MAX_INT, "seed",
+       f"seed + ensemble.members must stay <= {MAX_INT} (member m trains with seed + m)")
+  for key in PATH_KEYS:
+    need("\0" not in str(_get(config, key)), key, "a path cannot hold a NUL byte")
 
   need(config.model.name in MODELS, "model.name", f"unknown model (one of {sorted(MODELS)})")
   need(config.loss in LOSSES, "loss", f"unknown loss (one of {LOSSES})")
@@ -306,8 +371,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
        f"one of {COMPUTE_DTYPES}")
   need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
-  need(all(int(f) > 0 for f in config.model.conv_features), "model.conv_features",
-       "channel counts must be positive")
+  need(all(_is_int(f) and f > 0 for f in config.model.conv_features), "model.conv_features",
+       "channel counts must be positive integers")
   need(config.data.scaling in SCALINGS, "data.scaling", f"must be one of {SCALINGS}")
   need(0 <= config.data.bias_sigma_mm < 1000, "data.bias_sigma_mm",
        "must be 0 (no correction) or a Gaussian width in mm")
@@ -321,8 +386,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "is an MRInet option (model.name='mrinet')")
   need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
        "scales a regression output in years; sfcn predicts age bins")
-  lo, hi = config.model.age_range
-  need(lo < hi, "model.age_range", "must be (youngest, oldest) years")
+  age_range = tuple(config.model.age_range)
+  need(len(age_range) == 2 and all(_is_number(a) for a in age_range)
+       and age_range[0] < age_range[1], "model.age_range", "must be (youngest, oldest) years")
   need(config.model.bin_width > 0, "model.bin_width", "must be > 0 years")
   need(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
   need(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
@@ -331,6 +397,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
   need(config.optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0")
   need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  need(0 <= config.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
   need(config.batch_size > 0, "batch_size", "must be > 0")
   need(config.eval_batch_size >= 0, "eval_batch_size", "must be >= 0 (0: batch_size)")
   need(config.num_epochs > 0, "num_epochs", "must be > 0")
@@ -341,13 +408,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.num_image_summaries >= 0, "num_image_summaries", "must be >= 0")
   need(config.data.mode in ("auto", "host", "device"), "data.mode", "auto, host or device")
   need(config.data.workers >= 0, "data.workers", "must be >= 0")
-  need(len(config.data.sequences) > 0 and all(isinstance(s, str) for s in config.data.sequences),
+  need(len(config.data.sequences) > 0 and all(isinstance(s, str) and s.strip()
+                                              for s in config.data.sequences),
        "data.sequences", "a tuple of sequence names, e.g. ('T1w', 'FLAIR')")
   need(len(set(config.data.sequences)) == len(config.data.sequences), "data.sequences",
        "names a sequence twice")
   shape = tuple(config.data.image_shape)
-  need(len(shape) == 3 and all(int(s) >= 0 for s in shape), "data.image_shape",
-       "(x, y, z) voxels, or (0, 0, 0) for the cache's shape")
+  need(len(shape) == 3 and all(_is_int(s) and 0 <= s <= MAX_CUBE_SIDE for s in shape)
+       and (all(shape) or not any(shape)), "data.image_shape",
+       f"(x, y, z) voxels (each 1..{MAX_CUBE_SIDE}), or (0, 0, 0) for the cache's shape")
+  need(config.data.simulate.n >= 0, "data.simulate.n", "must be >= 0 (0: no simulation)")
   need(bool(config.data.cache) or config.data.simulate.n > 0, "data.cache",
        "set data.cache to a prepared cache (brainage prepare), or data.simulate.n > 0")
   if config.data.simulate.n > 0:
@@ -428,6 +498,14 @@ def parse_sub_ensembles(config: ml_collections.ConfigDict) -> tuple[SubEnsembleS
       raise bad(f"sub-ensemble {name!r} is named twice")
     out.append(SubEnsembleSpec(name, sequences, regions))
   return tuple(out)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -13,6 +13,7 @@ interrupted run would have read.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -191,7 +192,13 @@ def from_arrays(images: np.ndarray, ages: np.ndarray, sequences: Sequence[str], 
 
 def open_training_data(config) -> TrainingData:
   """TrainingData from `config.data`: a prepared cache (`brainage prepare`); with
-  `config.data.simulate.n > 0` a simulated cohort is written and prepared there first."""
+  `config.data.simulate.n > 0` a simulated cohort is written and prepared there first.
+
+  Raises:
+    ConfigError: `config.data.cache` names nothing and the config does not simulate (a path the
+      user named that does not exist is an error, never an empty cohort).
+    DataError: the cache is corrupt, incomplete or has a subject without an age.
+  """
   cache_dir = Path(config.data.cache)
   if config.data.simulate.n > 0:
     # On several hosts process 0 alone writes the cohort and its cache (on the shared file
@@ -200,6 +207,10 @@ def open_training_data(config) -> TrainingData:
       _simulate_and_prepare(config)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("jax_brainage.simulate_and_prepare")
+  elif not os.path.exists(cache_dir):  # (False, not OSError, for a name the OS refuses)
+    raise ConfigError(f"config.data.cache={str(cache_dir)!r}: no such directory (prepare a "
+                      "cache there with brainage prepare, or set config.data.simulate.n > 0 to "
+                      "simulate one)")
   cache = cache_lib.Cache.open(cache_dir)
   source = pipeline_lib.ArraySource(cache.volumes, cache.ages, cache.subject_ids)
   unlabelled = np.flatnonzero(~np.isfinite(cache.ages))

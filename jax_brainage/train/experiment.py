@@ -2,7 +2,10 @@
 
 `train(config, workdir)` is what `brainage train` runs: `train_ensemble` when
 `config.ensemble.members > 1` or `config.ensemble.sub_ensembles` is set (`is_ensemble`), else the
-trainer's single model (`train.trainer.train_and_evaluate`). `train_ensemble(config, workdir)`:
+trainer's single model (`train.trainer.train_and_evaluate`). It holds the workdir's lock
+(`jax_brainage.lock`: a second writer is refused in one line; process 0 holds it for a multi-host
+run) and runs `check_before_training` (split sizes, batch size, distinct validation ages for the
+bias correction) before anything is compiled. `train_ensemble(config, workdir)`:
 
 1. parses the sub-ensemble specs ("NAME=SEQ[+SEQ..][@REGION[+REGION..]]"; none: one "all" over
    `config.data.sequences`, whole brain);
@@ -28,22 +31,26 @@ Workdir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jax_brainage import fileio, sharding
+from jax_brainage import fileio, lock, sharding
 from jax_brainage.data import bids
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
 from jax_brainage.data import regions as regions_lib
 from jax_brainage.data import splits as splits_lib
+from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import model as model_lib
 from jax_brainage.ensemble import store as store_lib
 from jax_brainage.errors import ConfigError, DataError
@@ -84,25 +91,108 @@ def is_ensemble(config: ml_collections.ConfigDict) -> bool:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quiet: bool = False,
-          max_steps: int | None = None) -> dict[str, Any]:
+          max_steps: int | None = None,
+          data: data_lib.TrainingData | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment `config` in `workdir`: what `brainage train` runs.
 
   An ensemble experiment (`is_ensemble`: sub-ensembles of stacked members, head, correction,
-  store) with `train_ensemble`, else one model with `trainer.train_and_evaluate`.
+  store) with `train_ensemble`, else one model with `trainer.train_and_evaluate`; either way
+  inside the workdir's lock (`workdir_lock`) and after `check_before_training`.
 
   Args:
     config: a checked config (`config_lib.load_config`, overrides applied).
     workdir: the experiment directory W.
     quiet: no progress bars.
     max_steps: stop (resumably) after this global step.
+    data: the experiment's data (default: opened from `config.data`).
   Returns:
     `train_ensemble`'s summary (stopped, subs and, when done, ensemble) for an ensemble, else
     `trainer.train_and_evaluate`'s result (stopped, step, epoch, best_val_mae (years),
     best_step, ...).
+  Raises:
+    ConfigError: another process writes `workdir` (one line: its pid, host and command); a
+      split or batch size, or the validation ages, cannot work (see `check_before_training`).
   """
-  if is_ensemble(config):
-    return train_ensemble(config, workdir, quiet=quiet, max_steps=max_steps)
-  return trainer.train_and_evaluate(config, workdir, quiet=quiet, max_steps=max_steps)
+  config_lib.validate(config)
+  with workdir_lock(workdir, "brainage train"):
+    if is_ensemble(config):
+      return train_ensemble(config, workdir, quiet=quiet, max_steps=max_steps, data=data)
+    # Claimed before the data is opened (a simulated cohort takes minutes): a workdir of another
+    # experiment is refused first. The trainer claims it again (the same record).
+    artifact.claim_workdir(config, workdir)
+    data = data_lib.open_training_data(config) if data is None else data
+    check_before_training(config, data)
+    return trainer.train_and_evaluate(config, workdir, data=data, quiet=quiet,
+                                      max_steps=max_steps)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike, command: str) -> Iterator[None]:
+  """`lock.hold(workdir, command)` on process 0; on a multi-host run the others learn whether
+  it was refused (and raise the same one-line ConfigError) instead of waiting for it at the
+  next barrier."""
+  with contextlib.ExitStack() as stack:
+    refused: ConfigError | None = None
+    if sharding.is_main_process():
+      try:
+        stack.enter_context(lock.hold(workdir, command))
+      except ConfigError as e:
+        refused = e
+    if jax.process_count() > 1:
+      flag = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
+      if int(flag) and refused is None:
+        refused = ConfigError(f"{workdir} is in use by another writer (process 0 was refused "
+                              "its lock; see its error)")
+    if refused is not None:
+      raise refused
+    yield
+
+
+def check_before_training(config: ml_collections.ConfigDict, data: data_lib.TrainingData) -> None:
+  """The checks that would otherwise fail after training, run before anything is compiled.
+
+  - `config.init_from`, when set, is a directory (the workdir whose parameters start training);
+  - the training split holds at least one global batch (`config.batch_size`) and the
+    validation split at least one subject (early stopping and the best checkpoint need it);
+  - an ensemble's validation split can fit what is fit on it after training: a level-2 head
+    (`ensemble.head` linear or nonnegative over several sub-ensembles) needs >= 2 subjects for
+    its cross-validation (`ensemble.head_folds` folds, at most one per subject), and the bias
+    correction `ensemble.correction` needs more subjects and more distinct ages (years) than
+    its degree (linear: 2, poly3: 4).
+
+  Raises:
+    ConfigError: one line naming the config key, the split and the numbers.
+  """
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from={config.init_from!r}: no such workdir")
+  split = data.split
+  n_train, n_val = len(split.train), len(split.val)
+  if n_train == 0:
+    raise ConfigError(f"{data.name}: the training split is empty ({len(data.source)} subjects, "
+                      f"config.data.split_seed={config.data.split_seed}); more subjects needed")
+  if int(config.batch_size) > n_train:
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
+                      f"subjects of {data.name}")
+  if n_val == 0:
+    raise ConfigError(f"{data.name}: the validation split is empty ({len(data.source)} "
+                      "subjects); validation (early stopping, best checkpoint) needs at least 1")
+  if not is_ensemble(config):
+    return
+  specs = config_lib.parse_sub_ensembles(config)
+  if len(specs) > 1 and config.ensemble.head != "mean" and n_val < 2:
+    raise ConfigError(f"config.ensemble.head={config.ensemble.head!r}: its level-2 "
+                      f"cross-validation (head_folds={config.ensemble.head_folds}) needs at "
+                      f"least 2 validation subjects, {data.name} has {n_val}")
+  degree = correction_lib.CORRECTIONS.get(config.ensemble.correction, -1)
+  if degree > 0:
+    ages = np.asarray(data.source.ages, np.float64)[np.asarray(split.val)]
+    distinct = len(np.unique(ages[np.isfinite(ages)]))
+    if n_val <= degree or distinct <= degree:
+      raise ConfigError(
+          f"config.ensemble.correction={config.ensemble.correction!r}: a degree-{degree} fit "
+          f"needs at least {degree + 1} distinct validation ages, the {n_val} validation "
+          f"subjects of {data.name} have {distinct}; use more subjects, another "
+          "config.data.split_seed, or a lower-degree correction")
 
 
 def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -125,7 +215,8 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     the fitted ensemble: MAE, corrected MAE, Spearman gap-age, per sub and member MAEs).
   Raises:
     ConfigError: a sub-ensemble names a sequence not in `config.data.sequences`, a region not
-      in the atlas, or the workdir holds another experiment.
+      in the atlas, or the workdir holds another experiment; `check_before_training` fails
+      (checked before any sub-ensemble trains).
     DataError: no atlas for a regional sub-ensemble; a regional cache whose subjects differ.
   """
   workdir = Path(workdir)
@@ -139,6 +230,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   artifact.claim_workdir(config, workdir)
   base = data_lib.open_training_data(config) if data is None else data
   base.check_against(config.data.sequences, config.data.image_shape)
+  check_before_training(config, base)
   if sharding.is_main_process():
     splits_lib.save_split(workdir / "split.json", base.split,
                           getattr(base.source, "subject_ids", None),

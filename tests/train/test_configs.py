@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from jax_brainage.errors import ConfigError
 from jax_brainage.models import get_model, num_parameters
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import data as data_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -135,3 +137,157 @@ def test_fingerprint_ignores_run_length_and_logging_but_not_the_experiment():
   assert config_lib.fingerprint_difference(config_lib.fingerprint(a), config_lib.fingerprint(c)) \
       == "config.model.dense_features is 64 there, 32 here"
   assert isinstance(a, ml_collections.ConfigDict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths the user names; a seeded fuzz over config values.
+
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def test_a_cache_named_on_the_command_line_must_exist_unless_simulating(tmp_path):
+  """`--config.data.cache /nonexistent` with the tiny preset used to simulate 100 subjects there
+  and train on them (exit 0); the preset's own cache path is still prepared on first use."""
+  config = config_lib.load_config(TINY)
+  missing = str(tmp_path / "nonexistent")
+  with pytest.raises(ConfigError, match=rf"config.data.cache='{missing}': no prepared cache "
+                                        r"there") as info:
+    config_lib.apply_overrides(config, ["--config.data.cache", missing])
+  assert "\n" not in str(info.value)
+  # Asking to simulate into it, restating the preset's path, or naming a prepared cache is fine.
+  for overrides in (["--config.data.cache", missing, "--config.data.simulate.n", "20"],
+                    [f"--config.data.cache={missing}", "--config.data.simulate.out",
+                     str(tmp_path / "sim")],
+                    ["--config.data.cache", config.data.cache], []):
+    assert config_lib.apply_overrides(config, overrides).data.cache in (missing,
+                                                                        config.data.cache)
+  prepared = tmp_path / "cache"
+  prepared.mkdir()
+  (prepared / "index.json").write_text("{}")
+  assert config_lib.apply_overrides(config, ["--config.data.cache", str(prepared)]) \
+      .data.cache == str(prepared)
+  # A workdir to start from must be there.
+  with pytest.raises(ConfigError, match=rf"config.init_from='{missing}': no such workdir"):
+    config_lib.apply_overrides(config, ["--config.init_from", missing])
+  assert config_lib.apply_overrides(config, ["--config.init_from", str(tmp_path)]).init_from \
+      == str(tmp_path)
+  # Without simulation a missing cache is a ConfigError naming the key (before any training).
+  plain = config_lib.apply_overrides(config_lib.base_config(), [
+      "--config.data.cache", missing])
+  with pytest.raises(ConfigError, match=rf"config.data.cache='{missing}': no such directory"):
+    data_lib.open_training_data(plain)
+
+
+FUZZ_VALUES = {
+    "wrong type": ["'abc'", "abc", "True", "None", "[1, 2]", "{'a': 1}", "(1, 'x')", "b'x'",
+                   "1j", "((1,),)", "(True, False)", "set()", "...", "lambda: 0"],
+    "negative": ["-1", "-0.5", "-99999999999", "(-1, -2, -3)", "-1e-300"],
+    "not finite": ["nan", "inf", "-inf", "1e999", "-1e999", "(nan,)", "(1e999, 2)",
+                   "float('nan')"],
+    "huge": ["1" + "0" * 30, "1e308", "9" * 5000, "2147483648", "(4096, 4096, 4096)",
+             "(1e308, 1e308)"],
+    "empty": ["", " ", "()", "(,)", "''", "('',)", "('', '')"],
+    "garbage": ["(((", "[" * 300 + "]" * 300, "a\nb", "\x00", "/dev/null\x00x", "0x", "1_0",
+                "--config.seed", "=", "(0, 0, 32)"],
+}
+
+
+def _leaves(config, prefix=""):
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _fuzz_cases(seed: int = 0, n: int = 400):
+  """(category, overrides) pairs: a known key with a bad value, or an unknown key."""
+  rng = np.random.default_rng(seed)
+  keys = [k for k, _ in _leaves(config_lib.base_config())]
+  cases = []
+  for _ in range(n):
+    category = list(FUZZ_VALUES)[rng.integers(len(FUZZ_VALUES))]
+    value = FUZZ_VALUES[category][rng.integers(len(FUZZ_VALUES[category]))]
+    key = keys[rng.integers(len(keys))]
+    if rng.random() < 0.15:  # an unknown key: a typo, a made-up leaf, a group, a blank part
+      category = "unknown key"
+      parts = key.split(".")
+      key = rng.choice([key + "x", key[:-1], f"{key}.sub", ".".join(parts[:-1]) or "data",
+                        key.upper(), key.replace(".", ".."), "", f"model.{parts[-1]}_"])
+    form = rng.integers(2)
+    overrides = ([f"--config.{key}", value] if form == 0 else [f"--config.{key}={value}"])
+    cases.append((category, key, overrides))
+  return cases
+
+
+def _check_sane(config):
+  """What an accepted config promises: it validates, every float is finite, ints bounded."""
+  config_lib.validate(config)
+  for key, value in _leaves(config):
+    for v in (value if isinstance(value, tuple) else (value,)):
+      if isinstance(v, float):
+        assert np.isfinite(v), key
+      if isinstance(v, int) and not isinstance(v, bool):
+        assert abs(v) <= config_lib.MAX_INT, key
+
+
+def test_config_value_fuzz_gives_one_line_config_errors():
+  """A seeded fuzz over `--config.KEY VALUE` overrides of the tiny preset: wrong types,
+  negative numbers, NaN/inf, huge values, empty strings, garbage and unknown keys. Every case is
+  a one-line ConfigError or a config whose values can work; never another exception."""
+  base = config_lib.load_config(TINY)
+  outcomes = {"refused": 0, "accepted": 0}
+  for category, key, overrides in _fuzz_cases():
+    try:
+      config = config_lib.apply_overrides(base, overrides)
+    except ConfigError as e:
+      assert "\n" not in str(e) and str(e), (overrides, str(e))
+      outcomes["refused"] += 1
+      continue
+    # Unknown keys and values that are no number at all are never accepted.
+    assert category != "unknown key", overrides
+    assert category != "not finite" or not isinstance(
+        dict(_leaves(base)).get(key), (int, float, tuple)), overrides
+    _check_sane(config)
+    outcomes["accepted"] += 1
+  assert outcomes["refused"] > 300 and outcomes["accepted"] > 0, outcomes
+
+
+# Config files that set a bad value themselves (past the command line's literal parsing: NaN,
+# infinities, wrong element types).
+FILE_MUTATIONS = [
+    ("optimizer.momentum", "float('nan')"), ("optimizer.grad_clip_norm", "float('inf')"),
+    ("soft_label_sigma", "float('inf')"), ("model.bin_width", "-float('inf')"),
+    ("data.bias_sigma_mm", "float('nan')"), ("model.age_range", "(float('nan'), 80.0)"),
+    ("model.age_range", "(15.0,)"), ("model.age_range", "('a', 'b')"),
+    ("data.image_shape", "('a', 'b', 'c')"), ("data.image_shape", "(1.5, 2, 3)"),
+    ("data.image_shape", "(10**9, 10, 10)"), ("model.conv_features", "('4',)"),
+    ("model.conv_features", "(4.5, 8)"), ("data.sequences", "(1, 2)"),
+    ("data.sequences", "('T1w', '')"), ("seed", "-1"), ("data.split_seed", "-3"),
+    ("batch_size", "2**40"), ("data.simulate.n", "-5"), ("data.cache", "'a\\x00b'"),
+    ("ensemble.sub_ensembles", "(1, 2)"), ("augment.noise_std", "float('nan')"),
+    ("num_epochs", "'many'"), ("model", "1"),
+]
+
+
+def test_config_files_with_bad_values_give_one_line_config_errors(tmp_path):
+  path = tmp_path / "mutated.py"
+  lines = ["from jax_brainage.train.config import base_config", "import ml_collections",
+           "MUTATIONS = [" + ", ".join(f"({k!r}, lambda: {v})" for k, v in FILE_MUTATIONS) + "]",
+           "def get_config(arg=None):",
+           "  c = base_config().to_dict()",
+           "  c['data']['cache'] = 'cache'",
+           "  key, value = MUTATIONS[int(arg)]",
+           "  *parents, leaf = key.split('.')",
+           "  node = c",
+           "  for p in parents:",
+           "    node = node[p]",
+           "  node[leaf] = value()",
+           "  return ml_collections.ConfigDict(c)"]
+  path.write_text("\n".join(lines) + "\n")
+  for i, (key, value) in enumerate(FILE_MUTATIONS):
+    with pytest.raises(ConfigError) as info:
+      config_lib.load_config(f"{path}:{i}")
+    assert "\n" not in str(info.value), (key, value)
+    assert key.split(".")[0] in str(info.value), (key, value, str(info.value))

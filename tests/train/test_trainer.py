@@ -17,7 +17,8 @@ from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
-from jax_brainage.train import loop, trainer
+from jax_brainage.data import splits as splits_lib
+from jax_brainage.train import experiment, loop, trainer
 from jax_brainage.train import steps as steps_lib
 
 EPOCHS = 6  # 32 training subjects / batch 8 = 4 steps per epoch
@@ -370,3 +371,54 @@ def test_configured_box_shape_is_what_the_simulated_cache_holds(tmp_path, shape)
   brain = np.count_nonzero(np.asarray(image.dataobj))
   volume = np.asarray(data.source.volumes[0], np.float32)
   assert 0.9 * brain <= np.count_nonzero(volume) <= brain
+
+
+# ---------------------------------------------------------------------------------------------
+# What can fail after training is checked before it.
+
+
+def _split_data(val_ages, n_train=16, n_test=2, side=16):
+  """Random volumes with a chosen validation split: `val_ages` (years) are its subjects' ages
+  (nothing is trained on them: the checks refuse first)."""
+  rng = np.random.default_rng(0)
+  n = n_train + len(val_ages) + n_test
+  images = rng.integers(0, 255, (n, side, side, side, 1)).astype(np.uint8)
+  ages = rng.uniform(20, 80, n).astype(np.float32)
+  val = np.arange(n_train, n_train + len(val_ages))
+  ages[val] = np.asarray(val_ages, np.float32)
+  split = splits_lib.Split(np.arange(n_train), val,
+                           np.arange(n_train + len(val_ages), len(ages)))
+  return data_lib.from_arrays(images, ages, ("T1w",), split=split)
+
+
+@pytest.mark.parametrize("overrides,val_ages,match", [
+    ({"ensemble.members": 2}, [50.0, 50.0, 50.0],
+     r"config.ensemble.correction='linear': a degree-1 fit needs at least 2 distinct "
+     r"validation ages, the 3 validation subjects of .* have 1"),
+    ({"ensemble.members": 2, "ensemble.correction": "poly3"}, [40.0, 50.0, 60.0, 60.0],
+     r"correction='poly3': a degree-3 fit needs at least 4 distinct validation ages"),
+    ({"ensemble.sub_ensembles": ("a=T1w", "b=T1w")}, [50.0],
+     r"config.ensemble.head='linear': its level-2 cross-validation .* needs at least 2 "
+     r"validation subjects"),
+    ({}, [], r"the validation split is empty"),
+    ({"batch_size": 32}, [40.0, 60.0], r"config.batch_size=32 exceeds the 16 training subjects"),
+    ({"init_from": "/no/such/workdir"}, [40.0, 60.0],
+     r"config.init_from='/no/such/workdir': no such workdir"),
+])
+def test_what_would_fail_after_training_is_refused_before_it(make_config, tmp_path, overrides,
+                                                            val_ages, match):
+  """The issue's case first: a validation split with one distinct age used to train for
+  minutes, then fail in the bias correction. Now: a one-line ConfigError, and nothing trained
+  (no checkpoint, no compiled step)."""
+  config = make_config(**overrides)
+  data = _split_data(val_ages)
+  with pytest.raises(ConfigError, match=match) as info:
+    experiment.train(config, tmp_path, data=data, quiet=True)
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "sub").exists()
+  # The same validation split with enough distinct ages passes the checks (numpy's count).
+  if "correction" in match:
+    degree = 3 if "poly3" in match else 1
+    fine = _split_data(list(np.linspace(30.0, 70.0, degree + 1)))
+    assert len(np.unique(fine.source.ages[fine.split.val])) == degree + 1
+    experiment.check_before_training(config, fine)
