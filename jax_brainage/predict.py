@@ -26,6 +26,10 @@ dependence fit on validation data removed; they need the age), and an ensemble o
 members adds `uncertainty` (the standard deviation of all members' estimates, years), every
 sub-ensemble's prediction `pred_<sub>` and every member's `pred_<sub>_m<k>` (member k was trained
 with seed + k).
+
+A predicted age that is NaN or infinite (a damaged model, a head or correction gone wrong) is
+never written: `check_finite` raises a one-line DataError naming the subjects and the member,
+sub-ensemble, head or correction that produced it, and `write_predictions` calls it first.
 """
 
 from __future__ import annotations
@@ -284,9 +288,57 @@ def predictions_tsv(model: Ensemble, subjects: Sequence[Any],
   return "\n".join(lines) + "\n"
 
 
+def _listed(names: Sequence[str], at_most: int = 5) -> str:
+  shown = ", ".join(names[:at_most])
+  return shown + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def check_finite(model: Ensemble, subjects: Sequence[Any],
+                 prediction: EnsemblePrediction) -> None:
+  """DataError unless every predicted age (members, sub-ensembles, the ensemble, and the
+  bias-corrected age where the age is known) is finite.
+
+  The one line names the subjects (participant ids, the first five) and where the non-finite
+  value first appears: a member ("sub-ensemble NAME member K", or "the model of W" for a single
+  model), else the head, else the bias correction.
+  """
+  n = len(subjects)
+  bad = np.zeros(n, bool)
+  culprits: list[str] = []
+  single = artifact.is_single_model(model)
+  for sub in model.subs:
+    values = np.asarray(prediction.members[sub.name], np.float64).reshape(n, -1)
+    wrong = ~np.isfinite(values)
+    bad |= wrong.any(axis=1)
+    for k in np.flatnonzero(wrong.any(axis=0)):
+      culprits.append(f"the model of {model.workdir}" if single
+                      else f"sub-ensemble {sub.name} member {k}")
+  ensemble = np.asarray(prediction.ensemble, np.float64)
+  head = ~np.isfinite(ensemble) & ~bad
+  if head.any():
+    culprits.append(f"the ensemble head of {model.workdir}")
+    bad |= head
+  known = np.array([s.age is not None for s in subjects], bool)
+  if model.correction.kind != "none" and known.any():
+    ages = np.array([s.age if s.age is not None else np.nan for s in subjects], np.float64)
+    corrected = np.full(n, np.nan)
+    corrected[known] = prediction.corrected(ages[known])
+    wrong = known & ~np.isfinite(corrected) & ~bad
+    if wrong.any():
+      culprits.append(f"the {model.correction.kind} bias correction of {model.workdir}")
+      bad |= wrong
+  if bad.any():
+    ids = [f"{s.subject_id}" + (f" ses-{s.session}" if s.session else "")
+           for s, b in zip(subjects, bad) if b]
+    raise DataError(f"non-finite predicted age for {len(ids)} of {n} subjects ({_listed(ids)}) "
+                    f"from {_listed(culprits, 3)}")
+
+
 def write_predictions(path: str | os.PathLike, model: Ensemble, subjects: Sequence[Any],
                       prediction: EnsemblePrediction) -> None:
-  """Writes the predictions TSV atomically."""
+  """Writes the predictions TSV atomically; nothing when a prediction is not finite
+  (`check_finite`'s DataError)."""
+  check_finite(model, subjects, prediction)
   fileio.write_text(path, predictions_tsv(model, subjects, prediction))
 
 

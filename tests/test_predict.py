@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage import demo, predict
+from jax_brainage import demo, integrity, predict
 from jax_brainage.errors import BrainAgeError
 from jax_brainage.train import artifact
 
@@ -308,6 +308,10 @@ def test_predict_ensemble_errors(workdir, ensemble_workdir, capsys, tmp_path):
   manifest = json.loads(meta.read_text())
   manifest["sub_ensembles"][1]["preprocessing"]["shape"] = [16, 16, 16]
   meta.write_text(json.dumps(manifest))
+  # The edit itself fails the store's checksums (naming the manifest); sealed again, it stands
+  # for a store whose training cache was prepared again.
+  _one_line_error(capsys, argv, f"{meta.resolve()}: ")
+  integrity.seal(w / "ensemble")
   err = _one_line_error(capsys, argv, "preprocessing shape is [32, 32, 32] now")
   assert "t1x2" in err
   assert not (tmp_path / "p.tsv").exists()

@@ -6,6 +6,13 @@
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
 `jax_brainage.predict`.
+
+Failures are one line on stderr and exit status 2, with --out left as it was (the previous file
+or none; it is written atomically and only on success). That includes a damaged model (a
+checkpoint or ensemble store failing its checksums: the file is named) and any predicted age
+that is NaN or infinite: then NOTHING is written (no TSV with some rows marked), and the line
+names the subjects and the sub-ensemble member (or the head, or the bias correction) that gave
+it, since a table with silent "n/a" predictions would read as a success.
 """
 
 from __future__ import annotations
@@ -71,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"skipped {sid}: {why}", file=sys.stderr)
   if not subjects:
     raise DataError(f"{' '.join(map(str, args.data))}: no subject could be predicted")
+  try:
+    predict.check_finite(model, subjects, prediction)
+  except DataError as e:
+    raise DataError(f"{e}; {args.out} not written") from None
   predict.write_predictions(args.out, model, subjects, prediction)
   line = f"predicted {len(subjects)} subjects with {artifact.describe(model)} -> {args.out}"
   known = np.array([i for i, s in enumerate(subjects) if s.age is not None], int)

@@ -9,8 +9,13 @@ Layout (inside an experiment workdir W, see `jax_brainage.train.experiment`):
                                 cache (and its preprocessing record) it was trained on, and the
                                 head weights (both levels, effective member weights) and the
                                 bias correction
+      checksums.json            size and BLAKE2b digest of every file (`jax_brainage.integrity`)
 
-Loading a store whose arrays do not fit its models is a one-line ConfigError naming the store.
+Loading a store whose arrays do not fit its models is a one-line ConfigError naming the store;
+a store whose files fail their checksums (truncated, overwritten, a garbled manifest) or cannot
+be decoded is a one-line DataError naming the file. The record is written into W/ensemble.tmp
+before the rename, so a complete store always carries it; stores written before it existed load
+unverified.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jax_brainage import fileio, models
+from jax_brainage import fileio, integrity, models
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble.model import Ensemble, SubEnsemble
-from jax_brainage.errors import ConfigError
+from jax_brainage.errors import BrainAgeError, ConfigError
 
 STORE = "ensemble"
 MANIFEST_KIND = "jax_brainage.ensemble"
@@ -89,6 +94,7 @@ def save_ensemble(workdir: str | os.PathLike, ensemble: Ensemble) -> Path:
     ckptr.save(tmp, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
                                             manifest=ocp.args.JsonSave(manifest_of(ensemble))))
   if main:
+    integrity.seal(tmp)  # last, inside the directory that is renamed into place
     if path.exists():
       shutil.rmtree(old, ignore_errors=True)
       os.replace(path, old)
@@ -120,11 +126,15 @@ def load_ensemble(workdir: str | os.PathLike) -> Ensemble:
   """Restores the ensemble saved in W/ensemble.
 
   Raises:
-    ConfigError: one line naming the store when it is missing, unreadable, or its arrays do not
-      fit the models its manifest describes.
+    ConfigError: one line naming the store when it is missing, or its arrays do not fit the
+      models its manifest describes.
+    DataError: one line naming the file when the store fails its checksums or cannot be
+      decoded (nothing is restored from a damaged store).
   """
-  manifest = read_manifest(workdir)
   path = store_dir(workdir)
+  if is_ensemble_workdir(workdir):
+    integrity.verify(path, "ensemble store")
+  manifest = read_manifest(workdir)
   try:
     specs = manifest["sub_ensembles"]
     head = head_lib.MultiLevelHead.from_dict(manifest["head"])
@@ -136,6 +146,7 @@ def load_ensemble(workdir: str | os.PathLike) -> Ensemble:
   absl = logging.getLogger("absl")
   level = absl.level
   absl.setLevel(logging.ERROR)
+  error = None
   try:
     with ocp.Checkpointer(_handler()) as ckptr:
       stored = ckptr.metadata(path).item_metadata["variables"]
@@ -148,8 +159,15 @@ def load_ensemble(workdir: str | os.PathLike) -> Ensemble:
           expected)
       restored = ckptr.restore(path, args=ocp.args.Composite(
           variables=ocp.args.StandardRestore(abstract)))["variables"]
+  except BrainAgeError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- orbax/tensorstore errors of an unsealed, damaged store
+    error = integrity.decoding_error(path / "variables", "ensemble store arrays", e)
   finally:
     absl.setLevel(level)
+  if error is not None:
+    integrity.collect_quietly()  # outside `except`: the failed reads can be collected
+    raise error
   subs = tuple(SubEnsemble(
       name=s["name"], sequences=tuple(s["sequences"]), regions=tuple(s.get("regions", ())),
       manifest=s["model_manifest"], members=int(s["members"]),

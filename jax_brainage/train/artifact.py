@@ -11,7 +11,9 @@ A training workdir W (written by `brainage train`):
                            and refuses a workdir that holds a different experiment
     W/checkpoints/{latest,best}/<step>/   orbax: state + meta.json whose "manifest"
                            (`model_manifest`) says what the parameters are: model name and
-                           fields, input shape, sequences, mean training age, member count
+                           fields, input shape, sequences, mean training age, member count;
+                           + checksums.json, verified before anything is read (a damaged
+                           checkpoint is a one-line DataError naming the file)
     W/split.json, W/metrics.json, W/tensorboard/
 
 An ensemble experiment adds W/sub/<name>/ (one training workdir per sub-ensemble, members
@@ -139,7 +141,10 @@ def load_members(workdir: str | os.PathLike,
 
   `variables` is {"params": ..., **model_state} with a leading member axis `[M, ...]` on every
   leaf (M = manifest["members"]; a single-model workdir gets M = 1), ready for a vmapped apply.
-  The stored arrays are checked against the manifest's model (one-line ConfigError).
+  The stored arrays are checked against the manifest's model (one-line ConfigError); a step
+  that fails its checksums or cannot be decoded is a one-line DataError naming the file (there
+  is no fallback here: predicting from another checkpoint than the one asked for would be a
+  silent substitution).
   """
   if which not in CHECKPOINTS:
     raise ConfigError(f"--checkpoint {which!r}: choose one of {', '.join(CHECKPOINTS)}")

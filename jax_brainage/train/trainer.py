@@ -47,7 +47,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   Args:
     config: a checked config (`config_lib.load_config` / `base_config()` based).
     workdir: where checkpoints, TensorBoard logs, config.json and metrics.json go. If it holds
-      a checkpoint of this experiment, training resumes exactly where it stopped.
+      a checkpoint of this experiment, training resumes exactly where it stopped: from the
+      newest latest checkpoint that verifies against its checksums (a corrupt one is moved to
+      W/checkpoints/corrupt/ with a one-line warning, and the next older one is used).
     data: training data; default: opened from `config.data` (cache, or simulated cohort).
     quiet: no progress bar (CI).
     devices: devices to train on (default: all devices of all processes).
@@ -59,7 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   Raises:
     ConfigError: the workdir holds another experiment; a checkpoint of another architecture;
       the batch does not split over the devices.
-    DataError: the data does not match the model (shape, sequences).
+    DataError: the data does not match the model (shape, sequences); every latest
+      checkpoint is corrupt (naming the newest's bad file).
     loop.NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
   """
   workdir = Path(workdir)
@@ -106,11 +109,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
               # Summed over all runs of this experiment (resumptions included).
               "train_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
   try:
-    if checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore(ckpt_lib.LATEST, abstract_state, manifest)
+    # The newest intact latest step (verified before any training; corrupt ones moved aside).
+    resumed = checkpoints.restore_intact(ckpt_lib.LATEST, abstract_state, manifest)
+    if resumed is not None:
+      state, meta, resumed_step = resumed
       progress.update(meta["progress"])
       progress["best_val_loss"] = _float(progress["best_val_loss"])
       batches.set_state(meta["data_state"])
+      had_best = any(s <= resumed_step for s in checkpoints.all_steps(ckpt_lib.BEST))
+      best = checkpoints.newest_intact(ckpt_lib.BEST, max_step=resumed_step,
+                                       none_left=_BEST_AGAIN)
+      _resume_best(progress, None if best is None else best[1], resumed_step,
+                   warn_none=not had_best)
     else:
       source = _init_source(config.init_from, manifest) if config.init_from else None
       # Eager init: random initialisers compile once per shape and process, not once per run.
@@ -191,15 +201,21 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
                            "best_step": -1, "bad_epochs": 0} for _ in range(members)],
               "train_seconds": 0.0, "timed_steps": 0, "timed_seconds": 0.0}
   try:
-    if checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore(ckpt_lib.LATEST, setup.abstract_state, manifest)
+    resumed = checkpoints.restore_intact(ckpt_lib.LATEST, setup.abstract_state, manifest)
+    if resumed is not None:
+      state, meta, resumed_step = resumed
       progress.update(meta["progress"])
       for m in progress["members"]:
         m["best_val_loss"] = _float(m["best_val_loss"])
       batches.set_state(meta["data_state"])
-      best = (checkpoints.restore(ckpt_lib.BEST, setup.abstract_state, manifest)[0]
-              if checkpoints.latest_step(ckpt_lib.BEST) is not None
-              else jax.tree.map(jnp.copy, state))
+      # Each member's best state as of the resumed step (a later one is recomputed).
+      had_best = any(s <= resumed_step for s in checkpoints.all_steps(ckpt_lib.BEST))
+      found = checkpoints.restore_intact(ckpt_lib.BEST, setup.abstract_state, manifest,
+                                         max_step=resumed_step, required=False,
+                                         none_left=_BEST_AGAIN)
+      best = jax.tree.map(jnp.copy, state) if found is None else found[0]
+      _resume_best(progress, None if found is None else found[1], resumed_step,
+                   warn_none=not had_best)
     else:
       state = jax.device_put(setup.init(seeds), setup.state_sharding)
       if config.init_from:
@@ -243,6 +259,43 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
   if sharding.is_main_process():
     fileio.write_json(workdir / "metrics.json", fileio.jsonable(result))
   return result
+
+
+_BEST_AGAIN = ("no intact best checkpoint is left: the best is chosen again from the next "
+               "validation")
+
+
+def _resume_best(progress: dict[str, Any], best_meta: dict[str, Any] | None,
+                 resumed_step: int, *, warn_none: bool = True) -> None:
+  """Makes the resumed progress agree with the newest intact best checkpoint.
+
+  Normally that checkpoint is the one the progress names (the newest best step) and nothing
+  changes. When it was corrupt (moved aside) the progress takes the best loss, MAE and step
+  recorded in the older best used instead (per member when stacked), so that the next
+  validation saves a new best only if it beats that one; with no intact best at all, the best
+  is chosen again from the next validation on (warned here if `warn_none`, i.e. when no bad
+  step was already reported).
+  """
+  records = progress.get("members") or [progress]
+  expected = max(int(r["best_step"]) for r in records)
+  if best_meta is None:
+    if expected >= 0:
+      if warn_none:
+        ckpt_lib.warn(f"no best checkpoint up to step {resumed_step} (its progress names step "
+                      f"{expected}): the best is chosen again from the next validation")
+      for r in records:
+        r.update(best_val_loss=math.inf, best_val_mae=math.nan, best_step=-1)
+    return
+  if int(best_meta.get("step", expected)) == expected:
+    return
+  stored = best_meta.get("progress") or {}
+  stored = stored.get("members") or [stored]
+  if len(stored) != len(records):
+    raise ConfigError(f"best checkpoint of step {best_meta.get('step')}: holds {len(stored)} "
+                      f"members' progress, the run has {len(records)}")
+  for r, b in zip(records, stored):
+    r.update(best_val_loss=_float(b.get("best_val_loss")), best_val_mae=b.get("best_val_mae"),
+             best_step=int(b.get("best_step", -1)))
 
 
 def _float(x: Any) -> float:

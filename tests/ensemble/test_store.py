@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.ensemble.conftest import volumes
+from jax_brainage import integrity
 from jax_brainage.ensemble import correction as corr
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble import model as ensemble_model
@@ -129,6 +130,12 @@ def test_store_that_does_not_fit_its_models(ensemble, tmp_path):
   manifest = json.loads(meta.read_text())
   manifest["sub_ensembles"][0]["model_manifest"]["model_kwargs"]["dense_features"] = 16
   meta.write_text(json.dumps(manifest))
+  # Unsealed, the edit is a checksum error naming the manifest (tests/test_fault_injection.py);
+  # sealed again, it is a store whose arrays do not fit the models it describes.
+  with pytest.raises(DataError,
+                     match=r"W/ensemble/manifest/metadata: (extended|truncated|corrupt) file"):
+    store.load_ensemble(w)
+  integrity.seal(path)
   with pytest.raises(ConfigError,
                      match=r"W/ensemble does not fit this model: a/params/age_head/kernel") as e:
     store.load_ensemble(w)

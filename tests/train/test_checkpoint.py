@@ -1,16 +1,19 @@
-"""Orbax checkpoints (latest/best, manifests, shape checks) and the TensorBoard writer."""
+"""Orbax checkpoints (latest/best, manifests, shape checks, checksums and fallback to an intact
+step) and the TensorBoard writer."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_brainage import sharding
-from jax_brainage.errors import ConfigError
+from jax_brainage import integrity, sharding
+from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train.summary import SummaryWriter, encode_png, mid_slices
 
@@ -69,6 +72,100 @@ def test_checkpoint_of_another_architecture_or_input_is_a_config_error(tmp_path)
                                          "b": jax.ShapeDtypeStruct((4,), jnp.float32)})
   with pytest.raises(ConfigError, match=r"params/w has shape \(3, 4\) there, \(3, 5\) here"):
     ckpts.restore(ckpt_lib.LATEST, wrong, MANIFEST)
+  ckpts.close()
+
+
+def _save_steps(tmp_path, steps, state, keep=1):
+  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=keep)
+  for step in steps:
+    ckpts.save(ckpt_lib.LATEST, step, state, {"progress": {"epoch": step}, "manifest": MANIFEST,
+                                              "data_state": {"step": step}})
+  ckpts.wait()
+  return ckpts
+
+
+def _array_file(step_dir):
+  """The biggest file of a step's arrays (an ocdbt data file)."""
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def test_two_latest_kept_and_every_step_sealed_with_its_files_digests(tmp_path):
+  state, _ = _state(sharding.make_mesh())
+  _save_steps(tmp_path, (1, 2, 3), state, keep=1).close()  # keep=1 still keeps two
+  latest = tmp_path / "checkpoints" / "latest"
+  assert sorted(p.name for p in latest.iterdir()) == ["2", "3"]
+  for step_dir in latest.iterdir():
+    files = json.loads((step_dir / integrity.RECORD).read_text())["files"]
+    on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+    # Everything but the record and orbax's own commit records (rewritten at the rename).
+    assert set(files) == on_disk - {integrity.RECORD, "_CHECKPOINT_METADATA",
+                                    "commit_success.txt"}
+    assert "meta/metadata" in files and any(k.startswith("state/") for k in files)
+    for name, entry in files.items():  # hashlib over the bytes, independently of the module
+      data = (step_dir / name).read_bytes()
+      assert entry == {"size": len(data),
+                       "digest": hashlib.blake2b(data, digest_size=32).hexdigest()}
+
+
+def test_damaged_step_is_one_line_naming_the_file(tmp_path):
+  state, _ = _state(sharding.make_mesh())
+  _save_steps(tmp_path, (1,), state).close()
+  step_dir = tmp_path / "checkpoints" / "latest" / "1"
+  bad = _array_file(step_dir)
+  data = bytearray(bad.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # one flipped byte, size kept
+  bad.write_bytes(bytes(data))
+  ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+  for read in (lambda: ckpts.read_meta(), lambda: ckpts.restore_stored(ckpt_lib.LATEST),
+               lambda: ckpts.restore(ckpt_lib.LATEST, _abstract(state), MANIFEST)):
+    with pytest.raises(DataError, match="corrupt file of the latest checkpoint") as info:
+      read()
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+  # Without its record (a checkpoint saved before checksums) the step is read unverified.
+  (step_dir / integrity.RECORD).unlink()
+  assert not ckpt_lib.Checkpoints(tmp_path, read_only=True).verify(ckpt_lib.LATEST, 1)
+
+
+def test_restore_intact_falls_back_with_one_warning_and_the_step_is_saved_anew(tmp_path,
+                                                                               capsys):
+  mesh = sharding.make_mesh()
+  state, host = _state(mesh)
+  ckpts = _save_steps(tmp_path, (4, 6), state, keep=2)
+  bad = _array_file(tmp_path / "checkpoints" / "latest" / "6")
+  bad.write_bytes(bad.read_bytes()[:-7])  # truncated
+  restored, meta, step = ckpts.restore_intact(ckpt_lib.LATEST, _abstract(state), MANIFEST)
+  assert step == 4 and meta["data_state"] == {"step": 4}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"warning: {bad}: truncated file"), err
+  assert "latest/4 (step 4, data-iterator step 4)" in err[0]
+  assert (tmp_path / "checkpoints" / "corrupt" / "latest-6").is_dir()
+  assert ckpts.all_steps() == [4]
+  # The resumed run saves step 6 again (no "step already exists").
+  ckpts.save(ckpt_lib.LATEST, 6, state, {"manifest": MANIFEST})
+  ckpts.wait()
+  assert ckpts.all_steps() == [6, 4] and ckpts.verify(ckpt_lib.LATEST, 6)
+  ckpts.close()
+  # Every step damaged: one error line; a best that is not required: None and a warning.
+  truncate_all = [_array_file(tmp_path / "checkpoints" / "latest" / s) for s in ("4", "6")]
+  for f in truncate_all:
+    f.write_bytes(f.read_bytes()[:10])
+  fresh = ckpt_lib.Checkpoints(tmp_path)
+  with pytest.raises(DataError, match="no intact latest checkpoint in") as info:
+    fresh.restore_intact(ckpt_lib.LATEST, _abstract(state), MANIFEST)
+  assert "\n" not in str(info.value)
+  assert fresh.restore_intact(ckpt_lib.BEST, _abstract(state), MANIFEST, required=False) is None
+  fresh.close()
+
+
+def test_non_finite_parameters_are_refused_at_restore(tmp_path):
+  mesh = sharding.make_mesh()
+  state, _ = _state(mesh, scale=np.nan)
+  ckpts = _save_steps(tmp_path, (1,), state)
+  with pytest.raises(DataError, match="latest/1: checkpoint holds non-finite parameters"):
+    ckpts.restore(ckpt_lib.LATEST, _abstract(state), MANIFEST)
   ckpts.close()
 
 
