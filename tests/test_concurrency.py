@@ -22,9 +22,10 @@ import pytest
 
 from jax_brainage import cli, fileio, lock
 from jax_brainage.errors import ConfigError
-from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
 from jax_brainage.train import experiment
+from tests.train.conftest import blob_cohort
+from tests.train.conftest import tiny_config as trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -89,35 +90,15 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
           for p in sorted(directory.rglob("*")) if p.is_file() and p.name != lock.LOCK_FILE}
 
 
-def blob_data(n: int = 40, side: int = 16) -> data_lib.TrainingData:
-  """uint8 volumes whose bright cube grows with age (years): learnable in a few steps."""
-  rng = np.random.default_rng(0)
-  ages = rng.uniform(20, 80, n).astype(np.float32)
-  images = rng.integers(0, 40, (n, side, side, side, 1)).astype(np.uint8)
-  c = side // 2
-  for i, age in enumerate(ages):
-    r = int(round(1 + (age - 20) / 60 * (side // 2 - 2)))
-    images[i, c - r:c + r, c - r:c + r, c - r:c + r, 0] += 200
+def blob_data() -> data_lib.TrainingData:
+  """The trainer tests' learnable synthetic cohort (40 subjects, 16^3)."""
+  images, ages = blob_cohort()
   return data_lib.from_arrays(images, ages, ("T1w",), split_seed=0)
 
 
-def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
-  c = config_lib.base_config()
-  c.data.cache = "/unused-in-memory-data"
-  c.data.mode = "host"
-  c.model.conv_features = (4, 8, 8, 8, 8)
-  c.model.dense_features = 16
-  c.model.dropout_rate = 0.0
-  c.batch_size = 8
-  c.num_epochs = 2
-  c.patience = 0
-  c.optimizer.learning_rate = 1e-2
-  c.log_every_steps = 2
-  c.num_image_summaries = 0
-  for key, value in overrides.items():
-    config_lib.set_key(c, key, value)
-  config_lib.validate(c)
-  return c
+def tiny_config(**overrides):
+  """The trainer tests' tiny MRInet config, without input summaries."""
+  return trainer_config(num_image_summaries=0, **overrides)
 
 
 def test_second_writer_is_refused_and_the_first_workdir_still_resumes(tmp_path):
