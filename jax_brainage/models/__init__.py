@@ -27,6 +27,7 @@ __all__ = [
     "MRInet", "SFCN", "SFCNRegression", "AgeBins", "MODELS", "get_model", "predicted_age",
     "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
     "sfcn_variables_from_torch", "build_model", "variable_shapes", "check_shapes",
+    "OUTPUT_LAYERS",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -34,6 +35,10 @@ MODELS: dict[str, type[nn.Module]] = {
     "sfcn": SFCN,
     "sfcn_regression": SFCNRegression,
 }
+
+# The layers that map features to the output (years, or age bins): fine-tuning to another age
+# range or other bins starts them afresh (`train.finetune`).
+OUTPUT_LAYERS = ("age_head", "bin_head")
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}

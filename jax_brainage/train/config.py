@@ -118,7 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0       # besides the end of every epoch; 0: epoch ends only
   c.keep_checkpoints = 1             # latest checkpoints kept (the best is kept apart)
   c.num_image_summaries = 2          # input mid-slices written to TensorBoard at the start
-  c.init_from = ""                   # workdir whose best parameters initialise the model
+  c.init_from = ""                   # workdir whose model starts training (fine-tuning)
+  c.finetune = ml_collections.ConfigDict()  # with init_from (jax_brainage.train.finetune)
+  c.finetune.freeze = ()             # layers (fnmatch patterns, e.g. "conv[0-2]") not trained
+  c.finetune.reinit = ()             # layers started afresh (the output layer is, when its
+                                     # shape differs: another age range or bins)
+  c.finetune.pretrained_lr_scale = 1.0  # learning rate of loaded layers / the fresh layers'
 
   # Ensembles (jax_brainage.ensemble): members of a sub-ensemble train at once (stacked
   # parameters, one vmapped, jitted step); member m is the model of a single run with seed + m.
@@ -368,6 +373,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need((config.loss == "soft_label") == (config.model.name == "sfcn"), "loss",
        "soft_label goes with model.name='sfcn' (age-bin output) and only with it")
   need(config.soft_label_sigma > 0, "soft_label_sigma", "must be > 0 years")
+  need(config.finetune.pretrained_lr_scale >= 0, "finetune.pretrained_lr_scale", "must be >= 0")
+  for key in ("finetune.freeze", "finetune.reinit"):
+    need(all(isinstance(p, str) and p for p in _get(config, key)), key,
+         "layer name patterns (strings), e.g. ('conv0', 'bn*')")
   need(config.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
        f"one of {COMPUTE_DTYPES}")
   need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")

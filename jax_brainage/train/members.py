@@ -245,7 +245,7 @@ def build_member_setup(config: ml_collections.ConfigDict, image_shape: tuple[int
   model = models.get_model(config.model.name,
                            **config_lib.model_kwargs(config, mean_age, age_scale))
   schedule = steps.make_schedule(config.optimizer, total_steps)
-  tx = steps.make_optimizer(config.optimizer, schedule)
+  tx = steps.optimizer_for(config, schedule, steps.model_params(model, image_shape, channels))
   single = functools.partial(steps.init_state, model, tx, tuple(image_shape), channels)
   # All members initialised by one compiled, vmapped call (the same numbers as `single(seed)`).
   batched_init = jax.jit(jax.vmap(

@@ -23,6 +23,7 @@ import optax
 from jax_brainage import models, sharding
 from jax_brainage.models import losses
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import finetune
 
 # The metric "bad_step" of a step whose loss was finite: no step of a run reaches it.
 NO_BAD_STEP = np.iinfo(np.int32).max
@@ -42,7 +43,8 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
 
 def make_optimizer(opt: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """optax chain from `config.optimizer` (Adam by default, as in the study)."""
+  """optax chain from `config.optimizer` (Adam by default, as in the study); `optimizer_for`
+  adds fine-tuning's frozen and slower layers."""
   if opt.name == "adam":
     tx = optax.adam(schedule)
   elif opt.name == "adamw":
@@ -52,6 +54,18 @@ def make_optimizer(opt: ml_collections.ConfigDict,
   if opt.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(opt.grad_clip_norm)), tx)
   return tx
+
+
+def optimizer_for(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                  abstract_params: Any) -> optax.GradientTransformation:
+  """The experiment's optimiser: `make_optimizer`, per layer label when fine-tuning freezes
+  layers or slows the pretrained ones (`finetune.finetune_optimizer`; patterns checked against
+  `abstract_params`, the model's parameter shapes)."""
+  tx = make_optimizer(config.optimizer, schedule)
+  if not finetune.is_active(config):
+    return tx
+  finetune.check_patterns(config, abstract_params)
+  return finetune.finetune_optimizer(config, tx)
 
 
 def per_example_loss(config: ml_collections.ConfigDict, model, outputs: jax.Array,
@@ -79,6 +93,12 @@ def init_state(model, tx: optax.GradientTransformation, image_shape: tuple[int, 
           "opt_state": tx.init(params), "rng": rng}
 
 
+def model_params(model, image_shape: tuple[int, ...], channels: int) -> Any:
+  """The model's parameter shapes (nothing allocated)."""
+  return jax.eval_shape(lambda: init_state(model, optax.identity(), tuple(image_shape), channels,
+                                           0))["params"]
+
+
 def make_train_step(config: ml_collections.ConfigDict, model,
                     tx: optax.GradientTransformation) -> Callable:
   """(state, batch) -> (state, metrics); not yet jitted (the caller decides shardings)."""
@@ -101,6 +121,8 @@ def make_train_step(config: ml_collections.ConfigDict, model,
 
     (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
+    # Fine-tuning: frozen layers keep their BatchNorm statistics too.
+    new_model_state = finetune.keep_frozen_state(config, state["model_state"], new_model_state)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     age = models.predicted_age(model, outputs)
@@ -202,7 +224,7 @@ def build_setup(config: ml_collections.ConfigDict, image_shape: tuple[int, int, 
   model = models.get_model(config.model.name,
                            **config_lib.model_kwargs(config, mean_age, age_scale))
   schedule = make_schedule(config.optimizer, total_steps)
-  tx = make_optimizer(config.optimizer, schedule)
+  tx = optimizer_for(config, schedule, model_params(model, image_shape, channels))
   init = functools.partial(init_state, model, tx, tuple(image_shape), channels)
   state_sharding = sharding.state_shardings(mesh, jax.eval_shape(init, 0))
   abstract_state = jax.tree.map(

@@ -35,6 +35,7 @@ from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
+from jax_brainage.train import finetune
 from jax_brainage.train import loop, members as members_lib, steps
 
 
@@ -122,11 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       _resume_best(progress, None if best is None else best[1], resumed_step,
                    warn_none=not had_best)
     else:
-      source = _init_source(config.init_from, manifest) if config.init_from else None
       # Eager init: random initialisers compile once per shape and process, not once per run.
       state = jax.device_put(setup.init(int(config.seed)), state_sharding)
-      if source is not None:
-        state = _init_from(source, state, abstract_state, manifest)
+      if config.init_from:
+        state = finetune.load_pretrained(config, state, state_sharding)
       checkpoints.save(ckpt_lib.LATEST, 0, state,
                        loop.checkpoint_meta(progress, manifest, batches))
     step = int(sharding.to_host(state["step"]))
@@ -219,8 +219,7 @@ def _train_members(config: ml_collections.ConfigDict, workdir: Path,
     else:
       state = jax.device_put(setup.init(seeds), setup.state_sharding)
       if config.init_from:
-        state = _init_from(_init_source(config.init_from, manifest), state,
-                           setup.abstract_state, manifest)
+        state = finetune.load_pretrained(config, state, setup.state_sharding, members)
       best = jax.tree.map(jnp.copy, state)
       checkpoints.save(ckpt_lib.LATEST, 0, state,
                        loop.checkpoint_meta(progress, manifest, batches))
@@ -301,24 +300,3 @@ def _resume_best(progress: dict[str, Any], best_meta: dict[str, Any] | None,
 def _float(x: Any) -> float:
   """A progress record's loss: JSON null (an infinite best loss) back to inf."""
   return math.inf if x is None else float(x)
-
-
-def _init_source(source: str, manifest: dict[str, Any]) -> tuple[ckpt_lib.Checkpoints, str]:
-  """Opens another workdir's checkpoints (best, else latest) and checks they fit this model."""
-  other = ckpt_lib.Checkpoints(source, read_only=True)
-  which = ckpt_lib.BEST if other.latest_step(ckpt_lib.BEST) is not None else ckpt_lib.LATEST
-  step = other.latest_step(which)
-  if step is None:
-    raise ConfigError(f"config.init_from={source!r}: no checkpoint there")
-  ckpt_lib.check_manifest(other.read_meta(which, step).get("manifest", {}), manifest,
-                          ckpt_lib.checkpoint_dir(source, which) / str(step))
-  return other, which
-
-
-def _init_from(source: tuple[ckpt_lib.Checkpoints, str], state: Any, abstract_state: Any,
-               manifest: dict[str, Any]) -> Any:
-  """Parameters (and BatchNorm statistics) from another workdir; optimiser and step fresh."""
-  other, which = source
-  restored, _ = other.restore(which, abstract_state, manifest)
-  other.close()
-  return dict(state, params=restored["params"], model_state=restored["model_state"])
