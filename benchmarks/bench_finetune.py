@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         *((name, work / name) for name in runs)):
     out = work / f"predictions-{name}.tsv"
     if not out.is_file():
-                 "predict", "--workdir", str(workdir), "--data", str(cohorts["test"]), "--out",
+      brainage("predict", "--workdir", str(workdir), "--data", str(cohorts["test"]), "--out",
                str(out))
     results.setdefault(name, {})["test_mae"] = mae(out)
   record = {"environment": common.environment(), "cohort_b": SCANNER_B,
