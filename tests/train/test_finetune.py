@@ -105,9 +105,9 @@ def test_sfcn_with_other_bins_renews_its_bin_head_and_frozen_batchnorm_stays(tmp
 
 @pytest.mark.parametrize("overrides,match", [
     ({"model.dense_features": 32},
-     r"params/dense1/kernel has shape \(\d+, 16\) there, \(\d+, 32\) here .*finetune.reinit"),
+     r"params/dense1/bias has shape \(16,\) there, \(32,\) here .*finetune.reinit"),
     ({"finetune.freeze": ("conv9",)}, r"finetune.freeze: 'conv9' matches no layer of mrinet "
-                                       r"\(layers: age_head, conv0"),
+                                       r"\(layers: age_head, conv1"),
     ({"finetune.freeze": ("age_head",)}, r"age_head/.* would be frozen at a fresh"),
     ({"ensemble.members": 3}, None),
 ])
