@@ -118,8 +118,7 @@ def preprocess_subject(
     images: sequence name -> image path or nibabel image, for every `prep.sequences` entry.
     prep: the preprocessing settings.
     subject: subject id, to name the culprit in errors.
-    mask: brain mask (path or image, any grid; voxels outside it are set to 0); default:
-      nonzero voxels of the reference.
+    mask: brain mask (path or image, any grid); default: nonzero voxels of the reference.
     atlas: the region atlas, required when `prep.regions` is set.
 
   Returns:
@@ -169,9 +168,6 @@ def preprocess_subject(
     mask_img = _as_image(mask, subject)
     brain = nifti.reorient_array(on_grid(mask_img, 0) != 0, ornt)
     where_mask = nifti.describe(mask if isinstance(mask, (str, os.PathLike)) else None, subject)
-    # The mask defines the brain: what lies outside (skull, neck of a FastSurfer orig_nu.mgz or
-    # an fMRIPrep desc-preproc image) is background, as in the skull-stripped training data.
-    volumes = [np.where(brain, v, 0).astype(v.dtype, copy=False) for v in volumes]
   else:
     brain = volumes[0] != 0
     where_mask = names[0]
