@@ -85,7 +85,8 @@ def read_subjects_dir(
   root = Path(root)
   layout = detect(root)
   if layout is None:
-    raise DataError(f"{root}: no subject folder with mri/{IMAGES[0]} (or {', '.join(IMAGES[1:])})")
+    raise DataError(f"{root}: no subject folder with mri/{IMAGES[0]} (or "
+                    f"{', '.join(IMAGES[1:])})")
   table = Path(participants) if participants is not None else root / "participants.tsv"
   header: list[str] = ["participant_id"]
   rows: dict[tuple[str, str | None], Any] = {}
@@ -93,8 +94,8 @@ def read_subjects_dir(
     header, table_rows = bids.read_participants(table)
     has_session = "session_id" in header
     for row in table_rows:
-      key = (row.subject_id,
-             bids.session_label(row.values["session_id"]) if has_session else None)
+      raw = row.values["session_id"] if has_session else ""
+      key = (row.subject_id, None if raw.lower() in bids.MISSING else bids.session_label(raw))
       if key in rows:
         raise DataError(f"{table}: line {row.line}: {row.subject_id}: duplicated row (first on "
                         f"line {rows[key].line})")
