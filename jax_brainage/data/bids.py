@@ -420,7 +420,11 @@ def read_bids(
     else:
       sessions = sorted({c.session for c in files if c.suffix.lower() in wanted},
                         key=lambda s: (s is not None, s or "")) or [None]
-    sessions_tsv, session_ages = _session_ages(root, sid) if files else (None, {})
+    try:
+      sessions_tsv, session_ages = _session_ages(root, sid) if files else (None, {})
+    except DataError as e:
+      problem(sid, str(e))
+      continue
     for ses in sessions:
       line, raw_age = session_ages.get(ses, (0, ""))
       if raw_age.lower() not in MISSING:
