@@ -345,7 +345,8 @@ def read_bids(
       `DEFAULT_AGE_RANGE` (0 to 120). An age outside is a subject problem.
     entities: `--entities`, e.g. "space=MNI152NLin2009cAsym,desc=preproc" (every sequence).
     participants: a participants-like TSV to use instead of root/participants.tsv (fMRIPrep
-      derivatives have none); without either, prediction takes the sub-* folders, ages unknown.
+      derivatives have none); a look-up: its rows without images are left out. Without either,
+      prediction takes the sub-* folders, ages unknown.
     fmriprep: the layout (None: `is_fmriprep(root)`).
 
   Returns:
@@ -415,6 +416,8 @@ def read_bids(
     sex, covariates = row_attributes(row.values, sex_col, covariate_cols)
 
     files = images.get(sid, [])
+    if participants is not None and not files:
+      continue  # A table given with --participants is a look-up (e.g. the raw dataset's).
     if session is not None:
       sessions = [session_label(session)]
     else:

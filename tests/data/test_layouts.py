@@ -196,8 +196,9 @@ def test_fmriprep_template_image_and_its_mask(tmp_path, describe):
   assert all(s.age is None for s in ds.subjects)
   _one_line_error(DataError, layouts.read_dataset, [root], "T1w",
                   names=("participants.tsv", "--participants"))
+  # The raw dataset's table lists sub-03 too, whom fMRIPrep did not process: a look-up.
   table = _tsv(tmp_path / "raw" / "participants.tsv", "participant_id\tage", "sub-01\t33",
-               "sub-02\t44")
+               "sub-02\t44", "sub-03\t55")
   ds = layouts.read_dataset([root], "T1w", participants=table)
   assert _rows(ds) == [("sub-01", None, 33.0), ("sub-02", "1", 44.0)]
   # The native image on request, with the native mask.
