@@ -407,6 +407,7 @@ def read_bids(
     return check_age(raw, where, require=require_age, age_range=(min_age, max_age))
 
   wanted = {s.lower() for s in sequences}
+  json_names: dict[Path, list[str]] = {}  # sidecar folders listed once
   subjects = []
   for row in rows:
     sid = row.subject_id
@@ -442,7 +443,7 @@ def read_bids(
                              preferred, root, row.line, table.name)
         paths = {seq: str(c.path) for seq, c in chosen.items() if seq in sequences}
         mask = str(chosen["mask"].path) if "mask" in chosen else None
-        meta = read_sidecar(chosen[sequences[0]], root)
+        meta = read_sidecar(chosen[sequences[0]], root, json_names)
       except DataError as e:
         problem(sid, str(e))
         continue

@@ -148,10 +148,13 @@ def _load_json(path: Path) -> dict[str, Any]:
   return value
 
 
-def read_sidecar(image: Candidate, root: Path) -> dict[str, Any]:
+def read_sidecar(image: Candidate, root: Path,
+                 listing: dict[Path, list[str]] | None = None) -> dict[str, Any]:
   """The image's JSON metadata after BIDS inheritance: every `*_<suffix>.json` from `root` down to
   the image's folder whose entities all agree with the image's, the deeper winning.
-  DataError naming a sidecar that is not a JSON object."""
+  `listing` caches the JSON names per folder across calls (one listing of root per dataset,
+  not per image). DataError naming a sidecar that is not a JSON object."""
+  listing = {} if listing is None else listing
   folders = []
   folder = image.path.parent
   while True:
@@ -161,8 +164,14 @@ def read_sidecar(image: Candidate, root: Path) -> dict[str, Any]:
     folder = folder.parent
   meta: dict[str, Any] = {}
   for folder in reversed(folders):
-    for path in sorted(folder.glob(f"*{image.suffix}.json")):
-      stem = path.name[: -len(".json")]
+    if folder not in listing:
+      try:
+        listing[folder] = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
+      except OSError:
+        listing[folder] = []
+    for name in listing[folder]:
+      path = folder / name
+      stem = name[: -len(".json")]
       entities, _, suffix = stem.rpartition("_")
       if suffix.lower() != image.suffix.lower() and stem.lower() != image.suffix.lower():
         continue
