@@ -12,7 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from jax_brainage.cli import main as cli
 from jax_brainage.data import bids, freesurfer, layouts, preprocess
+from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import splits as splits_lib
 from jax_brainage.errors import ConfigError, DataError
 
@@ -313,3 +315,24 @@ def test_split_keeps_a_subjects_sessions_together():
   distinct = splits_lib.split_subjects(30, 5, groups=[f"s{i}" for i in range(30)])
   plain = splits_lib.split_subjects(30, 5)
   assert all(np.array_equal(distinct[n], plain[n]) for n in splits_lib.NAMES)
+
+
+def test_prepare_command_on_an_ambiguous_dataset(tmp_path, capsys):
+  """`brainage prepare`: one line naming subject and candidates (exit 2, nothing written), then
+  `--entities` picks and the cache holds the chosen file."""
+  root = tmp_path / "ds"
+  _save(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+  a = _save(root / "sub-02" / "anat" / "sub-02_acq-a_T1w.nii.gz")
+  b = _save(root / "sub-02" / "anat" / "sub-02_acq-b_T1w.nii.gz", seed=1)
+  _tsv(root / "participants.tsv", "participant_id\tage", "sub-01\t30", "sub-02\t40")
+  out = tmp_path / "cache"
+  argv = ["prepare", "--data", str(root), "--out", str(out), "--shape", "12", "--workers", "1",
+          "--quiet"]
+  assert cli(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "sub-02" in err and a.name in err and b.name in err, err
+  assert not out.exists()
+  assert cli(argv + ["--entities", "acq=b", "--skip-bad"]) == 0
+  cache = cache_lib.Cache.open(out)
+  assert cache.subject_ids == ["sub-02"]
+  assert cache.records[0]["images"]["T1w"] == str(b.relative_to(root))
