@@ -4,7 +4,8 @@
         [--batch-size N] [--checkpoint best|latest] [--atlas FILE] [--age-band YEARS]
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
-        [--session S] [--workers N] [--skip-bad] [--seed S]
+        [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
+        [--skip-bad] [--seed S]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),

@@ -2,6 +2,7 @@
 
     brainage predict --workdir W --data DIR --out preds.tsv [--checkpoint best|latest]
         [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
+        [--entities KEY=VALUE,...] [--participants TSV]
 
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
