@@ -13,10 +13,11 @@ sub-ensemble's input is prepared with the `Preprocessing` record of the cache it
 `Cache.preprocess`; a cache shared by several sub-ensembles runs once per subject), subjects are
 preprocessed in a thread pool and predicted in fixed-size batches by one jitted, data-parallel,
 member-vmapped call per sub-ensemble (padding rows dropped): never a Python loop per subject.
-`--data` is a BIDS dataset (participants.tsv ages are used when present) or a list of NIfTI
-files (one subject each, no age).
+`--data` is any layout of `jax_brainage.data.layouts`: a BIDS dataset (every session a row;
+participants.tsv / sessions.tsv ages used when present), fMRIPrep derivatives, a FreeSurfer or
+FastSurfer SUBJECTS_DIR, or a list of image files (one subject each, no age).
 
-The TSV (written atomically) has one row per subject:
+The TSV (written atomically) has one row per subject and session (`session` "n/a" without one):
 
     participant_id  session  age  predicted_age  brain_age_gap
 
