@@ -238,7 +238,8 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
   if split_path.is_file():
     split = splits.load_split(split_path, cache.subject_ids)
   else:
-    split = splits.split_subjects(len(cache), seed=int(config.data.split_seed))
+    split = splits.split_subjects(len(cache), seed=int(config.data.split_seed),
+                                  groups=cache.participant_ids)
   test = split.test
   test_ids = [cache.subject_ids[i] for i in test]
   t0 = time.perf_counter()

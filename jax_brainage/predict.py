@@ -13,10 +13,11 @@ sub-ensemble's input is prepared with the `Preprocessing` record of the cache it
 `Cache.preprocess`; a cache shared by several sub-ensembles runs once per subject), subjects are
 preprocessed in a thread pool and predicted in fixed-size batches by one jitted, data-parallel,
 member-vmapped call per sub-ensemble (padding rows dropped): never a Python loop per subject.
-`--data` is a BIDS dataset (participants.tsv ages are used when present) or a list of NIfTI
-files (one subject each, no age).
+`--data` is any layout of `jax_brainage.data.layouts`: a BIDS dataset (every session a row;
+participants.tsv / sessions.tsv ages used when present), fMRIPrep derivatives, a FreeSurfer or
+FastSurfer SUBJECTS_DIR, or a list of image files (one subject each, no age).
 
-The TSV (written atomically) has one row per subject:
+The TSV (written atomically) has one row per subject and session (`session` "n/a" without one):
 
     participant_id  session  age  predicted_age  brain_age_gap
 
@@ -45,7 +46,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import bids
+from jax_brainage.data import layouts
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble.model import Ensemble, EnsemblePrediction, check_cache
 from jax_brainage.errors import DataError
@@ -138,16 +139,12 @@ def model_inputs(model: Ensemble) -> ModelInputs:
 
 
 def read_dataset(data: Sequence[str | os.PathLike], sequences: Sequence[str], *,
-                 session: str | None = None, skip_bad: bool = False):
-  """A BIDS dataset directory (ages optional) or a list of image files (one sequence)."""
-  data = [str(d) for d in data]
-  if len(data) == 1 and bids.split_image_name(Path(data[0]).name) is None:
-    return bids.read_bids(data[0], sequences, session=session, require_age=False,
-                          skip_bad=skip_bad)
-  if len(sequences) != 1:
-    raise DataError(f"a list of image files gives one sequence, the model reads "
-                    f"{len(sequences)} ({', '.join(sequences)}); pass a BIDS dataset")
-  return bids.read_image_list(data, sequences[0], skip_bad=skip_bad)
+                 session: str | None = None, skip_bad: bool = False,
+                 entities: str | None = None, participants: str | os.PathLike | None = None):
+  """Rows of `--data`, ages optional: a BIDS or fMRIPrep dataset, a FreeSurfer/FastSurfer
+  SUBJECTS_DIR or a list of image files (`jax_brainage.data.layouts.read_dataset`)."""
+  return layouts.read_dataset(data, sequences, require_age=False, session=session,
+                              entities=entities, participants=participants, skip_bad=skip_bad)
 
 
 def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: int = 1,

@@ -4,7 +4,8 @@
         [--batch-size N] [--checkpoint best|latest] [--atlas FILE] [--age-band YEARS]
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
-        [--session S] [--workers N] [--skip-bad] [--seed S]
+        [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
+        [--skip-bad] [--seed S]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from jax_brainage import lock, predict
+from jax_brainage.commands.prepare import add_layout_options
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import derivative, maps
 
@@ -34,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, type=Path,
                  help="training workdir (brainage train) or ensemble workdir")
   p.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                 help="BIDS dataset directory, or NIfTI files (one subject each)")
+                 help="BIDS dataset, fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIR, "
+                      "or image files (one subject each)")
   p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
   p.add_argument("--composite", default=maps.DEFAULT_METHOD, metavar="NAME",
                  help=f"LRP composite or baseline ({', '.join(maps.METHODS)}; default "
@@ -60,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="slice montages of the first N subjects (4); groups always get one")
   p.add_argument("--no-glass-brain", action="store_true", help="skip the glass-brain figure")
   p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad's noise (0)")
-  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
+  add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="threads preprocessing subjects")
   p.add_argument("--skip-bad", action="store_true",
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, seed=args.seed, levels=levels,
                                members_per_call=args.members_per_call)
     dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
-                                   skip_bad=args.skip_bad)
+                                   skip_bad=args.skip_bad, entities=args.entities,
+                                   participants=args.participants)
     atlas = args.atlas if args.atlas is not None else derivative.find_atlas(args.data, target)
     columns = None if args.groups is None else [c.strip() for c in args.groups.split(",")
                                                 if c.strip()]

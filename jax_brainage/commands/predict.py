@@ -2,6 +2,7 @@
 
     brainage predict --workdir W --data DIR --out preds.tsv [--checkpoint best|latest]
         [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
+        [--entities KEY=VALUE,...] [--participants TSV]
 
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
@@ -27,6 +28,7 @@ import numpy as np
 from jax_brainage import predict
 from jax_brainage.data import bids
 from jax_brainage.ensemble import correction as correction_lib
+from jax_brainage.commands.prepare import add_layout_options
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import artifact
 
@@ -39,14 +41,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, type=Path,
                  help="training workdir (brainage train): one model, or an ensemble experiment")
   p.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                 help="BIDS dataset directory, or NIfTI files (one subject each, no age)")
+                 help="BIDS dataset, fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIR, "
+                      "or image files (one subject each, no age)")
   p.add_argument("--out", required=True, type=Path, metavar="TSV", help="predictions to write")
   p.add_argument("--checkpoint", choices=artifact.CHECKPOINTS, default="best",
                  help="best by validation loss (default) or latest (single-model workdirs)")
   p.add_argument("--sequences", default=None,
                  help="comma-separated sequences of the data (default: the model's); must be "
                       "the model's")
-  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
+  add_layout_options(p)
   p.add_argument("--batch-size", type=int, default=8, help="volumes per model call (8)")
   p.add_argument("--members-per-call", type=int, default=0, metavar="N",
                  help="ensembles: members evaluated per call (0 = all of a sub-ensemble at "
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
       raise DataError(f"--sequences {','.join(given)}: {artifact.describe(model)} needs "
                       f"{','.join(inputs.sequences)} (in that order)")
   dataset = predict.read_dataset(args.data, inputs.sequences, session=args.session,
-                                 skip_bad=args.skip_bad)
+                                 skip_bad=args.skip_bad, entities=args.entities,
+                                 participants=args.participants)
   subjects, prediction, skipped = predict.predict_dataset(
       model, dataset, batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
       inputs=inputs, members_per_call=args.members_per_call)

@@ -3,12 +3,15 @@
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
         [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
         [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
+        [--entities KEY=VALUE,...] [--participants TSV]
         [--age-range MIN,MAX] [--no-resample-oblique] [--skip-bad] [--quiet]
 
 The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
-`--data` is a BIDS dataset, or a list of image files (one subject each, no age). Prints the
-cache's size, and on stderr skipped subjects and brains the cube crops.
+`--data` is a BIDS dataset (with sessions: one row each), fMRIPrep derivatives, a FreeSurfer or
+FastSurfer SUBJECTS_DIR (`jax_brainage.data.layouts`), or a list of image files (one subject
+each, no age). Prints the layout and the cache's size, and on stderr skipped subjects and brains
+the cube crops.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from jax_brainage.data import bids, intensity, regions
+from jax_brainage.data import bids, intensity, layouts, regions
 from jax_brainage.data.cache import Preprocessing, prepare
 from jax_brainage.errors import ConfigError
 
@@ -36,6 +39,21 @@ def _shape_arg(text: str) -> tuple[int, int, int]:
   return sizes
 
 
+def add_layout_options(p: argparse.ArgumentParser) -> None:
+  """--session, --entities and --participants: how rows and images are chosen in --data (shared
+  by prepare, predict and explain)."""
+  p.add_argument("--session", default=None,
+                 help="use images of ses-SESSION only (default: every session is a row)")
+  p.add_argument("--entities", default=None, metavar="KEY=VALUE,...",
+                 help="pick among several images by BIDS entities, e.g. space=MNI152NLin2009cAsym,"
+                      "desc=preproc or acq=mprage,run=2 (value 'none': without the entity); "
+                      "default: native (no space-) for BIDS, MNI152NLin2009cAsym desc-preproc "
+                      "for fMRIPrep, then the lowest run")
+  p.add_argument("--participants", default=None, metavar="TSV",
+                 help="participants table (participant_id, age, ...[, session_id]) for layouts "
+                      "without one: fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIRs")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Adds `brainage prepare`."""
   p = subparsers.add_parser(
@@ -43,8 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       description=__doc__.split("\n\n")[0] + " Cube shape default: 98^3 at 2 mm, 198^3 at 1 mm, "
       "else the smallest even side holding 198 mm.")
   p.add_argument("--data", required=True, nargs="+", metavar="DIR",
-                 help="BIDS dataset directory (participants.tsv + sub-*/anat/), or image files "
-                      "(one subject each, no age)")
+                 help="BIDS dataset (participants.tsv + sub-*/[ses-*/]anat/), fMRIPrep "
+                      "derivatives, FreeSurfer/FastSurfer SUBJECTS_DIR, or image files (one "
+                      "subject each, no age)")
   p.add_argument("--out", required=True, metavar="CACHE", help="cache directory to write")
   p.add_argument("--sequences", default="T1w", help="comma-separated, channel order (T1w)")
   p.add_argument("--shape", type=_shape_arg, default=None,
@@ -64,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--mask-suffix", default=None, metavar="SUFFIX",
                  help="per-subject brain mask image suffix, e.g. 'mask' (default: nonzero "
                       "voxels of the first sequence)")
-  p.add_argument("--session", default=None, help="use images of ses-SESSION only")
+  add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="parallel processes (default: CPU count, at most 8)")
   p.add_argument("--age-range", default=None, metavar="MIN,MAX",
@@ -84,14 +103,10 @@ def run(args: argparse.Namespace) -> int:
   sequences = bids.parse_sequences(args.sequences)
   if (args.regions is None) != (args.atlas is None):
     raise ConfigError("--regions and --atlas go together")
-  if len(args.data) == 1 and bids.split_image_name(Path(args.data[0]).name) is None:
-    dataset = bids.read_bids(args.data[0], sequences, session=args.session,
-                             mask_suffix=args.mask_suffix, skip_bad=args.skip_bad,
-                             age_range=args.age_range)
-  else:
-    if len(sequences) != 1:
-      raise ConfigError("a list of image files gives one sequence; pass one --sequences name")
-    dataset = bids.read_image_list(args.data, sequences[0], skip_bad=args.skip_bad)
+  dataset = layouts.read_dataset(args.data, sequences, session=args.session,
+                                 entities=args.entities, participants=args.participants,
+                                 mask_suffix=args.mask_suffix, skip_bad=args.skip_bad,
+                                 age_range=args.age_range)
   atlas = labels = None
   if args.atlas is not None:
     atlas = regions.load_atlas(args.atlas)
@@ -105,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
   cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,
                   skip_bad=args.skip_bad, progress=not args.quiet)
   skipped = len(cache.index["skipped"])
-  print(f"prepared {len(cache)} subjects -> {cache.path} "
+  print(f"prepared {len(cache)} subjects ({dataset.layout}) -> {cache.path} "
         f"({cache.volumes.dtype} {tuple(cache.volumes.shape)}, "
         f"{cache.volumes.nbytes / 2**20:.1f} MiB)" + (f", skipped {skipped}" if skipped else ""))
   not_fitting = [r["subject_id"] for r in cache.records if not r["brain_fits"]]

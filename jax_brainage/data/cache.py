@@ -109,7 +109,8 @@ class Cache:
     index: the parsed index.json.
     volumes: memory-mapped `[n, X, Y, Z, C]` uint8 (float16 for zscore).
     ages: float32 `[n]` chronological ages in years (NaN where unknown).
-    subject_ids: list of n ids.
+    subject_ids: list of n row ids, unique (`bids.row_id`: `sub-01`, or `sub-01_ses-2`).
+    participant_ids: list of n participant ids (the same for every session of a subject).
     sequences: channel names.
     shape: cube shape `(X, Y, Z)`.
     records: per-subject dicts (subject_id, age, sex, covariates, session, images, inverse).
@@ -121,7 +122,10 @@ class Cache:
     self.index = index
     self.volumes = volumes
     self.records: list[dict[str, Any]] = index["subjects"]
-    self.subject_ids = [r["subject_id"] for r in self.records]
+    # Row ids (`sub-01_ses-2` where the row has a session) are unique; participant ids repeat
+    # over a subject's sessions (splits keep them together).
+    self.subject_ids = [bids.row_id(r["subject_id"], r.get("session")) for r in self.records]
+    self.participant_ids = [r["subject_id"] for r in self.records]
     self.ages = np.array([np.nan if r["age"] is None else r["age"] for r in self.records],
                          dtype=np.float32)
     self.sequences = tuple(index["sequences"])

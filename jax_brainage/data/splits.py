@@ -9,7 +9,8 @@ so every part spans the whole age range with the cohort's age distribution (a te
 gets one subject from each age decile-of-deciles, rather than whatever a random cut gives).
 
 Parts are disjoint, together cover all subjects, have exactly the apportioned sizes, and are the
-same for the same (n, seed, fractions, ages).
+same for the same (n, seed, fractions, ages). With `groups` (the participant id of each row, for
+datasets with several sessions per subject) every participant's rows go to one part.
 """
 
 from __future__ import annotations
@@ -108,19 +109,43 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
 
 
 def split_subjects(n: int, seed: int, fractions: Sequence[float] = STUDY_FRACTIONS,
-                   ages: np.ndarray | None = None) -> Split:
+                   ages: np.ndarray | None = None, groups: Sequence[str] | None = None
+                   ) -> Split:
   """Random train / val / test split of n subjects.
 
   Args:
-    n: number of subjects (rows 0..n-1 of the cache or cohort).
+    n: number of rows (0..n-1 of the cache or cohort).
     seed: the split's seed (keep it apart from the training seed so that retraining ensemble
       members with new seeds keeps the same test set).
     fractions: (train, val, test), summing to 1.
     ages: float [n] (years); when given, the split is stratified by age.
+    groups: [n] participant id of each row: rows of one participant (its sessions) go to the same
+      part. The parts' sizes are then apportioned over participants (stratified by each one's
+      mean age). With every id distinct, the split is exactly that of `groups=None`.
 
   Returns:
     Split with sorted row numbers of each part.
   """
+  if groups is not None:
+    groups = list(groups)
+    if len(groups) != n:
+      raise DataError(f"split: {len(groups)} group ids for {n} rows")
+    names, of_row = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    if len(names) < n:
+      # Participants in first-seen order, so the split does not depend on how ids sort.
+      first = np.full(len(names), n)
+      np.minimum.at(first, of_row, np.arange(n))
+      rank = np.empty(len(names), np.int64)
+      rank[np.argsort(first)] = np.arange(len(names))
+      of_row = rank[of_row]
+      group_ages = None
+      if ages is not None:
+        ages = np.asarray(ages, np.float64)
+        if ages.shape != (n,):
+          raise DataError(f"split: ages has shape {ages.shape}, expected ({n},)")
+        group_ages = np.bincount(of_row, ages, len(names)) / np.bincount(of_row)
+      by_group = split_subjects(len(names), seed, fractions, group_ages)
+      return Split(*(np.flatnonzero(np.isin(of_row, by_group[name])) for name in NAMES))
   f = _check_fractions(fractions)
   if n < 1:
     raise DataError("split: no subjects to split")

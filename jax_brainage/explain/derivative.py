@@ -27,7 +27,8 @@ only complete files):
   regions/relevance_regions.tsv, regions/group_regions.tsv
       voxels, sum, mean, positive, negative relevance and positive fraction per atlas label, per
       subject and per group (--atlas, default the simulated cohort's atlas or the training
-      cache's region atlas; skipped without one).
+      cache's region atlas; skipped without one). A row with a session is `sub-<id>_ses-<s>`
+      in participant_id (and in the groups), so a subject's sessions stay apart.
   figures/*.png      slice montages over the anatomy (first --figures subjects, every group) and a
                      glass brain of the group-all map; tensorboard/ the same montages.
   explain.json       what was written: method, model, subjects (predicted age, relevance sum,
@@ -49,7 +50,7 @@ import numpy as np
 
 from jax_brainage import fileio, lock, predict
 from jax_brainage.data import cache as cache_lib
-from jax_brainage.data import nifti, simulate
+from jax_brainage.data import bids, nifti, simulate
 from jax_brainage.data import regions as atlas_lib
 from jax_brainage.errors import DataError
 from jax_brainage.explain import figures, maps
@@ -188,14 +189,20 @@ def find_atlas(data: Sequence[str | os.PathLike], target: Target) -> Path | None
 
 
 def select_subjects(dataset, wanted: Sequence[str] | None):
-  """The dataset's subjects, or those named (with or without "sub-"), in the order given."""
+  """The dataset's subjects, or those named (with or without "sub-"), in the order given; a
+  subject id names all its sessions, `sub-01_ses-2` one."""
   if not wanted:
     return list(dataset.subjects)
   by_id: dict[str, list[Any]] = {}
+  by_row = {bids.row_id(s.subject_id, s.session): s for s in dataset.subjects}
   for s in dataset.subjects:
     by_id.setdefault(s.subject_id, []).append(s)
   chosen = []
   for w in wanted:
+    row = next((by_row[r] for r in (w, f"sub-{w}") if "_ses-" in w and r in by_row), None)
+    if row is not None:
+      chosen.append(row)
+      continue
     sid = w if w.startswith("sub-") else f"sub-{w}"
     if sid not in by_id and w in by_id:
       sid = w
@@ -276,6 +283,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
     first_input = cubes[next(iter(target.of_sub))]
     for j, subject in enumerate(batch):
       inverse = inverses.pop(id(subject))
+      row_id = bids.row_id(subject.subject_id, subject.session)  # group and table key
       entry = {"participant_id": subject.subject_id, "session": subject.session,
                "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}
       labels = region_tables.atlas_in_cube(atlas, inverse) if atlas is not None else None
@@ -296,11 +304,11 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
           for seq, rc in parts:
             stats = region_tables.region_statistics(rc, labels, ids)
             region_rows.extend(region_tables.subject_rows(
-                [subject.subject_id], {k: v[None] for k, v in stats.items()}, ids, atlas.names,
+                [row_id], {k: v[None] for k, v in stats.items()}, ids, atlas.names,
                 model=level, sequence=seq))
       top, top_seqs = levels[target.top]
       anatomy = _anatomy(first_input[j])
-      accumulators.add(subject.subject_id, top[j], anatomy, inverse)
+      accumulators.add(row_id, top[j], anatomy, inverse)
       if len(index["subjects"]) < n_figures:
         entry["figures"] = _subject_figures(out, writer, subject, anatomy, top[j], top_seqs,
                                             target.top)

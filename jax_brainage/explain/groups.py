@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jax_brainage.data import prune
+from jax_brainage.data import bids, prune
 from jax_brainage.errors import ConfigError
 from jax_brainage.explain import maps
 
@@ -53,10 +53,12 @@ def subject_groups(subjects: Sequence[Any], *, age_band: float = 10.0,
     age_band: width of the age bands (years; bands [k * w, (k + 1) * w)); 0 = none.
     columns: participants.tsv columns to group by (default: sex and every covariate).
   Returns:
-    ({(group, value): participant ids}, {group: how it was formed}), "all" first; values are
-    BIDS entity values (letters and digits).
+    ({(group, value): row ids (`bids.row_id`: the participant id, plus `_ses-<label>` for a
+    row with a session)}, {group: how it was formed}), "all" first; values are BIDS entity
+    values (letters and digits).
   """
-  keys = lambda s: s.subject_id  # noqa: E731
+  # Row ids: the sessions of one subject are separate members (`sub-01_ses-2`).
+  keys = lambda s: bids.row_id(s.subject_id, getattr(s, "session", None))  # noqa: E731
   groups: dict[tuple[str, str], list[str]] = {("all", "all"): [keys(s) for s in subjects]}
   how: dict[str, Any] = {"all": "every subject"}
   if age_band and age_band > 0:

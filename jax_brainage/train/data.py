@@ -217,7 +217,9 @@ def open_training_data(config) -> TrainingData:
   if len(unlabelled):
     raise DataError(f"{cache_dir}: subject {cache.subject_ids[int(unlabelled[0])]} has no age; "
                     "training needs every subject's age")
-  split = splits_lib.split_subjects(len(source), seed=int(config.data.split_seed))
+  # Every session of a participant in the same part (no subject in both train and test).
+  split = splits_lib.split_subjects(len(source), seed=int(config.data.split_seed),
+                                    groups=cache.participant_ids)
   return TrainingData(
       select_sequences(source, cache.sequences, tuple(config.data.sequences), str(cache_dir)),
       split, tuple(config.data.sequences), str(cache_dir))

@@ -234,6 +234,23 @@ def test_subject_groups():
   assert ("sex", "F") not in only and ("age", "40to45") in only and ("age", "45to50") in only
 
 
+def test_subject_groups_keep_sessions_apart():
+  """Two sessions of one subject are two members of a group (row ids), never one."""
+  S = types.SimpleNamespace
+  subjects = [S(subject_id="sub-01", session="1", age=41.0, sex="F", covariates={}),
+              S(subject_id="sub-01", session="2", age=45.0, sex="F", covariates={}),
+              S(subject_id="sub-02", session=None, age=47.0, sex="M", covariates={})]
+  groups, _ = subject_groups(subjects, age_band=10)
+  assert groups[("all", "all")] == ["sub-01_ses-1", "sub-01_ses-2", "sub-02"]
+  assert groups[("age", "40to50")] == ["sub-01_ses-1", "sub-01_ses-2", "sub-02"]
+  assert groups[("sex", "F")] == ["sub-01_ses-1", "sub-01_ses-2"]
+  dataset = S(root="ds", subjects=subjects)
+  pick = lambda names: [(s.subject_id, s.session)  # noqa: E731
+                        for s in derivative.select_subjects(dataset, names)]
+  assert pick(["sub-01_ses-2", "02"]) == [("sub-01", "2"), ("sub-02", None)]
+  assert pick(["01"]) == [("sub-01", "1"), ("sub-01", "2")]
+
+
 def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tmp_path):
   """An ensemble store (E2's format) built from the tiny model: sub-ensembles "a" and "b" with two
   members each (the model and rescaled copies); maps against x * grad per member."""
