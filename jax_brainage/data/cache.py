@@ -251,8 +251,8 @@ def write_record(out: str | os.PathLike, prep: Preprocessing, *,
     raise ConfigError("a preprocessing record needs the cube shape and the voxel size (mm)")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  with fileio.atomic_path(out / VOLUMES, suffix=".npy") as tmp:
-    np.save(tmp, np.zeros((0, *prep.shape, len(prep.sequences)), prep.dtype))
+  with fileio.atomic_path(out / VOLUMES, suffix=".npy") as tmp, open(tmp, "wb") as f:
+    np.save(f, np.zeros((0, *prep.shape, len(prep.sequences)), prep.dtype))
   fileio.write_json(out / INDEX, {
       "format": FORMAT, "format_version": FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

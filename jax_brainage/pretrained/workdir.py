@@ -97,7 +97,8 @@ def _preprocessing_record(workdir: Path, name: str, prep: Preprocessing, source:
 
 def import_model(format: str, weights: str | os.PathLike, workdir: str | os.PathLike, *,
                  sequences: Sequence[str] = ("T1w",), image_shape: Sequence[int] | None = None,
-                 age_range: Sequence[float] | None = None) -> Ensemble:
+                 age_range: Sequence[float] | None = None,
+                 voxel_size: float | None = None) -> Ensemble:
   """Converts a published weights file (`sources.SOURCES`) into workdir W; returns the model.
 
   Args:
@@ -107,6 +108,7 @@ def import_model(format: str, weights: str | os.PathLike, workdir: str | os.Path
     image_shape: input array shape in the source's orientation (default: the source's).
     age_range: sfcn-torch: (first bin start, ignored end) years; pyment-keras: the output range
       (sfcn-reg) or the integer ages of the classes (sfcn-sm).
+    voxel_size: mm of the cube new data are resampled to (default: the source's, 1 mm).
   Raises:
     DataError naming the file (and the first mismatching layer); ConfigError for a non-empty W.
   """
@@ -121,7 +123,8 @@ def import_model(format: str, weights: str | os.PathLike, workdir: str | os.Path
   source = imported.source
   manifest = imported.manifest
   prep = Preprocessing(sequences=tuple(sequences), shape=tuple(manifest["image_shape"]),
-                       voxel_size=source.voxel_size, scaling=source.scaling,
+                       voxel_size=float(voxel_size or source.voxel_size),
+                       scaling=source.scaling,
                        ceiling_percentile=source.ceiling_percentile)
   record = {"format": format, "imported": _now(), "source": source.record(),
             "weights": {"file": weights.name, "path": str(weights.resolve()),
