@@ -26,6 +26,7 @@ import os
 import re
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from jax_brainage.errors import DataError
@@ -120,8 +121,6 @@ def read_layers(path: str | os.PathLike) -> list[Layer]:
     DataError: one line naming the file when it is missing, not HDF5 (corrupt, truncated), or
       not laid out as Keras writes weights; or naming the first layer that cannot be read.
   """
-  import h5py  # a light optional dependency of the Keras formats only
-
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: weights file not found")

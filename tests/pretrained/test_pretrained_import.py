@@ -6,7 +6,9 @@ line naming the file and the first layer that does not fit."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -70,8 +72,8 @@ def test_mrinet_keras_matches_keras(keras_mrinet, tmp_path):
   got = model.predict({"model": x}, batch_size=2).ensemble
   np.testing.assert_allclose(got, expected, rtol=RTOL)
   assert np.ptp(expected) > 1e-3  # a constant net would prove nothing
-  record = pretrained.json.loads((w / pretrained.IMPORT_RECORD).read_text())
-  assert record["weights"]["sha256"] == pretrained.hashlib.sha256(path.read_bytes()).hexdigest()
+  record = json.loads((w / pretrained.IMPORT_RECORD).read_text())
+  assert record["weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
   assert record["source"]["orientation"] == "LIA" and record["preprocessing"]["shape"] == [32] * 3
 
 
