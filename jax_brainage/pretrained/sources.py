@@ -127,9 +127,12 @@ def _fit(path: Path, manifest: dict[str, Any], variables: dict[str, Any],
   flat_want = dict(_flat(jax.tree.map(lambda s: tuple(s.shape), expected,
                                       is_leaf=lambda s: hasattr(s, "shape"))))
   flat_have = dict(_flat(jax.tree.map(np.shape, variables)))
-  for key in sorted(set(flat_want) | set(flat_have), key=_layer_order):
+  order = {layer: i for i, layer in enumerate(names)}  # the file's network order
+  layer_of = lambda key: key.split("/")[1] if "/" in key else key
+  for key in sorted(set(flat_want) | set(flat_have),
+                    key=lambda k: (order.get(layer_of(k), len(order)), k)):
     if flat_want.get(key) != flat_have.get(key):
-      layer = key.split("/")[1] if "/" in key else key
+      layer = layer_of(key)
       raise DataError(
           f"{path}: layer {names.get(layer, layer)} ({key}) has shape "
           f"{flat_have.get(key, 'missing')} in the file, {manifest['model']} expects "
@@ -143,12 +146,6 @@ def _flat(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
   if isinstance(tree, dict):
     return [kv for k, v in tree.items() for kv in _flat(v, f"{prefix}{k}/")]
   return [(prefix[:-1], tree)]
-
-
-def _layer_order(key: str) -> tuple[int, str]:
-  layer = key.split("/")[1] if "/" in key else key
-  digits = "".join(c for c in layer if c.isdigit())
-  return (int(digits) if digits else 99), key
 
 
 def _count(path: Path, layers: list[keras_h5.Layer], kind: str, want: int, arch: str
@@ -244,8 +241,10 @@ def sfcn_from_torch(path: str | os.PathLike, *, sequences: Sequence[str] = ("T1w
     variables = models.sfcn_variables_from_torch(state, model)
   except DataError as e:
     raise DataError(f"{path}: {e}") from None
-  names = {f"conv{i + 1}": f"feature_extractor.conv_{i}.0" for i in range(n)}
-  names.update({f"bn{i + 1}": f"feature_extractor.conv_{i}.1" for i in range(n)})
+  names = {}
+  for i in range(n):  # network order: conv, its BatchNorm, the next block ...
+    names[f"conv{i + 1}"] = f"feature_extractor.conv_{i}.0"
+    names[f"bn{i + 1}"] = f"feature_extractor.conv_{i}.1"
   names["bin_head"] = f"classifier.conv_{n}"
   return Imported(manifest, _fit(path, manifest, jax.tree.map(np.asarray, variables), names),
                   source)
