@@ -52,7 +52,8 @@ from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CHECKSUM", "VOLUMES", "INDEX", "ATLAS", "Cache",
-           "Preprocessing", "prepare", "prepare_row", "preprocess_subject", "row_checksum"]
+           "Preprocessing", "prepare", "prepare_row", "preprocess_subject", "row_checksum",
+           "write_record"]
 
 FORMAT = "jax-brainage-cache"
 FORMAT_VERSION = 2  # 2: per-row checksums.
@@ -239,6 +240,33 @@ class Cache:
             f"{where}: voxel size {'x'.join(f'{v:g}' for v in inverse.voxel_size)} mm differs "
             f"from the cache's {'x'.join(f'{v:g}' for v in expected)} mm ({self.path})")
     return cube, inverse
+
+
+def write_record(out: str | os.PathLike, prep: Preprocessing, *,
+                 source: str = "") -> "Cache":
+  """A cache of no subjects: only the preprocessing record, so that new data are prepared as a
+  model needs them when it was not trained on a cache of ours (an imported pretrained model).
+
+  `prep.shape` and `prep.voxel_size` must be set (the model's input cube, mm); `source` says
+  where the record comes from. Writes CACHE/index.json and an empty CACHE/volumes.npy
+  `[0, X, Y, Z, C]` atomically; returns the cache opened.
+  """
+  if prep.shape is None or prep.voxel_size is None:
+    raise ConfigError("a preprocessing record needs the cube shape and the voxel size (mm)")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  with fileio.atomic_path(out / VOLUMES, suffix=".npy") as tmp, open(tmp, "wb") as f:
+    np.save(f, np.zeros((0, *prep.shape, len(prep.sequences)), prep.dtype))
+  fileio.write_json(out / INDEX, {
+      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "versions": {"nibabel": nib.__version__, "numpy": np.__version__}, "source": source,
+      "shape": list(prep.shape), "sequences": list(prep.sequences),
+      "channels": len(prep.sequences), "dtype": np.dtype(prep.dtype).name,
+      "scaling": prep.scaling, "voxel_size": [float(prep.voxel_size)] * 3,
+      "preprocessing": prep.to_dict(), "regions": None, "subjects": [],
+      "checksums": {"algorithm": CHECKSUM, "rows": []}, "skipped": []})
+  return Cache.open(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jax_brainage.errors import ConfigError, DataError
-from jax_brainage.models import lowering
+from jax_brainage.models import lowering, orientation
 
 # The study's layer table (paper.md): (features, kernel side) per conv block.
 STUDY_CONV_FEATURES = (16, 16, 32, 64, 32)
@@ -68,6 +68,9 @@ class MRInet(nn.Module):
     conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the convolutions and the
       max-pool gradients are computed (`jax_brainage.models.lowering`); the parameters and
       outputs are the same.
+    input_orientation: "RAS" (the cube as prepared) or the array orientation the weights were
+      trained in, e.g. "LIA" for the study's FreeSurfer-space MRInets: the RAS+ input is
+      permuted into it first (`models.orientation`).
   """
 
   mean_age: float = 50.0
@@ -81,9 +84,11 @@ class MRInet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_lowering: str = "xla"
+  input_orientation: str = "RAS"
 
   def __post_init__(self):
     lowering.check(self.conv_lowering, "MRInet")
+    orientation.check(self.input_orientation, "MRInet")
     if len(self.conv_features) != len(self.conv_kernels):
       raise ConfigError(
           f"MRInet: conv_features {tuple(self.conv_features)} and conv_kernels "
@@ -122,7 +127,7 @@ class MRInet(nn.Module):
                         dtype=jnp.float32, param_dtype=self.param_dtype, name="age_head")
 
     def age(x):
-      x = x.astype(self.dtype)
+      x = orientation.from_ras(x.astype(self.dtype), self.input_orientation)
       for conv, pool in convs:
         x = nn.relu(conv(x))
         if pool:

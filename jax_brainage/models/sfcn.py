@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_brainage.errors import ConfigError, DataError
-from jax_brainage.models import lowering
+from jax_brainage.models import lowering, orientation
 
 SFCN_CHANNELS = (32, 64, 128, 256, 256, 64)
 
@@ -116,7 +116,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
   if small:
     raise DataError(f"{type(module).__name__}: spatial size {x.shape[1:4]} is too small for "
                     f"{num_pools} poolings by 2 (need >= {2**num_pools} voxels per side)")
-  x = x.astype(module.dtype)
+  x = orientation.from_ras(x.astype(module.dtype), module.input_orientation)
   for i, features in enumerate(module.channels, start=1):
     last = i == len(module.channels)
     k = 1 if last else 3
@@ -141,6 +141,7 @@ def _sfcn_trunk(module: nn.Module, x: jnp.ndarray, train: bool) -> jnp.ndarray:
 
 def _check_common(module) -> None:
   lowering.check(module.conv_lowering, type(module).__name__)
+  orientation.check(module.input_orientation, type(module).__name__)
   if len(module.channels) < 2:
     raise ConfigError(f"{type(module).__name__}: channels needs >= 2 entries, got "
                       f"{tuple(module.channels)}")
@@ -165,6 +166,8 @@ class SFCN(nn.Module):
     conv_lowering: "xla", "im2col" or "auto" (im2col on CPU): how the trunk's convolutions and
       max-pool gradients are computed (`jax_brainage.models.lowering`); the parameters and
       outputs are the same.
+    input_orientation: "RAS" (the cube as prepared) or the array orientation the weights were
+      trained in, e.g. "LAS" for Peng et al.'s FSL MNI152 volumes (`models.orientation`).
   """
 
   age_range: tuple[float, float] = (15.0, 85.0)
@@ -176,6 +179,7 @@ class SFCN(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_lowering: str = "xla"
+  input_orientation: str = "RAS"
 
   def __post_init__(self):
     _check_common(self)
@@ -205,11 +209,14 @@ class SFCNRegression(nn.Module):
 
   Attributes as `SFCN`, plus `mean_age`, the initial output bias (years), and `age_scale`, a
   constant output scale (years per head unit; 1.0 = raw years), as in MRInet: with the training
-  ages' standard deviation the head learns a unit-variance target.
+  ages' standard deviation the head learns a unit-variance target; and `output_range`: None
+  (default) or (low, high) years, the output `low + clip(age, 0, high - low)` as pyment's
+  `restrict_range` (a ReLU capped at high - low, plus low) in its RegressionSFCN (3-95 years).
   """
 
   mean_age: float = 50.0
   age_scale: float = 1.0
+  output_range: tuple[float, float] | None = None
   channels: Sequence[int] = SFCN_CHANNELS
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
@@ -217,12 +224,17 @@ class SFCNRegression(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_lowering: str = "xla"
+  input_orientation: str = "RAS"
 
   def __post_init__(self):
     _check_common(self)
     if not (math.isfinite(self.age_scale) and self.age_scale > 0):
       raise ConfigError(f"SFCNRegression: age_scale must be a finite number of years > 0, got "
                         f"{self.age_scale}")
+    if self.output_range is not None and not (
+        len(self.output_range) == 2 and float(self.output_range[0]) < float(self.output_range[1])):
+      raise ConfigError(f"SFCNRegression: output_range must be (low, high) years with low < high, "
+                        f"got {self.output_range}")
     super().__post_init__()
 
   @nn.compact
@@ -237,6 +249,9 @@ class SFCNRegression(nn.Module):
                    name="age_head")(x.reshape((x.shape[0], -1)))
     if self.age_scale != 1.0:  # Python-level: the plain network has no multiply at all.
       age = age * jnp.float32(self.age_scale)
+    if self.output_range is not None:  # pyment's restrict_range: low + min(relu(age), high - low)
+      low, high = (float(v) for v in self.output_range)
+      age = jnp.float32(low) + jnp.clip(age, 0.0, high - low)
     return age[:, 0]
 
 

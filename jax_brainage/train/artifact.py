@@ -239,6 +239,10 @@ def describe(ensemble: Ensemble) -> str:
   "W (best checkpoint, step 120)"."""
   if is_single_model(ensemble):
     sub = ensemble.subs[0]
+    imported = ensemble.info.get("imported")
+    if isinstance(imported, dict) and sub.step is None:  # `brainage import`: no training step
+      source = (imported.get("weights") or {}).get("file") or imported.get("folder")
+      return f"{ensemble.workdir} (imported {imported.get('format')} model, {source})"
     return (f"{ensemble.workdir} ({ensemble.info.get('checkpoint', 'best')} checkpoint, step "
             f"{sub.step})")
   return (f"the ensemble of {ensemble.workdir} ({len(ensemble.subs)} sub-ensembles, "
