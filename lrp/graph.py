@@ -384,6 +384,16 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
       roots = {root_of.get(a, a) for a in dops}
       out_shape = shape(e.outs[0])
       same_shape = all(shape(a) == out_shape for a in dops)
+      if pname in ("add", "sub") and len(dops) == 1 and dops[0] not in root_of and same_shape \
+          and all(a in param for a in e.ins if isinstance(a, int) and a != dops[0]) \
+          and any(isinstance(a, int) and a in param for a in e.ins):
+        # A parameter added to an activation that no layer claims (a position embedding, an
+        # Equinox bias after a transpose): a bias site, whose share of relevance the rules decide.
+        site = NormSite(kind="bias", name=e.name, eqn=e,
+                        data_pos=[e.ins.index(dops[0])], out=e.outs[0])
+        sites.append(site)
+        steps.append(("site", site))
+        continue
       if len(roots) == 1 and same_shape and shape(next(iter(roots))) == out_shape:
         r = next(iter(roots))
         g = groups.get(r)
@@ -408,16 +418,6 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
         site = BilinearSite(kind="product", name=e.name, eqn=e, out=e.outs[0],
                             gate_pos=[i for i, a in enumerate(e.ins)
                                       if is_gate(a) or a in root_of])
-        sites.append(site)
-        steps.append(("site", site))
-        continue
-      if pname in ("add", "sub") and len(dops) == 1 and dops[0] not in root_of and same_shape \
-          and all(a in param for a in e.ins if isinstance(a, int) and a != dops[0]) \
-          and any(isinstance(a, int) and a in param for a in e.ins):
-        # A parameter added to an activation that no layer claims (a position embedding, a
-        # learnt offset): a bias site, whose share of the relevance the rules decide.
-        site = NormSite(kind="bias", name=e.name, eqn=e,
-                        data_pos=[e.ins.index(dops[0])], out=e.outs[0])
         sites.append(site)
         steps.append(("site", site))
         continue
