@@ -43,6 +43,7 @@ class ViT(nn.Module):
   dim: int = 8
   depth: int = 2
   mlp: int = 16
+  heads: int = 2
 
   @nn.compact
   def __call__(self, x):
@@ -53,7 +54,7 @@ class ViT(nn.Module):
     x = nn.Dense(self.dim, name="embed")(x)
     x = x + self.param("pos", nn.initializers.normal(0.5), (1, x.shape[1], self.dim))
     for i in range(self.depth):
-      x = x + Attention(name=f"attn{i}")(nn.LayerNorm(name=f"ln{i}a")(x))
+      x = x + Attention(heads=self.heads, name=f"attn{i}")(nn.LayerNorm(name=f"ln{i}a")(x))
       y = nn.LayerNorm(name=f"ln{i}b")(x)
       x = x + nn.Dense(self.dim, name=f"fc{i}b")(nn.gelu(nn.Dense(self.mlp, name=f"fc{i}a")(y)))
     x = nn.LayerNorm(name="ln_out")(x)
@@ -116,9 +117,10 @@ class TorchReplica:
   'explicit' (LXT's explicit AttnLRP functions: the backward pass is the relevance),
   'attnlrp' and 'cplrp' (LXT's efficient rules: relevance = input * gradient)."""
 
-  def __init__(self, variables, eps=1e-12):
+  def __init__(self, variables, eps=1e-12, heads=2, patch=4):
     import torch
 
+    self.heads, self.patch = heads, patch
     self.torch = torch
     self.F, self.R, self.E = load_lxt()
     self.p = jax.tree.map(lambda a: torch.tensor(np.asarray(a, np.float64)),
@@ -156,7 +158,7 @@ class TorchReplica:
   def attention(self, x, p, mode, causal):
     torch = self.torch
     b, t, dim = x.shape
-    h = 2
+    h = self.heads
     d = dim // h
     q, k, v = (self.linear(x, p[n], mode).reshape(b, t, h, d).transpose(1, 2)
                for n in ("q", "k", "v"))
@@ -181,10 +183,11 @@ class TorchReplica:
   def vit(self, x, mode):
     torch, p = self.torch, self.p
     b, hh, ww, c = x.shape
-    x = x.reshape(b, hh // 4, 4, ww // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, 16 * c)
+    q = self.patch
+    x = x.reshape(b, hh // q, q, ww // q, q, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, q * q * c)
     x = self.linear(x, p["embed"], mode)
     x = self.add(x, p["pos"], mode)
-    for i in range(2):
+    for i in range(sum(1 for k in p if k.startswith("attn"))):
       x = self.add(x, self.attention(self.layer_norm(x, p[f"ln{i}a"], mode), p[f"attn{i}"],
                                      mode, False), mode)
       y = self.layer_norm(x, p[f"ln{i}b"], mode)
@@ -213,6 +216,21 @@ class TorchReplica:
       x = self.add(x, self.linear(prod, p[f"down{i}"], mode), mode)
     x = self.rms_norm(x, p["rms_out"], mode)
     return self.linear(x[:, -1], p["head"], mode)[:, 0]
+
+  def relevance_fn(self, model: str, mode: str):
+    """f(x tensor with requires_grad) -> relevance, for timing (no conversions inside)."""
+    torch = self.torch
+
+    def f(xt):
+      xt.grad = None
+      y = getattr(self, model)(xt, mode)
+      if mode == "explicit":
+        y.backward(y.detach())
+        return xt.grad
+      y.sum().backward()
+      return xt.grad * xt.detach()
+
+    return f
 
   def relevance(self, model: str, x, mode: str):
     """(output, relevance at the input) of the torch replica, relevance starting at the
