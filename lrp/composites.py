@@ -136,7 +136,8 @@ class Composite:
 
 def _base(stabilizer):
   return [("sum_pool", R.Norm(stabilizer)), ("sum", R.Norm(stabilizer)),
-          ("residual", R.Norm(stabilizer)), ("activation", R.Pass())]
+          ("residual", R.Norm(stabilizer)), ("bias", R.Norm(stabilizer)),
+          ("activation", R.Pass())]
 
 
 class LayerMapComposite(Composite):

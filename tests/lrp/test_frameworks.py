@@ -93,13 +93,11 @@ def test_linen_nnx_and_equinox_give_the_same_relevance(name):
     linen, variables, block, eqx_block, x = _models()
     comp = lrp.composites.get(name, epsilon=1e-12, stabilizer=1e-12)
     ref = lrp.explain(linen.apply, variables, x, comp)
-    # Equinox agrees to ~4e-5 relative only (an unexplained difference, under investigation:
-    # not the stabiliser, not the LayerNorm, which agree to 1e-15 alone).
-    for model, rtol in ((block, 1e-9), (eqx_block, 2e-3)):
+    for model in (block, eqx_block):
       got = lrp.explain(model, x, composite=comp)
       np.testing.assert_allclose(got.output, ref.output, rtol=1e-9)
-      np.testing.assert_allclose(got.relevance, ref.relevance, rtol=rtol,
-                                 atol=rtol * 1e-3 * np.abs(ref.relevance).max())
+      np.testing.assert_allclose(got.relevance, ref.relevance, rtol=1e-9,
+                                 atol=1e-12 * np.abs(ref.relevance).max())
       kinds = sorted(k for _, k, _, _ in lrp.describe(model, x, composite=comp))
       assert kinds.count("softmax") == 1 and kinds.count("normalization") == 1
     # the (apply_fn, variables) pair jits like a linen model's
