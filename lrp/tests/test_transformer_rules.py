@@ -27,7 +27,8 @@ def _params(seed=0, bias=True):
 
 def _layer_norm(x, w, b):
   m = x.mean(-1, keepdims=True)
-  return (x - m) * jax.lax.rsqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+  c = jax.lax.rsqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-6)
+  return (x - m) * c * w[None, None] + b[None, None]  # explicit ranks: no implicit promotion
 
 
 def block(p, x):
@@ -95,7 +96,7 @@ def test_rms_norm_passes_relevance_unchanged():
     x = _x()
 
     def rms(v, u):
-      return u * jax.lax.rsqrt((u ** 2).mean(-1, keepdims=True) + 1e-6) * v
+      return u * jax.lax.rsqrt((u ** 2).mean(-1, keepdims=True) + 1e-6) * v[None, None]
 
     w = 1.0 + jnp.arange(D, dtype=jnp.float64) / D
     R = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
