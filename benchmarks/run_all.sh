@@ -58,6 +58,7 @@ case "$SIZE" in
     run train bench_train.py --size full --batch-size 8 --steps 10 --warmup 3
     run roofline bench_roofline.py --size full --batch-size 8 --steps 10 --warmup 3
     run lrp bench_lrp.py --shape 198 --batch-size 4 --repeats 10 --zennit
+    run lrp_vit bench_lrp_transformer.py --image 64 --dim 128 --depth 6 --repeats 10 --lxt
     run pipeline bench_pipeline.py --shapes 2mm,4mm --subjects 256 --batch-size 8 --steps 50 \
       --warmup 5
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 10
@@ -71,6 +72,7 @@ case "$SIZE" in
     run train bench_train.py --size small --batch-size 2 --steps 3 --warmup 2
     run roofline bench_roofline.py --size small --batch-size 2 --steps 3 --warmup 1
     run lrp bench_lrp.py --shape 64 --batch-size 2 --repeats 5 --zennit
+    run lrp_vit bench_lrp_transformer.py --repeats 10 --lxt
     run pipeline bench_pipeline.py --shapes 2mm,4mm --subjects 64 --batch-size 8 --steps 20 \
       --workers 0,2
     run conv bench_conv.py --side 64 --batch-size 4 --repeats 3

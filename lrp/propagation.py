@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lrp import canonizers as _canonizers
 from lrp import composites as _composites
-from lrp import graph, interpret
+from lrp import frameworks, graph, interpret
 from lrp.core import LRPError
 
 
@@ -61,13 +61,14 @@ def build(apply_fn: Callable, variables, x, composite=None):
   return composite.assign(plan)
 
 
-def explain(apply_fn: Callable, variables, x, composite=None, seed=None,
+def explain(apply_fn: Callable, variables, x=None, composite=None, seed=None,
             layers: Sequence[str] = (), where: str = "input") -> Explanation:
   """Relevance of x for the output of `apply_fn(variables, x)`, with everything around it.
 
   Args:
     apply_fn: `apply_fn(variables, x) -> [batch] or [batch, k]`, e.g. a flax `model.apply` or a
-      `functools.partial` of it with keyword arguments (train=False).
+      `functools.partial` of it with keyword arguments (train=False); or a flax NNX or Equinox
+      module, called as `explain(module, x, ...)` (lrp.frameworks).
     variables: the model's variables (any pytree).
     x: [batch, ...] input (e.g. [batch, x, y, z, channel]).
     composite: an `lrp.composites.Composite` (default EpsilonPlusFlat()).
@@ -80,6 +81,7 @@ def explain(apply_fn: Callable, variables, x, composite=None, seed=None,
   """
   if where not in ("input", "output"):
     raise LRPError(f"where must be 'input' or 'output', got {where!r}")
+  apply_fn, variables, x = frameworks.resolve(apply_fn, variables, x)
   plan = build(apply_fn, variables, x, composite)
   leaves = jax.tree.leaves(variables)
   sites = {name: graph.find_site(plan, name) for name in layers}
@@ -108,8 +110,9 @@ def explain(apply_fn: Callable, variables, x, composite=None, seed=None,
   return Explanation(rel, output, start, convergence_delta(rel, start), rel_layers)
 
 
-def relevance(apply_fn: Callable, variables, x, composite=None, seed=None):
-  """LRP relevance of x, shape of x: `lrp.relevance(model.apply, variables, x, composite)`.
+def relevance(apply_fn: Callable, variables, x=None, composite=None, seed=None):
+  """LRP relevance of x, shape of x: `lrp.relevance(model.apply, variables, x, composite)`, or
+  `lrp.relevance(module, x, composite=...)` for a flax NNX or Equinox module.
 
   See `explain` for the arguments. One jittable, vmappable function: wrap it in jax.jit, vmap it
   over samples or over stacked ensemble members' variables, or feed it sharded inputs.
@@ -129,8 +132,9 @@ def relevance_fn(apply_fn: Callable, composite=None, layers: Sequence[str] = (),
   return f
 
 
-def describe(apply_fn: Callable, variables, x, composite=None) -> list:
+def describe(apply_fn: Callable, variables, x=None, composite=None) -> list:
   """The rule sites of a model in program order: [(name, kind, first, rule)] (for checking a
   composite's mapping before explaining)."""
+  apply_fn, variables, x = frameworks.resolve(apply_fn, variables, x)
   plan = build(apply_fn, variables, x, composite)
   return [(s.name, s.kind, s.first, s.rule) for s in plan.sites]
