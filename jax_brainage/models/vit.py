@@ -46,7 +46,8 @@ _dense_init = nn.initializers.xavier_uniform()
 
 def patch_grid(shape: tuple[int, ...], patch_size: int) -> tuple[int, int, int]:
   """Token grid `(gx, gy, gz)` of an input of spatial `shape` (voxels) cut into `patch_size`^3
-  patches (SAME: a partial patch at the far edge is zero-padded)."""
+  patches (SAME: an axis that is no multiple of the patch side is zero-padded to one, half the
+  zeros before the volume and the rest after it)."""
   return tuple(-(-int(s) // int(patch_size)) for s in shape[:3])
 
 

@@ -53,10 +53,11 @@ def _replica(params, x, model, pos=None):
   x = np.asarray(x, np.float64)
   b, s = x.shape[0], model.patch_size
   grid = [-(-n // s) for n in x.shape[1:4]]
-  # SAME padding of a stride = kernel conv: the partial patch at the far edge is zero-padded
-  # (TF's SAME puts the extra on the high side).
+  # SAME padding (TF's, as lax computes it): g * s - n zeros per axis, half (rounded down)
+  # before the volume and the rest after it.
+  lo = [(g * s - n) // 2 for g, n in zip(grid, x.shape[1:4])]
   padded = np.zeros((b, *(g * s for g in grid), x.shape[-1]))
-  padded[:, :x.shape[1], :x.shape[2], :x.shape[3]] = x
+  padded[:, lo[0]:lo[0] + x.shape[1], lo[1]:lo[1] + x.shape[2], lo[2]:lo[2] + x.shape[3]] = x
   patches = padded.reshape(b, grid[0], s, grid[1], s, grid[2], s, -1)
   patches = patches.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, s ** 3 * x.shape[-1])
   kernel = p["patch_embed"]["kernel"].reshape(-1, model.width)  # [s, s, s, C, W] -> rows
