@@ -40,6 +40,14 @@ _GROUPS = {
     "activation": {"activation"},
     "affine": {"affine"},
     "batch_norm": {"affine"},
+    "bias": {"bias"},
+    "bilinear": {"bilinear"},
+    "matmul": {"bilinear"},
+    "product": {"product"},
+    "products": {"bilinear", "product"},
+    "softmax": {"softmax"},
+    "normalization": {"normalization"},
+    "layer_norm": {"normalization"},
 }
 
 
@@ -55,7 +63,8 @@ def _kinds(t) -> set:
     return out
   name = getattr(t, "__name__", None)
   by_class = {"Conv": {"conv"}, "ConvTranspose": {"conv_transpose"}, "Dense": {"dense"},
-              "DenseGeneral": {"dense"}, "Einsum": {"dense"}, "BatchNorm": {"affine"}}
+              "DenseGeneral": {"dense"}, "Einsum": {"dense"}, "BatchNorm": {"affine"},
+              "LayerNorm": {"normalization"}, "RMSNorm": {"normalization"}}
   if name in by_class:
     return by_class[name]
   raise CompositeError(f"unknown layer type {t!r}")
@@ -112,7 +121,8 @@ class Composite:
     """Set `site.rule` on every site of a plan; raise on unmapped or mismatched layers."""
     for site in plan.sites:
       rule = self.rule_for(site)
-      where = f"{site.kind} layer '{site.name or '<top level>'}'"
+      prim = f" ({site.eqn.prim.name})" if getattr(site, "eqn", None) is not None else ""
+      where = f"{site.kind} layer '{site.name or '<top level>'}'{prim}"
       if rule is None:
         hint = (" (an unfolded BatchNorm or scale: add canonizers=[lrp.canonizers.BatchNormFold()]"
                 " or map 'affine' to a rule)" if site.kind == "affine" else "")
@@ -243,3 +253,62 @@ class EpsilonAll(Composite):
         layer_map=list(layer_map) + _base(stabilizer) + [
             ("linear", R.Epsilon(epsilon, zero_bias=zero_bias))],
         name_map=name_map, canonizers=canonizers)
+
+
+class AttnLRP(Composite):
+  """AttnLRP (Achtibat et al., ICML 2024; the rules of LXT): Epsilon on linear layers,
+  `SoftmaxDTD` on softmax, `Uniform` on matmuls and element-wise products of two activations,
+  `ConstantScale` on LayerNorm/RMSNorm, Pass (identity) on element-wise activations (GELU, SiLU),
+  Norm on residual sums, means and added parameters (position embeddings).
+  """
+
+  def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), name_map=(), canonizers=None):
+    super().__init__(
+        layer_map=list(layer_map) + _base(stabilizer) + [
+            ("linear", R.Epsilon(epsilon)),
+            ("softmax", R.SoftmaxDTD()),
+            (("bilinear", "product"), R.Uniform(epsilon)),
+            ("normalization", R.ConstantScale(epsilon)),
+            ("affine", R.Pass())],
+        name_map=name_map, canonizers=canonizers)
+
+
+class CPLRP(Composite):
+  """CP-LRP (Ali et al., ICML 2022, "conservative propagation"): attention weights and
+  normalisation scales are constants. `ConstantGate` on matmuls and element-wise products
+  (relevance flows only through the value path, none through q k^T), `ConstantScale` on
+  LayerNorm/RMSNorm, Epsilon on linear layers, the rest as in `AttnLRP`.
+  """
+
+  def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=(), name_map=(), canonizers=None):
+    super().__init__(
+        layer_map=list(layer_map) + _base(stabilizer) + [
+            ("linear", R.Epsilon(epsilon)),
+            ("softmax", R.SoftmaxDTD()),
+            (("bilinear", "product"), R.ConstantGate(epsilon)),
+            ("normalization", R.ConstantScale(epsilon)),
+            ("affine", R.Pass())],
+        name_map=name_map, canonizers=canonizers)
+
+
+_BY_NAME = {
+    "attnlrp": AttnLRP, "cplrp": CPLRP, "epsilonplus": EpsilonPlus,
+    "epsilonplusflat": EpsilonPlusFlat, "epsilonalpha2beta1": EpsilonAlpha2Beta1,
+    "epsilonalpha2beta1flat": EpsilonAlpha2Beta1Flat, "epsilongammabox": EpsilonGammaBox,
+    "sequentialpreseta": SequentialPresetA, "preseta": SequentialPresetA, "epsilon": EpsilonAll,
+    "epsilonall": EpsilonAll,
+}
+
+
+def names() -> list:
+  """The names `get` knows (case, '-' and '_' are ignored when looking one up)."""
+  return sorted(_BY_NAME)
+
+
+def get(name: str, **kwargs) -> Composite:
+  """A composite by its paper or zennit name: get("attnlrp"), get("cp-lrp"),
+  get("EpsilonPlusFlat"), get("epsilon_gamma_box", low=0.0, high=1.0); kwargs go to its class."""
+  key = "".join(ch for ch in str(name).lower() if ch not in "-_ ")
+  if key not in _BY_NAME:
+    raise CompositeError(f"unknown composite {name!r}; known: {', '.join(names())}")
+  return _BY_NAME[key](**kwargs)

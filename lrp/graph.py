@@ -29,6 +29,7 @@ import jax
 from jax.extend import core as jex_core
 import numpy as np
 
+from lrp import patterns
 from lrp.core import UnsupportedLayerError
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ reduce_window_sum reduce_sum cumsum cummax
 
 @dataclasses.dataclass(eq=False)
 class Site:
-  # 'conv' | 'conv_transpose' | 'dense' | 'sum_pool' | 'sum' | 'residual' | 'activation' | 'affine'
+  # 'conv' | 'conv_transpose' | 'dense' | 'sum_pool' | 'sum' | 'residual' | 'bias' | 'activation'
+  # | 'affine' | 'bilinear' | 'product' | 'softmax' | 'normalization'
   kind: str
   name: str
   first: bool = False
@@ -168,6 +170,10 @@ class Site:
       return "linear"
     if self.kind in ("activation", "affine"):
       return "pass"
+    if self.kind in ("bilinear", "product"):
+      return "bilinear"
+    if self.kind in ("softmax", "normalization"):
+      return self.kind
     return "norm"
 
 
@@ -195,6 +201,23 @@ class NormSite(Site):
 @dataclasses.dataclass(eq=False)
 class GroupSite(Site):
   root: int = -1
+
+
+@dataclasses.dataclass(eq=False)
+class BilinearSite(Site):
+  """dot_general ('bilinear') or element-wise mul ('product') of two activations."""
+  eqn: Eqn = None
+  out: int = -1
+  gate_pos: list = dataclasses.field(default_factory=list)  # operands that are gates / weights
+
+
+@dataclasses.dataclass(eq=False)
+class RegionSite(Site):
+  """A softmax or a normalisation layer: a sub-program from `region.root` to `out`."""
+  region: Any = None  # lrp.patterns.Region
+  eqns: list = dataclasses.field(default_factory=list)
+  eqn: Eqn = None  # the last one
+  out: int = -1
 
 
 @dataclasses.dataclass(eq=False)
@@ -256,11 +279,28 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
   claimed: dict = {}  # eqn index -> site
   site_end: dict = {}  # eqn index where a site is evaluated -> site
   sites = []
+  # Softmax and normalisation regions (lrp.patterns) first: one site for each sub-program, so
+  # that the BatchNorm folding below does not take a LayerNorm's own affine map.
+  regions, is_gate = patterns.find_regions(prog, data)
+  for r in regions:
+    site = RegionSite(kind=r.kind, name=r.name, region=r, eqns=[eqns[i] for i in r.eqns],
+                      eqn=eqns[r.eqns[-1]], out=r.out)
+    for i in r.eqns:
+      claimed[i] = site
+    site_end[r.eqns[-1]] = site
+    sites.append(site)
   # Linear sites, in program order, with their bias (and folded affine maps).
   for k, e in enumerate(eqns):
     if e.prim.name not in ("conv_general_dilated", "dot_general") or not is_data(e.outs[0]):
       continue
     dpos = [i for i, a in enumerate(e.ins) if is_data(a)]
+    if len(dpos) != 1 and e.prim.name == "dot_general":
+      # A matmul of two activations (attention's q k^T and a v): a bilinear site.
+      site = BilinearSite(kind="bilinear", name=e.name, eqn=e, out=e.outs[0])
+      claimed[k] = site
+      site_end[k] = site
+      sites.append(site)
+      continue
     if len(dpos) != 1:
       raise UnsupportedLayerError(
           f"layer '{e.name or e.prim.name}': {e.prim.name} of two activations (bilinear) "
@@ -301,6 +341,10 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
     site.root = u
     site_end[end] = site
     sites.append(site)
+
+  for site in sites:
+    if isinstance(site, BilinearSite):
+      site.gate_pos = [i for i, a in enumerate(site.eqn.ins) if is_gate(a)]
 
   # Norm sites and element-wise groups.
   root_of: dict = {}
@@ -357,6 +401,30 @@ def analyse(prog: Program, fold_affine: bool = False) -> Plan:
         sites.append(site)
         steps.append(("site", site))
         continue
+      if pname == "mul" and len(dops) == 2 and same_shape:
+        # Element-wise product of two different activations (a gate, GLU): a bilinear site.
+        # A gate: a softmax or sigmoid output, or the output of an element-wise function (the
+        # SiLU of a SwiGLU) multiplying a raw activation.
+        site = BilinearSite(kind="product", name=e.name, eqn=e, out=e.outs[0],
+                            gate_pos=[i for i, a in enumerate(e.ins)
+                                      if is_gate(a) or a in root_of])
+        sites.append(site)
+        steps.append(("site", site))
+        continue
+      if pname in ("add", "sub") and len(dops) == 1 and dops[0] not in root_of and same_shape \
+          and all(a in param for a in e.ins if isinstance(a, int) and a != dops[0]) \
+          and any(isinstance(a, int) and a in param for a in e.ins):
+        # A parameter added to an activation that no layer claims (a position embedding, a
+        # learnt offset): a bias site, whose share of the relevance the rules decide.
+        site = NormSite(kind="bias", name=e.name, eqn=e,
+                        data_pos=[e.ins.index(dops[0])], out=e.outs[0])
+        sites.append(site)
+        steps.append(("site", site))
+        continue
+      if pname in ("div", "pow", "atan2", "rem") and len(dops) == 2:
+        raise UnsupportedLayerError(
+            f"layer '{e.name or '<top level>'}': primitive {pname} of two activations has no "
+            "LRP rule (see the lrp guide, 'A rule for a new primitive')")
     if _contains_linear(e.params):
       raise UnsupportedLayerError(
           f"layer '{e.name or pname}': a {pname} (control flow) contains convolutions or dense "
@@ -406,7 +474,7 @@ def _mark_nonneg_and_first(prog, steps, data, param):
       upstream.add(s.out)
       continue
     e = step[1].eqn if step[0] == "site" else step[1]
-    ins = e.ins
+    ins = [step[1].region.root] if isinstance(step[1], RegionSite) else e.ins
     outs = [step[1].out] if step[0] == "site" else e.outs
     if any(isinstance(a, int) and a in upstream for a in ins):
       upstream.update(outs)

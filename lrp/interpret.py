@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lrp.graph import Const, Eqn, LinearSite, Plan
+from lrp.graph import BilinearSite, Const, Eqn, LinearSite, Plan, RegionSite
 
 # ---------------------------------------------------------------------------------------------
 # The effective linear layer seen by the rules
@@ -125,10 +125,15 @@ def _linear_site_fn(rule, layer: LinearLayer):
 
 
 def _norm_site_fn(rule, eqn: Eqn, data_pos, post=()):
-  def fn(*xs):
+  """f(xs, others): the site's sum of the activations xs; `others` ({operand position: value})
+  are a bias site's parameters, explicit arguments (not closed over: vmap over members)."""
+
+  def fn_with(others, *xs):
     args = list(eqn.ins)
     for i, x in zip(data_pos, xs):
       args[i] = x
+    for i, v in others.items():
+      args[i] = v
     args = [a.value if isinstance(a, Const) else a for a in args]
     y = eqn.prim.bind(*args, **eqn.params)
     for op, v in post:
@@ -136,16 +141,74 @@ def _norm_site_fn(rule, eqn: Eqn, data_pos, post=()):
     return y
 
   @jax.custom_vjp
-  def f(*xs):
-    return fn(*xs)
+  def f(xs, others):
+    return fn_with(others, *xs)
 
-  def fwd(*xs):
-    y = fn(*xs)
-    return y, (xs, y)
+  def fwd(xs, others):
+    y = fn_with(others, *xs)
+    return y, (xs, others, y)
 
   def bwd(res, R):
-    xs, y = res
-    return tuple(r.astype(x.dtype) for r, x in zip(rule.norm(fn, xs, y, R), xs))
+    xs, others, y = res
+    rel = rule.norm(lambda *u: fn_with(others, *u), xs, y, R)
+    return tuple(r.astype(x.dtype) for r, x in zip(rel, xs)), _zeros_like_tree(others)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def _bilinear_site_fn(rule, site: BilinearSite):
+  eqn = site.eqn
+
+  def fn(a, b):
+    return eqn.prim.bind(a, b, **eqn.params)
+
+  @jax.custom_vjp
+  def f(a, b):
+    return fn(a, b)
+
+  def fwd(a, b):
+    y = fn(a, b)
+    return y, (a, b, y)
+
+  def bwd(res, R):
+    a, b, y = res
+    ra, rb = rule.bilinear(fn, (a, b), y, R, site.kind, tuple(site.gate_pos))
+    return ra.astype(a.dtype), rb.astype(b.dtype)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def _run_region(site: RegionSite, x, ext, frozen=False):
+  """The region's sub-program on input x (ext: values it reads from outside, by id); with
+  `frozen`, the normalisation scale is a constant (stop_gradient)."""
+  r = site.region
+  env = dict(ext)
+  env[r.root] = x
+  for e in site.eqns:
+    out = e.prim.bind(*[a.value if isinstance(a, Const) else env[a] for a in e.ins], **e.params)
+    for o, v in zip(e.outs, out if e.prim.multiple_results else [out]):
+      env[o] = jax.lax.stop_gradient(v) if frozen and o == r.scale else v
+  return env[r.out]
+
+
+def _region_site_fn(rule, site: RegionSite):
+  @jax.custom_vjp
+  def f(x, ext):
+    return _run_region(site, x, ext)
+
+  def fwd(x, ext):
+    y = f(x, ext)
+    return y, (x, ext, y)
+
+  def bwd(res, R):
+    x, ext, y = res
+    if site.kind == "softmax":
+      r_in = rule.softmax(x, y, R, site.region.axes)
+    else:
+      r_in = rule.normalization(lambda u: _run_region(site, u, ext, frozen=True), x, y, R)
+    return r_in.astype(x.dtype), _zeros_like_tree(ext)
 
   f.defvjp(fwd, bwd)
   return f
@@ -236,6 +299,14 @@ def evaluate(plan: Plan, leaves, x, probes_in=None, probes_out=None):
         if site in probes_out:
           out = out + probes_out[site]
         env[site.out] = out
+      elif isinstance(site, BilinearSite):
+        a, b = (read(v) for v in site.eqn.ins)
+        env[site.out] = _bilinear_site_fn(site.rule, site)(a, b)
+      elif isinstance(site, RegionSite):
+        made = {o for e in site.eqns for o in e.outs}
+        ext = {a: read(a) for e in site.eqns for a in e.ins
+               if isinstance(a, int) and a not in made and a != site.region.root}
+        env[site.out] = _region_site_fn(site.rule, site)(env[site.region.root], ext)
       else:
         e = site.eqn
         xs = [read(e.ins[i]) for i in site.data_pos]
@@ -243,7 +314,9 @@ def evaluate(plan: Plan, leaves, x, probes_in=None, probes_out=None):
           xs = [v + probes_in[site][j] for j, v in enumerate(xs)]
         post = [(op, jnp.broadcast_to(jnp.asarray(read(a)), prog.avals[site.out].shape))
                 for op, a in site.post]
-        out = _norm_site_fn(site.rule, e, site.data_pos, post)(*xs)
+        others = {i: read(a) for i, a in enumerate(e.ins)
+                  if i not in site.data_pos and isinstance(a, int)}
+        out = _norm_site_fn(site.rule, e, site.data_pos, post)(tuple(xs), others)
         if site in probes_out:
           out = out + probes_out[site]
         env[site.out] = out

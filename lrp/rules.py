@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
+import jax
 import jax.numpy as jnp
 
 from lrp.core import CompositeError, Stabilizer
@@ -70,6 +71,21 @@ class Rule:
 
   def norm(self, fn, xs, y, R):
     """Relevance at the inputs of a parameter-free sum (sum-pool, residual add): list like xs."""
+    raise NotImplementedError
+
+  def bilinear(self, fn, xs, y, R, kind, gate_pos):
+    """Relevance at the two operands of y = fn(a, b), a matmul ('bilinear') or element-wise
+    product ('product') of two activations; gate_pos: operands that are gates (softmax or
+    sigmoid outputs). Returns [R_a, R_b]."""
+    raise NotImplementedError
+
+  def softmax(self, x, y, R, axes):
+    """Relevance at the input x of y = softmax(x) over `axes` (shape of x)."""
+    raise NotImplementedError
+
+  def normalization(self, fn_const, x, y, R):
+    """Relevance at the input x of a LayerNorm/RMSNorm y = f(x); fn_const is f with the
+    normalisation scale 1/sqrt(var + eps) held constant (a linear map of x plus the bias)."""
     raise NotImplementedError
 
 
@@ -302,6 +318,102 @@ class Norm(Rule):
     return _proportional(fn, xs, y, R, self._stab)
 
 
+# ---------------------------------------------------------------------------------------------
+# Transformer rules: AttnLRP (Achtibat et al., ICML 2024) and CP-LRP (Ali et al., ICML 2022)
+# ---------------------------------------------------------------------------------------------
+
+
+class Uniform(Rule):
+  """AttnLRP's rule for products of two activations (Achtibat et al., ICML 2024):
+
+  - matmul (q k^T, a v; Prop. 3.3, epsilon and uniform rule): R_a = a * J_a^T(R / stab(2 y)),
+    R_b = b * J_b^T(R / stab(2 y)); since y is bilinear, each operand receives half of R.
+  - element-wise product (gates, GLU; Prop. 3.2): R_a = R_b = R / 2 exactly (LXT's mul2).
+  """
+
+  sites = frozenset({"bilinear"})
+
+  def __init__(self, epsilon: Stab = 1e-6):
+    self.epsilon = epsilon
+    self._stab = Stabilizer.ensure(epsilon)
+
+  def bilinear(self, fn, xs, y, R, kind, gate_pos):
+    if kind == "product":
+      return [R / 2, R / 2]
+    s = _ratio(R, self._stab(2 * y))
+    _, vjp = jax.vjp(fn, *xs)
+    return [x * c for x, c in zip(xs, vjp(s))]
+
+
+class ConstantGate(Rule):
+  """CP-LRP's rule for products (Ali et al., ICML 2022): the gate is a constant.
+
+  An operand that is a gate (the output of a softmax, i.e. attention weights, or of a logistic
+  sigmoid) is treated as a constant weight, so all relevance flows through the other operand
+  (the value path): matmul y = A v: R_v = v * J_v^T(R / stab(y)), R_A = 0; element-wise y = g * v:
+  R_v = R, R_g = 0 (the "signal takes all" rule of Arras et al. for LSTM gates). With no gate
+  among the operands (q k^T), or two, it is the AttnLRP `Uniform` rule.
+  """
+
+  sites = frozenset({"bilinear"})
+
+  def __init__(self, epsilon: Stab = 1e-6):
+    self.epsilon = epsilon
+    self._stab = Stabilizer.ensure(epsilon)
+
+  def bilinear(self, fn, xs, y, R, kind, gate_pos):
+    if len(gate_pos) != 1:
+      return Uniform(self.epsilon).bilinear(fn, xs, y, R, kind, gate_pos)
+    v = 1 - gate_pos[0]
+    out = [jnp.zeros_like(xs[0]), jnp.zeros_like(xs[1])]
+    if kind == "product":
+      out[v] = R
+      return out
+    _, vjp = jax.vjp(fn, *xs)
+    out[v] = xs[v] * vjp(_ratio(R, self._stab(y)))[v]
+    return out
+
+
+class SoftmaxDTD(Rule):
+  """AttnLRP's softmax rule (Achtibat et al., ICML 2024, Prop. 3.1; LXT's softmax): the deep
+  Taylor decomposition of y = softmax(x) at x itself, the bias term absorbing the rest:
+
+  R_in = x * (R - y * sum_axes(R)),
+
+  i.e. x * J^T(R / y). Inputs of -inf (masked logits) are taken as 0, as LXT does. Not
+  conservative: the bias term of the decomposition absorbs relevance.
+  """
+
+  sites = frozenset({"softmax"})
+
+  def softmax(self, x, y, R, axes):
+    x = jnp.where(jnp.isneginf(x), jnp.zeros_like(x), x)
+    return x * (R - y * jnp.sum(R, axis=tuple(axes), keepdims=True))
+
+
+class ConstantScale(Rule):
+  """Normalisation layers (LayerNorm, RMSNorm) with the scale held constant: AttnLRP's identity
+  rule on the scale (Achtibat et al., ICML 2024, Prop. 3.4) and CP-LRP's treatment of LayerNorm
+  (Ali et al., ICML 2022). With c = 1/sqrt(var + eps) a constant, y = (x - mean(x)) * c * w + b
+  is linear in x, and the epsilon rule applies to that map:
+
+  R_in = x * J_c^T(R / stab(y))   (LXT's layer_norm; RMSNorm without bias: R_in = R).
+
+  The centring (x - mean) redistributes relevance among the features; the bias b absorbs its
+  share.
+  """
+
+  sites = frozenset({"normalization"})
+
+  def __init__(self, epsilon: Stab = 1e-6):
+    self.epsilon = epsilon
+    self._stab = Stabilizer.ensure(epsilon)
+
+  def normalization(self, fn_const, x, y, R):
+    _, vjp = jax.vjp(fn_const, x)
+    return x * vjp(_ratio(R, self._stab(y)))[0]
+
+
 def _ratio(R, den):
   """R / den, with 0 where den == 0 (only possible with eps = 0: that relevance is absorbed
   instead of becoming NaN or Inf)."""
@@ -310,8 +422,6 @@ def _ratio(R, den):
 
 
 def _proportional(fn, xs, y, R, stab):
-  import jax  # local: keeps the module's import list short
-
   s = _ratio(R, stab(y))
   _, vjp = jax.vjp(fn, *xs)
   cts = vjp(s)
