@@ -1,9 +1,15 @@
 """The 3D ViT (models/vit.py): parameter count, a float64 numpy replica of the forward pass,
-determinism, the 3D sine-cosine embedding, one-line errors, and training through the trainer."""
+determinism, the 3D sine-cosine embedding, one-line errors, training through the trainer, and
+its explanation with lrp's transformer composites (AttnLRP, CP-LRP): every piece is found as a
+rule site, CP-LRP conserves the output where it promises to (no biases), the flip average is
+explained as the mean of its two passes, and the trained model's maps come through
+`explain.maps` (the rules themselves are checked against LXT in tests/lrp/test_lxt.py)."""
 
 from __future__ import annotations
 
 import math
+
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +17,9 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+import lrp
 from jax_brainage import models
+from jax_brainage.explain import maps
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.models import vit as vit_lib
 from jax_brainage.train import artifact, experiment
@@ -196,6 +204,7 @@ def test_config_keys_reach_the_model_and_bad_values_are_refused():
 # The trainer trains it like any other model (nothing special-cased).
 
 
+@pytest.mark.slow  # compiles training, evaluation, prediction and two relevance maps
 def test_tiny_vit_trains_through_the_experiment_and_loads_as_an_ensemble(tmp_path):
   images, ages = blob_cohort()
   data = data_lib.from_arrays(images, ages, ("T1w",), split_seed=0)
@@ -221,3 +230,76 @@ def test_tiny_vit_trains_through_the_experiment_and_loads_as_an_ensemble(tmp_pat
   params = jax.tree.map(lambda a: np.asarray(a[0]), sub.variables)["params"]
   np.testing.assert_allclose(pred[:, 0], _replica(params, images[:4] / 255.0, sub.model),
                              rtol=1e-4, atol=1e-3)
+  # The one relevance path (explain.maps) explains it with the transformer composites; CP-LRP's
+  # relevance equals a direct lrp call on the stored parameters (maps scales uint8 by 1/255).
+  model = artifact.load(tmp_path)
+  for method in ("attn_lrp", "cp_lrp"):
+    r = maps.relevance(model, images[:2], method, batch_size=2)
+    assert r.shape == (2, 16, 16, 16, 1) and np.all(np.isfinite(r))
+  direct = lrp.relevance(sub.model.apply, jax.tree.map(lambda a: a[0], sub.variables),
+                         jnp.asarray(images[:2] / 255.0, jnp.float32), lrp.composites.CPLRP())
+  np.testing.assert_allclose(r, direct, rtol=1e-4, atol=1e-5 * float(np.abs(direct).max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Explained with the transformer composites.
+
+
+def _x64_vit(**kw):
+  return _tiny(dtype=jnp.float64, param_dtype=jnp.float64, **kw)
+
+
+def test_every_piece_of_the_vit_is_a_rule_site_of_its_kind():
+  """Per block: q, k, v, out, fc1, fc2 dense; the two attention matmuls bilinear; one softmax;
+  two LayerNorms; two residual sums. Plus the patch embedding (conv, with the position
+  embedding folded in as a bias), the final LayerNorm, the token mean and the head's 2 dense."""
+  model, shape = _tiny(), (1, 16, 16, 12, 2)
+  variables = _init(model, shape)
+  sites = lrp.describe(model.apply, variables, jnp.ones(shape), lrp.composites.get("attnlrp"))
+  kinds = collections.Counter(kind for _, kind, _, _ in sites)
+  depth = TINY["depth"]
+  assert {k: kinds[k] for k in ("conv", "dense", "bilinear", "softmax", "normalization",
+                                "residual", "sum")} == {
+      "conv": 1, "dense": 6 * depth + 2, "bilinear": 2 * depth, "softmax": depth,
+      "normalization": 2 * depth + 1, "residual": 2 * depth, "sum": 1}
+  rules = {(name, kind): str(rule) for name, kind, _, rule in sites}
+  assert rules[("ViT/block1/attn", "softmax")].startswith("SoftmaxDTD")
+  assert rules[("ViT/block2/norm1", "normalization")].startswith("ConstantScale")
+  assert rules[("ViT/block1/attn/bqhd,bkhd->bhqk", "bilinear")].startswith("Uniform")
+
+
+@pytest.mark.slow  # float64 relevance of four composites, unjitted
+def test_cp_lrp_conserves_the_output_without_biases_and_attn_lrp_is_finite():
+  """CP-LRP holds attention weights and LayerNorm scales constant, so with every bias (and the
+  position embedding) zero and epsilon 0 the network is a linear map of x for fixed gates and
+  the input relevance sums to the predicted age (float64); AttnLRP's softmax rule is not
+  conservative, its maps are finite."""
+  with jax.enable_x64(True):
+    model, shape = _x64_vit(), (2, 16, 16, 12, 2)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    variables = _init(model, shape)
+    zero = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if any(getattr(k, "key", "") in ("bias", "pos_embed")
+                                                  for k in path) else a, variables)
+    cp = lrp.composites.get("cp-lrp", epsilon=0.0, stabilizer=0.0)
+    e = lrp.explain(model.apply, zero, x, cp)
+    np.testing.assert_allclose(np.sum(np.asarray(e.relevance), axis=(1, 2, 3, 4)),
+                               _replica(zero["params"], x, model), rtol=1e-6)
+    for params in (variables, zero):
+      r = lrp.relevance(model.apply, params, x, lrp.composites.get("attnlrp"))
+      assert r.shape == shape and np.all(np.isfinite(r)) and np.any(np.asarray(r) != 0)
+
+
+def test_flip_average_relevance_is_the_mean_of_the_two_passes():
+  """The mean of the volume's and its mirror's age splits the relevance in proportion to the two
+  halves (sum rule): R = R_plain(x) / 2 + mirror(R_plain(mirror x)) / 2."""
+  with jax.enable_x64(True):
+    shape = (2, 16, 16, 12, 1)
+    x = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+    flip, plain = _x64_vit(flip_average=True), _x64_vit()
+    variables = _init(plain, shape)
+    c = lrp.composites.get("attnlrp", epsilon=1e-12, stabilizer=1e-12)
+    both = lrp.relevance(flip.apply, variables, x, c)
+    one = lrp.relevance(plain.apply, variables, x, c)
+    mirrored = jnp.flip(lrp.relevance(plain.apply, variables, jnp.flip(x, axis=1), c), axis=1)
+    np.testing.assert_allclose(both, 0.5 * one + 0.5 * mirrored, rtol=1e-6, atol=1e-9)
