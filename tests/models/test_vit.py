@@ -268,7 +268,6 @@ def test_every_piece_of_the_vit_is_a_rule_site_of_its_kind():
   assert rules[("ViT/block1/attn/bqhd,bkhd->bhqk", "bilinear")].startswith("Uniform")
 
 
-@pytest.mark.slow  # float64 relevance of four composites, unjitted
 def test_cp_lrp_conserves_the_output_without_biases_and_attn_lrp_is_finite():
   """CP-LRP holds attention weights and LayerNorm scales constant, so with every bias (and the
   position embedding) zero and epsilon 0 the network is a linear map of x for fixed gates and
