@@ -127,6 +127,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _lrp(lambda lo, hi: _C.SequentialPresetA())),
     Method("epsilon_all", "lrp", "Epsilon(1e-6) on every layer (close to gradient x input)",
            _lrp(lambda lo, hi: _C.EpsilonAll())),
+    Method("attn_lrp", "lrp",
+           "AttnLRP (Achtibat et al. 2024) for transformers: Epsilon on linear layers, softmax "
+           "and attention matmuls by their AttnLRP rules, LayerNorm scale constant",
+           _lrp(lambda lo, hi: _C.AttnLRP())),
+    Method("cp_lrp", "lrp",
+           "CP-LRP (Ali et al. 2022) for transformers: attention weights and LayerNorm scales "
+           "as constants, Epsilon on linear layers",
+           _lrp(lambda lo, hi: _C.CPLRP())),
     Method("gradient", "baseline", "gradient of the predicted age (years per unit intensity)",
            _gradient),
     Method("gradient_x_input", "baseline", "input times the gradient of the predicted age",

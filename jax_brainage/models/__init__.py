@@ -1,6 +1,7 @@
 """Brain-age models (flax linen, channels last `[batch, x, y, z, channel]`) and their losses.
 
-Configs pick a model by name: `get_model("mrinet" | "sfcn" | "sfcn_regression", **kwargs)`.
+Configs pick a model by name: `get_model("mrinet" | "sfcn" | "sfcn_regression" | "vit",
+**kwargs)`.
 Every model is called as `model.apply(variables, x, train=..., rngs={"dropout": key},
 mutable=[...])`; regression models return age `[batch]` (years), SFCN log-probabilities over
 age bins `[batch, num_bins]`. `predicted_age` turns any model's output into years and
@@ -22,9 +23,10 @@ from jax_brainage.models import losses, lowering
 from jax_brainage.models.mrinet import MRInet
 from jax_brainage.models.sfcn import SFCN, AgeBins, SFCNRegression, expected_age
 from jax_brainage.models.sfcn import variables_from_torch as sfcn_variables_from_torch
+from jax_brainage.models.vit import ViT
 
 __all__ = [
-    "MRInet", "SFCN", "SFCNRegression", "AgeBins", "MODELS", "get_model", "predicted_age",
+    "MRInet", "SFCN", "SFCNRegression", "ViT", "AgeBins", "MODELS", "get_model", "predicted_age",
     "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
     "sfcn_variables_from_torch", "build_model", "variable_shapes", "check_shapes",
     "OUTPUT_LAYERS",
@@ -34,6 +36,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mrinet": MRInet,
     "sfcn": SFCN,
     "sfcn_regression": SFCNRegression,
+    "vit": ViT,
 }
 
 # The layers that map features to the output (years, or age bins): fine-tuning to another age

@@ -29,6 +29,7 @@ from jax_brainage.data.intensity import SCALINGS
 from jax_brainage.errors import ConfigError
 from jax_brainage.models import MODELS
 from jax_brainage.models.lowering import LOWERINGS
+from jax_brainage.models.vit import POS_EMBEDDINGS
 
 LOSSES = ("mse", "mae", "soft_label")
 SCHEDULES = ("constant", "cosine")
@@ -90,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
                                      # years) instead of raw years; False is the study's network
   c.model.age_range = (15.0, 85.0)   # SFCN age bins (years)
   c.model.bin_width = 1.0            # SFCN bin width (years)
+  c.model.vit = ml_collections.ConfigDict()  # ViT (models/vit.py); also uses dense_features,
+  c.model.vit.patch_size = 5         # dropout_rate, flip_average, scale_output. Patch side (voxels)
+  c.model.vit.width = 96             # token features (a multiple of num_heads)
+  c.model.vit.depth = 4              # encoder blocks
+  c.model.vit.num_heads = 4
+  c.model.vit.mlp_dim = 192          # each block's MLP hidden width
+  c.model.vit.pos_embedding = "learned"  # learned | sincos (fixed 3D sine-cosine)
 
   c.loss = "mse"                     # mse | mae | soft_label (SFCN's KL to Gaussian labels)
   c.soft_label_sigma = 1.0           # years
@@ -391,8 +399,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.model.patch_stem == 0 or (config.model.patch_stem > 1
                                         and config.model.name == "mrinet"),
        "model.patch_stem", "must be 0, or a patch side > 1 for model.name='mrinet'")
-  need(not config.model.flip_average or config.model.name == "mrinet", "model.flip_average",
-       "is an MRInet option (model.name='mrinet')")
+  need(not config.model.flip_average or config.model.name in ("mrinet", "vit"),
+       "model.flip_average", "is an MRInet option (and ViT's: model.name='mrinet' or 'vit')")
+  v = config.model.vit
+  for key in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
+    need(v[key] > 0, f"model.vit.{key}", "must be > 0")
+  need(v.width % v.num_heads == 0, "model.vit.width", "must be a multiple of model.vit.num_heads")
+  need(v.pos_embedding in POS_EMBEDDINGS, "model.vit.pos_embedding", f"one of {POS_EMBEDDINGS}")
   need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
        "scales a regression output in years; sfcn predicts age bins")
   age_range = tuple(config.model.age_range)
@@ -551,6 +564,13 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
     kwargs.update(age_range=tuple(float(a) for a in m.age_range), bin_width=float(m.bin_width))
     if m.conv_features:
       kwargs["channels"] = tuple(int(f) for f in m.conv_features)
+  elif m.name == "vit":
+    kwargs.update(mean_age=float(mean_age), dense_features=int(m.dense_features),
+                  **{k: (str(v) if k == "pos_embedding" else int(v)) for k, v in m.vit.items()})
+    if m.flip_average:
+      kwargs["flip_average"] = True
+    if m.scale_output:
+      kwargs["age_scale"] = float(age_scale)
   elif m.name == "sfcn_regression":
     kwargs["mean_age"] = float(mean_age)
     if m.conv_features:

@@ -83,6 +83,9 @@ def test_every_method_on_a_linear_model_is_analytic(name):
       # The only dense layer is not a convolution: no ZBox, Epsilon applies.
       "epsilon_gamma_box": x * w * (y / (y + eps * np.sign(y)))[:, None, None, None, None],
       "sequential_preset_a": x * w * (y / (y + 0.1 * np.sign(y)))[:, None, None, None, None],
+      # The transformer composites are Epsilon(1e-6) on linear layers.
+      "attn_lrp": x * w * (y / (y + eps * np.sign(y)))[:, None, None, None, None],
+      "cp_lrp": x * w * (y / (y + eps * np.sign(y)))[:, None, None, None, None],
       # Flat on the first (only) layer: the prediction spread evenly over the inputs.
       "epsilon_plus_flat": np.broadcast_to((y / (n_in + eps))[:, None, None, None, None],
                                            x.shape),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jax_brainage.errors import ConfigError
+from jax_brainage import models
 from jax_brainage.models import get_model, num_parameters
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import data as data_lib
@@ -23,7 +24,7 @@ ARGS = {"mrinet_2mm.py": ["FLAIR", "3seq"], "mrinet_1mm.py": ["3seq-bf16", "swi"
 
 def test_there_are_configs_for_every_experiment():
   names = {p.name for p in CONFIGS}
-  assert {"tiny.py", "cpu.py", "mrinet_1mm.py", "mrinet_2mm.py", "sfcn.py", "ensemble_tiny.py",
+  assert {"tiny.py", "cpu.py", "vit.py", "mrinet_1mm.py", "mrinet_2mm.py", "sfcn.py", "ensemble_tiny.py",
           "ensemble_wholebrain.py", "ensemble_regional.py"} <= names
 
 
@@ -49,6 +50,22 @@ def test_study_configs_build_the_study_networks():
     assert num_parameters(model, (1, side, side, side, 1)) == expected
     assert config.optimizer.name == "adam" and config.optimizer.learning_rate == 5e-4
     assert config.loss == "mse" and config.model.dropout_rate == 0.5
+
+
+def test_vit_config_is_the_cpu_presets_cohort_with_a_small_vit():
+  """configs/vit.py trains on configs/cpu.py's data (same cohort, cache, split, augmentation)
+  and builds the ViT it documents: 10^3 patches of 3 channels, 80 tokens, width 96, 4 blocks."""
+  vit = config_lib.load_config(str(ROOT / "configs" / "vit.py"))
+  cpu = config_lib.load_config(str(ROOT / "configs" / "cpu.py"))
+  assert vit.data.to_dict() == cpu.data.to_dict() and vit.augment.to_dict() == \
+      cpu.augment.to_dict() and vit.batch_size == cpu.batch_size
+  model = get_model(vit.model.name, **config_lib.model_kwargs(vit, 50.0, 10.0))
+  assert isinstance(model, models.ViT) and model.flip_average and model.age_scale == 10.0
+  w, m, p, c, tokens, hidden, depth = 96, 192, 10, 3, 4 * 5 * 4, 64, 4
+  block = 4 * w + 4 * (w * w + w) + (w * m + m) + (m * w + w)
+  expected = (p ** 3 * c * w + w) + tokens * w + depth * block + 2 * w + (w * hidden + hidden) \
+      + hidden + 1
+  assert num_parameters(model, (1, 40, 50, 40, 3)) == expected == 601_377
 
 
 def test_overrides_set_typed_values():
