@@ -3,7 +3,8 @@
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
         [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
         [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
-        [--age-range MIN,MAX] [--no-resample-oblique] [--skip-bad] [--quiet]
+        [--age-range MIN,MAX] [--no-resample-oblique] [--align template
+        [--align-transform affine|rigid]] [--skip-bad] [--quiet]
 
 The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from jax_brainage.data import bids, intensity, regions
+from jax_brainage.data import align, bids, intensity, regions
 from jax_brainage.data.cache import Preprocessing, prepare
 from jax_brainage.errors import ConfigError
 
@@ -72,6 +73,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-resample-oblique", dest="resample_oblique", action="store_false",
                  help="refuse images with an oblique affine instead of resampling them onto an "
                       "axis-aligned grid")
+  p.add_argument("--align", choices=("template",), default=None,
+                 help="register each scan (as acquired: any pose, grid, orientation, with or "
+                      "without skull) to the template with a JAX affine registration and "
+                      "resample it onto the template grid first; a scan with skull gets the "
+                      "template's brain mask (coarse; --mask-suffix gives one's own)")
+  p.add_argument("--align-transform", choices=align.TRANSFORMS, default="affine",
+                 help="with --align: affine (rigid, then 12 degrees of freedom; default) or rigid")
   p.add_argument("--skip-bad", action="store_true",
                  help="report and skip subjects with bad data instead of stopping")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
   prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
                        scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
                        regions=labels, bias_sigma_mm=args.bias_sigma,
-                       resample_oblique=args.resample_oblique)
+                       resample_oblique=args.resample_oblique,
+                       align=args.align_transform if args.align else None)
   for sid, why in dataset.skipped:
     print(f"skipped {why}", file=sys.stderr)
   cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,

@@ -28,6 +28,7 @@ scalp), thicker or thinner per subject.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
@@ -35,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from jax_brainage import fileio
 from jax_brainage.data import nifti
 from jax_brainage.data.anatomy import TemplateAnatomy
 from jax_brainage.data.simulation import render
@@ -134,7 +136,8 @@ def grid_affine(orientation: str, voxel_mm: Sequence[float], shape: Sequence[int
   such as 'LPS': axis 0 toward Left...), `voxel_mm` `[3]` along those axes, centred on
   `centre_mm`."""
   ornt = nib.orientations.axcodes2ornt(tuple(orientation))
-  affine = np.eye(4)
+  affine = np.zeros((4, 4))
+  affine[3, 3] = 1.0
   for i, (axis, flip) in enumerate(ornt):
     affine[int(axis), i] = float(flip) * float(voxel_mm[i])
   half = (np.asarray(shape, np.float64) - 1) / 2
@@ -274,3 +277,49 @@ def mean_displacement_mm(a: np.ndarray, b: np.ndarray, points_mm: np.ndarray) ->
   `[n, 3]` (e.g. the template's brain voxels)."""
   p = np.c_[np.asarray(points_mm, np.float64), np.ones(len(points_mm))]
   return float(np.linalg.norm((p @ (np.asarray(a) - np.asarray(b)).T)[:, :3], axis=1).mean())
+
+
+def session_rng(seed: int, index: int, session: int) -> np.random.Generator:
+  """Subject `index`'s acquisition stream for session `session` (0-based): a pure function of
+  (seed, index, session), apart from the template-space cohort's streams."""
+  return np.random.default_rng(np.random.SeedSequence([seed, index, STREAM_ACQUISITION, session]))
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_xyzt_units("mm")
+  img.set_qform(affine, code=1)  # scanner anatomical
+  img.set_sform(affine, code=1)
+  return img
+
+
+def write_raw_subject(
+    root: Path, derivatives: Path, subject_id: str, images: dict[str, np.ndarray],
+    brain_mask: np.ndarray, config: CohortConfig, anatomy: TemplateAnatomy,
+    nuisance: render.Nuisance, index: int, sessions: int, age: float,
+) -> None:
+  """Writes one subject's raw scans (BIDS, one folder per session when `sessions` > 1), their
+  JSON sidecars (scanner, field strength), and under `derivatives`: the brain mask on the scan
+  grid and the true transforms (`*_xfm.json`); with sessions, sub-X/sub-X_sessions.tsv."""
+  for k in range(sessions):
+    raw = acquire(images, brain_mask, config, anatomy, nuisance,
+                  session_rng(config.seed, index, k))
+    ses = f"ses-{k + 1}" if sessions > 1 else ""
+    stem = f"{subject_id}_{ses}_" if ses else f"{subject_id}_"
+    anat = Path(root, subject_id, ses, "anat")
+    deriv = Path(derivatives, subject_id, ses, "anat")
+    for seq, image in raw.images.items():
+      fileio.save_nifti(_nifti(image.astype(np.int16), raw.affine), anat / f"{stem}{seq}.nii.gz")
+      fileio.write_json(anat / f"{stem}{seq}.json", raw.sidecar)
+    fileio.save_nifti(_nifti(raw.brain_mask.astype(np.uint8), raw.affine),
+                      deriv / f"{stem}desc-brain_mask.nii.gz")
+    fileio.write_json(deriv / f"{stem}from-scanner_to-template_mode-image_xfm.json", {
+        "scan_to_template": transform_record(raw.scan_to_template, "scanner", "template"),
+        "scan_to_subject": transform_record(raw.scan_to_subject, "scanner",
+                                            "subject (its template-space image)"),
+        "orientation": raw.orientation,
+    })
+  if sessions > 1:
+    rows = "".join(f"ses-{k + 1}\t{age:.4f}\n" for k in range(sessions))
+    fileio.write_text(Path(root, subject_id, f"{subject_id}_sessions.tsv"),
+                      "session_id\tage\n" + rows)
