@@ -1,7 +1,7 @@
 """Affine image registration in JAX: multi-resolution, normalised cross-correlation, vmapped.
 
 `register(moving, moving_affines, fixed, fixed_affine)` finds, for each of a batch of moving
-images on grids of one shape (e.g. raw scans of several subjects), the world -> world transform
+images (e.g. raw scans of several subjects, on any grids), the world -> world transform
 `[4, 4]` (mm) that maps the moving image's world onto the fixed image's world (e.g. scanner ->
 template). Nothing here knows about brains: images and affines only.
 
@@ -15,7 +15,9 @@ Method (the usual one of ANTs/elastix/FSL FLIRT, written for `jax.jit` + `jax.vm
   - stages (default: rigid, then affine), each over a pyramid of levels (default 8, 4, 2 mm;
     never finer than the fixed grid): at each level the fixed image is smoothed (Gaussian,
     sigma = level / 2 mm) and sampled on a grid of that spacing, the moving image is smoothed
-    alike and sampled by trilinear interpolation (`jax.scipy.ndimage.map_coordinates`,
+    alike and resampled on a cube of `MOVING_FOV_MM` at that spacing about its centre of mass
+    (one array shape per level for every scan: one compilation, one vmapped call), then
+    sampled by trilinear interpolation (`jax.scipy.ndimage.map_coordinates`,
     0 outside its field of view) at the transformed points of the fixed's foreground (dilated);
   - loss = 1 - normalised cross-correlation over those points, minimised by Adam (optax) with a
     cosine-decayed step, all steps of a level in one jitted `lax.scan`, vmapped over subjects.
@@ -102,8 +104,8 @@ def fixed_to_moving(params: np.ndarray, centre: np.ndarray) -> np.ndarray:
 def _ncc_loss(params, moving, moving_inv, points, fixed_values, centre):
   """1 - NCC of the fixed values `[n]` and the moving image sampled at the transformed points."""
   a, t = linear_part(params)
-  world = (points - centre) @ a.T + centre + t
-  vox = world @ moving_inv[:3, :3].T + moving_inv[:3, 3]
+  world = (points - centre[None, :]) @ a.T + (centre + t)[None, :]
+  vox = world @ moving_inv[:3, :3].T + moving_inv[:3, 3][None, :]
   warped = map_coordinates(moving, [vox[:, 0], vox[:, 1], vox[:, 2]], order=1, mode="constant",
                            cval=0.0)
   f = fixed_values - jnp.mean(fixed_values)
@@ -182,7 +184,8 @@ def register(
   """Registers each moving image to the fixed image.
 
   Args:
-    moving: `[B, X, Y, Z]` (or a list of B `[X, Y, Z]` of one shape), e.g. raw scans.
+    moving: B images `[X, Y, Z]` (any shapes: each is resampled onto one cube per level),
+      e.g. raw scans.
     moving_affines: `[B, 4, 4]` voxel-to-world (mm) of each moving image.
     fixed: `[X', Y', Z']` the target (e.g. a template with a head), non-negative.
     fixed_affine: `[4, 4]` its voxel-to-world (mm).
@@ -192,15 +195,14 @@ def register(
     (moving_to_fixed `[B, 4, 4]` world -> world (mm): x_fixed = M @ [x_moving, 1],
      final loss `[B]`: 1 - NCC at the finest level, 0 is a perfect match).
   """
-  moving = np.stack([np.asarray(m, np.float32) for m in moving])
+  moving = [np.asarray(m, np.float32) for m in moving]
   moving_affines = np.asarray(moving_affines, np.float64).reshape(-1, 4, 4)
   if len(moving_affines) != len(moving):
     raise ValueError(f"{len(moving)} moving images but {len(moving_affines)} affines")
   fixed = np.asarray(fixed, np.float32)
   fixed_affine = np.asarray(fixed_affine, np.float64)
   # Intensities to ~[0, 1] (NCC ignores scale; this keeps float32 sums tame).
-  moving = moving / np.maximum(np.percentile(moving.reshape(len(moving), -1), 99, axis=1),
-                               1e-6)[:, None, None, None]
+  moving = [m / max(float(np.percentile(m, 99)), 1e-6) for m in moving]
   fixed = fixed / max(float(np.percentile(fixed, 99)), 1e-6)
 
   centre = centre_of_mass(fixed, fixed_affine)

@@ -102,6 +102,7 @@ def add_head(
     w = _soft_step(depth - inner) * (1.0 - _soft_step(depth - outer))
     head += np.float32(contrast[name]) * w.astype(np.float32)
     inner = outer
+  head[depth > inner + 2.0] = 0.0  # air beyond the scalp (the logistic tail would never end)
   head[outline & ~brain] = contrast["csf"]
   if rng is not None and noise_sd > 0:
     head += np.float32(noise_sd) * rng.standard_normal(head.shape, dtype=np.float32) * (head > 0)
