@@ -119,9 +119,9 @@ def run_model(args) -> dict:
       sequences=tuple(fingerprint["data.sequences"]))
   cohort = simulate.Cohort(config)
   split = json.loads((workdir / "split.json").read_text())
-  test = split.get("test") or split.get("test_ids") or []
-  indices = sorted(int(str(t).split("-")[-1]) - 1 if isinstance(t, str) else int(t)
-                   for t in test)[:args.n] or list(range(args.n))
+  # The model's held-out test subjects (ids 'sub-0004' -> cohort index 3).
+  test = split.get("subject_ids", {}).get("test", [])
+  indices = sorted(int(t.split("-")[-1]) - 1 for t in test)[:args.n] or list(range(args.n))
   model = artifact.load(workdir)
   out = {}
   with tempfile.TemporaryDirectory() as tmp:

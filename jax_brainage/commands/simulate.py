@@ -1,7 +1,7 @@
 """`brainage simulate`: write a simulated BIDS cohort with ground truth.
 
     brainage simulate --out DIR --n N [--resolution 1|2|3|4] [--seed S]
-        [--sequences T1w,FLAIR,swi] [--workers N]
+        [--sequences T1w,FLAIR,swi] [--workers N] [--acquisition template|raw] [--sessions N]
 
 The cohort is `jax_brainage.data.simulate.write_cohort` of a `CohortConfig` (the simulator's
 docstring lists the files and the model). Prints where it went and the cohort's oracle MAE.

@@ -15,6 +15,9 @@ training without files. `write_cohort` writes a BIDS dataset:
   sub-XXXX_lesionmask.nii.gz (uint8).
 Every file is a deterministic function of the configuration: the same bytes on any machine,
 with any number of workers.
+`write_cohort(..., acquisition="raw")` writes the same subjects as acquired instead (skull and
+scalp, scanner pose, grid and orientation, sidecars, sessions; `simulation.acquisition`) with
+their true transforms and brain masks under derivatives/simulation/.
 
 Model (see `simulation.population` and `simulation.render` for the formulas):
   - age a ~ U(age_min, age_max), sex, risk factors with age- and sex-dependent prevalence;
