@@ -147,7 +147,7 @@ def run_model(args) -> dict:
       subjects, prediction, _ = predict.predict_dataset(model, data, inputs=inputs)
       out[kind] = {"ids": [x.subject_id for x in subjects],
                    "age": [x.age for x in subjects],
-                   "predicted": np.asarray(prediction.age, np.float64).tolist(),
+                   "predicted": np.asarray(prediction.ensemble, np.float64).tolist(),
                    "seconds": time.perf_counter() - t0}
   diff = np.abs(np.asarray(out["raw"]["predicted"]) - np.asarray(out["template"]["predicted"]))
   return {"workdir": str(workdir), "indices": indices, **out,

@@ -2,7 +2,8 @@
 
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
         [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
-        [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
+        [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX | --mask PATTERN] [--session S]
+        [--workers N]
         [--age-range MIN,MAX] [--no-resample-oblique] [--align template
         [--align-transform affine|rigid]] [--skip-bad] [--quiet]
 
@@ -15,6 +16,7 @@ cache's size, and on stderr skipped subjects and brains the cube crops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -35,6 +37,21 @@ def _shape_arg(text: str) -> tuple[int, int, int]:
   if len(sizes) != 3 or min(sizes) < 1:
     raise argparse.ArgumentTypeError(f"expected N or X,Y,Z positive voxels, got {text!r}")
   return sizes
+
+
+def with_masks(dataset: bids.Dataset, pattern: str) -> bids.Dataset:
+  """`dataset` with every subject's mask at `pattern` ({subject}: its id); a missing file or a
+  single file for several subjects is a one-line ConfigError naming it."""
+  if "{subject}" not in pattern and len(dataset.subjects) != 1:
+    raise ConfigError(f"--mask {pattern}: one file for {len(dataset.subjects)} subjects; use "
+                      "{subject} in the path")
+  subjects = []
+  for s in dataset.subjects:
+    path = pattern.replace("{subject}", s.subject_id)
+    if not Path(path).is_file():
+      raise ConfigError(f"--mask {pattern}: {path} ({s.subject_id}) does not exist")
+    subjects.append(dataclasses.replace(s, mask=path))
+  return dataclasses.replace(dataset, subjects=tuple(subjects))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,6 +82,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--mask-suffix", default=None, metavar="SUFFIX",
                  help="per-subject brain mask image suffix, e.g. 'mask' (default: nonzero "
                       "voxels of the first sequence)")
+  p.add_argument("--mask", default=None, metavar="FILE_OR_PATTERN",
+                 help="each subject's own brain mask: a path with {subject} for the subject id "
+                      "(e.g. masks/{subject}_mask.nii.gz), or one file for a single subject; "
+                      "with --align it is carried through the subject's transform")
   p.add_argument("--session", default=None, help="use images of ses-SESSION only")
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="parallel processes (default: CPU count, at most 8)")
@@ -100,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if len(sequences) != 1:
       raise ConfigError("a list of image files gives one sequence; pass one --sequences name")
     dataset = bids.read_image_list(args.data, sequences[0], skip_bad=args.skip_bad)
+  if args.mask is not None:
+    dataset = with_masks(dataset, args.mask)
   atlas = labels = None
   if args.atlas is not None:
     atlas = regions.load_atlas(args.atlas)

@@ -78,3 +78,47 @@ def test_map_to_scan_and_back_is_the_map_within_interpolation(aligned):
   inside = smooth > 0
   r = np.corrcoef(again[inside], smooth[inside])[0, 1]
   assert r > 0.9, r
+
+
+def test_mask_pattern_names_the_missing_file(tmp_path):
+  from jax_brainage.commands import prepare as prepare_command
+  from jax_brainage.data import bids
+  from jax_brainage.errors import ConfigError
+
+  (tmp_path / "sub-0001_mask.nii.gz").write_bytes(b"")
+  dataset = bids.Dataset(root=str(tmp_path), sequences=("T1w",), subjects=(
+      bids.Subject("sub-0001", {"T1w": "a.nii.gz"}), bids.Subject("sub-0002", {"T1w": "b.nii.gz"})))
+  with pytest.raises(ConfigError, match="sub-0002_mask.nii.gz \\(sub-0002\\)"):
+    prepare_command.with_masks(dataset, str(tmp_path / "{subject}_mask.nii.gz"))
+  with pytest.raises(ConfigError, match="one file for 2 subjects"):
+    prepare_command.with_masks(dataset, str(tmp_path / "sub-0001_mask.nii.gz"))
+
+
+@pytest.mark.slow
+def test_prepare_align_template_with_own_masks(tmp_path):
+  """`brainage simulate --acquisition raw` then `prepare --align template --mask PATTERN`: the
+  cache's cubes are zero outside the carried mask and every row keeps its transform."""
+  from jax_brainage import cli
+  from jax_brainage.data.cache import Cache
+
+  data, cache = tmp_path / "raw", tmp_path / "cache"
+  assert cli.main(["simulate", "--out", str(data), "--n", "2", "--resolution", "4",
+                   "--sequences", "T1w", "--acquisition", "raw", "--workers", "1"]) == 0
+  pattern = str(data / "derivatives/simulation/{subject}/anat/{subject}_desc-brain_mask.nii.gz")
+  assert cli.main(["prepare", "--data", str(data), "--out", str(cache), "--align", "template",
+                   "--mask", pattern, "--workers", "1", "--quiet"]) == 0
+  opened = Cache.open(cache)
+  assert opened.shape == (50, 50, 50) and opened.preprocessing.align == "affine"
+  for i in range(2):
+    inverse = opened.inverse(i)
+    assert inverse.alignment is not None
+    sid = opened.records[i]["subject_id"]
+    mask = nib.load(pattern.replace("{subject}", sid))
+    # The scan's own mask, carried to the cube by the stored transform (nibabel), bounds the cube.
+    moved = nib.Nifti1Image(np.asarray(mask.dataobj, np.float32),
+                            np.asarray(inverse.alignment) @ mask.affine)
+    carried = resample_from_to(moved, (inverse.grid_shape, np.asarray(inverse.grid_affine)),
+                               order=0).get_fdata() > 0.5
+    carried = prune.crop_or_pad(carried, inverse.offset, inverse.cube_shape)
+    cube = opened.volumes[i][..., 0]
+    assert (cube[~carried] > 0).mean() < 0.01
