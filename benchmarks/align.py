@@ -33,6 +33,9 @@ from jax_brainage.data import bids, register, simulate
 from jax_brainage.data.simulation import acquisition
 
 
+_CPU: dict[str, float] = {}  # CPU seconds (all threads) of the last call: the machine is shared
+
+
 def _brain_points(anatomy) -> np.ndarray:
   aff = anatomy.affine
   return np.argwhere(anatomy.brain > 0.5) @ aff[:3, :3].T + aff[:3, 3]
@@ -49,9 +52,10 @@ def _ants_affine(fixed_path: str, moving_path: str) -> tuple[np.ndarray, float]:
   import ants
 
   fixed, moving = ants.image_read(fixed_path), ants.image_read(moving_path)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   out = ants.registration(fixed, moving, type_of_transform="Affine")
   seconds = time.perf_counter() - t0
+  _CPU["ants"] = time.process_time() - c0
   tx = ants.read_transform(out["fwdtransforms"][0])
   p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
   a = p[:9].reshape(3, 3)
@@ -72,19 +76,21 @@ def run_register(args) -> dict:
   rows = []
   register.register([raws[0].images["T1w"]], [raws[0].affine], fixed, fixed_affine)  # compile
   for i, raw in enumerate(raws):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m, loss = register.register([raw.images["T1w"]], [raw.affine], fixed, fixed_affine)
     rows.append({"subject": i, "orientation": raw.orientation,
                  "jax_seconds": time.perf_counter() - t0,
+                 "jax_cpu_seconds": time.process_time() - c0,
                  "jax_mm": acquisition.mean_displacement_mm(
                      np.linalg.inv(m[0]), np.linalg.inv(raw.scan_to_template), points),
                  "start_mm": acquisition.mean_displacement_mm(
                      np.eye(4), np.linalg.inv(raw.scan_to_template), points)})
   # One vmapped call: every scan resampled onto one shape per level inside `register`.
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   batch, _ = register.register([r.images["T1w"] for r in raws], [r.affine for r in raws],
                                fixed, fixed_affine)
   batch_seconds = time.perf_counter() - t0
+  batch_cpu = time.process_time() - c0
   for row, m, raw in zip(rows, batch, raws):
     row["jax_batch_mm"] = acquisition.mean_displacement_mm(
         np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
@@ -97,11 +103,15 @@ def run_register(args) -> dict:
         nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.float32), raw.affine), path)
         m, seconds = _ants_affine(fixed_path, path)
         row["ants_seconds"] = seconds
+        row["ants_cpu_seconds"] = _CPU["ants"]
         row["ants_mm"] = acquisition.mean_displacement_mm(
             np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
   summary = {"resolution_mm": args.resolution, "n": args.n, "rows": rows,
-             "batch_seconds_per_subject": batch_seconds / args.n}
-  for key in ("jax_mm", "jax_seconds", "jax_batch_mm", "ants_mm", "ants_seconds", "start_mm"):
+             "batch_seconds_per_subject": batch_seconds / args.n,
+             "batch_cpu_seconds_per_subject": batch_cpu / args.n,
+             "load_average": os.getloadavg()}
+  for key in ("jax_mm", "jax_seconds", "jax_cpu_seconds", "jax_batch_mm", "ants_mm",
+              "ants_seconds", "ants_cpu_seconds", "start_mm"):
     if all(key in r for r in rows):
       summary[f"mean_{key}"] = float(np.mean([r[key] for r in rows]))
   return summary
