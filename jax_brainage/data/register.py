@@ -55,7 +55,8 @@ class Schedule:
   Attributes:
     stages: transform models in order ("rigid", "similarity", "affine").
     levels_mm: pyramid spacings (mm), coarse to fine; levels finer than the fixed grid are
-      dropped (the fixed grid's own spacing is then the finest).
+      replaced by the fixed grid's spacing, and at most len(levels_mm) levels run, the coarsest
+      first (4 mm template: 8, 4; 2 mm: 8, 4, 2; 1 mm: 8, 4, 2 too: no 1 mm level).
     steps: Adam steps per level (one per level, or one number for all).
     learning_rates: Adam step (in `PARAM_SCALE` units) per level, decayed to 10% by a cosine.
   """
