@@ -109,9 +109,11 @@ class ModelInputs:
     return out
 
 
-def model_inputs(model: Ensemble) -> ModelInputs:
+def model_inputs(model: Ensemble, align: str | None = None) -> ModelInputs:
   """Opens every sub-ensemble's training cache and checks it still prepares its input (shape,
-  sequences, preprocessing incl. regions); a one-line DataError naming the cache otherwise."""
+  sequences, preprocessing incl. regions); a one-line DataError naming the cache otherwise.
+  `align` ("affine" / "rigid"): register new scans to the template first (`data.align`), for
+  scans as acquired when the training cache was template-space."""
   opened: dict[str, Any] = {}
   views: dict[str, Any] = {}
   of_sub: dict[str, tuple[str, list[int] | None]] = {}
@@ -131,6 +133,9 @@ def model_inputs(model: Ensemble) -> ModelInputs:
     cache = opened[str(path)]
     check_cache(sub, cache, who)
     view, channels = preprocessor_for(sub.sequences, cache, who)
+    if align is not None:
+      view = copy.copy(view)
+      view.preprocessing = dataclasses.replace(view.preprocessing, align=align)
     key = f"{path}:{'+'.join(view.sequences)}"
     views.setdefault(key, view)
     of_sub[sub.name] = (key, channels)

@@ -58,6 +58,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="threads preprocessing subjects")
   p.add_argument("--skip-bad", action="store_true",
                  help="report and skip subjects with bad data instead of stopping")
+  p.add_argument("--align", choices=("template",), default=None,
+                 help="register each scan to the template first (scans as acquired; see "
+                      "`brainage prepare --align`)")
+  p.add_argument("--align-transform", choices=("affine", "rigid"), default="affine",
+                 help="with --align: affine (default) or rigid")
   p.set_defaults(func=run)
   return p
 
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
   if args.batch_size < 1:
     raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
   model = artifact.load(args.workdir, args.checkpoint)
-  inputs = predict.model_inputs(model)
+  inputs = predict.model_inputs(model, align=args.align_transform if args.align else None)
   if args.sequences is not None:
     given = bids.parse_sequences(args.sequences)
     if given != inputs.sequences:

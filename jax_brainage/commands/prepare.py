@@ -2,9 +2,10 @@
 
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
         [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
-        [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX] [--session S] [--workers N]
-        [--entities KEY=VALUE,...] [--participants TSV]
-        [--age-range MIN,MAX] [--no-resample-oblique] [--skip-bad] [--quiet]
+        [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX | --mask PATTERN] [--session S]
+        [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
+        [--age-range MIN,MAX] [--no-resample-oblique] [--align template
+        [--align-transform affine|rigid]] [--skip-bad] [--quiet]
 
 The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
@@ -17,11 +18,12 @@ the cube crops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from jax_brainage.data import bids, intensity, layouts, regions
+from jax_brainage.data import align, bids, intensity, layouts, regions
 from jax_brainage.data.cache import Preprocessing, prepare
 from jax_brainage.errors import ConfigError
 
@@ -54,6 +56,21 @@ def add_layout_options(p: argparse.ArgumentParser) -> None:
                       "without one: fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIRs")
 
 
+def with_masks(dataset: bids.Dataset, pattern: str) -> bids.Dataset:
+  """`dataset` with every subject's mask at `pattern` ({subject}: its id); a missing file or a
+  single file for several subjects is a one-line ConfigError naming it."""
+  if "{subject}" not in pattern and len(dataset.subjects) != 1:
+    raise ConfigError(f"--mask {pattern}: one file for {len(dataset.subjects)} subjects; use "
+                      "{subject} in the path")
+  subjects = []
+  for s in dataset.subjects:
+    path = pattern.replace("{subject}", s.subject_id)
+    if not Path(path).is_file():
+      raise ConfigError(f"--mask {pattern}: {path} ({s.subject_id}) does not exist")
+    subjects.append(dataclasses.replace(s, mask=path))
+  return dataclasses.replace(dataset, subjects=tuple(subjects))
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Adds `brainage prepare`."""
   p = subparsers.add_parser(
@@ -84,6 +101,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="per-subject brain mask image suffix, e.g. 'mask' (default: nonzero "
                       "voxels of the first sequence)")
   add_layout_options(p)
+  p.add_argument("--mask", default=None, metavar="FILE_OR_PATTERN",
+                 help="each subject's own brain mask: a path with {subject} for the subject id "
+                      "(e.g. masks/{subject}_mask.nii.gz), or one file for a single subject; "
+                      "with --align it is carried through the subject's transform")
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                  help="parallel processes (default: CPU count, at most 8)")
   p.add_argument("--age-range", default=None, metavar="MIN,MAX",
@@ -91,6 +112,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-resample-oblique", dest="resample_oblique", action="store_false",
                  help="refuse images with an oblique affine instead of resampling them onto an "
                       "axis-aligned grid")
+  p.add_argument("--align", choices=("template",), default=None,
+                 help="register each scan (as acquired: any pose, grid, orientation, with or "
+                      "without skull) to the template with a JAX affine registration and "
+                      "resample it onto the template grid first; a scan with skull gets the "
+                      "template's brain mask (coarse; --mask-suffix gives one's own)")
+  p.add_argument("--align-transform", choices=align.TRANSFORMS, default="affine",
+                 help="with --align: affine (rigid, then 12 degrees of freedom; default) or rigid")
   p.add_argument("--skip-bad", action="store_true",
                  help="report and skip subjects with bad data instead of stopping")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -107,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                                  entities=args.entities, participants=args.participants,
                                  mask_suffix=args.mask_suffix, skip_bad=args.skip_bad,
                                  age_range=args.age_range)
+  if args.mask is not None:
+    dataset = with_masks(dataset, args.mask)
   atlas = labels = None
   if args.atlas is not None:
     atlas = regions.load_atlas(args.atlas)
@@ -114,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
   prep = Preprocessing(sequences=sequences, shape=args.shape, voxel_size=args.voxel_size,
                        scaling=args.scaling, ceiling_percentile=args.ceiling_percentile,
                        regions=labels, bias_sigma_mm=args.bias_sigma,
-                       resample_oblique=args.resample_oblique)
+                       resample_oblique=args.resample_oblique,
+                       align=args.align_transform if args.align else None)
   for sid, why in dataset.skipped:
     print(f"skipped {why}", file=sys.stderr)
   cache = prepare(dataset, args.out, prep, atlas=atlas, workers=args.workers,

@@ -1,7 +1,7 @@
 """`brainage simulate`: write a simulated BIDS cohort with ground truth.
 
     brainage simulate --out DIR --n N [--resolution 1|2|3|4] [--seed S]
-        [--sequences T1w,FLAIR,swi] [--workers N]
+        [--sequences T1w,FLAIR,swi] [--workers N] [--acquisition template|raw] [--sessions N]
 
 The cohort is `jax_brainage.data.simulate.write_cohort` of a `CohortConfig` (the simulator's
 docstring lists the files and the model). Prints where it went and the cohort's oracle MAE.
@@ -34,6 +34,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       help="comma-separated subset of T1w,FLAIR,swi"
   )
   parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  parser.add_argument(
+      "--acquisition", choices=simulate.ACQUISITIONS, default="template",
+      help="template: skull-stripped images on the template grid (default); raw: scans as "
+           "acquired (skull and scalp, pose up to 20 degrees / 20 mm, scanner grid and "
+           "orientation, sidecars) with the true transforms under derivatives/simulation/")
+  parser.add_argument("--sessions", type=int, default=1,
+                      help="raw only: sessions per subject (ses-1..ses-N, same-day rescans)")
   parser.set_defaults(func=run)
   return parser
 
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                                  sequences=sequences)
   try:
     out = simulate.write_cohort(args.out, config, workers=args.workers,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), acquisition=args.acquisition,
+                                sessions=args.sessions)
   except OSError as e:  # disk full, permissions: files already written stay whole (atomic writes)
     raise DataError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
   cohort_json = json.loads((simulate.derivatives_dir(out) / "cohort.json").read_text())

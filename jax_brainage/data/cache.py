@@ -47,7 +47,7 @@ import nibabel as nib
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import bids, nifti, prune, regions
+from jax_brainage.data import align, bids, nifti, prune, regions
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 
@@ -445,6 +445,9 @@ def prepare(
       shape = prune.default_cube_shape(prep.voxel_size)
     else:
       shape = prune.default_cube_shape(_first_voxel_size(subjects, prep.sequences[0], skip_bad))
+      if prep.align is not None:  # aligned scans are cut from the template grid
+        shape = prune.default_cube_shape(align.template_resolution(
+            _first_voxel_size(subjects, prep.sequences[0], skip_bad)))
     prep = dataclasses.replace(prep, shape=shape)
 
   n = len(subjects)

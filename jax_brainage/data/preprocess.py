@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
-from jax_brainage.data import bids, intensity, nifti, prune, regions
+from jax_brainage.data import align, bids, intensity, nifti, prune, regions
 from jax_brainage.errors import ConfigError, DataError
 
 
@@ -45,6 +45,9 @@ class Preprocessing:
       against the world axes beyond `nifti.OBLIQUE_TOLERANCE_VOXELS`) onto an axis-aligned grid
       in world space (linear; masks nearest), so the brain lands in the cube where its world
       coordinates say; False: refuse such images (one-line DataError).
+    align: None (images are taken as they are), or "affine" / "rigid": each subject is first
+      registered to the template and resampled onto the template grid (`data.align`,
+      `prepare --align template`); the transform is kept in its `CubeInverse`.
   """
 
   sequences: tuple[str, ...] = ("T1w",)
@@ -55,6 +58,7 @@ class Preprocessing:
   regions: tuple[int, ...] | None = None
   bias_sigma_mm: float = 0.0
   resample_oblique: bool = True
+  align: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
@@ -79,6 +83,9 @@ class Preprocessing:
     if not isinstance(self.resample_oblique, (bool, np.bool_)):
       raise ConfigError(f"resample_oblique must be true or false, got {self.resample_oblique!r}")
     object.__setattr__(self, "resample_oblique", bool(self.resample_oblique))
+    if self.align is not None and self.align not in align.TRANSFORMS:
+      raise ConfigError(f"align must be none or one of {', '.join(align.TRANSFORMS)}, got "
+                        f"{self.align!r}")
 
   @property
   def dtype(self) -> np.dtype:
@@ -86,6 +93,8 @@ class Preprocessing:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
+    if d["align"] is None:
+      del d["align"]  # records of unaligned caches stay as they were
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
   @classmethod
@@ -134,6 +143,12 @@ def preprocess_subject(
   loaded = [_as_image(images[s], subject) for s in prep.sequences]
   names = [nifti.describe(images[s] if isinstance(images[s], (str, os.PathLike)) else None,
                           subject) + f" ({s})" for s in prep.sequences]
+  scan, aligned = loaded[0], None
+  if prep.align is not None:
+    mask_img = _as_image(mask, subject) if mask is not None else None
+    aligned = align.to_template(loaded, prep.sequences, transform=prep.align,
+                                voxel_size_mm=prep.voxel_size, mask=mask_img, subject=subject)
+    loaded, mask = aligned.images, aligned.mask
   ref = loaded[0]
   ref_affine = np.asarray(ref.affine, np.float64)
 
@@ -201,4 +216,6 @@ def preprocess_subject(
       raise DataError(f"{names[0]}: no brain voxel inside atlas regions "
                       f"{','.join(map(str, prep.regions))}")
     cube = regions.apply_mask(cube, keep)
+  if aligned is not None:
+    inverse = align.scan_inverse(inverse, scan, aligned.scan_to_template)
   return cube, inverse

@@ -48,7 +48,8 @@ def default_cube_shape(voxel_size_mm: float) -> tuple[int, int, int]:
   return (side,) * 3
 
 
-def _affine_tuple(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
+def affine_tuple(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
+  """A `[4, 4]` matrix as nested tuples of floats (hashable, exact through JSON)."""
   return tuple(tuple(float(v) for v in row) for row in np.asarray(affine, np.float64))
 
 
@@ -67,6 +68,9 @@ class CubeInverse:
     offset: cube voxel c is grid voxel `c + offset` (per axis; negative = padding).
     brain_box: the brain's bounding box on the canonical grid, `[3]` of (start, stop).
     resampled: whether the grid was resampled from the original (then the inverse interpolates).
+    alignment: None, or the world -> world transform `[4, 4]` (mm) that registration to the
+      template found (`data.align`): original (scanner) world -> the grid's (template) world;
+      the inverse then resamples through it onto the original grid.
   """
 
   original_shape: tuple[int, int, int]
@@ -78,6 +82,7 @@ class CubeInverse:
   offset: tuple[int, int, int]
   brain_box: Box
   resampled: bool = False
+  alignment: tuple[tuple[float, ...], ...] | None = None
 
   @property
   def cube_affine(self) -> np.ndarray:
@@ -101,6 +106,8 @@ class CubeInverse:
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict (floats round-trip exactly through JSON)."""
     d = dataclasses.asdict(self)
+    if d["alignment"] is None:
+      del d["alignment"]  # records without alignment stay as they were
     return {k: _lists(v) for k, v in d.items()}
 
   @classmethod
@@ -109,14 +116,16 @@ class CubeInverse:
     try:
       return cls(
           original_shape=tuple(int(v) for v in d["original_shape"]),
-          original_affine=_affine_tuple(np.asarray(d["original_affine"], np.float64)),
+          original_affine=affine_tuple(np.asarray(d["original_affine"], np.float64)),
           orientation=tuple((int(a), int(f)) for a, f in d["orientation"]),
           grid_shape=tuple(int(v) for v in d["grid_shape"]),
-          grid_affine=_affine_tuple(np.asarray(d["grid_affine"], np.float64)),
+          grid_affine=affine_tuple(np.asarray(d["grid_affine"], np.float64)),
           cube_shape=tuple(int(v) for v in d["cube_shape"]),
           offset=tuple(int(v) for v in d["offset"]),
           brain_box=tuple((int(lo), int(hi)) for lo, hi in d["brain_box"]),
           resampled=bool(d.get("resampled", False)),
+          alignment=(None if d.get("alignment") is None
+                     else affine_tuple(np.asarray(d["alignment"], np.float64))),
       )
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"malformed CubeInverse record ({type(e).__name__}: {e})") from e
@@ -231,10 +240,10 @@ def make_inverse(
   """Records a cube cut out of the canonical grid of `img` around `box`."""
   return CubeInverse(
       original_shape=tuple(int(s) for s in img.shape[:3]),
-      original_affine=_affine_tuple(img.affine),
+      original_affine=affine_tuple(img.affine),
       orientation=tuple((int(a), int(f)) for a, f in np.asarray(ornt)),
       grid_shape=tuple(int(s) for s in grid_shape[:3]),
-      grid_affine=_affine_tuple(grid_affine),
+      grid_affine=affine_tuple(grid_affine),
       cube_shape=tuple(int(s) for s in cube_shape),
       offset=centre_offset(box, cube_shape),
       brain_box=box,
@@ -309,9 +318,11 @@ def to_subject_space(
   grid = place_in_grid(cube, inverse.offset, inverse.grid_shape)
   original_affine = np.asarray(inverse.original_affine, np.float64)
   if inverse.resampled:
+    # Original voxels -> their world -> (aligned scans) the template world the grid lives in.
+    seen_from = original_affine if inverse.alignment is None else (
+        np.asarray(inverse.alignment, np.float64) @ original_affine)
     data = nifti.resample(
-        grid, np.asarray(inverse.grid_affine), inverse.original_shape, original_affine,
-        order=order)
+        grid, np.asarray(inverse.grid_affine), inverse.original_shape, seen_from, order=order)
   else:
     data = np.ascontiguousarray(nifti.undo_orientation(grid, np.asarray(inverse.orientation)))
   return nifti.make_image(data, original_affine)

@@ -15,6 +15,9 @@ training without files. `write_cohort` writes a BIDS dataset:
   sub-XXXX_lesionmask.nii.gz (uint8).
 Every file is a deterministic function of the configuration: the same bytes on any machine,
 with any number of workers.
+`write_cohort(..., acquisition="raw")` writes the same subjects as acquired instead (skull and
+scalp, scanner pose, grid and orientation, sidecars, sessions; `simulation.acquisition`) with
+their true transforms and brain masks under derivatives/simulation/.
 
 Model (see `simulation.population` and `simulation.render` for the formulas):
   - age a ~ U(age_min, age_max), sex, risk factors with age- and sex-dependent prevalence;
@@ -44,6 +47,7 @@ from scipy import ndimage
 
 from jax_brainage import fileio
 from jax_brainage.data.anatomy import Atlas, TemplateAnatomy, load_anatomy
+from jax_brainage.data.simulation import acquisition as raw_scans
 from jax_brainage.data.simulation import population, render
 from jax_brainage.data.simulation.config import SEQUENCES, CohortConfig
 from jax_brainage.errors import DataError
@@ -52,8 +56,10 @@ __all__ = [
     "CohortConfig", "Cohort", "SimulatedSubject", "SEQUENCES", "write_cohort", "subject_id",
 ]
 
-# Streams of one subject's randomness, each from SeedSequence([seed, index, stream]).
+# Streams of one subject's randomness, each from SeedSequence([seed, index, stream]); raw
+# acquisitions draw from `simulation.acquisition.STREAM_ACQUISITION` (2).
 STREAM_POPULATION, STREAM_NUISANCE = 0, 1
+ACQUISITIONS = ("template", "raw")
 # Where a written cohort keeps its ground truth, relative to the dataset root.
 DERIVATIVES = Path("derivatives") / "simulation"
 FORMAT_VERSION = 1
@@ -291,15 +297,17 @@ def _nifti(data: np.ndarray, affine: np.ndarray, code: int):
   return img
 
 
-def _write_subject(out_dir: Path, subject: SimulatedSubject, config: CohortConfig) -> None:
+def _write_subject(out_dir: Path, subject: SimulatedSubject, config: CohortConfig,
+                   images: bool = True) -> None:
   sid = subject.subject_id
   anat = out_dir / sid / "anat"
   deriv = out_dir / DERIVATIVES / sid / "anat"
   for seq in config.sequences:
-    fileio.save_nifti(
-        _nifti(subject.images[seq].astype(np.int16), subject.affine, code=1),
-        anat / f"{sid}_{seq}.nii.gz",
-    )
+    if images:
+      fileio.save_nifti(
+          _nifti(subject.images[seq].astype(np.int16), subject.affine, code=1),
+          anat / f"{sid}_{seq}.nii.gz",
+      )
     fileio.save_nifti(
         _nifti(subject.ageing_masks[seq].astype(np.uint8), subject.affine, code=1),
         deriv / f"{sid}_{seq}_ageingmask.nii.gz",
@@ -329,15 +337,23 @@ def _subject_row(s: SimulatedSubject) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config_dict: dict[str, Any], anatomy: TemplateAnatomy, out_dir: str) -> None:
+def _init_worker(config_dict: dict[str, Any], anatomy: TemplateAnatomy, out_dir: str,
+                 acquired: dict[str, Any] | None = None) -> None:
   config = CohortConfig.from_dict(config_dict)
-  _WORKER.update(cohort=Cohort(config, anatomy), out_dir=Path(out_dir))
+  _WORKER.update(cohort=Cohort(config, anatomy), out_dir=Path(out_dir), acquired=acquired)
 
 
 def _work(index: int) -> dict[str, Any]:
   cohort = _WORKER["cohort"]
   subject = cohort.subject(index)
-  _write_subject(_WORKER["out_dir"], subject, cohort.config)
+  acquired = _WORKER.get("acquired")
+  _write_subject(_WORKER["out_dir"], subject, cohort.config, images=not acquired)
+  if acquired:  # raw scans instead of the template-space images (ground truth stays as it is)
+    out_dir = _WORKER["out_dir"]
+    raw_scans.write_raw_subject(
+        out_dir, out_dir / DERIVATIVES, subject.subject_id, subject.images, subject.brain_mask,
+        cohort.config, cohort.anatomy, cohort.nuisance(index), index, acquired["sessions"],
+        subject.age)
   return _subject_row(subject)
 
 
@@ -355,7 +371,8 @@ def _tsv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _check_out_dir(out_dir: Path, config: CohortConfig) -> None:
+def _check_out_dir(out_dir: Path, config: CohortConfig, acquired: dict[str, Any] | None = None
+                   ) -> None:
   """An output directory must be new, empty, or hold a (possibly interrupted) run of this exact
   configuration, recognised by derivatives/simulation/config.json (written first)."""
   if out_dir.exists() and not out_dir.is_dir():
@@ -370,7 +387,11 @@ def _check_out_dir(out_dir: Path, config: CohortConfig) -> None:
         f"--out {out_dir} is not empty and holds no simulated cohort ({config_json} missing); "
         "choose a new directory"
     ) from None
-  if previous != json.loads(json.dumps(config.to_dict())):
+  acquisition_json = out_dir / DERIVATIVES / "acquisition.json"
+  previous_acquired = (json.loads(acquisition_json.read_text()) if acquisition_json.exists()
+                       else None)
+  if (previous != json.loads(json.dumps(config.to_dict()))
+      or previous_acquired != (acquired or None)):
     raise DataError(
         f"--out {out_dir} holds a simulated cohort with another configuration ({config_json}); "
         "choose a new directory"
@@ -379,20 +400,34 @@ def _check_out_dir(out_dir: Path, config: CohortConfig) -> None:
 
 def write_cohort(
     out_dir: str | os.PathLike, config: CohortConfig, workers: int | None = None,
-    progress: bool = False,
+    progress: bool = False, acquisition: str = "template", sessions: int = 1,
 ) -> Path:
   """Writes the BIDS dataset of `config` to `out_dir` with `workers` processes; returns its path.
 
   Every file is written atomically; derivatives/simulation/config.json first, cohort.json last.
   A directory with this configuration and a cohort.json is complete and is returned as it is;
   an interrupted run of it (no cohort.json) is written again. Anything else is refused.
+
+  `acquisition="raw"` writes scans as acquired instead (`simulation.acquisition`: head, pose,
+  scanner grid and orientation, sidecars; `sessions` > 1 rescans in ses-1..ses-N, same day)
+  with their true transforms and brain masks under derivatives/simulation/ and
+  derivatives/simulation/acquisition.json; the ground-truth masks stay on the template grid.
   """
   config.validate()
+  if acquisition not in ACQUISITIONS:
+    raise DataError(f"--acquisition {acquisition!r}: choose {' or '.join(ACQUISITIONS)}")
+  if int(sessions) < 1 or (sessions > 1 and acquisition != "raw"):
+    raise DataError(f"--sessions {sessions}: at least 1, and more only with --acquisition raw")
+  acquired = ({"acquisition": "raw", "sessions": int(sessions),
+               "stream": raw_scans.STREAM_ACQUISITION}
+              if acquisition == "raw" else None)
   out_dir = Path(out_dir)
-  _check_out_dir(out_dir, config)
+  _check_out_dir(out_dir, config, acquired)
   if (out_dir / DERIVATIVES / "cohort.json").exists():
     return out_dir  # complete, same configuration (checked above)
   fileio.write_json(out_dir / DERIVATIVES / "config.json", config.to_dict())
+  if acquired:
+    fileio.write_json(out_dir / DERIVATIVES / "acquisition.json", acquired)
   workers = max(1, min(workers or os.cpu_count() or 1, config.n))
   anatomy = load_anatomy(config.resolution_mm)
   cohort = Cohort(config, anatomy)
@@ -400,14 +435,14 @@ def write_cohort(
 
   indices = range(config.n)
   if workers == 1:
-    _init_worker(config.to_dict(), anatomy, str(out_dir))
+    _init_worker(config.to_dict(), anatomy, str(out_dir), acquired)
     rows = map(_work, indices)
     pool = None
   else:
     # spawn: safe with JAX or threads in the parent; workers get the anatomy once, pickled.
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(config.to_dict(), anatomy, str(out_dir)),
+        initializer=_init_worker, initargs=(config.to_dict(), anatomy, str(out_dir), acquired),
     )
     rows = pool.map(_work, indices, chunksize=max(1, min(8, config.n // (4 * workers))))
   try:

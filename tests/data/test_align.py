@@ -1,0 +1,124 @@
+"""`--align template`: raw scans become cubes like the template-space cohort's, and cube arrays go
+back onto the scan's own grid through the stored transform (checked with nibabel and the
+simulator's brain mask on the scan grid)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.processing import resample_from_to
+
+from jax_brainage.data import prune, simulate
+from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
+from jax_brainage.data.simulation import acquisition
+
+CONFIG = simulate.CohortConfig(seed=0, n=4, resolution_mm=4, sequences=("T1w",))
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("align")
+  cohort = simulate.Cohort(CONFIG)
+  s = cohort.subject(2, ground_truth=False)
+  raw = acquisition.acquire(s.images, s.brain_mask, CONFIG, cohort.anatomy, cohort.nuisance(2),
+                            acquisition.session_rng(0, 2, 0))
+  raw_path, tpl_path = tmp / "raw_T1w.nii.gz", tmp / "tpl_T1w.nii.gz"
+  nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.int16), raw.affine), raw_path)
+  nib.save(nib.Nifti1Image(s.images["T1w"].astype(np.int16), s.affine), tpl_path)
+  cube, inverse = preprocess_subject({"T1w": str(raw_path)}, Preprocessing(align="affine"))
+  ref_cube, ref_inverse = preprocess_subject({"T1w": str(tpl_path)}, Preprocessing())
+  return raw, s, cube, inverse, ref_cube, ref_inverse
+
+
+@pytest.mark.slow
+def test_aligned_raw_scan_gives_the_template_space_cube(aligned):
+  raw, s, cube, inverse, ref_cube, ref_inverse = aligned
+  assert cube.shape == ref_cube.shape and inverse.cube_shape == ref_inverse.cube_shape
+  # The same template grid: cube voxels are comparable once the offsets are undone.
+  assert inverse.grid_affine == ref_inverse.grid_affine
+  a = prune.place_in_grid(cube[..., 0], inverse.offset, inverse.grid_shape).astype(float)
+  b = prune.place_in_grid(ref_cube[..., 0], ref_inverse.offset, ref_inverse.grid_shape)
+  r = np.corrcoef(a.ravel(), b.astype(float).ravel())[0, 1]
+  assert r > 0.85, r
+  # The record keeps the scan's own grid and the transform, through JSON.
+  assert inverse.original_shape == tuple(raw.brain_mask.shape) and inverse.alignment is not None
+  np.testing.assert_allclose(inverse.original_affine, raw.affine, atol=1e-5)
+  assert prune.CubeInverse.from_dict(inverse.to_dict()) == inverse
+  assert "alignment" not in ref_inverse.to_dict()  # unaligned records unchanged
+
+
+@pytest.mark.slow
+def test_cube_maps_land_on_the_subjects_voxels_in_scan_space(aligned):
+  raw, s, cube, inverse, _, _ = aligned
+  # The subject's brain (template-space truth) as a cube map, sent to the scan's grid, against
+  # the simulator's brain mask on that grid.
+  brain_grid = resample_from_to(nib.Nifti1Image(s.brain_mask.astype(np.float32), s.affine),
+                                (inverse.grid_shape, np.asarray(inverse.grid_affine)),
+                                order=0).get_fdata() > 0.5
+  brain_cube = prune.crop_or_pad(brain_grid, inverse.offset, inverse.cube_shape)
+  back = prune.to_subject_space(brain_cube.astype(np.uint8), inverse, order=0)
+  np.testing.assert_allclose(back.affine, raw.affine, atol=1e-5)
+  got, want = np.asarray(back.dataobj) > 0, raw.brain_mask
+  dice = 2 * (got & want).sum() / (got.sum() + want.sum())
+  assert dice > 0.8, dice
+
+
+@pytest.mark.slow
+def test_map_to_scan_and_back_is_the_map_within_interpolation(aligned):
+  _, _, cube, inverse, _, _ = aligned
+  smooth = cube[..., 0].astype(np.float32)
+  on_scan = prune.to_subject_space(smooth, inverse, order=1)
+  # Back to the template grid with nibabel, through the stored transform.
+  moved = nib.Nifti1Image(np.asarray(on_scan.dataobj, np.float32),
+                          np.asarray(inverse.alignment) @ on_scan.affine)
+  grid = resample_from_to(moved, (inverse.grid_shape, np.asarray(inverse.grid_affine)),
+                          order=1).get_fdata()
+  again = prune.crop_or_pad(grid, inverse.offset, inverse.cube_shape)
+  inside = smooth > 0
+  r = np.corrcoef(again[inside], smooth[inside])[0, 1]
+  assert r > 0.9, r
+
+
+def test_mask_pattern_names_the_missing_file(tmp_path):
+  from jax_brainage.commands import prepare as prepare_command
+  from jax_brainage.data import bids
+  from jax_brainage.errors import ConfigError
+
+  (tmp_path / "sub-0001_mask.nii.gz").write_bytes(b"")
+  dataset = bids.Dataset(root=str(tmp_path), sequences=("T1w",), subjects=(
+      bids.Subject("sub-0001", {"T1w": "a.nii.gz"}), bids.Subject("sub-0002", {"T1w": "b.nii.gz"})))
+  with pytest.raises(ConfigError, match="sub-0002_mask.nii.gz \\(sub-0002\\)"):
+    prepare_command.with_masks(dataset, str(tmp_path / "{subject}_mask.nii.gz"))
+  with pytest.raises(ConfigError, match="one file for 2 subjects"):
+    prepare_command.with_masks(dataset, str(tmp_path / "sub-0001_mask.nii.gz"))
+
+
+@pytest.mark.slow
+def test_prepare_align_template_with_own_masks(tmp_path):
+  """`brainage simulate --acquisition raw` then `prepare --align template --mask PATTERN`: the
+  cache's cubes are zero outside the carried mask and every row keeps its transform."""
+  from jax_brainage import cli
+  from jax_brainage.data.cache import Cache
+
+  data, cache = tmp_path / "raw", tmp_path / "cache"
+  assert cli.main(["simulate", "--out", str(data), "--n", "2", "--resolution", "4",
+                   "--sequences", "T1w", "--acquisition", "raw", "--workers", "1"]) == 0
+  pattern = str(data / "derivatives/simulation/{subject}/anat/{subject}_desc-brain_mask.nii.gz")
+  assert cli.main(["prepare", "--data", str(data), "--out", str(cache), "--align", "template",
+                   "--mask", pattern, "--workers", "1", "--quiet"]) == 0
+  opened = Cache.open(cache)
+  assert opened.shape == (50, 50, 50) and opened.preprocessing.align == "affine"
+  for i in range(2):
+    inverse = opened.inverse(i)
+    assert inverse.alignment is not None
+    sid = opened.records[i]["subject_id"]
+    mask = nib.load(pattern.replace("{subject}", sid))
+    # The scan's own mask, carried to the cube by the stored transform (nibabel), bounds the cube.
+    moved = nib.Nifti1Image(np.asarray(mask.dataobj, np.float32),
+                            np.asarray(inverse.alignment) @ mask.affine)
+    carried = resample_from_to(moved, (inverse.grid_shape, np.asarray(inverse.grid_affine)),
+                               order=0).get_fdata() > 0.5
+    carried = prune.crop_or_pad(carried, inverse.offset, inverse.cube_shape)
+    cube = opened.volumes[i][..., 0]
+    assert (cube[~carried] > 0).mean() < 0.01
