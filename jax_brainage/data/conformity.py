@@ -59,8 +59,8 @@ from jax_brainage.data import nifti
 from jax_brainage.errors import DataError
 
 __all__ = ["MEASURES", "Measure", "Reference", "Assessment", "scan_measures", "cube_measures",
-           "build_reference", "calibrate", "assess", "load_reference", "save_reference",
-           "qc_tsv", "Z_LIMIT", "VOXEL_TOLERANCE", "MASK_MARGIN_MM"]
+           "build_reference", "calibrate", "assess", "assess_cubes", "load_reference", "save_reference",
+           "qc_tsv", "read_qc_flags", "Z_LIMIT", "VOXEL_TOLERANCE", "MASK_MARGIN_MM"]
 
 REFERENCE_NPZ = "conformity.npz"
 CALIBRATION_JSON = "conformity.json"
@@ -111,7 +111,7 @@ MEASURES = (
     # The training scans carry their own pose (the simulated cohort: 3 degrees per axis, so up
     # to ~10 degrees in all): a tighter limit, else a 10-degree tilt passes.
     Measure("tilt_deg", "tilt", "high", False, 1.0, False, z=3.5),
-    Measure("outside_fraction", "outside_brain", "high", False, 0.003, False),
+    Measure("outside_fraction", "outside_brain", "high", False, 0.01, False),
     Measure("intensity_distance", "intensity_distribution", "high", False, 0.003, False),
     Measure("cube_edge", "cube_cut", "high", False, 0.001, False),
     Measure("noise", "noise", "both", True, 0.03, False),
@@ -309,20 +309,23 @@ def build_reference(volumes: np.ndarray, scaling: str, voxel_mm: float) -> Refer
 
 def cube_measures(cubes: np.ndarray, reference: Reference) -> dict[str, np.ndarray]:
   """The cube-level measures of prepared cubes `[n, X, Y, Z, C]` (the cache's dtype) against
-  `reference`; {name: float64 `[n]`}."""
+  `reference`; {name: float64 `[n]`}. Images are compared on the first (reference) channel; the
+  intensity distance on every channel when C is the cache's, else on the first."""
   x = _as_float(cubes, reference.scaling)
-  if x.shape[1:] != reference.mean.shape:
+  if x.shape[1:4] != reference.mean.shape[:3]:
     raise DataError(f"cubes of shape {x.shape[1:]} cannot be compared with a conformity "
                     f"reference of shape {reference.mean.shape}")
   brain = x[..., 0] != 0
   count = np.maximum(brain.sum(axis=(1, 2, 3)), 1)
-  hist = _histograms(x, brain, reference.edges)
+  # A model reading fewer sequences than its cache holds: compare the reference channel only.
+  channels = x.shape[-1] if x.shape[-1] == reference.histogram.shape[0] else 1
+  hist = _histograms(x[..., :channels], brain, reference.edges)
   return {
       "correlation": _correlation(x[..., 0], reference.mean[..., 0]),
       "tilt_deg": _tilt(_coarse(x[..., 0], reference.voxel_mm), reference.tilt_templates),
       "outside_fraction": np.sum(brain & ~reference.mask, axis=(1, 2, 3)) / count,
-      "intensity_distance": np.max(_wasserstein(hist, reference.histogram, reference.edges),
-                                   axis=1),
+      "intensity_distance": np.max(
+          _wasserstein(hist, reference.histogram[:channels], reference.edges), axis=1),
       "cube_edge": _faces(brain) / count,
       "noise": _noise(x[..., 0], brain),
   }
@@ -428,8 +431,8 @@ def assess_cubes(cubes: np.ndarray, scan: Sequence[Mapping[str, float]],
 def save_reference(reference: Reference, directory: str | Path) -> None:
   """Writes conformity.npz and conformity.json into `directory` (atomically, each)."""
   directory = Path(directory)
-  with fileio.atomic_path(directory / REFERENCE_NPZ, suffix=".npz") as tmp:
-    np.savez_compressed(tmp, mean=reference.mean, std=reference.std, mask=reference.mask,
+  with fileio.atomic_path(directory / REFERENCE_NPZ) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, mean=reference.mean, std=reference.std, mask=reference.mask,
                         histogram=reference.histogram, edges=reference.edges)
   fileio.write_json(directory / CALIBRATION_JSON, {
       "scaling": reference.scaling, "voxel_mm": reference.voxel_mm, "z_limit": Z_LIMIT,
@@ -477,3 +480,12 @@ def qc_tsv(ids: Sequence[str], sessions: Sequence[str | None],
               for m in MEASURES]
     lines.append("\t".join([sid, ses or "n/a", *values, a.text]))
   return "\n".join(lines) + "\n"
+
+
+def read_qc_flags(path: str | Path) -> list[tuple[str, str]]:
+  """(participant_id, qc_flags) of the flagged rows of a QC table written by `qc_tsv`."""
+  lines = Path(path).read_text(encoding="utf-8").splitlines()
+  header = lines[0].split("\t")
+  sid, flags = header.index("participant_id"), header.index("qc_flags")
+  rows = [line.split("\t") for line in lines[1:] if line]
+  return [(r[sid], r[flags]) for r in rows if len(r) > flags and r[flags]]
