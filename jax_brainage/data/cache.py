@@ -508,16 +508,10 @@ def _write_conformity(directory: Path, index: dict[str, Any]) -> None:
   (`conformity.QC_TSV`), into the cache being built."""
   volumes = np.load(directory / VOLUMES, mmap_mode="r")
   records = index["subjects"]
-  reference = conformity.load_reference(directory, volumes, index["scaling"],
-                                        float(np.max(index["voxel_size"])),
-                                        [r["qc"] for r in records])
-  conformity.save_reference(reference, directory)
-  assessments = []
-  for start in range(0, len(records), conformity.CHUNK):
-    stop = start + conformity.CHUNK
-    assessments += conformity.assess_cubes(volumes[start:stop],
-                                           [r["qc"] for r in records[start:stop]], reference)
+  reference, assessments = conformity.calibrated_reference(
+      volumes, index["scaling"], float(np.max(index["voxel_size"])), [r["qc"] for r in records])
   del volumes
+  conformity.save_reference(reference, directory)
   fileio.write_text(directory / conformity.QC_TSV, conformity.qc_tsv(
       [r["subject_id"] for r in records], [r.get("session") for r in records], assessments))
 

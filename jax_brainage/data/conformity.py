@@ -59,7 +59,7 @@ from jax_brainage.data import nifti
 from jax_brainage.errors import DataError
 
 __all__ = ["MEASURES", "Measure", "Reference", "Assessment", "scan_measures", "cube_measures",
-           "build_reference", "calibrate", "assess", "assess_cubes", "load_reference", "save_reference",
+           "build_reference", "calibrate", "assess", "assess_cubes", "calibrated_reference", "load_reference", "save_reference",
            "qc_tsv", "read_qc_flags", "Z_LIMIT", "VOXEL_TOLERANCE", "MASK_MARGIN_MM"]
 
 REFERENCE_NPZ = "conformity.npz"
@@ -461,13 +461,24 @@ def load_reference(directory: str | Path, volumes: np.ndarray | None = None,
                       "`brainage prepare`") from None
   if volumes is None:
     raise DataError(f"{directory}: no conformity reference ({REFERENCE_NPZ})")
+  return calibrated_reference(volumes, scaling, voxel_mm, scan)[0]
+
+
+def calibrated_reference(volumes: np.ndarray, scaling: str, voxel_mm: float,
+                         scan: Sequence[Mapping[str, float]] | None = None
+                         ) -> tuple[Reference, list[Assessment]]:
+  """The reference of training cubes `volumes [n, X, Y, Z, C]`, calibrated on them and their
+  `scan` measures (one dict per row; missing: scan measures unchecked), and each row's
+  `Assessment` against it (the cache's own QC table)."""
   reference = build_reference(volumes, scaling, voxel_mm)
-  measures = {k: np.array([s.get(k, math.nan) for s in scan or [{}] * len(volumes)], np.float64)
-              for k in _BY_NAME}
+  scan = list(scan) if scan is not None else [{} for _ in range(len(volumes))]
+  measures = {k: np.array([s.get(k, math.nan) for s in scan], np.float64) for k in _BY_NAME}
   for start in range(0, len(volumes), CHUNK):
     for k, v in cube_measures(volumes[start:start + CHUNK], reference).items():
       measures[k][start:start + len(v)] = v
-  return calibrate(reference, measures)
+  calibrate(reference, measures)
+  rows = [{k: float(v[i]) for k, v in measures.items()} for i in range(len(volumes))]
+  return reference, [assess(r, reference) for r in rows]
 
 
 def qc_tsv(ids: Sequence[str], sessions: Sequence[str | None],

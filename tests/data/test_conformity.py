@@ -130,3 +130,38 @@ def test_gate_flags_corrupted_scans_and_passes_clean_ones():
       flagged[name] += bool(conformity.assess_cubes(cube[None], [scan], reference)[0].flags)
   assert flagged.pop("clean") == 0
   assert all(v == 6 for v in flagged.values()), flagged
+
+
+def test_prepare_writes_the_gate_and_an_old_cache_gets_it(make_bids, tmp_path):
+  """prepare's qc.tsv against nibabel (volume, median raw intensity of each file), the stored
+  reference against the cubes, and a cache without the gate's files computing the same one."""
+  from jax_brainage.data import bids, cache
+
+  rng = np.random.default_rng(0)
+  affine = np.diag([4.0, 4.0, 4.0, 1.0])
+  subjects = {}
+  for i in range(6):
+    data = np.zeros((24, 26, 22), np.int16)
+    data[4:18, 5:21, 4:17] = rng.integers(300, 900, (14, 16, 13)) * (1 + 0.1 * i)
+    subjects[f"sub-{i + 1:02d}"] = {"age": 30 + i, "T1w": nib.Nifti1Image(data, affine)}
+  root = make_bids(subjects)
+  prepared = cache.prepare(bids.read_bids(root, "T1w"), tmp_path / "cache",
+                           cache.Preprocessing(shape=(20, 20, 20)))
+  lines = (tmp_path / "cache" / conformity.QC_TSV).read_text().splitlines()
+  header = lines[0].split("\t")
+  rows = {r[0]: dict(zip(header, r)) for r in (line.split("\t") for line in lines[1:])}
+  assert sorted(rows) == sorted(subjects)
+  for sid, spec in subjects.items():
+    data = np.asanyarray(nib.load(root / sid / "anat" / f"{sid}_T1w.nii.gz").dataobj)
+    assert float(rows[sid]["brain_volume_ml"]) == pytest.approx((data != 0).sum() * 64 / 1000)
+    assert float(rows[sid]["raw_intensity"]) == pytest.approx(np.median(data[data != 0]))
+    assert float(rows[sid]["voxel_mm"]) == 4.0
+  stored = prepared.conformity
+  np.testing.assert_allclose(stored.mean, prepared.volumes.astype(np.float64).mean(0) / 255,
+                             atol=1e-6)
+  for name in (conformity.REFERENCE_NPZ, conformity.CALIBRATION_JSON):
+    (tmp_path / "cache" / name).unlink()
+  rebuilt = cache.Cache.open(tmp_path / "cache").conformity
+  assert rebuilt.calibration.keys() == stored.calibration.keys()
+  for k, c in stored.calibration.items():
+    assert rebuilt.calibration[k]["high"] == pytest.approx(c["high"])
