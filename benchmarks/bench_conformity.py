@@ -21,11 +21,11 @@ Goal (issue 20): >= 95% of corrupted scans flagged, <= 5% of clean ones.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -140,8 +140,6 @@ def corruptions(resolution: float) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
-
-from typing import Any  # noqa: E402
 
 
 def prepared(data, affine, prep):

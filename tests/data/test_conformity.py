@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from jax_brainage.data import conformity, simulate
+from jax_brainage.data import bids, cache, conformity, simulate
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -135,8 +135,6 @@ def test_gate_flags_corrupted_scans_and_passes_clean_ones():
 def test_prepare_writes_the_gate_and_an_old_cache_gets_it(make_bids, tmp_path):
   """prepare's qc.tsv against nibabel (volume, median raw intensity of each file), the stored
   reference against the cubes, and a cache without the gate's files computing the same one."""
-  from jax_brainage.data import bids, cache
-
   rng = np.random.default_rng(0)
   affine = np.diag([4.0, 4.0, 4.0, 1.0])
   subjects = {}
