@@ -150,7 +150,8 @@ def prepared(data, affine, prep):
   return cube, measures
 
 
-def run(resolution: int, n_train: int, n_test: int, seed: int) -> dict[str, Any]:
+def run(resolution: int, n_train: int, n_test: int, seed: int,
+        cases: tuple[str, ...] | None = None) -> dict[str, Any]:
   cohort = simulate.Cohort(simulate.CohortConfig(seed=seed, n=n_train + n_test,
                                                  resolution_mm=resolution, sequences=("T1w",)))
   prep = Preprocessing(sequences=("T1w",), voxel_size=float(resolution))
@@ -165,8 +166,10 @@ def run(resolution: int, n_train: int, n_test: int, seed: int) -> dict[str, Any]
   conformity.calibrate(reference, measures)
   calibrate_s = time.perf_counter() - t
   rng = np.random.default_rng(seed + 1)
-  cases = {"clean": lambda d, a, rng: (d, a), **corruptions(resolution)}
+  cases = {k: f for k, f in {"clean": lambda d, a, rng: (d, a), **corruptions(resolution)}.items()
+           if cases is None or k in cases}
   rows: dict[str, list[tuple[str, ...]]] = {k: [] for k in cases}
+  values: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
   assess_s = []
   for i in range(n_train, n_train + n_test):
     s = cohort.subject(i, ground_truth=False)
@@ -177,6 +180,7 @@ def run(resolution: int, n_train: int, n_test: int, seed: int) -> dict[str, Any]
       a = conformity.assess_cubes(cube[None], [scan], reference)[0]
       assess_s.append(time.perf_counter() - t)
       rows[name].append(a.flags)
+      values[name].append(a.measures)
   table = {}
   for name, flags in rows.items():
     reasons: dict[str, int] = {}
@@ -186,7 +190,7 @@ def run(resolution: int, n_train: int, n_test: int, seed: int) -> dict[str, Any]
     table[name] = {"flagged": sum(bool(f) for f in flags) / len(flags), "n": len(flags),
                    "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
   return {"resolution_mm": resolution, "train": n_train, "test": n_test,
-          "calibration": reference.calibration, "rates": table,
+          "calibration": reference.calibration, "rates": table, "measures": values,
           "seconds_calibrate": calibrate_s,
           "seconds_per_scan_prepare_and_assess": float(np.median(assess_s))}
 
@@ -197,10 +201,12 @@ def main(argv=None) -> int:
   p.add_argument("--train", type=int, default=60)
   p.add_argument("--test", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cases", default=None, help="comma-separated subset (default: all)")
   p.add_argument("--out", type=Path, default=None)
   args = p.parse_args(argv)
   result = {"benchmark": "conformity", **common.environment(),
-            **run(args.resolution, args.train, args.test, args.seed)}
+            **run(args.resolution, args.train, args.test, args.seed,
+                  tuple(args.cases.split(",")) if args.cases else None)}
   print(f"conformity gate at {args.resolution} mm: calibrated on {args.train}, "
         f"{args.test} held-out subjects per case")
   print(f"{'case':14s} {'flagged':>8s}  reasons")

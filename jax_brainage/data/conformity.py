@@ -31,7 +31,8 @@ Measures (one float each; `MEASURES` lists them with their flag names):
 
 Calibration (`calibrate`): per measure, from the training scans' own values: a robust centre
 (median) and spread (1.4826 x MAD, at least the measure's `floor`), and the accepted range
-centre -/+ z spreads (`Measure.z`: `Z_LIMIT`, 3.5 for the tilt) (log scale for volumes and raw intensity; one-sided where only one
+centre -/+ z spreads (`Measure.z`: `Z_LIMIT`; 7 for the correlation, 4 for the tilt, chosen on
+the benchmark's seed-0 run and checked on seed 1: see benchmarks/RESULTS.md) (log scale for volumes and raw intensity; one-sided where only one
 direction means trouble). The voxel size is accepted within `VOXEL_TOLERANCE` of the training
 scans' range. Measures that a reference lacks (an older cache without scan measures) are skipped.
 
@@ -107,10 +108,10 @@ MEASURES = (
     Measure("brain_volume_ml", "brain_volume", "both", True, 0.03, True),
     Measure("raw_intensity", "intensity_scale", "both", True, 0.03, True),
     Measure("fov_edge", "field_of_view", "high", False, 0.001, True),
-    Measure("correlation", "alignment", "low", False, 0.005, False),
+    Measure("correlation", "alignment", "low", False, 0.005, False, z=7.0),
     # The training scans carry their own pose (the simulated cohort: 3 degrees per axis, so up
     # to ~10 degrees in all): a tighter limit, else a 10-degree tilt passes.
-    Measure("tilt_deg", "tilt", "high", False, 1.0, False, z=3.5),
+    Measure("tilt_deg", "tilt", "high", False, 1.0, False, z=4.0),
     Measure("outside_fraction", "outside_brain", "high", False, 0.01, False),
     Measure("intensity_distance", "intensity_distribution", "high", False, 0.003, False),
     Measure("cube_edge", "cube_cut", "high", False, 0.001, False),
