@@ -65,6 +65,7 @@ PRESETS = {"tiny": "tiny.py", "cpu": "cpu.py", "gpu": "ensemble_wholebrain.py:5"
 DEMO_RECORD = "demo.json"
 SUMMARY = "summary.json"
 PREDICTIONS = "test_predictions.tsv"
+QC_TABLE = "test_predictions.qc.tsv"  # the conformity gate's measures of the test scans
 SCATTER = "test_scatter.png"
 SUMMARY_KEYS = ("mae", "rmse", "r", "oracle_mae", "n_train", "n_val", "n_test", "train_seconds",
                 "volumes_per_second", "preset", "data_dir")
@@ -369,9 +370,11 @@ def _predict(workdir: Path, data_dir: Path, test_ids: Sequence[str], batch_size:
   wanted = set(test_ids)
   dataset = dataclasses.replace(dataset, subjects=tuple(x for x in dataset.subjects
                                                         if x.subject_id in wanted))
+  qc: list = []
   subjects, prediction, _ = predict.predict_dataset(model, dataset, inputs=inputs,
-                                                    batch_size=batch_size)
+                                                    batch_size=batch_size, qc=qc)
   predict.write_predictions(workdir / PREDICTIONS, model, subjects, prediction)
+  fileio.write_text(workdir / QC_TABLE, predict.qc_table(subjects, qc))
   ages = np.asarray([x.age for x in subjects], np.float64)
   first = model.subs[0]
   if artifact.is_single_model(model):
@@ -478,5 +481,7 @@ def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
   groups = ((explained or {}).get("tables") or {}).get("groups")
   if groups and (workdir / "explain" / groups).is_file():
     tables["relevance:regions"] = workdir / "explain" / groups
+  if (workdir / QC_TABLE).is_file():
+    tables["qc"] = workdir / QC_TABLE
   return report.write_report(workdir, summary, figures, tables,
                              title=f"jax-brainage demo ({summary['preset']})")

@@ -17,6 +17,11 @@ member-vmapped call per sub-ensemble (padding rows dropped): never a Python loop
 participants.tsv / sessions.tsv ages used when present), fMRIPrep derivatives, a FreeSurfer or
 FastSurfer SUBJECTS_DIR, or a list of image files (one subject each, no age).
 
+With `qc=[]`, every scan is also measured against the conformity gate of the training cache
+(`jax_brainage.data.conformity`: skull, tilt, voxel size, intensities, field of view...), and the
+TSV gets a last column `qc_flags` (the reasons a scan is outside the training data, ";"-joined;
+empty when none); `qc_table` is the per-scan measures table (`brainage predict` writes both).
+
 The TSV (written atomically) has one row per subject and session (`session` "n/a" without one):
 
     participant_id  session  age  predicted_age  brain_age_gap
@@ -46,7 +51,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import layouts
+from jax_brainage.data import conformity, layouts
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble.model import Ensemble, EnsemblePrediction, check_cache
 from jax_brainage.errors import DataError
@@ -154,7 +159,7 @@ def read_dataset(data: Sequence[str | os.PathLike], sequences: Sequence[str], *,
 
 def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: int = 1,
                     skip_bad: bool = False, inputs: ModelInputs | None = None,
-                    members_per_call: int = 0
+                    members_per_call: int = 0, qc: list | None = None
                     ) -> tuple[list[Any], EnsemblePrediction, list[tuple[str, str]]]:
   """Preprocesses (as in training, per sub-ensemble) and predicts every subject of `dataset`.
 
@@ -165,6 +170,9 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
     skip_bad: report subjects whose images fail instead of stopping.
     inputs: `model_inputs(model)` (opened here when not given).
     members_per_call: members evaluated per call (0: every member of a sub-ensemble at once).
+    qc: when a list, one `conformity.Assessment` per predicted subject is appended to it (in the
+      order of the returned subjects): the scan against the conformity gate of the first
+      sub-ensemble's training cache (`Cache.conformity`).
   Returns:
     (subjects in dataset order, their `EnsemblePrediction`, skipped (subject id, reason)).
   """
@@ -174,11 +182,18 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
                     f"{artifact.describe(model)} needs {list(inputs.sequences)}")
   skipped: list[tuple[str, str]] = list(dataset.skipped)
 
+  gate_key = inputs.of_sub[model.subs[0].name][0]
+  scan_measures: dict[int, dict[str, float]] = {}
+
   def prepare(subject):
     out = {}
     for key, view in inputs.views.items():
       images = {q: subject.images[q] for q in view.sequences}
-      out[key], _ = view.preprocess(images, subject=subject.subject_id, mask=subject.mask)
+      measures: dict[str, float] | None = {} if qc is not None and key == gate_key else None
+      out[key], _ = view.preprocess(images, subject=subject.subject_id, mask=subject.mask,
+                                    measures=measures)
+      if measures is not None:
+        scan_measures[id(subject)] = measures
     return out
 
   subjects: list[Any] = []
@@ -186,6 +201,10 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
   for batch_subjects, cubes in prepared_batches(dataset, prepare, batch_size, workers=workers,
                                                 skip_bad=skip_bad, skipped=skipped):
     volumes = inputs.volumes(model, cubes, batch_subjects[0].subject_id)
+    if qc is not None:
+      qc += conformity.assess_cubes(cubes[gate_key],
+                                    [scan_measures.pop(id(s)) for s in batch_subjects],
+                                    inputs.views[gate_key].conformity)
     for name, p in model.predict_members(volumes, batch_size,
                                          members_per_call=members_per_call).items():
       members[name].append(p)
@@ -251,8 +270,8 @@ def _ordered_map(pool, fn, items: Iterable[Any], ahead: int) -> Iterator[Any]:
 # Output.
 
 
-def columns(model: Ensemble) -> tuple[str, ...]:
-  """The predictions TSV's columns (see the module docstring)."""
+def columns(model: Ensemble, qc: bool = False) -> tuple[str, ...]:
+  """The predictions TSV's columns (see the module docstring); `qc` adds `qc_flags`."""
   cols = list(COLUMNS)
   if model.correction.kind != "none":
     cols += CORRECTED_COLUMNS
@@ -260,6 +279,8 @@ def columns(model: Ensemble) -> tuple[str, ...]:
     cols += ["uncertainty"]
     cols += [f"pred_{s.name}" for s in model.subs]
     cols += [f"pred_{s.name}_m{k}" for s in model.subs for k in range(s.members)]
+  if qc:
+    cols += ["qc_flags"]
   return tuple(cols)
 
 
@@ -268,9 +289,11 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def predictions_tsv(model: Ensemble, subjects: Sequence[Any],
-                    prediction: EnsemblePrediction) -> str:
-  """The predictions as TSV text (`columns(model)`, ages in years, "n/a" for unknown)."""
-  cols = columns(model)
+                    prediction: EnsemblePrediction, qc: Sequence[Any] | None = None) -> str:
+  """The predictions as TSV text (`columns(model)`, ages in years, "n/a" for unknown); with
+  `qc` (the assessments `predict_dataset(qc=...)` made) a last column `qc_flags`: the reasons
+  joined by ";", empty for a scan like the training data."""
+  cols = columns(model, qc is not None)
   lines = ["\t".join(cols)]
   for i, subject in enumerate(subjects):
     age = subject.age
@@ -286,6 +309,8 @@ def predictions_tsv(model: Ensemble, subjects: Sequence[Any],
       row += [_fmt(float(prediction.subs[s.name][i])) for s in model.subs]
       row += [_fmt(float(prediction.members[s.name][i, k])) for s in model.subs
               for k in range(s.members)]
+    if qc is not None:
+      row += [qc[i].text]
     lines.append("\t".join(row))
   return "\n".join(lines) + "\n"
 
@@ -337,11 +362,16 @@ def check_finite(model: Ensemble, subjects: Sequence[Any],
 
 
 def write_predictions(path: str | os.PathLike, model: Ensemble, subjects: Sequence[Any],
-                      prediction: EnsemblePrediction) -> None:
+                      prediction: EnsemblePrediction, qc: Sequence[Any] | None = None) -> None:
   """Writes the predictions TSV atomically; nothing when a prediction is not finite
-  (`check_finite`'s DataError)."""
+  (`check_finite`'s DataError). `qc`: as `predictions_tsv`."""
   check_finite(model, subjects, prediction)
-  fileio.write_text(path, predictions_tsv(model, subjects, prediction))
+  fileio.write_text(path, predictions_tsv(model, subjects, prediction, qc))
+
+
+def qc_table(subjects: Sequence[Any], qc: Sequence[Any]) -> str:
+  """The QC table of predicted subjects (`conformity.qc_tsv`: measures and flags per scan)."""
+  return conformity.qc_tsv([s.subject_id for s in subjects], [s.session for s in subjects], qc)
 
 
 def summary_metrics(ages: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

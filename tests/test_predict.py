@@ -119,12 +119,14 @@ def test_predict_bids_matches_model_applied_to_cache(workdir, tmp_path):
   assert cli(["predict", "--workdir", str(workdir), "--data", str(data), "--out", str(out),
               "--batch-size", "3", "--workers", "2"]) == 0
   lines = out.read_text().splitlines()
-  assert all(len(line.split("\t")) == 5 and "" not in line.split("\t") for line in lines)
+  # The last column, qc_flags, is empty for a scan like the training data.
+  assert all(len(line.split("\t")) == 6 and "" not in line.split("\t")[:5] for line in lines)
   rows = read_tsv(out)
   participants = read_tsv(data / "participants.tsv")
   assert len(lines) == len(participants) + 1
   assert [r["participant_id"] for r in rows] == [p["participant_id"] for p in participants]
-  assert list(rows[0]) == ["participant_id", "session", "age", "predicted_age", "brain_age_gap"]
+  assert list(rows[0]) == ["participant_id", "session", "age", "predicted_age", "brain_age_gap",
+                           "qc_flags"]
   index = json.loads((workdir / "cache" / "index.json").read_text())
   cache_row = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
   expected = reference_predictions(workdir, np.array([cache_row[r["participant_id"]]
@@ -205,6 +207,41 @@ def test_data_with_other_voxel_size(workdir, capsys, tmp_path):
   nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), path)
   _one_line_error(capsys, ["predict", "--workdir", str(workdir), "--data", str(path), "--out",
                            str(tmp_path / "p.tsv")], "voxel size")
+
+
+def test_conformity_gate(workdir, capsys, tmp_path):
+  """A training scan passes; the same scan in other scanner units (x4) is flagged
+  intensity_scale: the same predicted age (min-max scaling hides the change from the model),
+  a warning, the qc_flags column and the QC table; --strict-qc refuses it, writing nothing."""
+  cache = workdir / "cache"
+  assert (cache / "conformity.npz").is_file() and (cache / "conformity.json").is_file()
+  qc_rows = read_tsv(cache / "qc.tsv")
+  index = json.loads((cache / "index.json").read_text())
+  assert [r["participant_id"] for r in qc_rows] == [s["subject_id"] for s in index["subjects"]]
+  clean_id = next(r["participant_id"] for r in qc_rows if not r["qc_flags"])
+  src = nib.load(workdir / "data" / clean_id / "anat" / f"{clean_id}_T1w.nii.gz")
+  data = np.asarray(src.dataobj, np.float32)
+  root = tmp_path / "new"
+  for sid, scale in (("sub-clean", 1.0), ("sub-units", 4.0)):
+    (root / sid / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(data * scale, src.affine), root / sid / "anat" / f"{sid}_T1w.nii.gz")
+  (root / "participants.tsv").write_text("participant_id\tage\nsub-clean\t50\nsub-units\t50\n")
+  out = tmp_path / "preds.tsv"
+  assert cli(["predict", "--workdir", str(workdir), "--data", str(root), "--out", str(out),
+              "--workers", "1"]) == 0
+  err = capsys.readouterr().err
+  warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "sub-units" in warnings[0] and "raw_intensity" in warnings[0]
+  rows = {r["participant_id"]: r for r in read_tsv(out)}
+  assert rows["sub-clean"]["qc_flags"] == "" and rows["sub-units"]["qc_flags"] == "intensity_scale"
+  assert rows["sub-clean"]["predicted_age"] == rows["sub-units"]["predicted_age"]
+  table = {r["participant_id"]: r for r in read_tsv(tmp_path / "preds.qc.tsv")}
+  assert float(table["sub-units"]["raw_intensity"]) == pytest.approx(
+      4 * float(table["sub-clean"]["raw_intensity"]), rel=1e-4)
+  strict = tmp_path / "strict.tsv"
+  _one_line_error(capsys, ["predict", "--workdir", str(workdir), "--data", str(root), "--out",
+                           str(strict), "--strict-qc", "--workers", "1"], "sub-units")
+  assert not strict.exists() and not (tmp_path / "strict.qc.tsv").exists()
 
 
 # ---------------------------------------------------------------------------------------------

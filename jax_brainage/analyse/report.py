@@ -18,9 +18,11 @@ what it has:
   evaluation   summary relevance_mass_accuracy / relevance_rank_accuracy (and the gradient
                baseline's), figures and tables whose name contains scores, evaluation,
                perturbation or ground_truth (`brainage evaluate-explanations`);
+  qc           tables whose name starts with qc or contains conformity (`brainage predict`'s
+               NAME.qc.tsv, a cache's qc.tsv), headed by how many scans are flagged and why;
   other        any other figure or table, under its own name;
   details      every other scalar of the summary (run configuration, timings, versions).
-The first matching rule, in the order evaluation, gap, bias, accuracy, relevance, decides
+The first matching rule, in the order qc, evaluation, gap, bias, accuracy, relevance, decides
 ("relevance_scores" is evaluation); a name "SECTION:label" puts it in SECTION under label.
 
 A figure is a path or (path, caption); a table is a TSV path or a list of row dicts. Every
@@ -80,6 +82,7 @@ EVALUATION_METRICS = (
 # The section of a figure or table by its name (first match; searched anywhere in the name, so
 # "ensemble_montage" and "montage_ensemble" both go to relevance). "SECTION:rest" names it.
 _SECTION_RULES = (
+    ("qc", re.compile(r"(^qc|conformity)")),
     ("evaluation", re.compile(r"(scores|evaluation|perturbation|ground_truth|mass_accuracy|"
                               r"rank_accuracy)")),
     ("gap", re.compile(r"(forest|gap_effects|risk)")),
@@ -93,6 +96,7 @@ SECTION_TITLES = {
     "gap": "Brain-age gap vs covariates",
     "relevance": "Relevance maps (LRP)",
     "evaluation": "Explanations against the ground truth",
+    "qc": "Input conformity (QC)",
     "other": "Other results",
     "details": "Run details",
 }
@@ -264,6 +268,19 @@ def _section_of(name: str) -> tuple[str, str]:
   return "other", name
 
 
+def _qc_note(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """How many scans of a QC table (`jax_brainage.data.conformity.qc_tsv`) are flagged, which
+  and why (the first ten)."""
+  sid, flags = header.index("participant_id"), header.index("qc_flags")
+  flagged = [(r[sid], r[flags]) for r in rows if r[flags] not in (None, "", "n/a")]
+  items = "".join(f"<li>{_esc(s)}: {_esc(str(f).replace(';', ', '))}</li>"
+                  for s, f in flagged[:10])
+  more = f"<li>and {len(flagged) - 10} more</li>" if len(flagged) > 10 else ""
+  return (f"<p><b>{len(flagged)} of {len(rows)}</b> scans flagged by the conformity gate "
+          "(outside the range of the training scans; their predicted ages are unreliable)."
+          + (f"</p><ul>{items}{more}</ul>" if flagged else "</p>"))
+
+
 def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None = None,
                  figures: Mapping[str, Any] | None = None,
                  tables: Mapping[str, Any] | None = None, *,
@@ -331,6 +348,8 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
     link = f'<p><a href="{_esc(urllib.parse.quote(dest_name))}">{_esc(dest_name)}</a></p>'
     if "latent_estimate" in header:
       link = TRUTH_NOTE + link
+    if "qc_flags" in header:  # a conformity table: say first how many and which are flagged
+      link = _qc_note(header, rows) + link
     section, label = _section_of(name)
     parts[section].append(
         f'<div class="table" id="table-{_esc(_safe_name(name))}"><h3>'

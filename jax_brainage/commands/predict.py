@@ -3,6 +3,7 @@
     brainage predict --workdir W --data DIR --out preds.tsv [--checkpoint best|latest]
         [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
         [--entities KEY=VALUE,...] [--participants TSV]
+        [--qc-out TSV] [--strict-qc]
 
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
@@ -14,6 +15,13 @@ checkpoint or ensemble store failing its checksums: the file is named) and any p
 that is NaN or infinite: then NOTHING is written (no TSV with some rows marked), and the line
 names the subjects and the sub-ensemble member (or the head, or the bias correction) that gave
 it, since a table with silent "n/a" predictions would read as a success.
+
+The conformity gate (`jax_brainage.data.conformity`): every scan is measured against the
+training cache (skull-stripped, tilt, voxel size, intensities, field of view...); the TSV's last
+column `qc_flags` holds the reasons a scan lies outside the training data, each such subject
+gets a one-line warning on stderr, and the measures go to --qc-out (default: beside --out,
+`<name>.qc.tsv`). With --strict-qc a flagged scan is an error instead: exit 2 naming them, and
+neither file written.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 from jax_brainage import predict
 from jax_brainage.data import bids
 from jax_brainage.ensemble import correction as correction_lib
+from jax_brainage import fileio
 from jax_brainage.commands.prepare import add_layout_options
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import artifact
@@ -63,6 +72,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "`brainage prepare --align`)")
   p.add_argument("--align-transform", choices=("affine", "rigid"), default="affine",
                  help="with --align: affine (default) or rigid")
+  p.add_argument("--qc-out", type=Path, default=None, metavar="TSV",
+                 help="conformity measures and flags per scan (default: beside --out, "
+                      "NAME.qc.tsv)")
+  p.add_argument("--strict-qc", action="store_true",
+                 help="refuse (exit 2, nothing written) when a scan lies outside the training "
+                      "data (a non-empty qc_flags) instead of warning")
   p.set_defaults(func=run)
   return p
 
@@ -80,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
   dataset = predict.read_dataset(args.data, inputs.sequences, session=args.session,
                                  skip_bad=args.skip_bad, entities=args.entities,
                                  participants=args.participants)
+  qc: list = []
   subjects, prediction, skipped = predict.predict_dataset(
       model, dataset, batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
-      inputs=inputs, members_per_call=args.members_per_call)
+      inputs=inputs, members_per_call=args.members_per_call, qc=qc)
   for sid, why in skipped:
     print(f"skipped {sid}: {why}", file=sys.stderr)
   if not subjects:
@@ -91,7 +107,19 @@ def run(args: argparse.Namespace) -> int:
     predict.check_finite(model, subjects, prediction)
   except DataError as e:
     raise DataError(f"{e}; {args.out} not written") from None
-  predict.write_predictions(args.out, model, subjects, prediction)
+  qc_out = args.qc_out or args.out.with_name(
+      (args.out.name[:-4] if args.out.name.endswith(".tsv") else args.out.name) + ".qc.tsv")
+  flagged = [(s, a) for s, a in zip(subjects, qc) if a.flags]
+  if flagged and args.strict_qc:
+    names = ", ".join(f"{s.subject_id} ({a.text})" for s, a in flagged[:5])
+    more = f" and {len(flagged) - 5} more" if len(flagged) > 5 else ""
+    raise DataError(f"--strict-qc: {len(flagged)} of {len(subjects)} scans lie outside the "
+                    f"training data: {names}{more}; {args.out} not written")
+  for s, a in flagged:
+    print(f"warning: {s.subject_id}: scan unlike the training data, predicted age unreliable: "
+          f"{'; '.join(a.details)}", file=sys.stderr)
+  fileio.write_text(qc_out, predict.qc_table(subjects, qc))
+  predict.write_predictions(args.out, model, subjects, prediction, qc)
   line = f"predicted {len(subjects)} subjects with {artifact.describe(model)} -> {args.out}"
   known = np.array([i for i, s in enumerate(subjects) if s.age is not None], int)
   if len(known) > 1:
@@ -107,5 +135,7 @@ def run(args: argparse.Namespace) -> int:
                f"{m['spearman_gap_age']:.2f} ({m['spearman_gap_age_corrected']:.2f} corrected), "
                f"mean uncertainty {float(np.mean(prediction.spread)):.2f} over {m['n']} with "
                "known age")
+  if flagged:
+    line += f"; {len(flagged)} flagged by the conformity gate (qc_flags, {qc_out})"
   print(line)
   return 0

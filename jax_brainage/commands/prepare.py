@@ -11,8 +11,9 @@ The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
 `--data` is a BIDS dataset (with sessions: one row each), fMRIPrep derivatives, a FreeSurfer or
 FastSurfer SUBJECTS_DIR (`jax_brainage.data.layouts`), or a list of image files (one subject
-each, no age). Prints the layout and the cache's size, and on stderr skipped subjects and brains
-the cube crops.
+each, no age). Prints the layout and the cache's size, and on stderr skipped subjects, brains the cube
+crops, and the subjects outside the conformity gate's range calibrated on the cache itself
+(CACHE/qc.tsv: outliers of the training data, worth a look before training).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from jax_brainage.data import align, bids, intensity, layouts, regions
+from jax_brainage.data import align, bids, conformity, intensity, layouts, regions
 from jax_brainage.data.cache import Preprocessing, prepare
 from jax_brainage.errors import ConfigError
 
@@ -159,4 +160,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"warning: the brain is cropped by the {'x'.join(map(str, cache.shape))} cube for "
           f"{len(not_fitting)} subjects (e.g. {not_fitting[0]}); consider a larger --shape",
           file=sys.stderr)
+  flagged = conformity.read_qc_flags(cache.path / conformity.QC_TSV)
+  if flagged:
+    print(f"note: {len(flagged)} of {len(cache)} subjects lie outside the conformity range "
+          f"calibrated on this cache (e.g. {flagged[0][0]}: {flagged[0][1]}); see "
+          f"{cache.path / conformity.QC_TSV}", file=sys.stderr)
   return 0

@@ -12,6 +12,9 @@ Cache layout:
                       the `CubeInverse` that maps cube arrays back onto the subject's grid;
                       "checksums": the CRC-32 of every row of volumes.npy (its bytes in C order).
   CACHE/atlas.nii.gz  the region atlas, when `--regions` was used (so predict can re-apply it).
+  CACHE/conformity.npz, conformity.json, qc.tsv   the input-conformity gate's reference (mean
+                      image, brain mask, intensity histogram), its calibration on these subjects,
+                      and every subject's measures and flags (`jax_brainage.data.conformity`).
 
 The cache is built in a hidden temporary directory beside CACHE and renamed into place when
 complete: an interrupted or failed prepare leaves no half cache and an existing good cache intact.
@@ -47,7 +50,7 @@ import nibabel as nib
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import align, bids, nifti, prune, regions
+from jax_brainage.data import align, bids, conformity, nifti, prune, regions
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 
@@ -206,13 +209,22 @@ class Cache:
     return np.array([v if isinstance(v, (int, float)) else np.nan for v in values], np.float64)
 
   @functools.cached_property
+  def conformity(self) -> conformity.Reference:
+    """The conformity gate's reference and calibration (`conformity.load_reference`): stored by
+    prepare, or (a cache from before the gate) built from the cubes and calibrated on them."""
+    return conformity.load_reference(
+        self.path, self.volumes, self.scaling, float(np.max(self.index["voxel_size"])),
+        [r.get("qc", {}) for r in self.records])
+
+  @functools.cached_property
   def atlas(self) -> regions.Atlas | None:
     """The region atlas the cache was masked with, or None."""
     path = self.path / ATLAS
     return regions.load_atlas(path) if path.exists() else None
 
   def preprocess(
-      self, images: Mapping[str, Any], *, subject: str | None = None, mask=None
+      self, images: Mapping[str, Any], *, subject: str | None = None, mask=None,
+      measures: dict[str, float] | None = None,
   ) -> tuple[np.ndarray, prune.CubeInverse]:
     """New data (e.g. for `brainage predict`) prepared exactly as this cache's subjects.
 
@@ -220,6 +232,7 @@ class Cache:
       images: sequence name -> image path or nibabel image, for each of `self.sequences`.
       subject: subject id for error messages.
       mask: optional brain mask (path or image).
+      measures: when a dict, filled with the scan's conformity measures (`conformity`).
 
     Returns:
       (cube `[X, Y, Z, C]` in the cache's dtype, `CubeInverse`).
@@ -229,7 +242,7 @@ class Cache:
         cache's (a cube counted in voxels would then cover a different field of view).
     """
     cube, inverse = preprocess_subject(images, self.preprocessing, subject=subject, mask=mask,
-                                       atlas=self.atlas)
+                                       atlas=self.atlas, measures=measures)
     expected = self.index.get("voxel_size")
     if expected is not None and self.preprocessing.voxel_size is None:
       expected = np.broadcast_to(np.asarray(expected, np.float64), (3,))
@@ -291,16 +304,17 @@ def prepare_row(item: tuple[int, bids.Subject]) -> tuple[int, dict[str, Any] | N
     (i, None, error message) when the subject's data is bad (DataError).
   """
   i, subject = item
+  measures: dict[str, float] = {}
   try:
     cube, inverse = preprocess_subject(
         subject.images, _WORKER["prep"], subject=subject.subject_id, mask=subject.mask,
-        atlas=_WORKER["atlas"])
+        atlas=_WORKER["atlas"], measures=measures)
   except DataError as e:
     return i, None, str(e)
   row = _WORKER["volumes"][i]
   row[...] = cube
   return i, {"inverse": inverse.to_dict(), "voxel_size": list(inverse.voxel_size),
-             "brain_fits": inverse.brain_fits, "checksum": row_checksum(row)}, None
+             "brain_fits": inverse.brain_fits, "checksum": row_checksum(row), "qc": measures}, None
 
 
 def _record(subject: bids.Subject, root: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +334,7 @@ def _record(subject: bids.Subject, root: str, result: dict[str, Any]) -> dict[st
       "brain_fits": result["brain_fits"],
       "voxel_size": result["voxel_size"],
       "inverse": result["inverse"],
+      "qc": result["qc"],
   }
 
 
@@ -514,12 +529,26 @@ def prepare(
             for i in sorted(failures)],
     }
     fileio.write_json(tmp / INDEX, index)
+    _write_conformity(tmp, index)
     _publish_permissions(tmp)
     _install(tmp, out)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   return Cache.open(out, verify=False)  # Its rows were just read back and checked.
+
+
+def _write_conformity(directory: Path, index: dict[str, Any]) -> None:
+  """The conformity gate's reference, calibrated on the cache's own subjects, and their QC table
+  (`conformity.QC_TSV`), into the cache being built."""
+  volumes = np.load(directory / VOLUMES, mmap_mode="r")
+  records = index["subjects"]
+  reference, assessments = conformity.calibrated_reference(
+      volumes, index["scaling"], float(np.max(index["voxel_size"])), [r["qc"] for r in records])
+  del volumes
+  conformity.save_reference(reference, directory)
+  fileio.write_text(directory / conformity.QC_TSV, conformity.qc_tsv(
+      [r["subject_id"] for r in records], [r.get("session") for r in records], assessments))
 
 
 def _run_workers(subjects, volumes_path, prep, atlas_path, workers, skip_bad, progress):

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
-from jax_brainage.data import align, bids, intensity, nifti, prune, regions
+from jax_brainage.data import align, bids, conformity, intensity, nifti, prune, regions
 from jax_brainage.errors import ConfigError, DataError
 
 
@@ -120,6 +120,7 @@ def preprocess_subject(
     subject: str | None = None,
     mask=None,
     atlas: regions.Atlas | None = None,
+    measures: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, prune.CubeInverse]:
   """One subject's images -> the cube the network sees, plus its exact inverse.
 
@@ -129,6 +130,8 @@ def preprocess_subject(
     subject: subject id, to name the culprit in errors.
     mask: brain mask (path or image, any grid); default: nonzero voxels of the reference.
     atlas: the region atlas, required when `prep.regions` is set.
+    measures: when a dict, filled with the scan's conformity measures
+      (`conformity.scan_measures`: native voxel size, brain volume, raw intensity, field of view).
 
   Returns:
     (cube `[X, Y, Z, C]` uint8 (minmax) or float16 (zscore), `CubeInverse` of the reference).
@@ -192,6 +195,8 @@ def preprocess_subject(
     raise DataError(f"{where_mask}: empty brain (no nonzero voxel on the "
                     f"{'resampled ' if resampled else ''}grid)") from None
 
+  if measures is not None:
+    measures.update(conformity.scan_measures(volumes[0], brain, canonical_affine, ref_affine))
   cube_shape = prep.shape or prune.default_cube_shape(
       prep.voxel_size or float(np.max(nifti.voxel_size(grid_affine))))
   inverse = prune.make_inverse(ref, canonical_shape, canonical_affine, ornt, resampled, box,

@@ -231,3 +231,20 @@ def test_bias_plot_from_predictions(tmp_path):
   (tmp_path / "q.tsv").write_text("\n".join(lines[:3]) + "\n")
   with pytest.raises(DataError, match="2 rows with a known age"):
     forest.bias_plot_from_predictions(tmp_path / "b2.png", tmp_path / "q.tsv")
+
+
+def test_qc_table_gets_its_own_section_and_a_count(tmp_path):
+  """A conformity table (`brainage predict`'s NAME.qc.tsv) goes to the QC section, headed by
+  how many scans are flagged, which and why."""
+  qc = tmp_path / "preds.qc.tsv"
+  qc.write_text("participant_id\tsession\tcorrelation\tqc_flags\n"
+                "sub-01\tn/a\t0.95\t\n"
+                "sub-02\tn/a\t0.61\talignment;outside_brain\n"
+                "sub-03\tn/a\t0.93\t\n")
+  index = report.write_report(tmp_path / "W", tables={"qc": qc})
+  page = index.read_text()
+  section = page[page.index('<section id="qc">'):]
+  section = section[:section.index("</section>")]
+  assert "Input conformity (QC)" in section
+  assert "<b>1 of 3</b> scans flagged" in section
+  assert "<li>sub-02: alignment, outside_brain</li>" in section
