@@ -119,12 +119,16 @@ def test_predict_bids_matches_model_applied_to_cache(workdir, tmp_path):
   assert cli(["predict", "--workdir", str(workdir), "--data", str(data), "--out", str(out),
               "--batch-size", "3", "--workers", "2"]) == 0
   lines = out.read_text().splitlines()
-  assert all(len(line.split("\t")) == 5 and "" not in line.split("\t") for line in lines)
+  width = len(lines[0].split("\t"))
+  assert all(len(line.split("\t")) == width and "" not in line.split("\t") for line in lines)
   rows = read_tsv(out)
   participants = read_tsv(data / "participants.tsv")
   assert len(lines) == len(participants) + 1
   assert [r["participant_id"] for r in rows] == [p["participant_id"] for p in participants]
-  assert list(rows[0]) == ["participant_id", "session", "age", "predicted_age", "brain_age_gap"]
+  # A single model's columns; the workdir's split adds `split` (and a calibration its intervals).
+  assert list(rows[0])[:5] == ["participant_id", "session", "age", "predicted_age",
+                               "brain_age_gap"]
+  assert list(rows[0])[-1] == "split"
   index = json.loads((workdir / "cache" / "index.json").read_text())
   cache_row = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
   expected = reference_predictions(workdir, np.array([cache_row[r["participant_id"]]

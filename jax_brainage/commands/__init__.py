@@ -8,9 +8,9 @@ jax_brainage/), and no library module imports argparse.
 
 from __future__ import annotations
 
-from jax_brainage.commands import (analyze, batches, demo, evaluate_explanations, explain,
-                                   predict, prepare, report, simulate, train)
+from jax_brainage.commands import (analyze, batches, calibrate, demo, evaluate_explanations,
+                                   explain, predict, prepare, report, simulate, train)
 
 # `brainage --help` lists them in this order: data -> train -> predict -> explain -> analyse.
-COMMANDS = (simulate, prepare, batches, train, predict, explain, evaluate_explanations, analyze,
+COMMANDS = (simulate, prepare, batches, train, calibrate, predict, explain, evaluate_explanations, analyze,
             report, demo)

@@ -43,12 +43,16 @@ model we already have and adds scikit-learn's fit/predict contract for two sorts
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jax_brainage import fileio
 from jax_brainage.errors import DataError, SmallSampleWarning
 
 LEVEL = 0.9        # default interval level
@@ -303,3 +307,24 @@ def calibration_from_rows(subject_ids: Sequence[str], age: Any, predicted: Any, 
                     min_per_bin, MAX_BINS, model)
   cal.check(LEVEL, f" ({source})")
   return cal
+
+
+CALIBRATION_FILE = "calibration.json"  # in a trained workdir (`brainage calibrate`)
+
+
+def calibration_path(workdir: str | os.PathLike) -> Path:
+  return Path(workdir) / CALIBRATION_FILE
+
+
+def save_calibration(path: str | os.PathLike, calibration: Calibration) -> None:
+  """Writes the calibration record atomically (JSON)."""
+  fileio.write_json(path, fileio.jsonable(calibration.to_dict()))
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+  """Reads a calibration record; a one-line DataError naming the file when it is damaged."""
+  try:
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: unreadable calibration record ({type(e).__name__})") from None
+  return Calibration.from_dict(d, str(path))
