@@ -30,8 +30,12 @@ only complete files):
       cache's region atlas; skipped without one).
   figures/*.png      slice montages over the anatomy (first --figures subjects, every group) and a
                      glass brain of the group-all map; tensorboard/ the same montages.
-  explain.json       what was written: method, model, subjects (predicted age, relevance sum,
-                     maps), groups, tables, figures.
+  explain.json       what was written: method, target, model, subjects (predicted age,
+                     relevance sum, maps; with --target gap the reference's predicted age),
+                     groups, tables, figures.
+
+`--target gap` (Target(target="gap")) writes maps of R(x) - R(x_ref): why this subject's estimate
+differs from that of the mean training brain of their age (`jax_brainage.explain.reference`).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import nifti, simulate
 from jax_brainage.data import regions as atlas_lib
 from jax_brainage.errors import DataError
-from jax_brainage.explain import figures, maps
+from jax_brainage.explain import figures, maps, reference
 from jax_brainage.explain import regions as region_tables
 from jax_brainage.explain.groups import GroupMaps, entity, subject_groups
 from jax_brainage.train import artifact
@@ -97,7 +101,11 @@ class Target:
   """
 
   def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
-               seed: int, levels: Sequence[str], members_per_call: int = 0):
+               seed: int, levels: Sequence[str], members_per_call: int = 0,
+               target: str = "age"):
+    if target not in reference.TARGETS:
+      raise DataError(f"--target {target}: choose one of {', '.join(reference.TARGETS)}")
+    self.target = target
     self.method = method
     self.members_per_call = members_per_call
     self.batch_size = batch_size
@@ -108,6 +116,9 @@ class Target:
     self.required_sequences: tuple[str, ...] = tuple(inputs.sequences)
     self.sequences = maps.ensemble_sequences(self.ensemble)
     self._explainers: dict[str, list] = {}
+    # --target gap: maps against the age-matched mean training brain (explain/reference.py).
+    self.references = (reference.References(self.ensemble, self.views, self.of_sub)
+                       if target == "gap" else None)
     if artifact.is_single_model(self.ensemble):
       # One model: its maps only, named after its architecture (no member/sub-ensemble maps).
       sub = self.ensemble.subs[0]
@@ -148,25 +159,46 @@ class Target:
       cubes[name] = prepared[key] if channels is None else prepared[key][..., channels]
     return cubes, inverse
 
-  def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+  def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
+              ages: Sequence[float] | None = None
               ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
     """Maps of one batch: ({model label: (relevance [n, X, Y, Z, C], channel names)}, the top
-    level's predicted age [n] (years)); the top level comes first."""
-    em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
-                            batch_size=self.batch_size, seed=self.seed, rows=rows,
+    level's predicted age [n] (years)); the top level comes first.
+
+    With target "gap", `ages` `[n]` (years) pick each subject's reference brain and the maps are
+    R(x) - R(x_ref) (`self.reference_predicted` then holds f(x_ref) `[n]`)."""
+    n = len(rows)
+    inputs, all_rows = dict(cubes), rows
+    if self.references is not None:
+      refs = self.references.batch(ages)
+      inputs = {k: np.concatenate([v, refs[k]]) for k, v in reference.as_float(cubes).items()}
+      all_rows = np.concatenate([rows, rows])  # the same noise seeds for x and its reference
+    em = maps.ensemble_maps(self.ensemble, inputs, self.method,
+                            batch_size=self.batch_size, seed=self.seed, rows=all_rows,
                             members_per_call=self.members_per_call,
                             explainers=self._explainers)
-    out = {self.top: (em.ensemble, em.sequences)}
+
+    def own(r, axis=0):  # the subjects' maps, less their references' under --target gap
+      r = np.asarray(r)
+      if self.references is None:
+        return r
+      first = np.take(r, np.arange(n), axis=axis)
+      return first - np.take(r, np.arange(n, 2 * n), axis=axis)
+
+    out = {self.top: (own(em.ensemble), em.sequences)}
     if "subs" in self.levels:
       for name, r in em.subs.items():
-        out[name] = (r, em.sub_sequences[name])
+        out[name] = (own(r), em.sub_sequences[name])
     if "members" in self.levels:
       for name, r in em.members.items():
+        r = own(r, axis=1)
         for k in range(r.shape[0]):
           out[f"{name}m{k}"] = (r[k], em.sub_sequences[name])
     head = self.ensemble.head
-    predicted = head.apply({n: np.asarray(p).T for n, p in em.member_predictions.items()})
-    return out, np.asarray(predicted, np.float32)
+    predicted = np.asarray(head.apply({name: np.asarray(p).T
+                                       for name, p in em.member_predictions.items()}))
+    self.reference_predicted = predicted[n:] if self.references is not None else None
+    return out, np.asarray(predicted[:n], np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +286,10 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       "method": target.method.name, "method_kind": target.method.kind,
       "method_summary": target.method.summary, "model": target.description,
       "levels": list(target.levels), "sequences": list(target.sequences),
-      "units": "years of predicted age per voxel (positive: older)",
+      "target": target.target,
+      "units": ("years of predicted age per voxel (positive: older)" if target.target == "age"
+                else "years of predicted age above the age-matched reference brain per voxel "
+                     "(positive: older than expected at this age)"),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "subjects": [], "skipped": [], "groups": [], "tables": {}, "figures": []}
   accumulators = GroupMaps(groups)
@@ -272,12 +307,15 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
   def explain_batch(batch: list[Any], cubes: dict[str, np.ndarray]) -> None:
     nonlocal n_done
     rows = np.arange(n_done, n_done + len(batch))
-    levels, predicted = target.explain(cubes, rows)
+    ages = reference.ages_of(batch) if target.target == "gap" else None
+    levels, predicted = target.explain(cubes, rows, ages)
     first_input = cubes[next(iter(target.of_sub))]
     for j, subject in enumerate(batch):
       inverse = inverses.pop(id(subject))
       entry = {"participant_id": subject.subject_id, "session": subject.session,
                "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}
+      if target.references is not None:
+        entry["reference_predicted_age"] = float(target.reference_predicted[j])
       labels = region_tables.atlas_in_cube(atlas, inverse) if atlas is not None else None
       for level, (rel, seqs) in levels.items():
         r = rel[j]
