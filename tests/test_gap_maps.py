@@ -1,5 +1,5 @@
 """`brainage explain --target gap` on a tiny trained workdir: the maps are the subject's map less
-that of the age-matched mean training brain, rebuilt here from volumes.npy and split.json."""
+the mean map of its age-matched training scans, chosen here from volumes.npy and split.json."""
 
 from __future__ import annotations
 
@@ -16,17 +16,15 @@ from jax_brainage.train import artifact
 from test_predict import cli, workdir  # noqa: F401  (the session fixture)
 
 
-def _reference_cube(w: Path, age: float, channels: list[int]) -> np.ndarray:
-  """Mean of the training scans within +-2 years (at least 5: the nearest), in numpy."""
+def _reference_rows(w: Path, age: float) -> np.ndarray:
+  """Training rows within +-2 years of the whole-year age (at least 5, at most 16: nearest)."""
   index = json.loads((w / "cache" / "index.json").read_text())
   train = set(json.loads((w / "split.json").read_text())["subject_ids"]["train"])
-  volumes = np.load(w / "cache" / "volumes.npy")
   rows = [i for i, s in enumerate(index["subjects"]) if s["subject_id"] in train]
   ages = np.array([index["subjects"][i]["age"] for i in rows])
-  d = np.abs(ages - age)
-  k = max(int(np.sum(d <= 2.0)), 5)
-  pick = np.array(rows)[np.argsort(d, kind="stable")[:k]]
-  return (volumes[pick][..., channels].astype(np.float64) / 255.0).mean(0).astype(np.float32)
+  d = np.abs(ages - round(age))
+  k = min(max(int(np.sum(d <= 2.0)), 5), 16)
+  return np.array(rows)[np.argsort(d, kind="stable")[:k]]
 
 
 def test_gap_maps_are_maps_against_the_age_matched_reference(workdir, tmp_path):  # noqa: F811
@@ -47,16 +45,17 @@ def test_gap_maps_are_maps_against_the_age_matched_reference(workdir, tmp_path):
   view, _ = predict.preprocessor_for(model.subs[0].sequences, cache, "the model")
   x, inverse = view.preprocess({q: subject_images(w, sid, q) for q in model.subs[0].sequences},
                                subject=sid)
-  ref = _reference_cube(w, float(subject["age"]), channels)
+  ref = np.load(w / "cache" / "volumes.npy")[_reference_rows(w, float(subject["age"]))]
+  ref = ref[..., channels]  # uint8 as cached, as x
   method = maps.get_method("gradient_x_input")
-  expected = (maps.relevance(model, (x[None] / 255.0).astype(np.float32), method)
-              - maps.relevance(model, ref[None], method))[0]
+  expected = (maps.relevance(model, x[None], method)[0]
+              - maps.relevance(model, ref, method).mean(0))
   written = np.asarray(nib.load(out / entry["maps"][next(iter(entry["maps"]))][0]).dataobj)
   want = np.asarray(maps.to_subject_space(expected[..., 0], inverse).dataobj)
   np.testing.assert_allclose(written, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-  # The reference prediction is the model's on the reference brain.
+  # The reference prediction is the model's mean prediction on the reference scans.
   np.testing.assert_allclose(entry["reference_predicted_age"],
-                             float(model.predict({model.subs[0].name: ref[None]}).ensemble[0]),
+                             float(model.predict({model.subs[0].name: ref}).ensemble.mean()),
                              atol=1e-3)
   assert np.abs(expected).sum() > 0
 
@@ -80,8 +79,10 @@ def test_reference_rows_window_and_minimum(workdir):  # noqa: F811
   name = model.subs[0].name
   cache = cache_lib.Cache.open(workdir / "cache")
   train = set(json.loads((workdir / "split.json").read_text())["subject_ids"]["train"])
-  for age in (30.0, 55.0, 200.0):
+  for age in (30.2, 55.0, 200.0):
     rows = refs.rows_for(name, age)
     assert all(cache.subject_ids[i] in train for i in rows)
-    d = np.abs(cache.ages[rows] - age)
-    assert len(rows) >= 5 or np.all(d <= 2.0)
+    assert 5 <= len(rows) <= 16 or len(rows) == len(train)
+    d = np.abs(cache.ages[rows] - round(age))
+    outside = np.abs(cache.ages[[cache.subject_ids.index(s) for s in train]] - round(age))
+    assert np.max(d) <= max(2.0, np.sort(outside)[min(4, len(outside) - 1)]) + 1e-6

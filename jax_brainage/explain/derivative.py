@@ -34,8 +34,9 @@ only complete files):
                      relevance sum, maps; with --target gap the reference's predicted age),
                      groups, tables, figures.
 
-`--target gap` (Target(target="gap")) writes maps of R(x) - R(x_ref): why this subject's estimate
-differs from that of the mean training brain of their age (`jax_brainage.explain.reference`).
+`--target gap` (Target(target="gap")) writes maps of R(x) less the mean map of age-matched
+training scans: why this subject's estimate differs from what is expected at their age
+(`jax_brainage.explain.reference`).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Target:
     self.required_sequences: tuple[str, ...] = tuple(inputs.sequences)
     self.sequences = maps.ensemble_sequences(self.ensemble)
     self._explainers: dict[str, list] = {}
-    # --target gap: maps against the age-matched mean training brain (explain/reference.py).
+    # --target gap: maps less those of age-matched training scans (explain/reference.py).
     self.references = (reference.References(self.ensemble, self.views, self.of_sub)
                        if target == "gap" else None)
     if artifact.is_single_model(self.ensemble):
@@ -165,40 +166,45 @@ class Target:
     """Maps of one batch: ({model label: (relevance [n, X, Y, Z, C], channel names)}, the top
     level's predicted age [n] (years)); the top level comes first.
 
-    With target "gap", `ages` `[n]` (years) pick each subject's reference brain and the maps are
-    R(x) - R(x_ref) (`self.reference_predicted` then holds f(x_ref) `[n]`)."""
-    n = len(rows)
-    inputs, all_rows = dict(cubes), rows
+    With target "gap", `ages` `[n]` (years) pick each subject's age-matched training scans and
+    the maps are R(x) less their mean map (`self.reference_predicted` then holds their mean
+    predicted age `[n]`)."""
+    levels, predicted = self._levels(dict(cubes), rows)
+    self.reference_predicted = None
     if self.references is not None:
-      refs = self.references.batch(ages)
-      inputs = {k: np.concatenate([v, refs[k]]) for k, v in reference.as_float(cubes).items()}
-      all_rows = np.concatenate([rows, rows])  # the same noise seeds for x and its reference
-    em = maps.ensemble_maps(self.ensemble, inputs, self.method,
-                            batch_size=self.batch_size, seed=self.seed, rows=all_rows,
+      keys = [self.references.key(a) for a in ages]
+      for k in dict.fromkeys(keys):
+        if k not in self.references.maps:  # mean maps of the reference set, once per age
+          while len(self.references.maps) >= 16:  # bounded memory at study-sized cubes
+            del self.references.maps[next(iter(self.references.maps))]
+          inputs = self.references.inputs(k)
+          n_ref = len(next(iter(inputs.values())))
+          ref_levels, ref_pred = self._levels(inputs, np.arange(n_ref))
+          self.references.maps[k] = ({name: (r.mean(axis=0), q)
+                                      for name, (r, q) in ref_levels.items()},
+                                     float(np.mean(ref_pred)))
+      levels = {name: (r - np.stack([self.references.maps[k][0][name][0] for k in keys]), q)
+                for name, (r, q) in levels.items()}
+      self.reference_predicted = np.array([self.references.maps[k][1] for k in keys])
+    return levels, predicted
+
+  def _levels(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+              ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
+    em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
+                            batch_size=self.batch_size, seed=self.seed, rows=rows,
                             members_per_call=self.members_per_call,
                             explainers=self._explainers)
-
-    def own(r, axis=0):  # the subjects' maps, less their references' under --target gap
-      r = np.asarray(r)
-      if self.references is None:
-        return r
-      first = np.take(r, np.arange(n), axis=axis)
-      return first - np.take(r, np.arange(n, 2 * n), axis=axis)
-
-    out = {self.top: (own(em.ensemble), em.sequences)}
+    out = {self.top: (em.ensemble, em.sequences)}
     if "subs" in self.levels:
       for name, r in em.subs.items():
-        out[name] = (own(r), em.sub_sequences[name])
+        out[name] = (r, em.sub_sequences[name])
     if "members" in self.levels:
       for name, r in em.members.items():
-        r = own(r, axis=1)
         for k in range(r.shape[0]):
           out[f"{name}m{k}"] = (r[k], em.sub_sequences[name])
     head = self.ensemble.head
-    predicted = np.asarray(head.apply({name: np.asarray(p).T
-                                       for name, p in em.member_predictions.items()}))
-    self.reference_predicted = predicted[n:] if self.references is not None else None
-    return out, np.asarray(predicted[:n], np.float32)
+    predicted = head.apply({n: np.asarray(p).T for n, p in em.member_predictions.items()})
+    return out, np.asarray(predicted, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,23 +3,26 @@
 A relevance map of the predicted age (`--target age`) explains f(x) against an all-zero input,
 so most of it says "this is an adult brain". What a clinician asks is why THIS subject's estimate
 differs from what is expected at their chronological age. `--target gap` answers with the
-difference-from-reference decomposition (as DeepLIFT's reference, Shrikumar et al. 2017, or the
-baseline of integrated gradients):
+subject's map less the mean map of age-matched training subjects:
 
-    R_gap(x) = R(x) - R(x_ref(age)),   sum_i R_gap_i ~= f(x) - f(x_ref)   (conservative methods)
+    R_gap(x) = R(x) - mean_j R(x_j),   x_j: training scans within +-WINDOW years of the age
+    sum_i R_gap_i ~= f(x) - mean_j f(x_j)   (conservative methods; ~ the bias-corrected gap)
 
-where x_ref(age) is the voxel-wise mean of the model's TRAINING scans within +-`WINDOW` years of
-the subject's chronological age (at least `MIN_SCANS`, the nearest in age when the window holds
-fewer; at most `MAX_SCANS`, the nearest), read from the training cache (its training split,
-W/split.json; every cached scan when the workdir records no split). Both maps come from the one
-relevance path (`maps.ensemble_maps`) with the same method, so the gap map is defined for every
-method and level (members, sub-ensembles, the ensemble). The reference prediction f(x_ref) is
-reported beside it: its distance from f(x) is the part of the gap the map distributes.
+The reference set is the model's TRAINING scans (training split of W/split.json; every cached
+scan when the workdir records none) within +-`WINDOW` years of the subject's age rounded to whole
+years (at least `MIN_SCANS`, the nearest in age when the window holds fewer; at most `MAX_SCANS`,
+the nearest), read from the training cache; its mean maps are computed once per whole-year age
+through the one relevance path (`maps.ensemble_maps`) with the same method, so the gap map is
+defined for every method and level (members, sub-ensembles, the ensemble). The reference set's
+mean prediction is reported beside it.
 
-Why a reference brain rather than the corrected gap through the head: the bias correction is an
-affine function of age added after the network, so relevance of the corrected gap through the
-head is the age map plus a constant that no voxel owns; the reference subtracts what an average
-brain of that age already contributes, voxel by voxel.
+Why the mean of maps and not the map of a mean brain (DeepLIFT-style reference input): the
+voxel-wise mean of misaligned brains is blurred (partial volume everywhere), which the network
+reads as atrophy: on the cpu preset it was predicted OLDER than the subjects with risk factors it
+should explain (mean gap-map sum -7.5 years for subjects whose latent gap exceeds +4 years;
+benchmarks/RESULTS.md, session 10). And why not relevance of the corrected gap through the head:
+the bias correction is an affine function of age added after the network, so that map is the age
+map plus a constant no voxel owns.
 """
 
 from __future__ import annotations
@@ -28,17 +31,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jax_brainage.data import intensity, splits
+from jax_brainage.data import splits
 from jax_brainage.errors import DataError
 
 TARGETS = ("age", "gap")
-WINDOW = 2.0     # years either side of the subject's age
+WINDOW = 2.0     # years either side of the subject's (whole-year) age
 MIN_SCANS = 5
-MAX_SCANS = 64
+MAX_SCANS = 16   # reference maps cost one relevance pass per scan, once per whole-year age
 
 
 class References:
-  """Age-matched mean training cubes per sub-ensemble input.
+  """Age-matched training scans per sub-ensemble input, and their mean maps.
 
   Args:
     ensemble: the model (`artifact.load`); views, of_sub: `predict.model_inputs`' (the training
@@ -50,7 +53,7 @@ class References:
                window: float = WINDOW, min_scans: int = MIN_SCANS, max_scans: int = MAX_SCANS):
     self.window, self.min_scans, self.max_scans = float(window), int(min_scans), int(max_scans)
     parts = splits.subject_parts(ensemble.workdir) if ensemble.workdir else {}
-    self._memo: dict[tuple, np.ndarray] = {}
+    self.maps: dict[int, Any] = {}  # whole-year age -> mean maps (filled by the Target)
     self._source: dict[str, tuple[Any, list[int], np.ndarray, np.ndarray]] = {}
     for sub in ensemble.subs:
       key, _ = of_sub[sub.name]
@@ -61,34 +64,30 @@ class References:
       train = np.array([parts.get(s, "train") == "train" for s in cache.subject_ids], bool)
       rows = np.flatnonzero(train & np.isfinite(ages))
       if len(rows) == 0:
-        raise DataError(f"{cache.path}: no training scan with an age to build a reference brain")
+        raise DataError(f"{cache.path}: no training scan with an age to build a reference")
       self._source[sub.name] = (cache, channels, rows, ages[rows])
 
+  @staticmethod
+  def key(age: float) -> int:
+    """The whole-year age whose reference set serves a subject of `age` (years)."""
+    return int(round(float(age)))
+
   def rows_for(self, name: str, age: float) -> np.ndarray:
-    """Cache rows `[k]` of the reference of sub-ensemble `name` at `age` (years)."""
+    """Cache rows `[k]` of the reference set of sub-ensemble `name` at whole-year `age`."""
     _, _, rows, ages = self._source[name]
-    distance = np.abs(ages - float(age))
+    distance = np.abs(ages - float(self.key(age)))
     order = np.argsort(distance, kind="stable")
     inside = int(np.sum(distance <= self.window))
     k = min(max(inside, self.min_scans), self.max_scans, len(rows))
     return np.sort(rows[order[:k]])
 
-  def cube(self, name: str, age: float) -> np.ndarray:
-    """Mean network input `[X, Y, Z, C]` (float32, as the model reads it) at `age`."""
-    key = (name, round(float(age), 2))
-    if key not in self._memo:
-      cache, channels, _, _ = self._source[name]
+  def inputs(self, age: float) -> dict[str, np.ndarray]:
+    """{sub name: the reference scans `[k, X, Y, Z, C]` as stored} at whole-year `age`."""
+    out = {}
+    for name, (cache, channels, _, _) in self._source.items():
       rows = self.rows_for(name, age)
-      total = None
-      for i in rows:  # one at a time: bounded memory at study-sized cubes
-        x = intensity.to_unit_float(np.asarray(cache.volumes[i])[..., channels])
-        total = x.astype(np.float64) if total is None else total + x
-      self._memo[key] = (total / len(rows)).astype(np.float32)
-    return self._memo[key]
-
-  def batch(self, ages: Sequence[float]) -> dict[str, np.ndarray]:
-    """{sub name: reference inputs `[n, X, Y, Z, C]`} of subjects of these ages."""
-    return {name: np.stack([self.cube(name, a) for a in ages]) for name in self._source}
+      out[name] = np.asarray(cache.volumes[rows])[..., channels]
+    return out
 
 
 def ages_of(subjects: Sequence[Any]) -> list[float]:
@@ -99,9 +98,3 @@ def ages_of(subjects: Sequence[Any]) -> list[float]:
       raise DataError(f"{s.subject_id}: --target gap needs the chronological age "
                       "(participants.tsv)")
   return [float(s.age) for s in subjects]
-
-
-def as_float(cubes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Stored cubes as the network reads them (float32), to stack with references."""
-  return {k: np.asarray(intensity.to_unit_float(np.asarray(v)), np.float32)
-          for k, v in cubes.items()}
