@@ -6,7 +6,8 @@ Calibration: the workdir's validation split, from the training cache's cubes by 
 model's input as trained: on a shared 2-core machine the NIfTI preprocessing of 1000 subjects is
 the slow part), or `--nifti` through the one path (`calibration.calibrate`, from NIfTI as
 `brainage calibrate`; the two paths agree to 2e-3 years, tests/test_predict.py); written to
---out (never into the workdir, which may be read-only). Test scans: the cached cubes of the test split (the model's input as trained),
+--out (never into the workdir, which may be read-only). Test scans: the cached cubes of the test
+split (the model's input as trained),
 clean, with a nonlinear contrast shift (tissue contrast changes, as on another scanner) and with
 Gaussian noise (`shifted`); `Ensemble.predict` on them.
 

@@ -12,5 +12,5 @@ from jax_brainage.commands import (analyze, batches, calibrate, demo, evaluate_e
                                    explain, predict, prepare, report, simulate, train)
 
 # `brainage --help` lists them in this order: data -> train -> predict -> explain -> analyse.
-COMMANDS = (simulate, prepare, batches, train, calibrate, predict, explain, evaluate_explanations, analyze,
-            report, demo)
+COMMANDS = (simulate, prepare, batches, train, calibrate, predict, explain, evaluate_explanations,
+            analyze, report, demo)
