@@ -12,9 +12,10 @@ import argparse
 import os
 import platform
 import sys
+import warnings
 
 from jax_brainage import commands, distributed
-from jax_brainage.errors import BrainAgeError
+from jax_brainage.errors import BrainAgeError, SmallSampleWarning
 
 # XLA:CPU writes each step's activations and gradients into freshly allocated buffers; with 4 KiB
 # pages the kernel faults every page in again (18 M faults in one epoch of the cpu preset, a
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _warning_printer(command: str, default):
+  """showwarning that prints a SmallSampleWarning as one line ("brainage CMD: warning: ...")."""
+  def show(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, SmallSampleWarning):
+      print(f"brainage {command}: warning: {message}", file=sys.stderr)
+    else:
+      default(message, category, filename, lineno, file, line)
+  return show
+
+
 def main(argv: list[str] | None = None) -> int:
   if argv is None:  # a process of its own (the console script, `python -m jax_brainage`)
     _reexec_with_huge_pages()
@@ -114,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
   if settings is not None:
     print(f"brainage: {distributed.describe()}", file=sys.stderr, flush=True)
   try:
-    return int(args.func(args) or 0)
+    with warnings.catch_warnings():  # restores showwarning afterwards
+      warnings.simplefilter("always", SmallSampleWarning)
+      warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+      return int(args.func(args) or 0)
   except BrainAgeError as e:
     # One line naming the culprit; the traceback helps nobody who gave a wrong path.
     print(f"brainage {args.command}: error: {e}", file=sys.stderr)

@@ -19,7 +19,9 @@ Stages (each reused when a previous run of the same demo completed it):
      and of the gradient against the simulator's ageing masks (W/evaluation);
   6. regress the bias-corrected gap on the risk factors, beside the simulator's true effects
      (`brainage analyze`, W/analysis; skipped with a note when the test split is too small);
-  7. write W/summary.json (mae, rmse, r, oracle_mae, the ensemble's mae_ensemble,
+  7. write W/summary.json (mae, rmse, r, oracle_mae, interval_coverage and interval_width of
+     the 90% intervals calibrated on the validation split (W/calibration.json) on the test
+     split, the ensemble's mae_ensemble,
      mae_best_member, mae_corrected, spearman_gap_age, n_members, relevance_mass_accuracy,
      relevance_rank_accuracy and their gradient baselines, risk_effects, split sizes, timings),
      the scatter and bias plots and the static report W/report/index.html.
@@ -42,18 +44,20 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from jax_brainage import fileio, lock, plots, predict
+from jax_brainage import calibration, fileio, lock, plots, predict
 from jax_brainage.analyse import forest, gap, report
 from jax_brainage.data import bids, simulate, splits
 from jax_brainage.data import cache as cache_lib
+from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble import model as ensemble_model
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import ConfigError, DataError, SmallSampleWarning
 from jax_brainage.explain import derivative, evaluate, maps, scoring, truth
 from jax_brainage.train import artifact
 from jax_brainage.train import config as config_lib
@@ -244,8 +248,9 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
   test = split.test
   test_ids = [cache.subject_ids[i] for i in test]
   t0 = time.perf_counter()
+  val_ids = [cache.subject_ids[i] for i in split.val]
   ages, predicted, extra, checkpoint, model_name, image_shape, used_sequences = _predict(
-      workdir, data_dir, test_ids, int(config.eval_batch_size or config.batch_size))
+      workdir, data_dir, test_ids, int(config.eval_batch_size or config.batch_size), val_ids)
   predict_seconds = time.perf_counter() - t0
   metrics = predict.summary_metrics(ages, predicted)
 
@@ -361,21 +366,37 @@ def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, 
                             for r in subs)}
 
 
-def _predict(workdir: Path, data_dir: Path, test_ids: Sequence[str], batch_size: int):
+def _predict(workdir: Path, data_dir: Path, test_ids: Sequence[str], batch_size: int,
+             val_ids: Sequence[str] = ()):
   """The trained model (`artifact.load`) on the test subjects, prepared from their NIfTI files
-  exactly as `brainage predict` prepares new data; writes predict's TSV."""
+  exactly as `brainage predict` prepares new data; writes predict's TSV, with intervals
+  calibrated on the validation subjects (`brainage calibrate`: W/calibration.json) and their
+  coverage of the test ages."""
   model = artifact.load(workdir)
   inputs = predict.model_inputs(model)
-  dataset = bids.read_bids(data_dir, inputs.sequences)
-  wanted = set(test_ids)
-  dataset = dataclasses.replace(dataset, subjects=tuple(x for x in dataset.subjects
+  everyone = bids.read_bids(data_dir, inputs.sequences)
+
+  def only(ids):
+    wanted = set(ids)
+    return dataclasses.replace(everyone, subjects=tuple(x for x in everyone.subjects
                                                         if x.subject_id in wanted))
   qc: list = []
-  subjects, prediction, _ = predict.predict_dataset(model, dataset, inputs=inputs,
+  subjects, prediction, _ = predict.predict_dataset(model, only(test_ids), inputs=inputs,
                                                     batch_size=batch_size, qc=qc)
-  predict.write_predictions(workdir / PREDICTIONS, model, subjects, prediction)
   fileio.write_text(workdir / QC_TABLE, predict.qc_table(subjects, qc))
   ages = np.asarray([x.age for x in subjects], np.float64)
+  cal, intervals = None, {}
+  if len(val_ids) >= 2:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", SmallSampleWarning)
+      cal = calibration.calibrate(model, only(val_ids), source=f"validation split of {workdir}",
+                                  batch_size=batch_size)
+    calibration.save(workdir, cal)
+    intervals = _interval_metrics(predict.intervals(prediction, subjects, cal), ages)
+    if caught:
+      intervals["interval_note"] = str(caught[0].message)
+  predict.write_predictions(workdir / PREDICTIONS, model, subjects, prediction, calibration=cal,
+                            parts=splits.subject_parts(workdir) or None)
   first = model.subs[0]
   if artifact.is_single_model(model):
     extra, checkpoint = {}, f"best/{first.step}"
@@ -383,6 +404,7 @@ def _predict(workdir: Path, data_dir: Path, test_ids: Sequence[str], batch_size:
     extra = ensemble_model.prediction_metrics(model, prediction, ages)
     extra["correction"] = model.correction.kind
     checkpoint = "ensemble"
+  extra.update(intervals)
   return (ages, np.asarray(prediction.ensemble, np.float64), extra, checkpoint,
           first.manifest["model"], first.image_shape, inputs.sequences)
 
@@ -485,3 +507,18 @@ def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
     tables["qc"] = workdir / QC_TABLE
   return report.write_report(workdir, summary, figures, tables,
                              title=f"jax-brainage demo ({summary['preset']})")
+
+
+def _interval_metrics(bounds: dict[str, np.ndarray], ages: np.ndarray) -> dict[str, Any]:
+  """Coverage of the test ages by the calibrated brain-age intervals: overall, per age decile
+  (its worst), mean width (years) and the share of gaps whose interval excludes 0."""
+  low, high = bounds["predicted_age_low"], bounds["predicted_age_high"]
+  by_decile = conformal.coverage_by_bin(low, high, ages, ages, bins=10) if len(ages) >= 10 else []
+  return {"interval_level": conformal.LEVEL,
+          "interval_coverage": conformal.coverage(low, high, ages),
+          "interval_width": float(np.mean(high - low)) if len(ages) else None,
+          "interval_coverage_worst_age_decile": min((r["coverage"] for r in by_decile),
+                                                    default=None),
+          "interval_coverage_by_age_decile": by_decile,
+          "gap_excludes_zero_share": float(np.nanmean(bounds["gap_excludes_zero"]))
+          if len(ages) else None}

@@ -11,3 +11,8 @@ class DataError(BrainAgeError):
 
 class ConfigError(BrainAgeError):
   """Bad configuration: unknown key, wrong type, mismatched workdir or checkpoint."""
+
+
+class SmallSampleWarning(UserWarning):
+  """A result computed from too few subjects to trust (a bias correction fit on few scans, a
+  group map of a handful of subjects, a regression with few residual degrees of freedom)."""

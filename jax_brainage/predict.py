@@ -33,6 +33,16 @@ members adds `uncertainty` (the standard deviation of all members' estimates, ye
 sub-ensemble's prediction `pred_<sub>` and every member's `pred_<sub>_m<k>` (member k was trained
 with seed + k).
 
+With a calibration (`brainage calibrate`: W/calibration.json, `jax_brainage.ensemble.conformal`)
+the TSV adds calibrated intervals at `interval_level` (default 0.9): `predicted_age_low
+predicted_age_high` (split-conformal, per chronological-age bin; per predicted-age bin where the
+age is unknown), `brain_age_gap_low brain_age_gap_high` around the bias-corrected gap (the gap
+of a model without correction) and `gap_excludes_zero` (yes/no: the gap lies outside the range
+of 90% of the calibration scans of that age); "inf"/"-inf" where an age bin had too few scans.
+With the training workdir's split (W/split.json) it adds `split`: train, val or test for subjects
+whose participant id the model was trained, validated or tested on, none otherwise (predictions
+of train and val subjects are optimistic).
+
 A predicted age that is NaN or infinite (a damaged model, a head or correction gone wrong) is
 never written: `check_finite` raises a one-line DataError naming the subjects and the member,
 sub-ensemble, head or correction that produced it, and `write_predictions` calls it first.
@@ -53,12 +63,15 @@ import numpy as np
 from jax_brainage import fileio
 from jax_brainage.data import conformity, layouts
 from jax_brainage.data import cache as cache_lib
+from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble.model import Ensemble, EnsemblePrediction, check_cache
 from jax_brainage.errors import DataError
 from jax_brainage.train import artifact
 
 COLUMNS = ("participant_id", "session", "age", "predicted_age", "brain_age_gap")
 CORRECTED_COLUMNS = ("predicted_age_corrected", "brain_age_gap_corrected")
+INTERVAL_COLUMNS = ("interval_level", "predicted_age_low", "predicted_age_high",
+                    "brain_age_gap_low", "brain_age_gap_high", "gap_excludes_zero")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,8 +283,10 @@ def _ordered_map(pool, fn, items: Iterable[Any], ahead: int) -> Iterator[Any]:
 # Output.
 
 
-def columns(model: Ensemble, qc: bool = False) -> tuple[str, ...]:
-  """The predictions TSV's columns (see the module docstring); `qc` adds `qc_flags`."""
+def columns(model: Ensemble, *, intervals: bool = False, split: bool = False,
+            qc: bool = False) -> tuple[str, ...]:
+  """The predictions TSV's columns (see the module docstring); `intervals` with a calibration,
+  `split` with the training workdir's split, `qc` (last) with the conformity gate's flags."""
   cols = list(COLUMNS)
   if model.correction.kind != "none":
     cols += CORRECTED_COLUMNS
@@ -279,6 +294,10 @@ def columns(model: Ensemble, qc: bool = False) -> tuple[str, ...]:
     cols += ["uncertainty"]
     cols += [f"pred_{s.name}" for s in model.subs]
     cols += [f"pred_{s.name}_m{k}" for s in model.subs for k in range(s.members)]
+  if intervals:
+    cols += INTERVAL_COLUMNS
+  if split:
+    cols += ["split"]
   if qc:
     cols += ["qc_flags"]
   return tuple(cols)
@@ -288,12 +307,34 @@ def _fmt(x: float | None, digits: int = 4) -> str:
   return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def predictions_tsv(model: Ensemble, subjects: Sequence[Any],
-                    prediction: EnsemblePrediction, qc: Sequence[Any] | None = None) -> str:
-  """The predictions as TSV text (`columns(model)`, ages in years, "n/a" for unknown); with
-  `qc` (the assessments `predict_dataset(qc=...)` made) a last column `qc_flags`: the reasons
-  joined by ";", empty for a scan like the training data."""
-  cols = columns(model, qc is not None)
+def _bound(x: float) -> str:
+  return ("inf" if x > 0 else "-inf") if math.isinf(x) else _fmt(x)
+
+
+def intervals(prediction: EnsemblePrediction, subjects: Sequence[Any],
+              calibration: conformal.Calibration, level: float = conformal.LEVEL
+              ) -> dict[str, np.ndarray]:
+  """`calibration.intervals` of the predicted subjects (ages from `subjects`, NaN unknown)."""
+  ages = np.array([np.nan if s.age is None else s.age for s in subjects], np.float64)
+  with np.errstate(invalid="ignore"):
+    corrected = prediction.correction.apply(np.asarray(prediction.ensemble, np.float64), ages)
+  return calibration.intervals(prediction.ensemble, ages, corrected, prediction.spread, level)
+
+
+def predictions_tsv(model: Ensemble, subjects: Sequence[Any], prediction: EnsemblePrediction,
+                    *, calibration: conformal.Calibration | None = None,
+                    level: float = conformal.LEVEL, parts: dict[str, str] | None = None,
+                    qc: Sequence[Any] | None = None) -> str:
+  """The predictions as TSV text (`columns(model)`, ages in years, "n/a" for unknown).
+
+  Args:
+    calibration: adds the calibrated intervals at `level`; parts: {participant id: split
+      name} of the training workdir (`splits.subject_parts`) adds the `split` column;
+    qc: the assessments `predict_dataset(qc=...)` made add a last column `qc_flags`: the
+      reasons joined by ";", empty for a scan like the training data."""
+  cols = columns(model, intervals=calibration is not None, split=parts is not None,
+                 qc=qc is not None)
+  bounds = intervals(prediction, subjects, calibration, level) if calibration else None
   lines = ["\t".join(cols)]
   for i, subject in enumerate(subjects):
     age = subject.age
@@ -309,6 +350,12 @@ def predictions_tsv(model: Ensemble, subjects: Sequence[Any],
       row += [_fmt(float(prediction.subs[s.name][i])) for s in model.subs]
       row += [_fmt(float(prediction.members[s.name][i, k])) for s in model.subs
               for k in range(s.members)]
+    if bounds is not None:
+      excludes = bounds["gap_excludes_zero"][i]
+      row += [f"{level:g}"] + [_bound(float(bounds[c][i])) for c in INTERVAL_COLUMNS[1:5]]
+      row += ["n/a" if math.isnan(excludes) else ("yes" if excludes else "no")]
+    if parts is not None:
+      row += [parts.get(subject.subject_id, "none")]
     if qc is not None:
       row += [qc[i].text]
     lines.append("\t".join(row))
@@ -362,11 +409,13 @@ def check_finite(model: Ensemble, subjects: Sequence[Any],
 
 
 def write_predictions(path: str | os.PathLike, model: Ensemble, subjects: Sequence[Any],
-                      prediction: EnsemblePrediction, qc: Sequence[Any] | None = None) -> None:
-  """Writes the predictions TSV atomically; nothing when a prediction is not finite
-  (`check_finite`'s DataError). `qc`: as `predictions_tsv`."""
+                      prediction: EnsemblePrediction, qc: Sequence[Any] | None = None,
+                      **options: Any) -> None:
+  """Writes the predictions TSV atomically (`qc` and `options`: predictions_tsv's qc,
+  calibration, level, parts); nothing when a prediction is not finite (`check_finite`'s
+  DataError)."""
   check_finite(model, subjects, prediction)
-  fileio.write_text(path, predictions_tsv(model, subjects, prediction, qc))
+  fileio.write_text(path, predictions_tsv(model, subjects, prediction, qc=qc, **options))
 
 
 def qc_table(subjects: Sequence[Any], qc: Sequence[Any]) -> str:

@@ -160,3 +160,18 @@ def test_default_preset_follows_the_backend():
   import jax
 
   assert demo.default_preset() == ("cpu" if jax.default_backend() == "cpu" else "gpu")
+
+
+def test_summary_interval_coverage_agrees_with_the_predictions_tsv(workdir):
+  summary = json.loads((workdir / "summary.json").read_text())
+  rows = read_tsv(workdir / demo.PREDICTIONS)
+  assert (workdir / "calibration.json").is_file()  # calibrated on the validation split
+  ages = np.array([float(r["age"]) for r in rows])
+  low = np.array([float(r["predicted_age_low"]) for r in rows])
+  high = np.array([float(r["predicted_age_high"]) for r in rows])
+  assert summary["interval_coverage"] == pytest.approx(np.mean((ages >= low) & (ages <= high)))
+  width = np.mean(high - low)
+  assert (summary["interval_width"] is None) == (not math.isfinite(width))
+  if math.isfinite(width):
+    assert summary["interval_width"] == pytest.approx(width, rel=1e-4)
+  assert all(r["split"] == "test" for r in rows)

@@ -120,13 +120,18 @@ def test_predict_bids_matches_model_applied_to_cache(workdir, tmp_path):
               "--batch-size", "3", "--workers", "2"]) == 0
   lines = out.read_text().splitlines()
   # The last column, qc_flags, is empty for a scan like the training data.
-  assert all(len(line.split("\t")) == 6 and "" not in line.split("\t")[:5] for line in lines)
+  width = len(lines[0].split("\t"))
+  assert all(len(line.split("\t")) == width and "" not in line.split("\t")[:-1]
+             for line in lines)
   rows = read_tsv(out)
   participants = read_tsv(data / "participants.tsv")
   assert len(lines) == len(participants) + 1
   assert [r["participant_id"] for r in rows] == [p["participant_id"] for p in participants]
-  assert list(rows[0]) == ["participant_id", "session", "age", "predicted_age", "brain_age_gap",
-                           "qc_flags"]
+  # A single model's columns; the workdir's split adds `split` (and a calibration its
+  # intervals); the conformity gate's `qc_flags` comes last.
+  assert list(rows[0])[:5] == ["participant_id", "session", "age", "predicted_age",
+                               "brain_age_gap"]
+  assert list(rows[0])[-2:] == ["split", "qc_flags"]
   index = json.loads((workdir / "cache" / "index.json").read_text())
   cache_row = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
   expected = reference_predictions(workdir, np.array([cache_row[r["participant_id"]]

@@ -19,18 +19,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
 from jax_brainage.analyse.tables import ID_COLUMN, is_missing, number, subject_id
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import ConfigError, DataError, SmallSampleWarning
 
 # Columns that are never default covariates: identifiers and what the pipeline predicted.
 NOT_COVARIATES = frozenset({ID_COLUMN, "session", "predicted_age", "predicted_age_corrected",
-                            "brain_age_gap", "brain_age_gap_corrected", "uncertainty"})
+                            "brain_age_gap", "brain_age_gap_corrected", "uncertainty",
+                            "interval_level", "predicted_age_low", "predicted_age_high",
+                            "brain_age_gap_low", "brain_age_gap_high", "gap_excludes_zero",
+                            "split"})
 SE_KINDS = ("classical", "hc3")
+ROWS_PER_TERM = 10  # fewer rows per coefficient: a SmallSampleWarning
 TERM_FIELDS = ("term", "estimate", "se", "ci_low", "ci_high", "t", "p")
 INTERCEPT = "intercept"
 _HINGE = re.compile(r"^(?P<column>.+)_over_(?P<threshold>[-+]?\d+(?:\.\d*)?)$")
@@ -129,7 +134,12 @@ def ols(y: np.ndarray, design: np.ndarray, terms: Sequence[str], *, confidence: 
   se_kind = se
   if n <= k:
     raise DataError(f"{response}: {n} usable rows for {k} coefficients "
-                    f"({', '.join(terms)}); need at least {k + 1}")
+                    f"({', '.join(terms)}); no residual degrees of freedom, need at least "
+                    f"{k + 1}")
+  if n < ROWS_PER_TERM * k:
+    warnings.warn(f"{response}: {n} rows for {k} coefficients ({', '.join(terms)}), fewer than "
+                  f"{ROWS_PER_TERM} per coefficient; estimates and p-values are unstable",
+                  SmallSampleWarning, stacklevel=2)
   if not (np.isfinite(y).all() and np.isfinite(x).all()):
     raise DataError(f"{response}: non-finite value in the regression data")
   # Column scaling keeps the rank test meaningful for covariates of very different units.

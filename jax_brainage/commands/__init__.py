@@ -8,10 +8,10 @@ jax_brainage/), and no library module imports argparse.
 
 from __future__ import annotations
 
-from jax_brainage.commands import (analyze, batches, demo, evaluate_explanations, explain,
-                                   export, import_model, predict, prepare, report, simulate,
-                                   train)
+from jax_brainage.commands import (analyze, batches, calibrate, demo, evaluate_explanations,
+                                   explain, export, import_model, predict, prepare, report,
+                                   simulate, train)
 
 # `brainage --help` lists them in this order: data -> train -> predict -> explain -> analyse.
-COMMANDS = (simulate, prepare, batches, train, import_model, export, predict, explain,
+COMMANDS = (simulate, prepare, batches, train, import_model, export, calibrate, predict, explain,
             evaluate_explanations, analyze, report, demo)

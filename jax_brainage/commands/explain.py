@@ -5,7 +5,7 @@
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
         [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
-        [--skip-bad] [--seed S]
+        [--skip-bad] [--seed S] [--target age|gap]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),
@@ -25,7 +25,7 @@ from pathlib import Path
 from jax_brainage import lock, predict
 from jax_brainage.commands.prepare import add_layout_options
 from jax_brainage.errors import ConfigError, DataError
-from jax_brainage.explain import derivative, maps
+from jax_brainage.explain import derivative, maps, reference
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--figures", type=int, default=4, metavar="N",
                  help="slice montages of the first N subjects (4); groups always get one")
   p.add_argument("--no-glass-brain", action="store_true", help="skip the glass-brain figure")
+  p.add_argument("--target", choices=reference.TARGETS, default="age",
+                 help="age: relevance of the predicted age (against a zero input); gap: of the "
+                      "difference from the age-matched mean training brain (needs ages)")
   p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad's noise (0)")
   add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
   with lock.hold(args.out, "brainage explain"):
     target = derivative.Target(args.workdir, args.checkpoint, method,
                                batch_size=args.batch_size, seed=args.seed, levels=levels,
-                               members_per_call=args.members_per_call)
+                               members_per_call=args.members_per_call, target=args.target)
     dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
                                    skip_bad=args.skip_bad, entities=args.entities,
                                    participants=args.participants)

@@ -4,10 +4,14 @@
         [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
         [--entities KEY=VALUE,...] [--participants TSV]
         [--qc-out TSV] [--strict-qc]
+        [--calibration DIR] [--level 0.9]
 
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
-`jax_brainage.predict`.
+`jax_brainage.predict`. With a calibration (W/calibration.json from `brainage calibrate`, or
+`--calibration DIR`, a labelled BIDS dataset calibrated on the fly and not stored) the TSV has
+split-conformal intervals at `--level`; subjects of the model's training or validation split
+(W/split.json) are marked in the column `split` and named in a warning.
 
 Failures are one line on stderr and exit status 2, with --out left as it was (the previous file
 or none; it is written atomically and only on success). That includes a damaged model (a
@@ -33,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_brainage import predict
-from jax_brainage.data import bids
+from jax_brainage import calibration, predict
+from jax_brainage.data import bids, splits
+from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage import fileio
 from jax_brainage.commands.prepare import add_layout_options
@@ -78,6 +83,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--strict-qc", action="store_true",
                  help="refuse (exit 2, nothing written) when a scan lies outside the training "
                       "data (a non-empty qc_flags) instead of warning")
+  p.add_argument("--calibration", nargs="+", default=None, metavar="DIR",
+                 help="labelled BIDS dataset to calibrate the intervals on (default: "
+                      "W/calibration.json from brainage calibrate, if any)")
+  p.add_argument("--level", type=float, default=conformal.LEVEL,
+                 help="coverage of the prediction intervals (0.9)")
   p.set_defaults(func=run)
   return p
 
@@ -92,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
     if given != inputs.sequences:
       raise DataError(f"--sequences {','.join(given)}: {artifact.describe(model)} needs "
                       f"{','.join(inputs.sequences)} (in that order)")
+  if not 0 < args.level < 1:
+    raise ConfigError(f"--level {args.level} must lie strictly between 0 and 1")
+  cal = None
+  if args.calibration:
+    cal_data, source = calibration.calibration_dataset(model, args.calibration,
+                                                       session=args.session)
+    cal = calibration.calibrate(model, cal_data, source=source, batch_size=args.batch_size,
+                                workers=args.workers)
+  elif conformal.calibration_path(args.workdir).is_file():
+    cal = conformal.load_calibration(conformal.calibration_path(args.workdir))
+  parts = splits.subject_parts(args.workdir) or None
   dataset = predict.read_dataset(args.data, inputs.sequences, session=args.session,
                                  skip_bad=args.skip_bad, entities=args.entities,
                                  participants=args.participants)
@@ -119,7 +140,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"warning: {s.subject_id}: scan unlike the training data, predicted age unreliable: "
           f"{'; '.join(a.details)}", file=sys.stderr)
   fileio.write_text(qc_out, predict.qc_table(subjects, qc))
-  predict.write_predictions(args.out, model, subjects, prediction, qc)
+  if cal is not None:
+    cal.check(args.level, f" ({cal.source})")
+  predict.write_predictions(args.out, model, subjects, prediction, qc, calibration=cal,
+                            level=args.level, parts=parts)
+  seen = {}
+  for s in subjects:
+    part = (parts or {}).get(s.subject_id)
+    if part in ("train", "val"):
+      seen.setdefault(part, []).append(s.subject_id)
+  if seen:
+    print("warning: " + "; ".join(f"{len(ids)} subject(s) of the model's "
+                                  f"{'training' if part == 'train' else 'validation'} split "
+                                  f"({', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''})"
+                                  for part, ids in seen.items())
+          + " (column split): their predictions are optimistic", file=sys.stderr)
   line = f"predicted {len(subjects)} subjects with {artifact.describe(model)} -> {args.out}"
   known = np.array([i for i, s in enumerate(subjects) if s.age is not None], int)
   if len(known) > 1:
@@ -137,5 +172,7 @@ def run(args: argparse.Namespace) -> int:
                "known age")
   if flagged:
     line += f"; {len(flagged)} flagged by the conformity gate (qc_flags, {qc_out})"
+  if cal is not None:
+    line += f"; {args.level:.0%} intervals calibrated on {cal.n} scans"
   print(line)
   return 0

@@ -188,3 +188,24 @@ def load_split(path: str | os.PathLike, subject_ids: Sequence[str] | None = None
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f"{path}: cannot read split ({type(e).__name__}: {e})") from None
   return Split.from_dict(d, subject_ids)
+
+
+SPLIT_FILE = "split.json"  # in a training workdir
+
+
+def subject_parts(workdir: str | os.PathLike) -> dict[str, str]:
+  """{participant id: "train" | "val" | "test"} of a training workdir's recorded split
+  (W/split.json); {} when the workdir records none (e.g. an imported model).
+
+  Subjects are matched by participant id: the ids the model was trained and validated on."""
+  import json
+
+  path = os.path.join(os.fspath(workdir), SPLIT_FILE)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as fh:
+      ids = json.load(fh)["subject_ids"]
+    return {str(s): name for name in NAMES for s in ids[name]}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{path}: unreadable split record ({type(e).__name__})") from None

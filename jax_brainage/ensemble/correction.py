@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import ConfigError, DataError, SmallSampleWarning
 
 CORRECTIONS = {"none": -1, "linear": 1, "poly3": 3}  # kind -> polynomial degree
+MIN_SUBJECTS = 30  # fewer validation scans than this: the fitted age dependence is noise-prone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,8 @@ def fit_correction(kind: str, age: Any, predicted: Any) -> Correction:
   """Fits `kind` ("none", "linear", "poly3") on validation ages and predictions `[n]` (years).
 
   Least squares of the gap on a polynomial in age; needs more subjects than coefficients and
-  more distinct ages than the degree.
+  more distinct ages than the degree; warns (SmallSampleWarning) below `MIN_SUBJECTS` scans,
+  where the correction's own error is a sizeable part of every corrected gap.
   """
   if kind not in CORRECTIONS:
     raise ConfigError(f"config.ensemble.correction: unknown correction {kind!r} (choose one of "
@@ -108,6 +111,10 @@ def fit_correction(kind: str, age: Any, predicted: Any) -> Correction:
   if len(age) <= degree or len(np.unique(age)) <= degree:
     raise DataError(f"correction {kind}: {len(np.unique(age))} distinct validation age(s), "
                     f"a degree-{degree} fit needs at least {degree + 1}")
+  if len(age) < MIN_SUBJECTS:
+    warnings.warn(f"correction {kind}: fit on {len(age)} validation scans (fewer than "
+                  f"{MIN_SUBJECTS}); corrected gaps carry its estimation error",
+                  SmallSampleWarning, stacklevel=2)
   center = float(np.mean(age))
   scale = float(np.std(age)) or 1.0
   t = (age - center) / scale

@@ -31,8 +31,13 @@ only complete files):
       in participant_id (and in the groups), so a subject's sessions stay apart.
   figures/*.png      slice montages over the anatomy (first --figures subjects, every group) and a
                      glass brain of the group-all map; tensorboard/ the same montages.
-  explain.json       what was written: method, model, subjects (predicted age, relevance sum,
-                     maps), groups, tables, figures.
+  explain.json       what was written: method, target, model, subjects (predicted age,
+                     relevance sum, maps; with --target gap the reference's predicted age),
+                     groups, tables, figures.
+
+`--target gap` (Target(target="gap")) writes maps of R(x) less the mean map of age-matched
+training scans: why this subject's estimate differs from what is expected at their age
+(`jax_brainage.explain.reference`).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import bids, nifti, simulate
 from jax_brainage.data import regions as atlas_lib
 from jax_brainage.errors import DataError
-from jax_brainage.explain import figures, maps
+from jax_brainage.explain import figures, maps, reference
 from jax_brainage.explain import regions as region_tables
 from jax_brainage.explain.groups import GroupMaps, entity, subject_groups
 from jax_brainage.train import artifact
@@ -98,7 +103,11 @@ class Target:
   """
 
   def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
-               seed: int, levels: Sequence[str], members_per_call: int = 0):
+               seed: int, levels: Sequence[str], members_per_call: int = 0,
+               target: str = "age"):
+    if target not in reference.TARGETS:
+      raise DataError(f"--target {target}: choose one of {', '.join(reference.TARGETS)}")
+    self.target = target
     self.method = method
     self.members_per_call = members_per_call
     self.batch_size = batch_size
@@ -109,6 +118,9 @@ class Target:
     self.required_sequences: tuple[str, ...] = tuple(inputs.sequences)
     self.sequences = maps.ensemble_sequences(self.ensemble)
     self._explainers: dict[str, list] = {}
+    # --target gap: maps less those of age-matched training scans (explain/reference.py).
+    self.references = (reference.References(self.ensemble, self.views, self.of_sub)
+                       if target == "gap" else None)
     if artifact.is_single_model(self.ensemble):
       # One model: its maps only, named after its architecture (no member/sub-ensemble maps).
       sub = self.ensemble.subs[0]
@@ -149,10 +161,36 @@ class Target:
       cubes[name] = prepared[key] if channels is None else prepared[key][..., channels]
     return cubes, inverse
 
-  def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+  def explain(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
+              ages: Sequence[float] | None = None
               ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
     """Maps of one batch: ({model label: (relevance [n, X, Y, Z, C], channel names)}, the top
-    level's predicted age [n] (years)); the top level comes first."""
+    level's predicted age [n] (years)); the top level comes first.
+
+    With target "gap", `ages` `[n]` (years) pick each subject's age-matched training scans and
+    the maps are R(x) less their mean map (`self.reference_predicted` then holds their mean
+    predicted age `[n]`)."""
+    levels, predicted = self._levels(dict(cubes), rows)
+    self.reference_predicted = None
+    if self.references is not None:
+      keys = [self.references.key(a) for a in ages]
+      for k in dict.fromkeys(keys):
+        if k not in self.references.maps:  # mean maps of the reference set, once per age
+          while len(self.references.maps) >= 16:  # bounded memory at study-sized cubes
+            del self.references.maps[next(iter(self.references.maps))]
+          inputs = self.references.inputs(k)
+          n_ref = len(next(iter(inputs.values())))
+          ref_levels, ref_pred = self._levels(inputs, np.arange(n_ref))
+          self.references.maps[k] = ({name: (r.mean(axis=0), q)
+                                      for name, (r, q) in ref_levels.items()},
+                                     float(np.mean(ref_pred)))
+      levels = {name: (r - np.stack([self.references.maps[k][0][name][0] for k in keys]), q)
+                for name, (r, q) in levels.items()}
+      self.reference_predicted = np.array([self.references.maps[k][1] for k in keys])
+    return levels, predicted
+
+  def _levels(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+              ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
     em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
                             batch_size=self.batch_size, seed=self.seed, rows=rows,
                             members_per_call=self.members_per_call,
@@ -261,7 +299,10 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       "method": target.method.name, "method_kind": target.method.kind,
       "method_summary": target.method.summary, "model": target.description,
       "levels": list(target.levels), "sequences": list(target.sequences),
-      "units": "years of predicted age per voxel (positive: older)",
+      "target": target.target,
+      "units": ("years of predicted age per voxel (positive: older)" if target.target == "age"
+                else "years of predicted age above the age-matched reference brain per voxel "
+                     "(positive: older than expected at this age)"),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "subjects": [], "skipped": [], "groups": [], "tables": {}, "figures": []}
   accumulators = GroupMaps(groups)
@@ -279,13 +320,16 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
   def explain_batch(batch: list[Any], cubes: dict[str, np.ndarray]) -> None:
     nonlocal n_done
     rows = np.arange(n_done, n_done + len(batch))
-    levels, predicted = target.explain(cubes, rows)
+    ages = reference.ages_of(batch) if target.target == "gap" else None
+    levels, predicted = target.explain(cubes, rows, ages)
     first_input = cubes[next(iter(target.of_sub))]
     for j, subject in enumerate(batch):
       inverse = inverses.pop(id(subject))
       row_id = bids.row_id(subject.subject_id, subject.session)  # group and table key
       entry = {"participant_id": subject.subject_id, "session": subject.session,
                "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}
+      if target.references is not None:
+        entry["reference_predicted_age"] = float(target.reference_predicted[j])
       labels = region_tables.atlas_in_cube(atlas, inverse) if atlas is not None else None
       for level, (rel, seqs) in levels.items():
         r = rel[j]

@@ -1,7 +1,10 @@
 """Groups of subjects and their mean relevance maps, accumulated in one pass over the subjects.
 
 Groups (`subject_groups`): everyone (group "all"), age bands, sex and participants.tsv columns:
-a column with few values is grouped by value, others are split at the median (low/high). Their
+a text column or one of few whole-number codes (e.g. smoking 0/1) is grouped by value; any other
+numeric column (BMI, blood pressure) is cut into quantile bins (`QUANTILE_BINS`, fewer when the
+subjects are few), never one group per distinct value. A group of fewer than `min_size` subjects
+is skipped with a SmallSampleWarning naming it: the mean map of two people is an anecdote. Their
 mean maps (`GroupMaps`) lie on the common template grid when every subject's image shares one
 grid (registered data, the simulated cohort), else on the cube grid.
 """
@@ -11,15 +14,18 @@ from __future__ import annotations
 import collections
 import math
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from jax_brainage.data import bids, prune
-from jax_brainage.errors import ConfigError
+from jax_brainage.errors import ConfigError, SmallSampleWarning
 from jax_brainage.explain import maps
 
-MAX_CATEGORIES = 6  # a participants column with at most this many values is grouped by value
+MAX_CATEGORIES = 6  # a column of at most this many whole-number codes is grouped by value
+QUANTILE_BINS = 3   # bins of a continuous column (tertiles), fewer when subjects are few
+MIN_GROUP = 3       # smaller groups are skipped with a warning
 
 
 def entity(value: Any) -> str:
@@ -43,8 +49,28 @@ def _number(v: Any) -> float | None:
   return f if math.isfinite(f) else None
 
 
+def quantile_groups(numbers: Mapping[str, float], bins: int = QUANTILE_BINS,
+                    min_size: int = MIN_GROUP) -> tuple[dict[str, list[str]], dict[str, str]]:
+  """Quantile bins of a continuous column: ({"q1".."qB": ids}, {"qK": "[low, high]"}); B is at
+  most `bins` and at most n // min_size (0 bins when n < 2 * min_size)."""
+  ids = list(numbers)
+  values = np.array([numbers[i] for i in ids], np.float64)
+  b = min(int(bins), len(values) // max(1, int(min_size)))
+  if b < 2:
+    return {}, {}
+  edges = np.unique(np.quantile(values, np.arange(1, b) / b))
+  which = np.searchsorted(edges, values, side="right")  # ties go to the upper bin
+  groups, ranges = {}, {}
+  for k in range(len(edges) + 1):
+    sel = which == k
+    if sel.any():
+      groups[f"q{k + 1}"] = [i for i, t in zip(ids, sel) if t]
+      ranges[f"q{k + 1}"] = f"[{values[sel].min():g}, {values[sel].max():g}]"
+  return groups, ranges
+
+
 def subject_groups(subjects: Sequence[Any], *, age_band: float = 10.0,
-                   columns: Sequence[str] | None = None
+                   columns: Sequence[str] | None = None, min_size: int = MIN_GROUP
                    ) -> tuple[dict[tuple[str, str], list[str]], dict[str, Any]]:
   """Groups of subjects for group-average maps and tables.
 
@@ -52,6 +78,7 @@ def subject_groups(subjects: Sequence[Any], *, age_band: float = 10.0,
     subjects: `bids.Subject`s (subject_id, age, sex, covariates).
     age_band: width of the age bands (years; bands [k * w, (k + 1) * w)); 0 = none.
     columns: participants.tsv columns to group by (default: sex and every covariate).
+    min_size: groups of fewer subjects are left out with a SmallSampleWarning ("all" never).
   Returns:
     ({(group, value): row ids (`bids.row_id`: the participant id, plus `_ses-<label>` for a
     row with a session)}, {group: how it was formed}), "all" first; values are BIDS entity
@@ -91,17 +118,30 @@ def subject_groups(subjects: Sequence[Any], *, age_band: float = 10.0,
               if row.get(column) not in (None, "", "n/a")}
     distinct = sorted({_value_label(v) for v in values.values()})
     numbers = {sid: _number(v) for sid, v in values.items()}
-    if len(distinct) <= MAX_CATEGORIES or any(n is None for n in numbers.values()):
+    text = any(n is None for n in numbers.values())
+    codes = not text and len(distinct) <= MAX_CATEGORIES and all(
+        float(n).is_integer() for n in numbers.values())
+    if text or codes:
       for value in distinct:
         ids = [sid for sid, v in values.items() if _value_label(v) == value]
         groups[(entity(column), entity(value))] = ids
       how[entity(column)] = "by value"
-    else:  # continuous: split at the median
-      median = float(np.median(list(numbers.values())))
-      groups[(entity(column), "low")] = [sid for sid, n in numbers.items() if n <= median]
-      groups[(entity(column), "high")] = [sid for sid, n in numbers.items() if n > median]
-      how[entity(column)] = {"split": "median", "low": f"<= {median:g}", "high": f"> {median:g}"}
-  return {k: v for k, v in groups.items() if v}, how
+    else:  # continuous: quantile bins
+      bins, ranges = quantile_groups(numbers, QUANTILE_BINS, min_size)
+      if not bins:
+        warnings.warn(f"group maps: column {column} has {len(numbers)} subjects with a value, "
+                      f"too few for quantile bins of at least {min_size}; no groups by it",
+                      SmallSampleWarning, stacklevel=2)
+      for label, ids in bins.items():
+        groups[(entity(column), label)] = ids
+      how[entity(column)] = {"split": "quantiles", **ranges}
+  small = [f"{g}={v} ({len(ids)})" for (g, v), ids in groups.items()
+           if g != "all" and 0 < len(ids) < min_size]
+  if small:
+    warnings.warn(f"group maps: skipped {len(small)} group(s) of fewer than {min_size} subjects: "
+                  f"{', '.join(small[:8])}{' ...' if len(small) > 8 else ''}",
+                  SmallSampleWarning, stacklevel=2)
+  return {k: v for k, v in groups.items() if k == ("all", "all") or len(v) >= min_size}, how
 
 
 class GroupMaps:

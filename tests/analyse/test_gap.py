@@ -257,3 +257,22 @@ def test_hc3_standard_errors_match_the_sandwich_and_cover_under_heteroscedastici
   assert covered["classical"] / reps < covered["hc3"] / reps - 0.02
   with pytest.raises(ConfigError, match="--se 'hc9'"):
     regression.ols(y, x, ("intercept", "age", "flag"), se="hc9")
+
+
+def test_few_rows_for_the_covariates_warn_and_no_residual_df_is_refused():
+  import warnings
+
+  from jax_brainage.errors import SmallSampleWarning
+
+  rng = np.random.default_rng(0)
+  x = np.column_stack([np.ones(12), rng.normal(size=12), rng.normal(size=12)])
+  y = rng.normal(size=12)
+  with pytest.warns(SmallSampleWarning, match="12 rows for 3 coefficients"):
+    regression.ols(y, x, ["intercept", "a", "b"], response="gap")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SmallSampleWarning)
+    regression.ols(rng.normal(size=30), np.column_stack([np.ones(30), rng.normal(size=30),
+                                                         rng.normal(size=30)]),
+                   ["intercept", "a", "b"])
+  with pytest.raises(DataError, match="no residual degrees of freedom"):
+    regression.ols(y[:3], x[:3], ["intercept", "a", "b"], response="gap")

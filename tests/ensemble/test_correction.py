@@ -67,3 +67,18 @@ def test_gap_metrics_against_scipy():
   assert m["spearman_gap_age"] < -0.5 and abs(m["spearman_gap_age_corrected"]) < 0.2
   assert m["n"] == 50
   assert np.isnan(corr.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+def test_fit_on_few_validation_scans_warns():
+  from jax_brainage.errors import SmallSampleWarning
+
+  rng = np.random.default_rng(0)
+  age = rng.uniform(20, 80, 29)
+  with pytest.warns(SmallSampleWarning, match="29 validation scans"):
+    corr.fit_correction("linear", age, age + rng.normal(0, 3, 29))
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SmallSampleWarning)
+    age = rng.uniform(20, 80, 30)
+    corr.fit_correction("linear", age, age + rng.normal(0, 3, 30))

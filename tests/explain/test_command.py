@@ -26,7 +26,7 @@ from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
 from jax_brainage.ensemble import store
 from jax_brainage.ensemble.model import Ensemble, SubEnsemble
-from jax_brainage.errors import ConfigError, DataError
+from jax_brainage.errors import ConfigError, DataError, SmallSampleWarning
 from jax_brainage.explain import derivative, maps
 from jax_brainage.explain.groups import subject_groups
 from jax_brainage.train import artifact
@@ -220,17 +220,20 @@ def test_subject_groups():
                                                 (50.0, "F", 0.0, 25.0), (77.0, None, 1.0, 22.0),
                                                 (None, "M", 1.0, 40.0), (63.0, "F", 0.0, 35.0),
                                                 (64.0, "F", 0.0, 33.0), (65.0, "M", 0.0, 24.0)])]
-  groups, how = subject_groups(subjects, age_band=10)
+  groups, how = subject_groups(subjects, age_band=10, min_size=1)
   assert list(groups)[0] == ("all", "all") and len(groups[("all", "all")]) == 8
   assert groups[("age", "40to50")] == ["sub-0", "sub-1"]
   assert groups[("age", "50to60")] == ["sub-2"]
   assert groups[("sex", "F")] == ["sub-0", "sub-2", "sub-5", "sub-6"]
   assert groups[("smoking", "1")] == ["sub-1", "sub-3", "sub-4"]
-  median = np.median([20.0, 31.0, 25.0, 22.0, 40.0, 35.0, 33.0, 24.0])
-  assert set(groups[("bmi", "high")]) == {f"sub-{i}" for i, b in enumerate(
-      [20.0, 31.0, 25.0, 22.0, 40.0, 35.0, 33.0, 24.0]) if b > median}
-  assert how["bmi"]["split"] == "median"
-  only = subject_groups(subjects, age_band=5, columns=["smoking"])[0]
+  # BMI (8 distinct values) in tertiles of numpy's quantiles, never one group per value.
+  bmi = np.array([20.0, 31.0, 25.0, 22.0, 40.0, 35.0, 33.0, 24.0])
+  edges = np.quantile(bmi, [1 / 3, 2 / 3])
+  for k in range(3):
+    assert set(groups[("bmi", f"q{k + 1}")]) == {
+        f"sub-{i}" for i, b in enumerate(bmi) if np.searchsorted(edges, b, side="right") == k}
+  assert how["bmi"]["split"] == "quantiles"
+  only = subject_groups(subjects, age_band=5, columns=["smoking"], min_size=1)[0]
   assert ("sex", "F") not in only and ("age", "40to45") in only and ("age", "45to50") in only
 
 
@@ -240,7 +243,7 @@ def test_subject_groups_keep_sessions_apart():
   subjects = [S(subject_id="sub-01", session="1", age=41.0, sex="F", covariates={}),
               S(subject_id="sub-01", session="2", age=45.0, sex="F", covariates={}),
               S(subject_id="sub-02", session=None, age=47.0, sex="M", covariates={})]
-  groups, _ = subject_groups(subjects, age_band=10)
+  groups, _ = subject_groups(subjects, age_band=10, min_size=1)
   assert groups[("all", "all")] == ["sub-01_ses-1", "sub-01_ses-2", "sub-02"]
   assert groups[("age", "40to50")] == ["sub-01_ses-1", "sub-01_ses-2", "sub-02"]
   assert groups[("sex", "F")] == ["sub-01_ses-1", "sub-01_ses-2"]
@@ -249,6 +252,20 @@ def test_subject_groups_keep_sessions_apart():
                         for s in derivative.select_subjects(dataset, names)]
   assert pick(["sub-01_ses-2", "02"]) == [("sub-01", "2"), ("sub-02", None)]
   assert pick(["01"]) == [("sub-01", "1"), ("sub-01", "2")]
+
+
+def test_small_groups_are_skipped_with_a_warning_and_few_values_still_get_quantile_bins():
+  S = types.SimpleNamespace
+  # Four subjects, four BMIs: once one group per value; now too few for bins of 3.
+  subjects = [S(subject_id=f"sub-{i}", age=40.0 + i, sex="F" if i else "M",
+                covariates={"bmi": 20.0 + 1.5 * i}) for i in range(4)]
+  with pytest.warns(SmallSampleWarning) as record:
+    groups, _ = subject_groups(subjects, age_band=10, min_size=3)
+  text = " ".join(str(w.message) for w in record)
+  assert "column bmi has 4 subjects" in text and "sex=M (1)" in text
+  assert set(groups) == {("all", "all"), ("age", "40to50"), ("sex", "F")}
+  groups, how = subject_groups(subjects, age_band=0, columns=["bmi"], min_size=2)
+  assert groups[("bmi", "q1")] == ["sub-0", "sub-1"] and groups[("bmi", "q2")] == ["sub-2", "sub-3"]
 
 
 def test_ensemble_workdir_maps_for_members_subs_and_ensemble(explain_workdir, tmp_path):
