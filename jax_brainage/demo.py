@@ -295,6 +295,7 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
       "evaluate_seconds": evaluate_seconds,
       "best_val_mae": train["best_val_mae"],
       "best_step": train["best_step"],
+      "best_steps": train.get("best_steps"),
       "epochs": train["epoch"],
       "steps": train["step"],
       "stopped": train["stopped"],
@@ -353,7 +354,13 @@ def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, 
           "step": sum(int(r.get("step") or 0) for r in subs),
           "epoch": max((int(r.get("epoch") or 0) for r in subs), default=0),
           "stopped": ",".join(sorted({str(r.get("stopped")) for r in subs})),
-          "best_step": None,
+          # The step of each sub-ensemble's best checkpoint (it holds every member at its own
+          # best epoch, saved at the latest of them); best_step is the last one written.
+          "best_step": max((int(r["best_step"]) for r in subs
+                            if r.get("best_step") is not None and int(r["best_step"]) >= 0),
+                           default=None),
+          "best_steps": {name: r.get("best_step")
+                         for name, r in (result.get("subs") or {}).items()},
           "best_val_mae": validation.get("mae"),
           "num_params": sum(int(r.get("num_params") or 0) * len(r.get("members") or [1])
                             for r in subs)}
