@@ -109,11 +109,11 @@ def forest_plot(path: str | os.PathLike, fit: GapRegression, *,
   # Below the axes: inside, it would cover the intervals of some term.
   ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1,
             fontsize=7, frameon=False)
-  ax.set_title(title or f"Effects on the {response_words(fit.response)} (OLS), n = {fit.n}",
-               fontsize=10)
   warning = small_sample_warning(fit.n, len(fit.terms))
-  if warning:
-    ax.text(0.5, 1.0, warning, transform=ax.transAxes, ha="center", va="bottom", fontsize=7,
+  ax.set_title(title or f"Effects on the {response_words(fit.response)} (OLS), n = {fit.n}",
+               fontsize=10, pad=16 if warning else 6)
+  if warning:  # between the title and the axes
+    ax.text(0.5, 1.012, warning, transform=ax.transAxes, ha="center", va="bottom", fontsize=7,
             color="tab:red")
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()

@@ -198,6 +198,12 @@ def test_region_tables_and_group_maps(explain_workdir, explained):
   for f in index["figures"]:
     assert matplotlib.image.imread(out / f).ndim == 3
   assert any(f.endswith("_glassbrain.png") for f in index["figures"])
+  # The ranked region chart, and a caption in words (not a file name) for every figure.
+  assert "figures/regions_ranked.png" in index["figures"]
+  for f in index["figures"]:
+    caption = index["captions"][f]
+    assert "relevance" in caption.lower() and "_montage" not in caption, caption
+  assert "(n = " in index["captions"][next(f for f in index["figures"] if "group-all_" in f)]
   assert list((out / "tensorboard").glob("events.out.tfevents.*"))
   assert not [p for p in out.rglob(".*")]
   description = json.loads((out / "dataset_description.json").read_text())
