@@ -369,7 +369,7 @@ def _region_chart(out: Path, target: Target, region_rows: list[dict], groups,
       path, [r["region"] for r in ranked], np.array([r["positive_mean"] for r in ranked]),
       np.array([r["positive_sd"] for r in ranked]), np.array([r["negative_mean"] for r in ranked]),
       np.array([r["negative_sd"] for r in ranked]),
-      title=f"Relevance per atlas region, {group_words('all', 'all', n)}, {seqs}")
+      title=f"Relevance per atlas region\n{group_words('all', 'all', n)}, {seqs}")
   rel = str(path.relative_to(out))
   index["figures"].append(rel)
   index["captions"][rel] = (
