@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from jax_brainage import commands, distributed
+from jax_brainage.commands import parsing
 from jax_brainage.errors import BrainAgeError, SmallSampleWarning
 
 # XLA:CPU writes each step's activations and gradients into freshly allocated buffers; with 4 KiB
@@ -86,13 +87,18 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  """The `brainage` parser. Every sub-command's parser is a `parsing.SubcommandParser` (no
+  abbreviated options, defaults in --help, "did you mean" on a typo, the sub-command's usage on
+  its errors), so a new command gets the same behaviour by being listed in `commands.COMMANDS`."""
+  parser = parsing.BrainageParser(
       prog="brainage",
-      description="Brain age from structural MRI with ensembles of 3D CNNs, explained with LRP.",
+      description="Brain age from structural MRI with ensembles of 3D CNNs, explained with LRP.\n"
+                  "Run `brainage COMMAND --help` for what a command does and its options.",
   )
   # Multi-host options go before the sub-command: `brainage --coordinator H:P ... train ...`.
   add_multihost_arguments(parser)
-  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=parsing.SubcommandParser)
   for command in commands.COMMANDS:
     command.add_parser(subparsers)
   return parser

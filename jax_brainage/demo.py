@@ -290,6 +290,9 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
       "composite": default,
       "explained_subjects": scores.get(default, {}).get("n"),
       "risk_effects": analysis.get("risk_effects"),
+      # the gap regression's size: the report states it and warns when it is small
+      "gap_n": ((analysis.get("record") or {}).get("n")),
+      "gap_terms": len((analysis.get("record") or {}).get("terms") or []) or None,
       "risk_analysis": analysis.get("note"),
       "n": len(cache),
       "n_train": int(len(split.train)),
@@ -302,6 +305,7 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
       "evaluate_seconds": evaluate_seconds,
       "best_val_mae": train["best_val_mae"],
       "best_step": train["best_step"],
+      "best_steps": train.get("best_steps"),
       "epochs": train["epoch"],
       "steps": train["step"],
       "stopped": train["stopped"],
@@ -360,7 +364,13 @@ def _train(config, workdir: Path, quiet: bool, ensemble_run: bool) -> dict[str, 
           "step": sum(int(r.get("step") or 0) for r in subs),
           "epoch": max((int(r.get("epoch") or 0) for r in subs), default=0),
           "stopped": ",".join(sorted({str(r.get("stopped")) for r in subs})),
-          "best_step": None,
+          # The step of each sub-ensemble's best checkpoint (it holds every member at its own
+          # best epoch, saved at the latest of them); best_step is the last one written.
+          "best_step": max((int(r["best_step"]) for r in subs
+                            if r.get("best_step") is not None and int(r["best_step"]) >= 0),
+                           default=None),
+          "best_steps": {name: r.get("best_step")
+                         for name, r in (result.get("subs") or {}).items()},
           "best_val_mae": validation.get("mae"),
           "num_params": sum(int(r.get("num_params") or 0) * len(r.get("members") or [1])
                             for r in subs)}
@@ -423,7 +433,7 @@ def _explain(workdir: Path, data_dir: Path, sequences: Sequence[str], subject_id
   return derivative.explain_dataset(
       target, dataset, workdir / "explain", subjects=list(subject_ids),
       atlas_path=atlas if atlas.is_file() else None, group_columns=["diabetes"], n_figures=2,
-      glass_brain=True, quiet=True)
+      glass_brain=True, quiet=quiet)
 
 
 def _evaluate_explanations(workdir: Path, data_dir: Path, n: int,
@@ -438,7 +448,7 @@ def _evaluate_explanations(workdir: Path, data_dir: Path, n: int,
   # only (the mass and rank accuracies in the summary do not need it).
   settings = evaluate.Settings(perturb=jax.default_backend() != "cpu")
   result = evaluate.evaluate(model, data_dir, methods, subjects=n, split="test",
-                             settings=settings)
+                             settings=settings, progress=not quiet)
   files = scoring.write_outputs(workdir / "evaluation", result)
   out: dict[str, Any] = {"method": maps.DEFAULT_METHOD, "files": files}
   for name, row in result["summary"].items():
@@ -482,14 +492,17 @@ def _report(workdir: Path, summary: dict[str, Any], explained: dict[str, Any],
   files = (analysis.get("record") or {}).get("files") or {}
   if files.get("forest"):
     figures["forest"] = files["forest"]
-  for item in (explained or {}).get("figures", []):
-    path = Path(item["path"]) if isinstance(item, dict) else Path(item)
-    if not path.is_absolute():
-      path = workdir / "explain" / path
-    # Subjects' montages and the all-subject group maps; the other groups stay in W/explain.
-    if path.suffix == ".png" and path.is_file() and (
-        path.stem.startswith("sub-") or "group-all_" in path.stem):
-      figures[f"relevance:{path.stem}"] = path
+  # Relevance: the ranked region chart, the all-subject maps, the subjects', then every other
+  # group's (age bands, risk groups), each with its caption in words (explain.json).
+  captions = (explained or {}).get("captions") or {}
+  items = [Path(item["path"]) if isinstance(item, dict) else Path(item)
+           for item in (explained or {}).get("figures", [])]
+  order = lambda p: (0 if p.stem == "regions_ranked" else 1 if "group-all_" in p.stem  # noqa
+                     else 2 if p.stem.startswith("sub-") else 3)
+  for rel in sorted(items, key=order):
+    path = rel if rel.is_absolute() else workdir / "explain" / rel
+    if path.suffix == ".png" and path.is_file():
+      figures[f"relevance:{path.stem}"] = (path, captions.get(str(rel)))
   for name, path in (scores.get("files") or {}).items():
     if Path(path).suffix == ".png":
       figures[f"evaluation:{name}"] = path

@@ -62,3 +62,34 @@ def scatter_predicted_vs_true(path: str | os.PathLike, ages: np.ndarray, predict
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   save_png(fig, path)
+
+
+def region_bars(path: str | os.PathLike, regions: list[str], positive: np.ndarray,
+                positive_sd: np.ndarray, negative: np.ndarray, negative_sd: np.ndarray, *,
+                title: str, xlabel: str = "relevance per region (years of predicted age)") -> None:
+  """Ranked horizontal bars per region: mean positive relevance (older, red, to the right) and
+  mean negative relevance (younger, blue, to the left), whiskers one SD over subjects.
+
+  Args:
+    path: PNG to write.
+    regions: `[k]` names, the first drawn at the top.
+    positive, negative: `[k]` means over subjects (years; negative <= 0).
+    positive_sd, negative_sd: `[k]` SDs over subjects (NaN: no whisker, e.g. one subject).
+  """
+  k = len(regions)
+  fig = figure(6.4, 1.3 + 0.26 * max(k, 1))
+  ax = fig.add_subplot()
+  ys = np.arange(k)[::-1].astype(float)
+  sd = lambda v: np.nan_to_num(np.asarray(v, np.float64), nan=0.0)  # noqa: E731
+  ax.barh(ys, positive, xerr=sd(positive_sd), color="tab:red", alpha=0.8, height=0.7,
+          error_kw={"elinewidth": 0.8, "capsize": 2}, label="positive (evidence for older)")
+  ax.barh(ys, negative, xerr=sd(negative_sd), color="tab:blue", alpha=0.8, height=0.7,
+          error_kw={"elinewidth": 0.8, "capsize": 2}, label="negative (evidence for younger)")
+  ax.axvline(0.0, color="0.3", linewidth=0.8)
+  ax.set_yticks(ys, [r.replace("_", " ") for r in regions], fontsize=7)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.set_title(title, fontsize=9)
+  ax.legend(loc="lower right", fontsize=7)
+  ax.grid(axis="x", alpha=0.3)
+  fig.tight_layout()
+  save_png(fig, path)

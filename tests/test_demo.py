@@ -114,6 +114,16 @@ def test_explanations_scores_and_report(workdir):
   assert summary["report"] == "report/index.html"
 
 
+def test_best_step_is_the_best_checkpoint(workdir):
+  """summary best_step (was null for ensembles) names the step of the best checkpoint on disk."""
+  summary = json.loads((workdir / "summary.json").read_text())
+  best = workdir / "sub" / "all" / "checkpoints" / "best"
+  steps = sorted(int(p.name) for p in best.iterdir() if p.name.isdigit())
+  assert steps, "no best checkpoint"
+  assert summary["best_step"] == steps[-1]
+  assert summary["best_steps"] == {"all": steps[-1]}
+
+
 def test_scatter_plot_is_a_png(workdir):
   import matplotlib.image
 

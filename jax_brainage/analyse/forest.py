@@ -23,6 +23,32 @@ from jax_brainage.errors import DataError
 _REFERENCE_STYLES = (("tab:gray", "s"), ("tab:purple", "^"), ("tab:olive", "v"), ("tab:cyan", "P"))
 
 
+# Regression columns in words (titles and legends): "brain_age_gap_corrected" is a column name.
+RESPONSE_WORDS = {
+    "brain_age_gap": "brain-age gap (years)",
+    "brain_age_gap_corrected": "bias-corrected brain-age gap (years)",
+    "gap": "brain-age gap (years)",
+    "gap_corrected": "bias-corrected brain-age gap (years)",
+}
+# Fewer subjects per estimated coefficient than this and the report and figure warn.
+SUBJECTS_PER_TERM = 10
+
+
+def response_words(column: str) -> str:
+  """A regression's response column in words, e.g. "bias-corrected brain-age gap (years)"."""
+  return RESPONSE_WORDS.get(column, column.replace("_", " "))
+
+
+def small_sample_warning(n: int, n_terms: int) -> str:
+  """A one-line warning when `n` subjects are few for `n_terms` coefficients (intercept
+  included), else "": fewer than SUBJECTS_PER_TERM per coefficient gives wide intervals and
+  estimates that move with every subject."""
+  if n >= SUBJECTS_PER_TERM * max(1, n_terms):
+    return ""
+  return (f"only n = {n} subjects for {n_terms} coefficients: intervals are wide and "
+          "estimates unstable")
+
+
 def forest_plot(path: str | os.PathLike, fit: GapRegression, *,
                 true_effects: Mapping[str, float | None] | None = None,
                 reference: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
@@ -76,14 +102,19 @@ def forest_plot(path: str | os.PathLike, fit: GapRegression, *,
                     label=f"estimate, {level}% CI (n={fit.n})")]
   if true_effects and any(v is not None for v in true_effects.values()):
     handles.append(Line2D([], [], color="tab:red", marker="D", linestyle="none",
-                          markerfacecolor="none", label="true effect"))
+                          markerfacecolor="none", label="simulated (true) effect"))
   for k, label in enumerate(reference):
     color, marker = _REFERENCE_STYLES[k % len(_REFERENCE_STYLES)]
     handles.append(Line2D([], [], color=color, marker=marker, linewidth=1.0, label=label))
   # Below the axes: inside, it would cover the intervals of some term.
-  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1,
             fontsize=7, frameon=False)
-  ax.set_title(title or f"{fit.response}: OLS estimates", fontsize=10)
+  warning = small_sample_warning(fit.n, len(fit.terms))
+  ax.set_title(title or f"Effects on the {response_words(fit.response)} (OLS), n = {fit.n}",
+               fontsize=10, pad=16 if warning else 6)
+  if warning:  # between the title and the axes
+    ax.text(0.5, 1.012, warning, transform=ax.transAxes, ha="center", va="bottom", fontsize=7,
+            color="tab:red")
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
   # "tight": the legend below the axes stays inside the image.

@@ -148,7 +148,8 @@ def write_effects(out: str | os.PathLike, fit: GapRegression,
   true = ({t: v.get("true_effect") for t, v in truth["per_term"].items()} if truth else None)
   forest.forest_plot(paths["forest"], fit, true_effects=true,
                      reference=(truth or {}).get("reference_estimates"),
-                     title=f"{fit.response} (years) vs covariates, n = {fit.n}")
+                     title=f"Effects on the {forest.response_words(fit.response)}, "
+                           f"n = {fit.n} subjects")
   return paths
 
 

@@ -25,8 +25,11 @@ what it has:
 The first matching rule, in the order qc, evaluation, gap, bias, accuracy, relevance, decides
 ("relevance_scores" is evaluation); a name "SECTION:label" puts it in SECTION under label.
 
-A figure is a path or (path, caption); a table is a TSV path or a list of row dicts. Every
-string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
+A figure is a path or (path, caption); a table is a TSV path or a list of row dicts; a table of
+more than LINK_ONLY_ROWS rows (the per-region relevance of every subject and group) is a link to
+its TSV with its size, not a page-wide dump. The gap section states the regression's n
+(summary "gap_n", "gap_terms") and warns when it is small (`forest.small_sample_warning`).
+Every string from the inputs is HTML-escaped. Dicts of numbers in the summary such as
 "mae_subs" or "member_mae" ({name: years}) become small tables in the accuracy section.
 
 From the command line: `brainage report` (jax_brainage/commands/report.py); the demo calls
@@ -46,9 +49,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jax_brainage import fileio
+from jax_brainage.analyse import forest
 from jax_brainage.errors import DataError
 
 REPORT_DIR = "report"
+# Longer tables are linked (with their size), not shown: nobody reads 1232 rows in a browser.
+LINK_ONLY_ROWS = 40
 INDEX = "index.html"
 
 # (summary key, label): the metrics in the order a reader looks for them. Years unless noted.
@@ -105,8 +111,8 @@ DEFAULT_CAPTIONS = {
     "scatter": "Predicted vs chronological age on the held-out test split (identity dashed).",
     "bias": "Brain-age gap vs chronological age, before (and, where given, after) bias "
             "correction; lines are least-squares fits.",
-    "forest": "Effects on the brain-age gap: estimates with confidence intervals; true effects "
-              "(simulated cohort) as red diamonds.",
+    "forest": "Effects of sex and the risk factors on the brain-age gap: estimates with "
+              "confidence intervals; the simulated (true) effects as red diamonds.",
 }
 # Under a gap-effects table with truth columns (see jax_brainage.analyse.truth).
 TRUTH_NOTE = (
@@ -127,6 +133,7 @@ figure{margin:0.8em 0;display:inline-block;vertical-align:top;max-width:100%}
 figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:0.85em;color:#555}
 nav a{margin-right:1em}div.scroll{overflow-x:auto;max-width:100%}
+p.warn{color:#a00;font-weight:bold}
 """.strip()
 
 
@@ -257,6 +264,36 @@ def _flatten(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
   return out
 
 
+def _table_block(name: str, label: str, header: Sequence[str], rows: Sequence[Sequence[Any]],
+                 dest_name: str, link: str) -> str:
+  """A table's block: shown with its TSV link, or (over LINK_ONLY_ROWS rows) the link alone with
+  the table's size and columns."""
+  title = f'<h3>{_esc(label.replace("_", " "))}</h3>'
+  if len(rows) > LINK_ONLY_ROWS:
+    href = _esc(urllib.parse.quote(dest_name))
+    body = (f'<p>The full table ({len(rows)} rows; columns {_esc(", ".join(header))}) is '
+            f'<a href="{href}">{_esc(dest_name)}</a> (tab-separated).</p>')
+  else:
+    body = f"{_table_html(header, rows)}\n{link}"
+  return f'<div class="table" id="table-{_esc(_safe_name(name))}">{title}\n{body}</div>'
+
+
+def _sample_size_html(summary: Mapping[str, Any], used: set[str]) -> str:
+  """The gap regression's n (summary "gap_n", with "gap_terms" coefficients) and a warning when
+  it is small; "" without "gap_n"."""
+  n = summary.get("gap_n")
+  if not isinstance(n, int) or isinstance(n, bool):
+    return ""
+  used.update({"gap_n", "gap_terms"})
+  terms = summary.get("gap_terms")
+  terms = int(terms) if isinstance(terms, int) and not isinstance(terms, bool) else 1
+  text = f"<p>Estimated on n = {n} subjects ({terms} coefficients).</p>"
+  warning = forest.small_sample_warning(n, terms)
+  if warning:
+    text += f'<p class="warn">Warning: {_esc(warning)}.</p>'
+  return text
+
+
 def _section_of(name: str) -> tuple[str, str]:
   """(section, name without a "SECTION:" prefix) of a figure or table name."""
   head, sep, rest = name.partition(":")
@@ -351,9 +388,7 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
     if "qc_flags" in header:  # a conformity table: say first how many and which are flagged
       link = _qc_note(header, rows) + link
     section, label = _section_of(name)
-    parts[section].append(
-        f'<div class="table" id="table-{_esc(_safe_name(name))}"><h3>'
-        f'{_esc(label.replace("_", " "))}</h3>\n{_table_html(header, rows)}\n{link}</div>')
+    parts[section].append(_table_block(name, label, header, rows, dest_name, link))
 
   # Metrics, each group at the top of its section.
   # Summary numbers head their sections, before the figures and tables.
@@ -366,6 +401,9 @@ def write_report(workdir: str | os.PathLike, summary: Mapping[str, Any] | None =
   block = _named_numbers_html(summary, used)
   if block:
     head["accuracy"].append(block)
+  block = _sample_size_html(summary, used)
+  if block:
+    head["gap"].append(block)
   if "risk_effects" in summary:
     block = _risk_effects_html(summary["risk_effects"])
     used.add("risk_effects")

@@ -284,8 +284,10 @@ def compare(truth: SimulatedTruth, rows: Sequence[Mapping[str, Any]], fit: GapRe
     if true[term] is not None:
       row["true_in_ci"] = bool(fit.ci_low[j] <= true[term] <= fit.ci_high[j])
     per_term[term] = row
-  labels = {"latent": "latent gap b - a", "oracle": "oracle from b",
-            "oracle_full": "oracle from b + factors"}
+  # Legend words for a reader (the forest plot); the TSV keeps the short names.
+  labels = {"latent": "true brain-age gap (a perfect measurement)",
+            "oracle": "best possible predictor from brain age alone",
+            "oracle_full": "best possible predictor from brain age, sex and risk factors"}
   c = truth.config
   return {
       "dataset": str(truth.dataset),

@@ -1,7 +1,7 @@
 """`brainage evaluate-explanations`: score relevance maps against the simulated cohort's truth.
 
     brainage evaluate-explanations --workdir W --data DIR --out DIR [--methods a,b,...]
-        [--subjects N] [--split test|val|train|all] [--patch-mm 16] [--steps 16]
+        [--n-subjects N] [--split test|val|train|all] [--patch-mm 16] [--steps 16]
         [--max-fraction 0.5] [--perturbation blur|patch_mean|zero] [--batch-size N] [--seed S]
         [--sanity-check | --no-sanity-check]
 
@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jax_brainage.commands import parsing
 from jax_brainage.errors import ConfigError
 from jax_brainage.explain import evaluate, scoring
 from jax_brainage.explain.truth import PRIMARY_MASK
@@ -31,33 +32,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "evaluate-explanations",
       help="score relevance maps of every LRP composite and baseline against the simulated "
            "cohort's ground truth (mass/rank accuracy, region perturbation)",
-      description=__doc__.split("\n\n")[1])
+      description=__doc__.split("\n\n")[2])
   p.add_argument("--workdir", required=True, type=Path, help="trained workdir (single or ensemble)")
   p.add_argument("--data", required=True, type=Path, help="simulated cohort (brainage simulate)")
   p.add_argument("--out", required=True, type=Path, help="directory for the tables and plot")
   p.add_argument("--methods", default=None,
                  help="comma-separated methods (default: every composite and baseline)")
-  p.add_argument("--subjects", type=int, default=8, help="at most N subjects (0 = whole split)")
+  # A count here; `--subjects` in explain is a list of ids. The old spelling still works.
+  p.add_argument("--n-subjects", type=int, default=8, metavar="N",
+                 help="explain and score at most N subjects of the split (0 = the whole split)")
+  p.add_argument("--subjects", dest="n_subjects", type=int, action=parsing.DeprecatedAlias,
+                 replacement="--n-subjects", help=argparse.SUPPRESS)
   p.add_argument("--split", choices=evaluate.SPLITS, default="test",
-                 help="subjects of the workdir's recorded split (default test; all = any)")
-  p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+                 help="subjects of the workdir's recorded split (all = any subject)")
+  p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                 help="which checkpoint of the workdir to explain")
   p.add_argument("--patch-mm", type=float, default=16.0,
-                 help="edge of the perturbed cubes in mm (16; rounded to whole voxels)")
-  p.add_argument("--steps", type=int, default=16, help="perturbation steps (16)")
+                 help="edge of the perturbed cubes in mm (rounded to whole voxels)")
+  p.add_argument("--steps", type=int, default=16, help="perturbation steps")
   p.add_argument("--max-fraction", type=float, default=0.5,
-                 help="share of brain patches replaced at the last step (0.5)")
+                 help="share of brain patches replaced at the last step")
   p.add_argument("--perturbation", choices=scoring.PERTURBATIONS, default="blur",
-                 help="what replaces a patch: blurred input (default), its mean, or zero")
-  p.add_argument("--random-repeats", type=int, default=4, help="random orders averaged (4)")
+                 help="what replaces a patch: the blurred input, its mean, or zero")
+  p.add_argument("--random-repeats", type=int, default=4, help="random orders averaged")
   p.add_argument("--no-perturbation", action="store_true",
                  help="mass and rank accuracy only (no region perturbation)")
-  p.add_argument("--batch-size", type=int, default=8, help="volumes per relevance call (8)")
+  p.add_argument("--batch-size", type=int, default=8, help="volumes per relevance call")
   p.add_argument("--seed", type=int, default=0,
                  help="SmoothGrad noise, random orders, ties, randomised layers")
   p.add_argument("--sanity-check", action=argparse.BooleanOptionalAction, default=None,
                  help="model-parameter randomisation check per method, layers randomised from "
                       "the output to the input (sanity.tsv; default: on with an accelerator, "
                       "off on CPU)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(func=run)
   return p
 
@@ -77,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
                                sanity=args.sanity_check)
   result, paths = evaluate.evaluate_explanations(
       args.workdir, args.data, args.out, methods, checkpoint=args.checkpoint,
-      patch_mm=args.patch_mm, settings=settings, subjects=args.subjects, split=args.split,
-      progress=sys.stderr.isatty())
+      patch_mm=args.patch_mm, settings=settings, subjects=args.n_subjects, split=args.split,
+      progress=not args.quiet)
   best = result["best_composite"]
   line = (f"evaluated {len(result['summary'])} methods on {len(result['subjects'])} "
           f"{args.split} subjects -> {paths['summary']}")

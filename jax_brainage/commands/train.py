@@ -11,15 +11,18 @@ import argparse
 from pathlib import Path
 
 from jax_brainage import sharding
+from jax_brainage.commands import parsing
 from jax_brainage.train import config as config_lib
 from jax_brainage.train import experiment
 
 
-class OverrideParser(argparse.ArgumentParser):
+class OverrideParser(parsing.SubcommandParser):
   """Collects big_vision-style `--config.KEY VALUE` overrides into `args.overrides`."""
 
-  def parse_known_args(self, args=None, namespace=None):
-    namespace, extras = super().parse_known_args(args, namespace)
+  def claims(self, option: str) -> bool:
+    return option.startswith("--config.")
+
+  def claim_extras(self, namespace, extras):
     overrides, rest, i = [], [], 0
     while i < len(extras):
       if extras[i].startswith("--config."):
@@ -30,7 +33,7 @@ class OverrideParser(argparse.ArgumentParser):
         rest.append(extras[i])
         i += 1
     namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-    return namespace, rest
+    return rest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -307,18 +307,28 @@ def voxel_size(affine: np.ndarray) -> np.ndarray:
   return np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
 
 
-def make_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+def make_image(data: np.ndarray, affine: np.ndarray, *, description: str | None = None,
+               intent: tuple[str, str] | None = None) -> nib.Nifti1Image:
   """An in-memory NIfTI-1 image of `data` `[x, y, z(, k)]` with voxel-to-world `affine` (mm).
 
   NIfTI has no bool or float16: bool becomes uint8 and float16 float32. 64-bit integers are kept
-  (nibabel only wants them stated explicitly).
+  (nibabel only wants them stated explicitly). The header states spatial units mm (xyzt_units),
+  and, where given, `description` (the header's 80-byte `descrip`, cut to fit) and `intent`
+  (code, name), e.g. ("estimate", "years/voxel"): what FSLeyes / MRIcroGL show a reader.
   """
   data = np.asarray(data)
   if data.dtype == bool:
     data = data.astype(np.uint8)
   elif data.dtype == np.float16:
     data = data.astype(np.float32)
-  return nib.Nifti1Image(data, np.asarray(affine, np.float64), dtype=data.dtype)
+  img = nib.Nifti1Image(data, np.asarray(affine, np.float64), dtype=data.dtype)
+  img.header.set_xyzt_units(xyz="mm")
+  if description:
+    img.header["descrip"] = description.encode("ascii", "replace")[:79]
+  if intent is not None:
+    code, name = intent
+    img.header.set_intent(code, name=name[:15])
+  return img
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,10 +52,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from jax_brainage import fileio, lock, predict
+from jax_brainage import fileio, lock, plots, predict
 from jax_brainage.data import cache as cache_lib
-from jax_brainage.data import bids, nifti, simulate
+from jax_brainage.data import bids, nifti, prune, simulate
 from jax_brainage.data import regions as atlas_lib
 from jax_brainage.errors import DataError
 from jax_brainage.explain import figures, maps, reference
@@ -304,7 +305,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
                 else "years of predicted age above the age-matched reference brain per voxel "
                      "(positive: older than expected at this age)"),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "subjects": [], "skipped": [], "groups": [], "tables": {}, "figures": []}
+      "subjects": [], "skipped": [], "groups": [], "tables": {}, "figures": [], "captions": {}}
   accumulators = GroupMaps(groups)
   region_rows: list[dict] = []
   writer = SummaryWriter(out / "tensorboard")
@@ -316,6 +317,9 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
     return cubes
 
   n_done = 0
+  # A bar over subjects (the demo explains for a minute on a CPU); --quiet silences it.
+  bar = tqdm(total=len(chosen), desc="explain", unit="subject", disable=quiet, file=sys.stderr,
+             dynamic_ncols=True)
 
   def explain_batch(batch: list[Any], cubes: dict[str, np.ndarray]) -> None:
     nonlocal n_done
@@ -336,7 +340,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
         entry["maps"][level] = []
         for c, seq in enumerate(seqs):
           path = map_path(out, subject.subject_id, subject.session, level, seq)
-          save(maps.to_subject_space(r[..., c], inverse), path)
+          save(maps.to_subject_space(r[..., c], inverse, method=target.method.name), path)
           entry["maps"][level].append(str(path.relative_to(out)))
         if level == target.top:
           entry["relevance_sum"] = float(np.sum(r, dtype=np.float64))
@@ -355,12 +359,12 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       accumulators.add(row_id, top[j], anatomy, inverse)
       if len(index["subjects"]) < n_figures:
         entry["figures"] = _subject_figures(out, writer, subject, anatomy, top[j], top_seqs,
-                                            target.top)
+                                            target.top, inverse, target.method.name,
+                                            index.setdefault("captions", {}))
         index["figures"] += entry["figures"]
       index["subjects"].append(entry)
     n_done += len(batch)
-    if not quiet:
-      print(f"explained {n_done}/{len(chosen)} subjects", file=sys.stderr)
+    bar.update(len(batch))
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as writers:
     writes: collections.deque = collections.deque()
@@ -378,6 +382,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       explain_batch(batch, cubes)
     while writes:  # raises the first failed write
       writes.popleft().result()
+  bar.close()
   index["skipped"] = [{"participant_id": s, "reason": why} for s, why in skipped]
   if not index["subjects"]:
     raise DataError(f"{dataset.root or 'data'}: no subject could be explained")
@@ -391,6 +396,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
     region_tables.write_table(out / "regions" / "group_regions.tsv",
                               region_tables.group_rows(region_rows, groups),
                               region_tables.GROUP_COLUMNS)
+    _region_chart(out, target, region_rows, groups, index)
     index["tables"] = {"subjects": "regions/relevance_regions.tsv",
                        "groups": "regions/group_regions.tsv", "atlas": str(atlas_path),
                        "labels": {int(i): atlas.names.get(int(i), str(int(i))) for i in ids}}
@@ -398,31 +404,81 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
   return index
 
 
+def _region_chart(out: Path, target: Target, region_rows: list[dict], groups,
+                  index: dict[str, Any]) -> str | None:
+  """figures/regions_ranked.png: the 20 regions with the most relevance in the top-level map
+  (channels summed), mean over all explained subjects with SD whiskers; None without rows."""
+  every = region_tables.group_rows(region_rows, {("all", "all"): groups[("all", "all")]}) \
+      if ("all", "all") in groups else []
+  sequence = "all" if len(target.sequences) > 1 else target.sequences[0]
+  ranked = region_tables.ranked_regions(every, model=target.top, sequence=sequence)
+  if not ranked:
+    return None
+  n = int(ranked[0]["n"])
+  path = out / "figures" / "regions_ranked.png"
+  seqs = " + ".join(target.sequences)
+  plots.region_bars(
+      path, [r["region"] for r in ranked], np.array([r["positive_mean"] for r in ranked]),
+      np.array([r["positive_sd"] for r in ranked]), np.array([r["negative_mean"] for r in ranked]),
+      np.array([r["negative_sd"] for r in ranked]),
+      title=f"Relevance per atlas region\n{group_words('all', 'all', n)}, {seqs}")
+  rel = str(path.relative_to(out))
+  index["figures"].append(rel)
+  index["captions"][rel] = (
+      f"Atlas regions ranked by total relevance ({target.method.name}, {seqs} summed): mean "
+      f"positive (red, evidence for an older estimate) and negative (blue, younger) relevance "
+      f"per region over the {n} explained subjects, whiskers one SD; top {len(ranked)} regions. "
+      "Every region and group: regions/group_regions.tsv.")
+  return rel
+
+
+def group_words(group: str, value: str, n: int) -> str:
+  """A group of subjects in words with its n: "all subjects (n = 4)", "age 40 to 50 years
+  (n = 2)", "diabetes = 1 (n = 3)"."""
+  if group == "all":
+    return f"all explained subjects (n = {n})"
+  if group in ("age", "age_band"):
+    words = value.replace("to", " to ") if "to" in value else value
+    return f"age {words} years (n = {n})"
+  return f"{group} = {value} (n = {n})"
+
+
 def _group_maps(out: Path, writer, target: Target, accumulators: GroupMaps,
                 index: dict[str, Any], glass_brain: bool) -> None:
-  """Writes every group's mean map (NIfTI) and its figures; records them in `index`."""
+  """Writes every group's mean map (NIfTI) and its figures; records them in `index` (with a
+  caption in words per figure in index["captions"])."""
+  captions = index.setdefault("captions", {})
   for (group, value), (rel, anat, affine, space) in accumulators.means().items():
     record = {"group": group, "value": value, "n": int(accumulators.count[(group, value)]),
               "space": space, "maps": []}
+    who = group_words(group, value, record["n"])
     for c, seq in enumerate(target.sequences):
       name = (f"group-{group}_value-{value}_model-{entity(target.top)}_seq-{entity(seq)}"
               f"_space-{space}_relevance.nii.gz")
-      fileio.save_nifti(nifti.make_image(rel[..., c].astype(np.float32), affine),
-                        out / "group" / name)
+      image = maps.relevance_image(rel[..., c], affine, target.method.name)
+      fileio.save_nifti(image, out / "group" / name)
       record["maps"].append(f"group/{name}")
       stem = name[: -len("_relevance.nii.gz")]
       png = out / "figures" / f"{stem}_montage.png"
-      figures.save_montage(png, _canonical(anat, affine), _canonical(rel[..., c], affine),
-                           title=f"{group} = {value} (n = {record['n']}), {seq}, "
-                                 f"{target.method.name}")
+      # Every group in the paper figure's style; all subjects in three views, the others (age
+      # bands, risk groups) in one axial row, a third of the drawing time.
+      figures.save_stat_map(png, image, nifti.make_image(anat.astype(np.float32), affine),
+                            title=f"Mean relevance, {who}, {seq}, {target.method.name}",
+                            views="xyz" if group == "all" else "z")
+      captions[str(png.relative_to(out))] = (
+          f"Mean relevance map of {who}, {seq} input ({target.method.name}) on the "
+          f"{'template' if space == 'template' else 'input cube'}'s anatomy; slice positions "
+          "in mm. Red-yellow: evidence for an older brain-age estimate; blue-cyan: younger.")
       rgb, _ = figures.montage_rgb(_canonical(anat, affine), _canonical(rel[..., c], affine))
       figures.write_tensorboard_image(writer, 0, f"groups/{group}={value}/{seq}", rgb)
       record.setdefault("figures", []).append(str(png.relative_to(out)))
       if glass_brain and group == "all":
         glass = out / "figures" / f"{stem}_glassbrain.png"
-        figures.save_glass_brain(glass, nifti.make_image(rel[..., c].astype(np.float32), affine),
-                                 title=f"all subjects, {seq}")
+        figures.save_glass_brain(glass, image, title=f"{who}, {seq}")
         record["figures"].append(str(glass.relative_to(out)))
+        captions[str(glass.relative_to(out))] = (
+            f"Glass-brain projections of the mean relevance of {who}, {seq} input (MNI outline "
+            "as a guide). Red-yellow: older; blue-cyan: younger.")
     index["figures"] += record.get("figures", [])
     index["groups"].append(record)
 
@@ -438,14 +494,21 @@ def _canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _subject_figures(out: Path, writer, subject, anatomy: np.ndarray, relevance: np.ndarray,
-                     sequences: Sequence[str], model: str) -> list[str]:
+                     sequences: Sequence[str], model: str, inverse, method: str,
+                     captions: dict[str, str]) -> list[str]:
+  """The subject's relevance over its own first input image, in its own space (world mm)."""
   paths = []
+  anatomy_image = prune.to_subject_space(anatomy.astype(np.float32), inverse, order=1)
   for c, seq in enumerate(sequences):
     png = out / "figures" / (f"{subject_prefix(subject.subject_id, subject.session)}_model-"
                              f"{entity(model)}_seq-{entity(seq)}_montage.png")
-    age = "" if subject.age is None else f", age {float(subject.age):.1f}"
-    figures.save_montage(png, anatomy, relevance[..., c],
-                         title=f"{subject.subject_id}{age}, {seq}")
+    age = "" if subject.age is None else f", age {float(subject.age):.1f} years"
+    figures.save_stat_map(png, maps.to_subject_space(relevance[..., c], inverse, method=method),
+                          anatomy_image, title=f"{subject.subject_id}{age}, {seq}, {method}")
+    captions[str(png.relative_to(out))] = (
+        f"Relevance map of {subject.subject_id}{age}, {seq} input ({method}), in the subject's "
+        "own space over its first input image; slice positions in mm. Red-yellow: evidence "
+        "for an older brain-age estimate; blue-cyan: younger.")
     rgb, _ = figures.montage_rgb(anatomy, relevance[..., c])
     figures.write_tensorboard_image(writer, 0, f"subjects/{subject.subject_id}/{seq}", rgb)
     paths.append(str(png.relative_to(out)))

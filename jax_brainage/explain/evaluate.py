@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jax_brainage import lock, predict
 from jax_brainage.data import intensity
@@ -205,6 +206,12 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
   model_inputs = predict.model_inputs(model)
   dataset = predict.read_dataset([data], model_inputs.sequences)
   chosen = _select_subjects(model, dataset, split, subjects)
+  # One bar over the stages (preparing the subjects, each method, each sanity check): the
+  # demo spends minutes here on a CPU.
+  run_sanity = (jax.default_backend() != "cpu" if settings.sanity is None else settings.sanity)
+  bar = tqdm(total=1 + len(names) * (2 if run_sanity else 1), desc="evaluate explanations",
+             unit="stage", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+  bar.set_postfix_str(f"prepare {len(chosen)} subjects")
   t0 = time.perf_counter()
   inputs = prepare_subjects(model, chosen, model_inputs)
   inverses = inputs.inverses
@@ -212,6 +219,7 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
             for s, inv in zip(chosen, inverses)]
   mask_names, masks = truth.stacked_masks(truths)
   timings = {"prepare_seconds": time.perf_counter() - t0}
+  bar.update(1)
 
   perturb = settings.perturb and inputs.cube is not None
   perturber = random = predicted = None
@@ -233,8 +241,7 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
   curves: dict[str, Any] = {}
   kinds = {m: maps.METHODS[m].kind for m in names}
   for name in names:
-    if progress:
-      print(f"evaluate-explanations: {name}", file=sys.stderr)
+    bar.set_postfix_str(name)
     t1 = time.perf_counter()
     rel = maps.relevance(model, inputs.relevance_inputs, name, batch_size=settings.batch_size,
                          seed=settings.seed)
@@ -253,9 +260,10 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
     row["seconds"] = time.perf_counter() - t1
     summary[name] = row
     per_subject[name] = subj
+    bar.update(1)
   sanity = {"status": "off"}
-  # gated like perturbation in the demo: one attribution per layer and method is slow on CPU
-  run_sanity = (jax.default_backend() != "cpu" if settings.sanity is None else settings.sanity)
+  # gated like perturbation in the demo (run_sanity): one attribution per layer and method is
+  # slow on CPU
   if run_sanity:
     if not artifact.is_single_model(model):
       sanity = {"status": "skipped: ensembles (run it on a single-model workdir)"}
@@ -264,7 +272,7 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
       sub = model.subs[0]
       sanity = {"status": "done", **scoring.sanity_check(
           sub.model, sub.member_variables(0), x, np.asarray(inputs.cube).dtype, support, names,
-          batch_size=settings.batch_size, seed=settings.seed, progress=progress)}
+          batch_size=settings.batch_size, seed=settings.seed, progress=bar)}
       timings["sanity_seconds"] = time.perf_counter() - t1
       # the summary line: mean Spearman of |relevance| once every layer is random
       sanity["final_spearman_abs"] = {
@@ -273,6 +281,7 @@ def evaluate(model: Ensemble, data: str | os.PathLike, methods: Sequence[str] | 
     curves["random"] = {"random": np.mean(np.asarray(random.outputs, np.float64), 0).tolist()}
     curves["fractions"] = np.asarray(random.fractions, np.float64).tolist()
     timings["aopc_random"] = scoring.mean_se(np.asarray(random.aopc))[0]
+  bar.close()
   best = scoring.best_composite(summary, kinds)
   return {
       "workdir": str(model.workdir),

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from jax_brainage import fileio
+from jax_brainage.data import nifti
 
 DEFAULT_PERCENTILE = 99.5
 # (position in [0, 1] for r in [-1, 1], RGB)
@@ -185,6 +186,84 @@ def save_glass_brain(path: str | os.PathLike, image, *, title: str = "",
     display.close()
     plt.close("all")
   return limit
+
+
+COLORBAR_LABEL = "LRP relevance (years of predicted age per voxel; + = older)"
+
+
+def save_stat_map(path: str | os.PathLike, relevance_image, anatomy_image, *, title: str = "",
+                  views: str = "xyz", n_cuts: int = 5, limit: float | None = None,
+                  percentile: float = DEFAULT_PERCENTILE, dpi: int = 100) -> float:
+  """A paper figure of a relevance map over its anatomy (nilearn.plotting.plot_stat_map): a row
+  of slices per view (x sagittal, y coronal, z axial), every slice labelled with its world
+  coordinate in mm, L and R marked, in the neurological convention (left on the left), and a
+  colour bar in years of predicted age per voxel (positive, red-yellow: evidence for an older
+  estimate; negative, blue-cyan: younger). Returns the symmetric colour limit.
+
+  Args:
+    path: PNG to write (atomically).
+    relevance_image, anatomy_image: NIfTI images in world coordinates (mm): the map and the
+      anatomy it is shown on (the subject's image, or the template for group maps); the anatomy
+      is resampled to the map.
+    title: words for a reader (who, which sequence, which method), shown above the panels.
+    views: the rows, a subset of "xyz" in that order; n_cuts: slices per view, evenly spaced
+      through the brain (nonzero anatomy).
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.cm import ScalarMappable
+  from matplotlib.colors import Normalize
+  from nilearn import image as nimage
+  from nilearn import plotting
+
+  data = np.asarray(relevance_image.dataobj, np.float32)
+  limit = symmetric_limit(data, percentile) if limit is None else float(limit)
+  anatomy = nimage.resample_to_img(anatomy_image, relevance_image, interpolation="continuous",
+                                   force_resample=True, copy_header=True)
+  anat = np.asarray(anatomy.dataobj, np.float32)
+  # Opacity |r| / limit, as in `overlay`: where relevance is ~0 the anatomy shows through.
+  opacity = nifti.make_image(np.clip(np.abs(data) / limit, 0.0, 1.0), relevance_image.affine)
+  rows = len(views)
+  top = 0.3 if title else 0.05  # inches above the panels
+  height = 2.0 * rows + top + 0.1
+  fig = plt.figure(figsize=(2.0 * n_cuts + 1.3, height), facecolor="black")
+  try:
+    row_height = 2.0 / height
+    for i, axis in enumerate(views):
+      bottom = 1.0 - (top / height) - row_height * (i + 1)
+      ax = fig.add_axes((0.03, bottom, 0.87, row_height * 0.95))
+      cuts = world_cuts(anat, anatomy.affine, "xyz".index(axis), n_cuts)
+      plotting.plot_stat_map(relevance_image, bg_img=anatomy, display_mode=axis,
+                             cut_coords=cuts, axes=ax, figure=fig, cmap=relevance_cmap(),
+                             vmin=-limit, vmax=limit, symmetric_cbar=True, colorbar=False,
+                             threshold=None, annotate=True, draw_cross=False, black_bg=True,
+                             title=None, resampling_interpolation="nearest",
+                             transparency=opacity, transparency_range=[0.0, 1.0])
+      fig.text(0.012, bottom + row_height / 2, VIEWS["xyz".index(axis)], color="white",
+               fontsize=9, rotation=90, va="center", ha="center")
+    bar_ax = fig.add_axes((0.92, 0.08, 0.012, 1.0 - top / height - 0.12))
+    bar = fig.colorbar(ScalarMappable(Normalize(-limit, limit), relevance_cmap()), cax=bar_ax)
+    bar.set_label(COLORBAR_LABEL if rows > 1 else COLORBAR_LABEL.replace(" (", "\n("),
+                  color="white", fontsize=7)
+    bar.ax.tick_params(colors="white", labelsize=6)
+    if title:
+      fig.text(0.5, 1.0 - 0.05 / height, title, color="white", fontsize=10, ha="center",
+               va="top")
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+      fig.savefig(tmp, format="png", dpi=dpi, facecolor="black")
+  finally:
+    plt.close(fig)
+  return limit
+
+
+def world_cuts(anatomy: np.ndarray, affine: np.ndarray, axis: int, n: int) -> list[float]:
+  """`n` world coordinates (mm) along world axis `axis` (0 x, 1 y, 2 z), evenly spaced through
+  the brain (nonzero anatomy) of a volume whose affine is diagonal up to a permutation."""
+  affine = np.asarray(affine, np.float64)
+  voxel_axis = int(np.argmax(np.abs(affine[axis, :3])))
+  positions = slice_positions(np.moveaxis(anatomy, voxel_axis, 0), "sagittal", n)
+  return [float(affine[axis, voxel_axis] * p + affine[axis, 3]) for p in positions]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

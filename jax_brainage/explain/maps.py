@@ -418,8 +418,25 @@ def relevance(ensemble, volumes, method: Method | str = DEFAULT_METHOD, *,
 # Back to the subject.
 
 
+# The NIfTI header of every relevance map (`relevance_image`): a viewer shows what the map is.
+RELEVANCE_INTENT = ("estimate", "years/voxel")
+
+
+def relevance_description(method: str | None) -> str:
+  """The header `descrip` of a relevance map of `method` (<= 80 characters)."""
+  return f"LRP relevance, {method or 'relevance'}, positive = older, years per voxel"
+
+
+def relevance_image(data: np.ndarray, affine: np.ndarray,
+                    method: str | None = None) -> nib.Nifti1Image:
+  """A float32 NIfTI relevance map `[X, Y, Z(, k)]` (years of predicted age per voxel) with
+  units mm, intent "estimate" (name "years/voxel") and `relevance_description(method)`."""
+  return nifti.make_image(np.asarray(data, np.float32), affine,
+                          description=relevance_description(method), intent=RELEVANCE_INTENT)
+
+
 def to_subject_space(relevance_cube: np.ndarray, cube_inverse, *,
-                     preserve_sum: bool = True) -> nib.Nifti1Image:
+                     preserve_sum: bool = True, method: str | None = None) -> nib.Nifti1Image:
   """A cube-space map `[X, Y, Z]` (or `[X, Y, Z, k]`) on the subject's own grid and affine.
 
   The exact inverse of the preprocessing's crop/pad and reorientation (`prune.to_subject_space`):
@@ -429,7 +446,8 @@ def to_subject_space(relevance_cube: np.ndarray, cube_inverse, *,
   volumes so that relevance summed over a region keeps its meaning (years).
 
   Returns:
-    float32 `Nifti1Image` `[*original_shape(, k)]` with the original affine.
+    float32 `Nifti1Image` `[*original_shape(, k)]` with the original affine, its header naming
+    `method` (`relevance_image`).
   """
   img = prune.to_subject_space(np.asarray(relevance_cube, np.float32), cube_inverse, order=1)
   data = np.asarray(img.dataobj, np.float32)
@@ -437,4 +455,4 @@ def to_subject_space(relevance_cube: np.ndarray, cube_inverse, *,
     cube_voxel = abs(np.linalg.det(np.asarray(cube_inverse.grid_affine)[:3, :3]))
     own_voxel = abs(np.linalg.det(np.asarray(cube_inverse.original_affine)[:3, :3]))
     data = data * np.float32(own_voxel / cube_voxel)
-  return nifti.make_image(data, np.asarray(cube_inverse.original_affine, np.float64))
+  return relevance_image(data, np.asarray(cube_inverse.original_affine, np.float64), method)

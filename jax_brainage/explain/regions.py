@@ -176,6 +176,26 @@ def group_rows(rows: Sequence[Mapping], groups: Mapping[tuple[str, str], Sequenc
   return out
 
 
+def ranked_regions(rows: Sequence[Mapping], *, model: str, sequence: str, group: str = "all",
+                   value: str = "all", top: int = 20) -> list[dict]:
+  """The regions of one group, model and sequence ranked by their mean total |relevance|.
+
+  Args:
+    rows: group rows (`group_rows`, GROUP_COLUMNS).
+    model, sequence: which map (e.g. "ensemble", "all" for the channels summed); each region
+      appears once (the members' and sub-ensembles' rows are other models).
+    group, value: which group ("all", "all": every explained subject).
+    top: at most this many regions.
+  Returns:
+    rows (dicts of GROUP_COLUMNS), the region with the largest positive_mean - negative_mean
+    (years) first.
+  """
+  chosen = [r for r in rows if r["group"] == group and str(r["value"]) == value
+            and r["model"] == model and r["sequence"] == sequence]
+  chosen.sort(key=lambda r: -(float(r["positive_mean"]) - float(r["negative_mean"])))
+  return chosen[:top]
+
+
 def write_table(path: str | os.PathLike, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
   """Writes rows as a TSV atomically."""
   fileio.write_text(path, tsv_text(rows, columns))

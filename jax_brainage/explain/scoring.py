@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -236,7 +235,7 @@ def perturbation_summary(pert: ev.RegionPerturbation
 
 
 def sanity_check(model, variables, x, stored_dtype, support, names: Sequence[str], *,
-                 batch_size: int, seed: int, progress: bool = False) -> dict[str, Any]:
+                 batch_size: int, seed: int, progress=None) -> dict[str, Any]:
   """Cascading model-parameter randomisation of one trained model, for every method.
 
   Args:
@@ -245,6 +244,7 @@ def sanity_check(model, variables, x, stored_dtype, support, names: Sequence[str
     support: bool `[n, X, Y, Z]`, the voxels compared (the brain).
     names: methods of `maps.METHODS`.
     batch_size: subjects per call; seed: the random layers' and the random methods' seed.
+    progress: a tqdm bar advanced by one per method (None: silent).
 
   Returns:
     {"layers": [L] randomised in this order (cumulative), "top_fraction", "per_subject":
@@ -261,8 +261,8 @@ def sanity_check(model, variables, x, stored_dtype, support, names: Sequence[str
   base = jax.random.PRNGKey(seed)
   per_method: dict[str, dict[str, Any]] = {}
   for name in names:
-    if progress:
-      print(f"evaluate-explanations: sanity check {name}", file=sys.stderr)
+    if progress is not None:
+      progress.set_postfix_str(f"sanity check {name}")
     method = maps.METHODS[name]
     parts = []
     for start in range(0, len(x), batch_size):  # bounded memory: batches of subjects
@@ -281,6 +281,8 @@ def sanity_check(model, variables, x, stored_dtype, support, names: Sequence[str
     per_method[name] = {
         field: np.concatenate([np.asarray(getattr(p, field), np.float64) for p in parts],
                               axis=1).tolist() for field in (*SANITY_MEASURES, "outputs")}
+    if progress is not None:
+      progress.update(1)
   return {"layers": list(layers), "top_fraction": SANITY_TOP_FRACTION,
           "per_subject": per_method}
 

@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from jax_brainage import plots
 from jax_brainage.analyse import forest, gap, report
 from jax_brainage.commands import report as report_command
 from jax_brainage.errors import DataError
@@ -74,13 +75,19 @@ def full_report(tmp_path_factory):
   forest.forest_plot(src / "forest.png", fit, true_effects={"diabetes": 3.0, "age": 0.0})
   forest.bias_plot(src / "bias.png", age, g, g + 0.2 * (age - 50))
   (src / "effects.tsv").write_text(gap.effects_tsv(gap.effects_table(fit)))
+  plots.region_bars(src / "regions.png", ["hippocampus", "frontal_cortex", "ventricles"],
+                    np.array([0.9, 0.5, 0.2]), np.array([0.1, 0.2, np.nan]),
+                    np.array([-0.2, -0.6, -0.1]), np.array([0.05, 0.1, np.nan]),
+                    title="Relevance per atlas region, all explained subjects (n = 4)")
   figures = {"scatter": _png(src / "s.png", 1), "bias": src / "bias.png",
              "forest": src / "forest.png",
+             "relevance_regions_ranked": (src / "regions.png", "Regions ranked by relevance"),
              "relevance_ensemble": (_png(src / "m.png", 2), "ensemble <relevance> & co"),
              "relevance montage T1w": _png(src / "m2.png", 3),
              "perturbation_curves": _png(src / "p.png", 4),
              "weird": _png(src / "w.png", 5)}
-  tables = {"gap_effects": src / "effects.tsv",
+  long_rows = [{"region": f"r{i}", "positive_mean": i / 100} for i in range(report.LINK_ONLY_ROWS + 5)]
+  tables = {"gap_effects": src / "effects.tsv", "relevance_regions": long_rows,
             "relevance_scores": [{"method": "epsilon_plus_flat", "mass_accuracy": 0.61},
                                  {"method": "gradient", "mass_accuracy": 0.32}]}
   summary = {"preset": "tiny", "model": "mrinet", "mae": 3.21, "rmse": 4.0, "r": 0.95,
@@ -89,7 +96,8 @@ def full_report(tmp_path_factory):
              "relevance_mass_accuracy": 0.61, "relevance_rank_accuracy": 0.55,
              "gradient_relevance_mass_accuracy": 0.32,
              "risk_effects": {"diabetes": {"estimated": 2.9, "true": 4.0}},
-             "versions": {"jax": "0.10.2"}, "note": "<script>alert('x')</script>"}
+             "versions": {"jax": "0.10.2"}, "note": "<script>alert('x')</script>",
+             "gap_n": n, "gap_terms": 3}
   workdir = tmp_path_factory.mktemp("run")
   index = report.write_report(workdir, summary, figures, tables)
   return workdir, index, figures
@@ -185,6 +193,24 @@ def test_report_renders_in_headless_chromium_with_every_image(full_report, tmp_p
 
   pixels = matplotlib.image.imread(shot)[..., :3]
   assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005
+  # The relevance section (region chart first) alone, kept under the workdir for a reader.
+  text = index.read_text()
+  start, end = text.index('<section id="relevance">'), text.index("</section>",
+                                                                   text.index('id="relevance"'))
+  section = index.with_name("relevance_section.html")
+  section.write_text(text[:text.index("<body>") + len("<body>")] + text[start:end]
+                     + "</section></body></html>")
+  shots = index.parent / "screenshots"
+  shots.mkdir(exist_ok=True)
+  relevance_shot = shots / "relevance_section.png"
+  result = _chromium(["--window-size=1000,900", f"--screenshot={relevance_shot}",
+                      section.as_uri()], tmp_path)
+  assert result.returncode == 0 and relevance_shot.is_file(), result.stderr[-2000:]
+  pixels = matplotlib.image.imread(relevance_shot)[..., :3]
+  # the chart's red and blue bars are on screen
+  red = (pixels[..., 0] > 0.6) & (pixels[..., 2] < 0.5)
+  blue = (pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.5)
+  assert red.mean() > 0.001 and blue.mean() > 0.001
 
 
 def test_report_command(tmp_path):
@@ -248,3 +274,26 @@ def test_qc_table_gets_its_own_section_and_a_count(tmp_path):
   assert "Input conformity (QC)" in section
   assert "<b>1 of 3</b> scans flagged" in section
   assert "<li>sub-02: alignment, outside_brain</li>" in section
+
+
+def test_long_tables_are_links_and_small_samples_warn(full_report):
+  workdir, index, _ = full_report
+  page = index.read_text()
+  block = page[page.index('id="table-relevance_regions"'):]
+  block = block[:block.index("</div>")]
+  assert "<table" not in block  # no page-wide dump
+  assert f"{report.LINK_ONLY_ROWS + 5} rows" in block and 'href="relevance_regions.tsv"' in block
+  rows = (workdir / "report" / "relevance_regions.tsv").read_text().splitlines()
+  assert len(rows) == report.LINK_ONLY_ROWS + 6  # header + every row
+  # n = 40 subjects for 3 coefficients: stated, no warning; 12 for 3: a warning.
+  gap_section = page[page.index('<section id="gap">'):]
+  assert "n = 40 subjects" in gap_section[:gap_section.index("</section>")]
+  assert 'class="warn"' not in page
+  small = report.write_report(workdir / "small", {"gap_n": 12, "gap_terms": 3})
+  assert "Warning: only n = 12 subjects for 3 coefficients" in small.read_text()
+
+
+def test_forest_plot_speaks_words():
+  assert forest.response_words("brain_age_gap_corrected") == \
+      "bias-corrected brain-age gap (years)"
+  assert forest.small_sample_warning(10, 6) and not forest.small_sample_warning(60, 6)

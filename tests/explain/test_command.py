@@ -117,6 +117,23 @@ def test_subject_maps_match_lrp_in_the_subject_space(explain_workdir, explained)
     assert entry["relevance_sum"] == pytest.approx(float(reference[k].sum()), rel=1e-4, abs=1e-6)
 
 
+def test_maps_carry_units_and_a_description_in_their_header(explained):
+  """Every written map, read back with nibabel, says what it is (FSLeyes / MRIcroGL show it)."""
+  out, index = explained
+  written = sorted(out.glob("sub-*/anat/*_relevance.nii.gz")) + sorted(
+      out.glob("group/*_relevance.nii.gz"))
+  assert len(written) > len(index["subjects"])
+  for path in written:
+    header = nib.load(path).header
+    assert header.get_xyzt_units()[0] == "mm", path.name
+    descrip = header["descrip"].item().decode()
+    assert descrip.startswith(f"LRP relevance, {index['method']}"), descrip
+    assert "positive = older" in descrip and "years" in descrip
+    intent, _, name = header.get_intent()
+    assert intent == "estimate" and name == "years/voxel", path.name
+    assert header.get_data_dtype() == np.float32
+
+
 def test_region_tables_and_group_maps(explain_workdir, explained):
   out, index = explained
   data = explain_workdir / "data"
@@ -181,6 +198,12 @@ def test_region_tables_and_group_maps(explain_workdir, explained):
   for f in index["figures"]:
     assert matplotlib.image.imread(out / f).ndim == 3
   assert any(f.endswith("_glassbrain.png") for f in index["figures"])
+  # The ranked region chart, and a caption in words (not a file name) for every figure.
+  assert "figures/regions_ranked.png" in index["figures"]
+  for f in index["figures"]:
+    caption = index["captions"][f]
+    assert "relevance" in caption.lower() and "_montage" not in caption, caption
+  assert "(n = " in index["captions"][next(f for f in index["figures"] if "group-all_" in f)]
   assert list((out / "tensorboard").glob("events.out.tfevents.*"))
   assert not [p for p in out.rglob(".*")]
   description = json.loads((out / "dataset_description.json").read_text())

@@ -32,7 +32,7 @@ def evaluated(explain_workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("evaluate") / "out"
   argv = ["evaluate-explanations", "--workdir", str(explain_workdir), "--data",
           str(explain_workdir / "data"), "--out", str(out), "--methods", ",".join(METHODS),
-          "--subjects", "3", "--split", "all", "--steps", "4", "--random-repeats", "2",
+          "--n-subjects", "3", "--split", "all", "--steps", "4", "--random-repeats", "2",
           "--patch-mm", "16"]
   try:
     rc = main(argv)

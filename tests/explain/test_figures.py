@@ -88,3 +88,62 @@ def test_tensorboard_rgb_image(tmp_path):
   np.testing.assert_allclose(decoded[..., :3], rgb, atol=1 / 255 + 1e-6)
   figures.write_tensorboard_image(SummaryWriter(tmp_path / "off", enabled=False), 0, "t", rgb)
   assert not (tmp_path / "off").exists()
+
+
+def test_stat_map_figure_cuts_in_mm_and_png(tmp_path):
+  """Cuts are world coordinates (mm, nibabel's affine) through the brain; the PNG is drawn."""
+  import matplotlib.image
+  import nibabel as nib
+  from nibabel.affines import apply_affine
+
+  from jax_brainage.data import nifti
+  from jax_brainage.explain import maps
+
+  affine = np.array([[-4.0, 0, 0, 60], [0, 4.0, 0, -80], [0, 0, 4.0, -40], [0, 0, 0, 1]])
+  anatomy = np.zeros((24, 28, 22), np.float32)
+  anatomy[5:19, 6:22, 4:18] = 1.0  # the "brain"
+  relevance = np.zeros_like(anatomy)
+  relevance[8:12, 10:14, 8:12] = 0.02
+  relevance[14:16, 16:18, 12:14] = -0.01
+  for axis in range(3):
+    cuts = figures.world_cuts(anatomy, affine, axis, 4)
+    ends = apply_affine(affine, np.array([[5, 6, 4], [18, 21, 17]]))[:, axis]
+    assert len(cuts) == 4 and all(min(ends) < c < max(ends) for c in cuts), (axis, cuts)
+  image = maps.relevance_image(relevance, affine, "epsilon_plus_flat")
+  path = tmp_path / "map.png"
+  limit = figures.save_stat_map(path, image, nifti.make_image(anatomy, affine),
+                                title="sub-01, T1w", n_cuts=3)
+  assert limit == pytest.approx(figures.symmetric_limit(relevance))
+  pixels = matplotlib.image.imread(path)[..., :3]
+  assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+  assert ((pixels[..., 0] > 0.8) & (pixels[..., 2] < 0.3)).any()  # positive: red-yellow
+  assert ((pixels[..., 2] > 0.8) & (pixels[..., 0] < 0.3)).any()  # negative: blue-cyan
+  header = nib.Nifti1Image.from_bytes(image.to_bytes()).header
+  assert header.get_xyzt_units()[0] == "mm" and header.get_intent()[0] == "estimate"
+
+
+def test_ranked_region_bars(tmp_path):
+  """Ranking by mean positive - negative relevance, one row per region of the chosen model."""
+  import matplotlib.image
+
+  from jax_brainage import plots
+  from jax_brainage.explain import regions
+
+  subject = [{"participant_id": f"s{i}", "model": model, "sequence": "all", "label": k,
+              "region": name, "voxels": 10, "sum": 0.0, "mean": 0.0,
+              "positive": pos * (1 + i), "negative": neg, "positive_fraction": 0.1}
+             for i in range(3) for model in ("ensemble", "allm0")
+             for k, (name, pos, neg) in enumerate([("a", 0.1, -0.1), ("b", 0.5, -0.05),
+                                                   ("c", 0.2, -0.6)])]
+  grouped = regions.group_rows(subject, {("all", "all"): ["s0", "s1", "s2"]})
+  ranked = regions.ranked_regions(grouped, model="ensemble", sequence="all")
+  assert [r["region"] for r in ranked] == ["b", "c", "a"]  # 1.0+0.05, 0.4+0.6, 0.2+0.1
+  assert ranked[0]["positive_mean"] == pytest.approx(np.mean([0.5, 1.0, 1.5]))
+  assert ranked[0]["positive_sd"] == pytest.approx(np.std([0.5, 1.0, 1.5], ddof=1))
+  path = tmp_path / "bars.png"
+  plots.region_bars(path, [r["region"] for r in ranked],
+                    np.array([r["positive_mean"] for r in ranked]),
+                    np.array([r["positive_sd"] for r in ranked]),
+                    np.array([r["negative_mean"] for r in ranked]),
+                    np.array([r["negative_sd"] for r in ranked]), title="regions")
+  assert matplotlib.image.imread(path).std() > 0.05
