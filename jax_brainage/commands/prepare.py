@@ -1,7 +1,7 @@
 """`brainage prepare`: one pass over NIfTI files into a compact, memory-mapped cache.
 
     brainage prepare --data DIR --out CACHE [--sequences T1w,FLAIR] [--shape 98,98,98]
-        [--voxel-size MM] [--scaling minmax|zscore] [--ceiling-percentile P] [--bias-sigma MM]
+        [--voxel-size MM] [--scaling minmax|zscore|mean] [--ceiling-percentile P] [--bias-sigma MM]
         [--regions LABELS --atlas FILE] [--mask-suffix SUFFIX | --mask PATTERN] [--session S]
         [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
         [--age-range MIN,MAX] [--no-resample-oblique] [--align template

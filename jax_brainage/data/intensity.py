@@ -11,6 +11,9 @@ stored volume to the network input, used by training, prediction and explanation
   outside the brain mask become 0.
 - `zscore`: (x - mean) / std over the brain's voxels, stored as float16; 0 outside the brain.
   The network input is float32 of the stored z-scores (not rescaled, not clipped).
+- `mean`: x / the mean of the whole image, background included (`mean_scaled`), float16: SFCN's
+  input (Peng et al. 2021 divide each skull-stripped 182 x 218 x 182 MNI volume by its mean,
+  then crop to 160 x 192 x 160; `reference_voxels` says over how many voxels the mean is taken).
 
 Either way 0 is the background, so zero padding (cube, shifts, rotations) adds background.
 
@@ -36,7 +39,7 @@ from scipy import ndimage
 
 from jax_brainage.errors import DataError
 
-SCALINGS = ("minmax", "zscore")
+SCALINGS = ("minmax", "zscore", "mean")
 DEFAULT_CEILING_PERCENTILE = 99.5
 UINT8_SCALE = np.float32(1.0 / 255.0)
 # What a cache may store (one dtype per scaling), and so what the input pipelines accept.
@@ -44,10 +47,10 @@ STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
 def storage_dtype(scaling: str) -> np.dtype:
-  """The dtype a scaling stores: uint8 for minmax, float16 for zscore."""
+  """The dtype a scaling stores: uint8 for minmax, float16 for zscore and mean."""
   if scaling == "minmax":
     return np.dtype(np.uint8)
-  if scaling == "zscore":
+  if scaling in ("zscore", "mean"):
     return np.dtype(np.float16)
   raise ValueError(f"unknown intensity scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
 
@@ -133,6 +136,29 @@ def zscore(
   return out.astype(np.float16)
 
 
+def mean_scaled(
+    data: np.ndarray, brain: np.ndarray | None = None, *, reference_voxels: int | None = None,
+    where: str = "image"
+) -> np.ndarray:
+  """x / mean(image): float16 `[x, y, z]`, 0 outside the brain.
+
+  The mean is that of an image of `reference_voxels` voxels whose only non-zero voxels are the
+  brain's: sum(brain intensities) / reference_voxels (None: `data.size`). So a cube cut from a
+  skull-stripped volume is scaled as the whole volume was (Peng et al.'s SFCN: the mean of the
+  182 x 218 x 182 MNI image, before the 160 x 192 x 160 crop).
+  """
+  values = _brain_values(data, brain).astype(np.float64, copy=False)
+  n = int(reference_voxels or np.size(data))
+  mean = float(values.sum()) / n if values.size else 0.0
+  if not mean > 0:
+    raise DataError(f"{where}: brain intensities sum to {mean * n:g}; dividing by the image "
+                    "mean needs positive intensities")
+  out = np.asarray(data, np.float64) / mean
+  if brain is not None:
+    out[~np.asarray(brain, bool)] = 0.0
+  return out.astype(np.float16)
+
+
 def correct_bias(
     data: np.ndarray, brain: np.ndarray, sigma_mm: float, voxel_size_mm: Sequence[float], *,
     where: str = "image",
@@ -179,12 +205,16 @@ def scale(
     *,
     scaling: str = "minmax",
     ceiling_percentile: float = DEFAULT_CEILING_PERCENTILE,
+    reference_voxels: int | None = None,
     where: str = "image",
 ) -> np.ndarray:
-  """Scales one volume `[x, y, z]` with `scaling` ("minmax" -> uint8, "zscore" -> float16)."""
+  """Scales one volume `[x, y, z]` with `scaling` ("minmax" -> uint8, "zscore" or "mean" ->
+  float16; `reference_voxels`: see `mean_scaled`)."""
   storage_dtype(scaling)  # Validates the name.
   if scaling == "minmax":
     return minmax_uint8(data, brain, ceiling_percentile=ceiling_percentile, where=where)
+  if scaling == "mean":
+    return mean_scaled(data, brain, reference_voxels=reference_voxels, where=where)
   return zscore(data, brain, where=where)
 
 
@@ -194,12 +224,14 @@ def scale_channels(
     *,
     scaling: str = "minmax",
     ceiling_percentile: float = DEFAULT_CEILING_PERCENTILE,
+    reference_voxels: int | None = None,
     names: Sequence[str] | None = None,
 ) -> np.ndarray:
   """Scales each sequence on its own and stacks them as channels: `[x, y, z, channel]`."""
   names = list(names) if names is not None else [f"channel {i}" for i in range(len(volumes))]
   return np.stack([
-      scale(v, brain, scaling=scaling, ceiling_percentile=ceiling_percentile, where=n)
+      scale(v, brain, scaling=scaling, ceiling_percentile=ceiling_percentile,
+            reference_voxels=reference_voxels, where=n)
       for v, n in zip(volumes, names)
   ], axis=-1)
 

@@ -36,7 +36,9 @@ class Preprocessing:
     sequences: sequence names, in channel order; the first is the reference (grid, brain).
     shape: cube shape `[3]` (voxels); None = `prune.default_cube_shape` of the voxel size.
     voxel_size: resample to this isotropic voxel size (mm); None = keep each image's grid.
-    scaling: "minmax" (uint8) or "zscore" (float16).
+    scaling: "minmax" (uint8), "zscore" or "mean" (float16; `intensity`).
+    mean_over_voxels: with scaling "mean", the size (voxels) of the image whose mean divides
+      each volume (SFCN: 182 * 218 * 182); None = the cube's.
     ceiling_percentile: brain percentile used as the minmax ceiling.
     regions: atlas labels to keep (None = whole brain).
     bias_sigma_mm: > 0: homomorphic bias-field correction of every sequence with a Gaussian
@@ -59,6 +61,7 @@ class Preprocessing:
   bias_sigma_mm: float = 0.0
   resample_oblique: bool = True
   align: str | None = None
+  mean_over_voxels: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "sequences", bids.parse_sequences(self.sequences))
@@ -83,6 +86,11 @@ class Preprocessing:
     if not isinstance(self.resample_oblique, (bool, np.bool_)):
       raise ConfigError(f"resample_oblique must be true or false, got {self.resample_oblique!r}")
     object.__setattr__(self, "resample_oblique", bool(self.resample_oblique))
+    if self.mean_over_voxels is not None:
+      if self.scaling != "mean" or int(self.mean_over_voxels) < 1:
+        raise ConfigError(f"mean_over_voxels={self.mean_over_voxels!r}: a positive voxel count, "
+                          "with scaling 'mean' only")
+      object.__setattr__(self, "mean_over_voxels", int(self.mean_over_voxels))
     if self.align is not None and self.align not in align.TRANSFORMS:
       raise ConfigError(f"align must be none or one of {', '.join(align.TRANSFORMS)}, got "
                         f"{self.align!r}")
@@ -93,8 +101,9 @@ class Preprocessing:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    if d["align"] is None:
-      del d["align"]  # records of unaligned caches stay as they were
+    for key in ("align", "mean_over_voxels"):
+      if d[key] is None:
+        del d[key]  # records of caches without them stay as they were
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
   @classmethod
@@ -211,7 +220,8 @@ def preprocess_subject(
              for c, n in zip(cubes, names)]
   cube = intensity.scale_channels(
       cubes, brain_cube,
-      scaling=prep.scaling, ceiling_percentile=prep.ceiling_percentile, names=names)
+      scaling=prep.scaling, ceiling_percentile=prep.ceiling_percentile,
+      reference_voxels=prep.mean_over_voxels, names=names)
 
   if prep.regions is not None:
     if atlas is None:

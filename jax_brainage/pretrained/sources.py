@@ -18,9 +18,9 @@ preprocessing users must reproduce; `brainage import` writes it into the workdir
   UKBiobank_deep_pretrain, `brain_age/run_20190719_00_epoch_best_mae.p` (a state dict saved from
   `nn.DataParallel`: keys start with `module.`). Input: T1 linearly registered to MNI152 1 mm
   (FSL), array as stored (LAS), 182x218x182 cropped to 160x192x160, intensity divided by the
-  volume's mean; output 40 one-year bins from 42 y (UK Biobank ages 44-80), soft labels. Our
-  nearest preprocessing is the min-max uint8 cube; the divide-by-mean scaling is recorded, not
-  reproduced (see README, "Using a pretrained model").
+  volume's mean; output 40 one-year bins from 42 y (UK Biobank ages 44-80), soft labels. The
+  preprocessing record reproduces the scaling: `intensity.mean_scaled` with the mean taken over
+  182 x 218 x 182 voxels (the skull-stripped MNI volume the source divided, before its crop).
 - "pyment-keras": Leonardsen et al. (2022, NeuroImage 256, 119210), github.com/estenhl/
   pyment-public: `RegressionSFCN` (SFCN-reg; Dense(1) on the pooled features, output
   restricted to 3-95 years by `restrict_range`) and `SoftClassificationSFCN` (SFCN-sm; Dense
@@ -61,6 +61,8 @@ class Source:
     intensity: the source's intensity scaling, in words.
     scaling, ceiling_percentile: our nearest `Preprocessing` scaling.
     age_range: the training cohort's ages (years).
+    mean_over_voxels: with scaling "mean", the voxel count of the image whose mean the source
+      divided by (`Preprocessing.mean_over_voxels`).
   """
 
   format: str
@@ -72,6 +74,7 @@ class Source:
   scaling: str
   ceiling_percentile: float
   age_range: tuple[float, float]
+  mean_over_voxels: int | None = None
 
   def record(self) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v)
@@ -91,7 +94,7 @@ SOURCES = {
         "ha-ha-ha-han/UKBiobank_deep_pretrain brain_age/run_20190719_00_epoch_best_mae.p",
         (160, 192, 160), 1.0, "LAS",
         "T1 linearly registered to MNI152 1 mm (FSL), divided by its mean, 182x218x182 cropped "
-        "to 160x192x160", "minmax", 99.5, (42.0, 82.0)),
+        "to 160x192x160", "mean", 99.5, (42.0, 82.0), 182 * 218 * 182),
     "pyment-keras": Source(
         "pyment-keras", "Leonardsen et al. 2022 (NeuroImage 256:119210); estenhl/pyment-public "
         "RegressionSFCN (sfcn-reg) / SoftClassificationSFCN (sfcn-sm) Keras weights",

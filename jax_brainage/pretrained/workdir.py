@@ -125,7 +125,8 @@ def import_model(format: str, weights: str | os.PathLike, workdir: str | os.Path
   prep = Preprocessing(sequences=tuple(sequences), shape=tuple(manifest["image_shape"]),
                        voxel_size=float(voxel_size or source.voxel_size),
                        scaling=source.scaling,
-                       ceiling_percentile=source.ceiling_percentile)
+                       ceiling_percentile=source.ceiling_percentile,
+                       mean_over_voxels=source.mean_over_voxels)
   record = {"format": format, "imported": _now(), "source": source.record(),
             "weights": {"file": weights.name, "path": str(weights.resolve()),
                         "bytes": weights.stat().st_size, "sha256": sha256(weights)},

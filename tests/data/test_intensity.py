@@ -157,3 +157,24 @@ def test_correct_bias_bad_input_names_the_image():
     intensity.correct_bias(-image, brain, 30.0, (4, 4, 4), where="sub-01 T1w")
   with pytest.raises(DataError, match="sub-01.*empty brain"):
     intensity.correct_bias(image, np.zeros_like(brain), 30.0, (4, 4, 4), where="sub-01 T1w")
+
+
+def test_mean_scaling_of_a_cube_equals_peng_et_al_on_the_whole_volume():
+  # SFCN's recipe (Peng et al. 2021): a skull-stripped 182 x 218 x 182-like volume divided by
+  # its mean (numpy, background included), then cropped. The cube's own scaling, told the
+  # whole volume's voxel count, gives the same numbers.
+  rng = np.random.default_rng(3)
+  full = np.zeros((30, 36, 30))
+  brain = np.zeros(full.shape, bool)
+  brain[8:22, 9:27, 8:22] = True
+  full[brain] = rng.uniform(20.0, 200.0, brain.sum())
+  reference = (full / full.mean())[3:27, 4:32, 3:27]
+  cube, cube_brain = full[3:27, 4:32, 3:27], brain[3:27, 4:32, 3:27]
+  out = intensity.scale(cube, cube_brain, scaling="mean", reference_voxels=full.size)
+  assert out.dtype == np.float16
+  np.testing.assert_allclose(out.astype(np.float64), reference, rtol=1e-3)
+  # Without a reference count the mean is the cube's own.
+  own = intensity.mean_scaled(cube, cube_brain)
+  np.testing.assert_allclose(own.astype(np.float64), cube / cube.mean(), rtol=1e-3)
+  with pytest.raises(DataError, match="sum to 0"):
+    intensity.mean_scaled(np.zeros((4, 4, 4)), where="x.nii")

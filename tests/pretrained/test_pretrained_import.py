@@ -110,6 +110,9 @@ def test_sfcn_torch_dataparallel_matches_torch(tmp_path):
   expected = np.exp(log_probs) @ (42.5 + np.arange(40))  # Peng's bin centres, 42-82 y
   got = artifact.load(w).predict({"model": x}, batch_size=2).ensemble
   np.testing.assert_allclose(got, expected, rtol=RTOL)
+  # New scans are divided by the mean of the 182x218x182 MNI volume, as Peng et al. did.
+  prep = json.loads((w / "import.json").read_text())["preprocessing"]
+  assert prep["scaling"] == "mean" and prep["mean_over_voxels"] == 182 * 218 * 182
 
 
 @pytest.mark.parametrize("classes", [0, 11])
