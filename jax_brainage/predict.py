@@ -196,6 +196,8 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
   skipped: list[tuple[str, str]] = list(dataset.skipped)
 
   gate_key = inputs.of_sub[model.subs[0].name][0]
+  # A model imported without its training scans has nothing to compare a scan with.
+  has_reference = len(getattr(inputs.views[gate_key], "subject_ids", ())) > 0
   scan_measures: dict[int, dict[str, float]] = {}
 
   def prepare(subject):
@@ -214,7 +216,10 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
   for batch_subjects, cubes in prepared_batches(dataset, prepare, batch_size, workers=workers,
                                                 skip_bad=skip_bad, skipped=skipped):
     volumes = inputs.volumes(model, cubes, batch_subjects[0].subject_id)
-    if qc is not None:
+    if qc is not None and not has_reference:
+      scan_measures.clear()
+      qc += [NO_REFERENCE] * len(batch_subjects)
+    elif qc is not None:
       qc += conformity.assess_cubes(cubes[gate_key],
                                     [scan_measures.pop(id(s)) for s in batch_subjects],
                                     inputs.views[gate_key].conformity)
@@ -225,6 +230,12 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
   stacked = {name: (np.concatenate(p) if p else np.zeros((0, model.sub(name).members)))
              for name, p in members.items()}
   return subjects, model.combine(stacked), skipped
+
+
+# The gate's answer where the training cache holds no scans (an imported model): unchecked.
+NO_REFERENCE = conformity.Assessment(
+    measures={m.name: math.nan for m in conformity.MEASURES}, flags=("unchecked",),
+    details=("no training scans to compare with (a model imported without its training data)",))
 
 
 def prepared_batches(dataset, prepare, batch_size: int, *, workers: int = 1,

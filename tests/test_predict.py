@@ -303,7 +303,7 @@ def test_predict_ensemble_workdir(workdir, ensemble_workdir, tmp_path):
   assert list(rows[0]) == [
       "participant_id", "session", "age", "predicted_age", "brain_age_gap",
       "predicted_age_corrected", "brain_age_gap_corrected", "uncertainty", "pred_all",
-      "pred_t1x2", "pred_all_m0", "pred_t1x2_m0", "pred_t1x2_m1"]
+      "pred_t1x2", "pred_all_m0", "pred_t1x2_m0", "pred_t1x2_m1", "qc_flags"]
   participants = read_tsv(data / "participants.tsv")
   assert [r["participant_id"] for r in rows] == [p["participant_id"] for p in participants]
   index = json.loads((workdir / "cache" / "index.json").read_text())

@@ -136,9 +136,14 @@ def run(args: argparse.Namespace) -> int:
     more = f" and {len(flagged) - 5} more" if len(flagged) > 5 else ""
     raise DataError(f"--strict-qc: {len(flagged)} of {len(subjects)} scans lie outside the "
                     f"training data: {names}{more}; {args.out} not written")
+  unchecked = [s for s, a in flagged if a is predict.NO_REFERENCE]
+  if unchecked:
+    print(f"warning: {len(unchecked)} scans not checked by the conformity gate: "
+          f"{predict.NO_REFERENCE.details[0]} (qc_flags 'unchecked')", file=sys.stderr)
   for s, a in flagged:
-    print(f"warning: {s.subject_id}: scan unlike the training data, predicted age unreliable: "
-          f"{'; '.join(a.details)}", file=sys.stderr)
+    if a is not predict.NO_REFERENCE:
+      print(f"warning: {s.subject_id}: scan unlike the training data, predicted age "
+            f"unreliable: {'; '.join(a.details)}", file=sys.stderr)
   fileio.write_text(qc_out, predict.qc_table(subjects, qc))
   if cal is not None:
     cal.check(args.level, f" ({cal.source})")
