@@ -29,7 +29,7 @@ __all__ = [
     "MRInet", "SFCN", "SFCNRegression", "ViT", "AgeBins", "MODELS", "get_model", "predicted_age",
     "expected_age", "training_loss", "num_parameters", "has_batch_stats", "losses", "lowering",
     "sfcn_variables_from_torch", "build_model", "variable_shapes", "check_shapes",
-    "OUTPUT_LAYERS",
+    "OUTPUT_LAYERS", "path_name",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -142,7 +142,7 @@ def check_shapes(stored: Any, expected: Any, where: Any) -> None:
   array shape differs between `stored` and `expected` (e.g. `variable_shapes(manifest)`)."""
   def shape_map(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in flat}
+    return {path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in flat}
 
   have, want = shape_map(stored), shape_map(expected)
   for name in sorted(set(have) | set(want)):
@@ -151,7 +151,8 @@ def check_shapes(stored: Any, expected: Any, where: Any) -> None:
                         f"{have.get(name, 'missing')} there, {want.get(name, 'missing')} here")
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
+  """A tree path as "conv1/kernel" (keys joined by "/")."""
   parts = []
   for p in path:
     for attr in ("key", "name", "idx"):

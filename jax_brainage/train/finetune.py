@@ -45,19 +45,6 @@ from jax_brainage.train import checkpoint as ckpt_lib
 FROZEN, PRETRAINED, FRESH = "frozen", "pretrained", "fresh"
 
 
-def path_name(path: tuple[Any, ...]) -> str:
-  """A tree path as "conv0/kernel" (dict keys joined by "/")."""
-  parts = []
-  for p in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
-
-
 def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
   """Whether a leaf path ("conv0/kernel") lies in a layer one of the fnmatch patterns names
   ("conv0", "conv[0-2]", "bn*", "dense1/kernel")."""
@@ -73,7 +60,7 @@ def is_active(config: ml_collections.ConfigDict) -> bool:
 def check_patterns(config: ml_collections.ConfigDict, params: Any) -> None:
   """ConfigError naming a `finetune.freeze`/`reinit` pattern that matches no layer of the model
   (a typo would otherwise train everything in silence), listing the layers there are."""
-  names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  names = [models.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   layers = sorted({n.split("/")[0] for n in names})
   for key in ("freeze", "reinit"):
     for pattern in config.finetune[key]:
@@ -94,7 +81,7 @@ def _is_output(name: str) -> bool:
 def param_labels(config: ml_collections.ConfigDict, params: Any) -> Any:
   """A tree like `params` of "frozen" | "pretrained" | "fresh" (see the module docstring)."""
   def label(path, _):
-    name = path_name(path)
+    name = models.path_name(path)
     if matches(name, config.finetune.freeze):
       return FROZEN
     if _is_output(name) or matches(name, config.finetune.reinit):
@@ -123,7 +110,7 @@ def keep_frozen_state(config: ml_collections.ConfigDict, old: Any, new: Any) -> 
 
   def pick(path, o, n):
     # model_state paths start with the collection ("batch_stats/bn0/mean"): match the rest.
-    name = path_name(path).split("/", 1)[-1]
+    name = models.path_name(path).split("/", 1)[-1]
     return o if matches(name, patterns) else n
   return jax.tree_util.tree_map_with_path(pick, old, new)
 
@@ -178,8 +165,8 @@ def load_pretrained(config: ml_collections.ConfigDict, state: dict[str, Any],
                       f"{members} (use as many, or a single source model)")
   check_patterns(config, state["params"])
   fresh = {"params": state["params"], **state["model_state"]}
-  flat_src = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
-  names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+  flat_src = {models.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  names = {models.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(fresh)[0]}
   extra = sorted(set(flat_src) - names)
   if extra:
     raise ConfigError(f"config.init_from={source!r}: layer {extra[0]} there has no counterpart "
@@ -187,7 +174,7 @@ def load_pretrained(config: ml_collections.ConfigDict, state: dict[str, Any],
   reinit = tuple(config.finetune.reinit)
 
   def take_leaf(path, x):
-    name = path_name(path)
+    name = models.path_name(path)
     layer = name.split("/", 1)[-1] if name.split("/")[0] != "params" else name[len("params/"):]
     if name not in flat_src:
       raise ConfigError(f"config.init_from={source!r}: has no {name} for this "

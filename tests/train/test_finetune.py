@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jax_brainage import models
 from jax_brainage.errors import ConfigError
 from jax_brainage.train import artifact, finetune, trainer
 from jax_brainage.train import data as data_lib
@@ -24,7 +25,7 @@ def source(tmp_path_factory, blob_data):
 
 
 def _flat(tree):
-  return {finetune.path_name(p): np.asarray(x)
+  return {models.path_name(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
