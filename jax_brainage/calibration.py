@@ -65,12 +65,15 @@ def calibration_dataset(model: Ensemble, data: Sequence[str | os.PathLike] | Non
 
 
 def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, workers: int = 1,
-              normalize: bool | None = None) -> conformal.Calibration:
+              normalize: bool | None = None, method: str = conformal.METHOD
+              ) -> conformal.Calibration:
   """Predicts the labelled `dataset` and returns its `conformal.Calibration`.
 
   Args:
     normalize: residuals scaled by the members' spread (default: when the model has several
       members; a single model has no spread).
+    method: how coverage is made to hold across ages, `conformal.METHODS` ("smooth": scores
+      scaled by smooth functions of age, one quantile; "mondrian": age bins).
   Raises:
     DataError: a subject without age (named), too few subjects, a non-finite prediction.
   """
@@ -85,7 +88,8 @@ def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, wor
     normalize = model.n_members > 1
   return conformal.calibration_from_rows(
       [s.subject_id for s in subjects], ages, prediction.ensemble, prediction.corrected(ages),
-      prediction.spread, source=source, normalize=normalize, model=artifact.describe(model))
+      prediction.spread, source=source, normalize=normalize, model=artifact.describe(model),
+      method=method)
 
 
 def save(workdir: str | os.PathLike, cal: conformal.Calibration) -> Path:

@@ -35,10 +35,11 @@ with seed + k).
 
 With a calibration (`brainage calibrate`: W/calibration.json, `jax_brainage.ensemble.conformal`)
 the TSV adds calibrated intervals at `interval_level` (default 0.9): `predicted_age_low
-predicted_age_high` (split-conformal, per chronological-age bin; per predicted-age bin where the
-age is unknown), `brain_age_gap_low brain_age_gap_high` around the bias-corrected gap (the gap
-of a model without correction) and `gap_excludes_zero` (yes/no: the gap lies outside the range
-of 90% of the calibration scans of that age); "inf"/"-inf" where an age bin had too few scans.
+predicted_age_high` (split-conformal, conditional on the chronological age; on the predicted age
+where the age is unknown), `brain_age_gap_low brain_age_gap_high` around the bias-corrected gap
+(the gap of a model without correction) and `gap_excludes_zero` (yes/no: the gap lies outside
+the range of 90% of the calibration scans of that age); "inf"/"-inf" where the calibration (or
+a Mondrian age bin) had too few scans.
 With the training workdir's split (W/split.json) it adds `split`: train, val or test for subjects
 whose participant id the model was trained, validated or tested on, none otherwise (predictions
 of train and val subjects are optimistic).

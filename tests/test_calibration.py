@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+import conformal_replica
 from jax_brainage.ensemble import conformal
 from test_predict import cli, read_tsv, workdir  # noqa: F401  (the session fixture)
 
@@ -45,14 +46,13 @@ def test_calibrate_on_labelled_data_then_predict_intervals(own_workdir, tmp_path
   rows = read_tsv(out)
   age = np.array([float(r["age"]) for r in rows])
   pred = np.array([float(r["predicted_age"]) for r in rows])
-  # Replica: n calibration scans in one bin (n < 2 * MIN_PER_BIN); order statistics
-  # floor((n+1) 0.05) and ceil((n+1) 0.95) of the residuals predicted - age.
+  # Replica of the default ("smooth"): cross-fitted scores of the residuals predicted - age
+  # scaled by local-linear fits on age, one order statistic ceil((n+1) 0.9) of |z| (numpy).
+  # (The calibration scans' values as stored, in their order: the folds follow it.)
   n = len(rows)
-  assert n < 2 * conformal.MIN_PER_BIN
-  r = np.sort(pred - age)
-  k_lo, k_hi = math.floor((n + 1) * 0.05), math.ceil((n + 1) * 0.95)
-  lo = r[k_lo - 1] if k_lo >= 1 else -np.inf
-  hi = r[k_hi - 1] if k_hi <= n else np.inf
+  cal = conformal.load_calibration(conformal.calibration_path(w))
+  assert cal.method == "smooth" and cal.n == n
+  lo, hi = conformal_replica.smooth_bounds(cal.age, cal.predicted - cal.age, age, 0.9)
   np.testing.assert_allclose([float(x["predicted_age_low"]) for x in rows], pred - hi, atol=2e-4)
   np.testing.assert_allclose([float(x["predicted_age_high"]) for x in rows], pred - lo, atol=2e-4)
   # No correction for a single model: the gap interval is the gap minus the same bounds.
@@ -61,6 +61,20 @@ def test_calibrate_on_labelled_data_then_predict_intervals(own_workdir, tmp_path
   excludes = (pred - age - hi > 0) | (pred - age - lo < 0)
   assert [x["gap_excludes_zero"] for x in rows] == ["yes" if e else "no" for e in excludes]
   assert all(x["interval_level"] == "0.9" for x in rows)
+
+  # --method mondrian: one bin here (n < 2 * MIN_PER_BIN), two-tailed order statistics
+  # floor((n+1) 0.05) and ceil((n+1) 0.95) of the residuals.
+  assert n < 2 * conformal.MIN_PER_BIN
+  assert cli(["calibrate", "--workdir", str(w), "--data", str(data), "--method", "mondrian"]) == 0
+  cal = conformal.load_calibration(conformal.calibration_path(w))
+  assert cal.method == "mondrian"
+  r = np.sort(cal.predicted - cal.age)
+  k_lo, k_hi = math.floor((n + 1) * 0.05), math.ceil((n + 1) * 0.95)
+  bounds = cal.intervals(pred, age, pred, np.zeros(n), 0.9)
+  np.testing.assert_allclose(bounds["predicted_age_low"],
+                             pred - (r[k_hi - 1] if k_hi <= n else np.inf), atol=2e-4)
+  np.testing.assert_allclose(bounds["predicted_age_high"],
+                             pred - (r[k_lo - 1] if k_lo >= 1 else -np.inf), atol=2e-4)
 
 
 def test_predict_calibration_option_and_unknown_ages(own_workdir, tmp_path):

@@ -1,13 +1,14 @@
 """`brainage calibrate`: calibrated prediction intervals for a trained workdir.
 
     brainage calibrate --workdir W [--data DIR] [--checkpoint best|latest] [--batch-size N]
-        [--workers N] [--session S] [--normalize|--no-normalize]
+        [--workers N] [--session S] [--normalize|--no-normalize] [--method smooth|mondrian]
 
 Predicts held-out labelled scans (W's validation split by default, read from the dataset its
 training cache was prepared from; or a labelled BIDS dataset `--data`, e.g. for an imported
 model) and stores their residuals in W/calibration.json (atomically). `brainage predict` then
 adds split-conformal intervals for the brain age and the corrected gap (`jax_brainage.ensemble.
-conformal`). Prints the coverage level's residual bounds per age bin.
+conformal`; `--method`: scores scaled by smooth functions of age, one quantile (default), or
+Mondrian age bins). Prints the residual range at the default level per calibration age bin.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="threads preprocessing subjects")
   p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                  help="scale residuals by the members' spread (default: for ensembles)")
+  p.add_argument("--method", choices=conformal.METHODS, default=conformal.METHOD,
+                 help="smooth: residuals centred and scaled by smooth functions of age, one "
+                      "conformal quantile; mondrian: one per age bin of >= 50 scans")
   p.set_defaults(func=run)
   return p
 
@@ -48,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
   model = artifact.load(args.workdir, args.checkpoint)
   dataset, source = calibration.calibration_dataset(model, args.data, session=args.session)
   cal = calibration.calibrate(model, dataset, source=source, batch_size=args.batch_size,
-                              workers=args.workers, normalize=args.normalize)
+                              workers=args.workers, normalize=args.normalize,
+                              method=args.method)
   path = calibration.save(args.workdir, cal)
   bins = cal.bin_bounds(conformal.LEVEL)["age"]
   widths = ", ".join(f"{b['from']:.0f}-{b['to']:.0f}: {b['high'] - b['low']:.1f}" for b in bins)
-  print(f"calibrated on {cal.n} scans ({source}){', normalised' if cal.normalize else ''} -> "
-        f"{path}; {conformal.LEVEL:.0%} residual range per age bin (years"
-        f"{' x scale' if cal.normalize else ''}): {widths}")
+  where = "per age bin" if cal.method == "mondrian" else "at the median age of each age bin"
+  print(f"calibrated on {cal.n} scans ({source}; {cal.method}"
+        f"{', normalised' if cal.normalize else ''}) -> {path}; {conformal.LEVEL:.0%} residual "
+        f"range {where} (years{' x scale' if cal.normalize else ''}): {widths}")
   return 0
