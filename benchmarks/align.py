@@ -2,16 +2,19 @@
 trained model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--ants] [--out FILE]
-    python benchmarks/align.py model --workdir W --n 20 [--out FILE]
+    python benchmarks/align.py model --workdir W --n 20 [--out FILE]   # nice -n 5 on shared CPUs
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0), registers them
 to the head template at the same resolution one at a time (JAX, compile excluded: the first
 subject is registered twice), then all in one vmapped call, and with ANTsPy's `Affine`
 (`ants.registration`, default settings) on the same NIfTI files; prints the mean displacement
 over the template's brain against the true transform and seconds per subject.
-`model`: the same subjects of W's cohort (its seed, resolution, sequences) raw and in template
-space; predicts both with W's model (`predict.predict_dataset`, the raw ones with alignment)
-and prints the mean absolute difference of the estimates (years).
+`model`: W's held-out test subjects (its cohort's seed, resolution, sequences) in template space
+and as acquired (`acquisition.acquire`); each raw scan through `align.to_template` with the TRUE
+transform or the JAX registration and the subject's own mask, the refined mask or the carried
+template mask (`MODEL_ROWS`), then W's preprocessing, exactly the cube `predict --align template`
+makes; prints per row the mean absolute difference (years) of W's estimates from the
+template-space estimates, the registration error (mm) and the masks' Dice against the true brain.
 
 ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requirements.txt).
 """

@@ -199,6 +199,8 @@ def brain_resample(volume: np.ndarray, affine: np.ndarray, brain: np.ndarray, sh
   brain_only = acquisition.regrid(volume * on_scan, affine, shape, target_affine,
                                   scan_to_template, order=1) / np.maximum(weight, 1e-3)
   mask = weight >= 0.5
+  # The band only: widening it to the splines' support (2 voxels) blurs a 4 mm brain's rim, and
+  # the model check gets worse (3.1 instead of 1.4 years; RESULTS.md session 11).
   out = np.where(mask & (weight < 0.999), np.clip(brain_only, 0, None), inside)
   return np.where(mask, out, 0).astype(np.float32), mask
 
