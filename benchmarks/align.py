@@ -127,7 +127,8 @@ MODEL_ROWS = (
     ("true transform (pose undone) + own mask, trilinear (session 10)", "true_subject", "own", 1),
     ("true scan_to_template + own mask", "true_template", "own", 3),
     ("registration + own mask", "registered", "own", 3),
-    ("registration + refined mask", "registered", "refined", 3),
+    ("registration + refined mask, threshold 0.5", "registered", "refined@0.5", 3),
+    ("registration + refined mask (default, threshold 0.6)", "registered", "refined", 3),
     ("registration + carried template mask", "registered", "template", 3),
 )
 
@@ -135,14 +136,16 @@ MODEL_ROWS = (
 def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
   """One raw scan through `align.to_template` (known or registered transform), then the view's
   preprocessing (template grid): the cube `predict_dataset` would make."""
-  from jax_brainage.data import align, nifti
+  from jax_brainage.data import align, nifti, skullstrip
 
+  masking, _, threshold = masking.partition("@")
+  refinement = skullstrip.Refinement(**({"threshold": float(threshold)} if threshold else {}))
   images = [nifti.make_image(raw.images[q].astype(np.float32), raw.affine) for q in sequences]
   own = nifti.make_image(raw.brain_mask.astype(np.uint8), raw.affine)
   if order == 3:
     a = align.to_template(images, sequences, mask=own if masking == "own" else None,
-                          scan_to_template=transform, masking=masking if masking != "own"
-                          else "refined")
+                          scan_to_template=transform, refinement=refinement,
+                          masking=masking if masking != "own" else "refined")
     imgs, mask = a.images, a.mask
   else:  # session 10's resampling: trilinear images, nearest-neighbour mask
     shape, aff = anatomy.shape, np.asarray(anatomy.affine, np.float64)

@@ -36,11 +36,17 @@ DARK_CSF = ("T1w", "FLAIR")  # contrasts whose CSF and bone are darker than grey
 
 @dataclasses.dataclass(frozen=True)
 class Refinement:
-  """Settings of `refine_mask` (distances in mm, `threshold` in units of white matter)."""
+  """Settings of `refine_mask` (distances in mm, `threshold` in units of white matter).
+
+  `threshold` 0.6 rather than the midpoint of grey matter and CSF (0.4 on T1w) or the best Dice
+  (0.5: 0.980 against 0.974 at 4 mm): a brain rim of partial-volume voxels darkens the 4 mm
+  models' input, and with 0.6 the model check after `--align template` is 1.15 years, with 0.5
+  2.11 (benchmarks/RESULTS.md, session 11).
+  """
 
   search_mm: float = 8.0
   core_mm: float = 8.0
-  threshold: float = 0.50
+  threshold: float = 0.60
   opening_mm: float = 4.0
   closing_mm: float = 8.0
   wm_percentile: float = 90.0
