@@ -3,16 +3,31 @@
 Each subject's reference (first) sequence is registered to the template with a head
 (`simulation.acquisition.head_template`: the simulated template's tissue contrasts with a
 synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then affine
-unless `transform="rigid"`). Every sequence is then resampled once (linear) onto the template
-grid, where the template-space cohort's images live, and preprocessing goes on as for them.
+unless `transform="rigid"`), or moved by a transform the caller knows (`scan_to_template`). Every
+sequence is then resampled once onto the template grid, where the template-space cohort's images
+live, and preprocessing goes on as for them.
 
-Brain mask: a mask given with the scan (`--mask-suffix`) is carried over through the same
-transform (nearest neighbour). Without one, a scan whose aligned signal lies mostly inside the
-template's brain (dilated by `SKULL_MARGIN_MM`) counts as skull-stripped and keeps its own
-nonzero voxels; otherwise the template's brain mask is used and everything outside it is zeroed.
-That mask is coarse: it is the template's brain, not the subject's (an affine registration does
-not follow the individual outline), so a few millimetres of skull or of cortex may be wrong at
-the border; pass a subject's own mask where it matters.
+Resampling (`brain_resample`), as the simulator renders a skull-stripped subject on that grid:
+inside the brain a cubic B-spline (scipy's prefiltered `order=3`, `IMAGE_ORDER`), clipped at 0;
+on the brain's edge band the brain's part of each voxel only (normalised interpolation with the
+mask, so skull, CSF shell or background do not bleed in); zero outside. At 4 mm the models'
+estimate follows sub-voxel texture and the brain's one-voxel rim closely (benchmarks/RESULTS.md,
+session 11: a Gaussian blur of 0.5 voxel moves it by years); plain trilinear resampling of a scan
+whose grid is near the template's (0.85-1.3x) blurs (high-frequency energy 0.47x the
+template-space image's after acquisition and alignment, 0.81x with cubic splines both ways) and
+mixes the head into the rim.
+
+Brain mask: a mask given with the scan (`--mask`) is carried over through the same transform,
+linearly, and thresholded at 0.5 (how the simulator makes its masks from the template's
+fractional brain; nearest neighbour shifts the edge by up to half a voxel). Without one, a scan
+whose aligned signal lies mostly inside the template's brain (dilated by `SKULL_MARGIN_MM`)
+counts as skull-stripped and its nonzero voxels are its mask; otherwise the template's brain mask,
+carried by the registration, is refined by intensity (`skullstrip.refine_mask`: the dark CSF and
+bone between brain and scalp; T1w or FLAIR references only, others keep the carried mask) and
+everything outside the mask is zeroed. That mask is still approximate (Dice ~0.97 against the
+simulator's true brain at 4 mm, ~0.95 for the carried template mask; the model check after
+alignment: 1.15 years with it, 0.72 with the subject's own mask); pass a subject's own mask
+where it matters.
 
 The transform is kept in the subject's `CubeInverse` (`alignment`), so that
 `prune.to_subject_space` maps cube arrays straight back onto the scan's own grid in one
@@ -28,12 +43,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from jax_brainage.data import nifti, prune, register
+from jax_brainage.data import nifti, prune, register, skullstrip
 from jax_brainage.data.anatomy import RESOLUTIONS_MM, TemplateAnatomy, load_anatomy
 from jax_brainage.data.simulation import acquisition
 from jax_brainage.errors import DataError
 
 TRANSFORMS = ("affine", "rigid")
+MASKINGS = ("refined", "template")  # without a mask: the refined or the carried template mask
+IMAGE_ORDER = 3  # spline order of the images' resampling (module docstring)
 SKULL_MARGIN_MM = 6.0
 # A scan is skull-stripped when at most this fraction of its aligned signal lies outside the
 # template's (dilated) brain.
@@ -60,7 +77,10 @@ class Aligned:
 
   Attributes:
     images: per sequence, `nib.Nifti1Image` on the template grid (float32).
-    mask: brain mask image on that grid, or None (nonzero voxels of the reference).
+    mask: brain mask image (uint8) on that grid: the scan's own mask carried over, the refined or
+      the template mask (scans with a head), or a skull-stripped scan's nonzero voxels.
+    masking: where the mask came from: "own" (given), "refined", "template", or "none"
+      (skull-stripped scan: its nonzero voxels).
     scan_to_template: world -> world `[4, 4]` (mm) found by the registration.
     skull_stripped: whether the scan was taken as skull-stripped (no mask given).
     loss: 1 - normalised cross-correlation with the template at the finest level.
@@ -71,12 +91,32 @@ class Aligned:
   scan_to_template: np.ndarray
   skull_stripped: bool
   loss: float
+  masking: str = "none"
+
+
+def resample_image(volume: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
+                   scan_to_template: np.ndarray, order: int = IMAGE_ORDER) -> np.ndarray:
+  """One image onto the template grid through `scan_to_template` `[4, 4]` (world -> world, mm):
+  prefiltered spline of `order` (`scipy.ndimage.affine_transform`), clipped at 0 (a spline
+  undershoots next to a dark background): float32 `[*shape]`."""
+  out = acquisition.regrid(np.asarray(volume, np.float32), affine, shape, target_affine,
+                           scan_to_template, order=order)
+  return np.clip(out, 0, None)
+
+
+def carry_mask(mask: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
+               scan_to_template: np.ndarray) -> np.ndarray:
+  """A brain mask onto the template grid: the mask as 0/1, resampled linearly, >= 0.5 (bool)."""
+  moved = acquisition.regrid((np.asarray(mask) != 0).astype(np.float32), affine, shape,
+                             target_affine, scan_to_template, order=1)
+  return moved >= 0.5
 
 
 def to_template(
     images: list, sequences: tuple[str, ...], *, transform: str = "affine",
     voxel_size_mm: float | None = None, mask: nib.spatialimages.SpatialImage | None = None,
-    subject: str | None = None,
+    subject: str | None = None, scan_to_template: np.ndarray | None = None,
+    masking: str = "refined", refinement: skullstrip.Refinement = skullstrip.Refinement(),
 ) -> Aligned:
   """Registers `images[0]` to the template and resamples every image onto the template grid.
 
@@ -87,7 +127,13 @@ def to_template(
     voxel_size_mm: template grid voxel size; default from the scan (`template_resolution`).
     mask: the scan's own brain mask (any grid), carried over; None: see the module docstring.
     subject: for error messages.
+    scan_to_template: a known scanner world -> template world transform `[4, 4]` (mm): used
+      instead of a registration (e.g. the simulator's true one).
+    masking: for a scan with a head and no `mask`: "refined" (`skullstrip.refine_mask`) or
+      "template" (the carried template brain mask as it is); `refinement`: its settings.
   """
+  if masking not in MASKINGS:
+    raise DataError(f"unknown masking {masking!r}; choose {', '.join(MASKINGS)}")
   if transform not in TRANSFORMS:
     raise DataError(f"unknown alignment transform {transform!r}; choose {', '.join(TRANSFORMS)}")
   ref = images[0]
@@ -95,35 +141,69 @@ def to_template(
   anatomy, fixed, fixed_affine = _template(
       template_resolution(voxel_size_mm if voxel_size_mm is not None
                           else float(np.max(nifti.voxel_size(ref_affine)))), sequences[0])
-  stages = ("rigid",) if transform == "rigid" else ("rigid", "affine")
-  matrices, loss = register.register(
-      [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
-      register.Schedule(stages=stages))
-  m = matrices[0]
+  if scan_to_template is None:
+    stages = ("rigid",) if transform == "rigid" else ("rigid", "affine")
+    matrices, loss = register.register(
+        [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
+        register.Schedule(stages=stages))
+    m, loss0 = matrices[0], float(loss[0])
+  else:
+    m, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
   if not np.all(np.isfinite(m)):
     raise DataError(f"{subject or 'subject'}: registration to the template failed (non-finite "
                     "transform)")
   shape, affine = anatomy.shape, np.asarray(anatomy.affine, np.float64)
-  out = [nifti.make_image(acquisition.regrid(np.asarray(img.dataobj, np.float32), img.affine,
-                                             shape, affine, m), affine) for img in images]
   brain = anatomy.brain > 0.5
-  skull_stripped = True
+  skull_stripped, how = True, "none"
   if mask is not None:
-    carried = acquisition.regrid(np.asarray(mask.dataobj) != 0, mask.affine, shape, affine, m,
-                                 order=0)
-    mask_img = nifti.make_image(carried.astype(np.uint8), affine)
+    brain, how = carry_mask(mask.dataobj, mask.affine, shape, affine, m), "own"
   else:
-    signal = np.clip(np.asarray(out[0].dataobj), 0, None)
+    signal = resample_image(ref.dataobj, ref_affine, shape, affine, m)
     grown = ndimage.binary_dilation(
         brain, iterations=max(1, int(round(SKULL_MARGIN_MM / anatomy.resolution_mm))))
     outside = float(signal[~grown].sum()) / max(float(signal.sum()), 1e-12)
     skull_stripped = outside <= OUTSIDE_SIGNAL_MAX
-    mask_img = None
-    if not skull_stripped:  # the template's brain, carried back: coarse (module docstring)
-      mask_img = nifti.make_image(brain.astype(np.uint8), affine)
-      out = [nifti.make_image(np.asarray(img.dataobj) * brain, affine) for img in out]
-  return Aligned(images=out, mask=mask_img, scan_to_template=m, skull_stripped=skull_stripped,
-                 loss=float(loss[0]))
+    if skull_stripped:  # its own nonzero voxels
+      brain = carry_mask(np.asarray(ref.dataobj) != 0, ref_affine, shape, affine, m)
+    else:  # the template's brain, carried back, refined by intensity where the contrast allows
+      how = masking if sequences[0] in skullstrip.DARK_CSF else "template"
+      if how == "refined":
+        brain = skullstrip.refine_mask(signal, brain, nifti.voxel_size(affine), refinement)
+  out, masks = zip(*(brain_resample(np.asarray(img.dataobj, np.float32), img.affine, brain,
+                                    shape, affine, m) for img in images))
+  return Aligned(images=[nifti.make_image(o, affine) for o in out],
+                 mask=nifti.make_image(masks[0].astype(np.uint8), affine), scan_to_template=m,
+                 skull_stripped=skull_stripped, loss=loss0, masking=how)
+
+
+def brain_resample(volume: np.ndarray, affine: np.ndarray, brain: np.ndarray, shape,
+                   target_affine: np.ndarray, scan_to_template: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """One image onto the template grid as the simulator renders a skull-stripped subject.
+
+  The simulator gives a voxel on the brain's edge the brain's part of it only (tissue fractions
+  divided by their sum: no partial volume with what lies outside) and zero beyond. So: the
+  template-grid `brain` `[*shape]` is carried onto the image's grid (linear, >= 0.5: `M`); inside,
+  the image is resampled by cubic splines (`resample_image`); on the edge band, where the
+  resampled `M` (linear) is in [0.5, 1), by normalised interpolation, linear(image x M) /
+  linear(M), which leaves out whatever lies outside the brain (skull, CSF shell, background).
+
+  Returns:
+    (image float32 `[*shape]`, 0 outside the mask; mask bool `[*shape]`: linear(M) >= 0.5).
+  """
+  back = np.linalg.inv(np.asarray(scan_to_template, np.float64))
+  on_scan = acquisition.regrid(np.asarray(brain, np.float32), target_affine, volume.shape[:3],
+                               affine, back, order=1) >= 0.5
+  weight = acquisition.regrid(on_scan.astype(np.float32), affine, shape, target_affine,
+                              scan_to_template, order=1)
+  inside = resample_image(volume, affine, shape, target_affine, scan_to_template)
+  brain_only = acquisition.regrid(volume * on_scan, affine, shape, target_affine,
+                                  scan_to_template, order=1) / np.maximum(weight, 1e-3)
+  mask = weight >= 0.5
+  # The band only: widening it to the splines' support (2 voxels) blurs a 4 mm brain's rim, and
+  # the model check gets worse (3.1 instead of 1.4 years; RESULTS.md session 11).
+  out = np.where(mask & (weight < 0.999), np.clip(brain_only, 0, None), inside)
+  return np.where(mask, out, 0).astype(np.float32), mask
 
 
 def scan_inverse(inverse: prune.CubeInverse, scan: nib.spatialimages.SpatialImage,

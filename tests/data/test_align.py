@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from nibabel.processing import resample_from_to
 
-from jax_brainage.data import prune, simulate
+from jax_brainage.data import align, prune, simulate
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.data.simulation import acquisition
 
@@ -40,7 +40,9 @@ def test_aligned_raw_scan_gives_the_template_space_cube(aligned):
   a = prune.place_in_grid(cube[..., 0], inverse.offset, inverse.grid_shape).astype(float)
   b = prune.place_in_grid(ref_cube[..., 0], ref_inverse.offset, ref_inverse.grid_shape)
   r = np.corrcoef(a.ravel(), b.astype(float).ravel())[0, 1]
-  assert r > 0.85, r
+  # Not 1: the registration normalises head size and pose (the template-space image keeps the
+  # subject's own), and the mask is the refined one (Dice ~0.98), not the subject's.
+  assert r > 0.8, r
   # The record keeps the scan's own grid and the transform, through JSON.
   assert inverse.original_shape == tuple(raw.brain_mask.shape) and inverse.alignment is not None
   np.testing.assert_allclose(inverse.original_affine, raw.affine, atol=1e-5)
@@ -122,3 +124,85 @@ def test_prepare_align_template_with_own_masks(tmp_path):
     carried = prune.crop_or_pad(carried, inverse.offset, inverse.cube_shape)
     cube = opened.volumes[i][..., 0]
     assert (cube[~carried] > 0).mean() < 0.01
+
+
+def test_images_are_resampled_by_prefiltered_cubic_splines_and_masks_linearly():
+  """`align.resample_image` against scipy.ndimage on the voxel matrix built here by hand, and
+  `align.carry_mask` against nibabel's linear resampling thresholded at 0.5."""
+  from scipy import ndimage
+  from scipy.spatial.transform import Rotation
+
+  rng = np.random.default_rng(0)
+  volume = ndimage.gaussian_filter(rng.random((20, 22, 18)), 1.5).astype(np.float32) * 1000
+  affine = np.array([[0, 0, -3.2, 30], [4.1, 0, 0, -40], [0, 3.6, 0, -30], [0, 0, 0, 1.0]])
+  m = np.eye(4)
+  m[:3, :3] = Rotation.from_euler("xyz", [12, -7, 5], degrees=True).as_matrix() * 1.05
+  m[:3, 3] = [3, -2, 5]
+  shape, target = (24, 24, 24), np.diag([4.0, 4.0, 4.0, 1.0])
+  target[:3, 3] = -46
+  got = align.resample_image(volume, affine, shape, target, m)
+  vox = np.linalg.inv(m @ affine) @ target
+  want = ndimage.affine_transform(volume.astype(np.float64), vox[:3, :3], vox[:3, 3],
+                                  output_shape=shape, order=3, mode="constant", cval=0.0)
+  np.testing.assert_allclose(got, np.clip(want, 0, None), rtol=1e-5, atol=1e-3)
+  mask = volume > np.median(volume)
+  moved = nib.Nifti1Image(mask.astype(np.float32), m @ affine)
+  ref = resample_from_to(moved, (shape, target), order=1).get_fdata() >= 0.5
+  np.testing.assert_array_equal(align.carry_mask(mask, affine, shape, target, m), ref)
+
+
+def test_known_transform_and_refined_mask_without_registration():
+  """A raw scan with a head, moved by its TRUE transform: no registration, and without a mask the
+  refined mask beats the carried template mask against the simulator's brain (Dice)."""
+  from jax_brainage.data import nifti, skullstrip
+
+  cohort = simulate.Cohort(CONFIG)
+  s = cohort.subject(1, ground_truth=False)
+  raw = acquisition.acquire(s.images, s.brain_mask, CONFIG, cohort.anatomy, cohort.nuisance(1),
+                            acquisition.session_rng(0, 1, 0))
+  img = [nifti.make_image(raw.images["T1w"], raw.affine)]
+  refined = align.to_template(img, ("T1w",), scan_to_template=raw.scan_to_template)
+  carried = align.to_template(img, ("T1w",), scan_to_template=raw.scan_to_template,
+                              masking="template")
+  np.testing.assert_array_equal(refined.scan_to_template, raw.scan_to_template)
+  assert not refined.skull_stripped and (refined.masking, carried.masking) == ("refined",
+                                                                               "template")
+  a = cohort.anatomy
+  truth = resample_from_to(
+      nib.Nifti1Image(raw.brain_mask.astype(np.float32), raw.scan_to_template @ raw.affine),
+      (a.shape, a.affine), order=1).get_fdata() >= 0.5
+  d_refined = skullstrip.dice(np.asarray(refined.mask.dataobj) > 0, truth)
+  d_carried = skullstrip.dice(np.asarray(carried.mask.dataobj) > 0, truth)
+  assert d_refined > 0.97 and d_refined > d_carried, (d_refined, d_carried)
+  # Zero outside the mask, the image unchanged inside it.
+  inside = np.asarray(refined.mask.dataobj) > 0
+  assert np.all(np.asarray(refined.images[0].dataobj)[~inside] == 0)
+
+
+def test_the_brain_edge_takes_nothing_from_outside_the_brain():
+  """A uniform brain (800) wrapped in bright scalp (2000) right at its edge, moved by a rotation:
+  on the template grid the brain's outermost voxels read ~800 (as the simulator renders an edge
+  voxel: the brain's part only), where plain resampling mixes the scalp in. The splines inside
+  still ring a little next to the edge: hence a bound on the mean, not every voxel."""
+  from scipy import ndimage
+  from scipy.spatial.transform import Rotation
+
+  shape, affine = (30, 30, 30), np.diag([4.0, 4.0, 4.0, 1.0])
+  affine[:3, 3] = -58
+  ijk = np.indices(shape) - 14.5
+  radius = np.sqrt((ijk ** 2).sum(0))
+  brain = radius < 9
+  volume = np.where(brain, 800.0, np.where(radius < 12, 2000.0, 0.0)).astype(np.float32)
+  m = np.eye(4)
+  m[:3, :3] = Rotation.from_euler("xyz", [15, -10, 8], degrees=True).as_matrix()
+  m[:3, 3] = [2.0, -1.0, 3.0]
+  # The brain's own mask on the target grid (linear, >= 0.5, as `carry_mask`).
+  target_brain = align.carry_mask(brain, affine, shape, affine, m)
+  out, mask = align.brain_resample(volume, affine, target_brain, shape, affine, m)
+  assert mask.sum() > 0.9 * brain.sum()
+  rim = mask & ~ndimage.binary_erosion(mask)
+  assert np.all(out[~mask] == 0)
+  plain = align.resample_image(volume, affine, shape, affine, m)
+  error, plain_error = np.abs(out[rim] - 800).mean(), np.abs(plain[rim] - 800).mean()
+  assert plain_error > 150 and error < 0.35 * plain_error, (error, plain_error)
+  np.testing.assert_allclose(np.median(out[rim]), 800.0, rtol=0.01)

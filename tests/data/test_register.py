@@ -74,8 +74,9 @@ def test_raw_scans_in_one_vmapped_call_match_truth_and_single_calls(setting):
     assert error < TOLERANCE_MM < start, (raw.orientation, error, start)
   single, _ = register.register([raws[1].images["T1w"]], [raws[1].affine], fixed, fixed_affine)
   # Same inputs -> same transform, alone or in a batch (vmap changes no subject's arithmetic
-  # beyond float rounding).
-  np.testing.assert_allclose(single[0], batch[1], atol=1e-3)
+  # beyond float rounding: 1e-3 on the linear part, 5e-3 mm on the translation).
+  np.testing.assert_allclose(single[0][:3, :3], batch[1][:3, :3], atol=1e-3)
+  np.testing.assert_allclose(single[0][:3, 3], batch[1][:3, 3], atol=5e-3)
   again, _ = register.register([raws[1].images["T1w"]], [raws[1].affine], fixed, fixed_affine)
   np.testing.assert_array_equal(again, single)
 

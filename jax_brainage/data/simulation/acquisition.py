@@ -5,9 +5,11 @@ scan is the subject's template-space image (what `--acquisition template` writes
 with a head around the brain (`add_head`), moved by a rigid pose (`random_pose`: up to 20
 degrees about each axis and 20 mm along each) and sampled on another voxel grid (`random_grid`:
 other voxel sizes, anisotropic, another field of view, an orientation such as LPS or PIR) by
-`regrid`. Everything is drawn from the subject's own random stream `STREAM_ACQUISITION` of
-(seed, index), so the template-space cohort's streams are untouched and the same seed gives the
-same scans.
+`regrid` (a cubic B-spline, `ACQUISITION_ORDER`: a scanner samples the object itself, and a
+trilinear interpolation of the 4 mm render would blur it as no scanner does; the brain mask is
+resampled linearly and thresholded at 0.5). Everything is drawn from the subject's own random
+stream `STREAM_ACQUISITION` of (seed, index), so the template-space cohort's streams are
+untouched and the same seed gives the same scans.
 
 Transforms are 4x4 world -> world matrices in mm on RAS+ world coordinates (each image's own
 header affine gives its world): `x_to = M @ [x_from, 1]`. For every raw scan two are known:
@@ -58,6 +60,7 @@ HEAD_CONTRASTS = {
               "scalp": 0.75},
     "swi": {"csf": 1.0, "inner_table": 0.05, "diploe": 0.50, "outer_table": 0.05, "scalp": 0.60},
 }
+ACQUISITION_ORDER = 3  # spline order of the scanner-grid sampling (module docstring)
 HEAD_MARGIN_MM = 24.0  # the template grid is padded by this much so that the head fits
 SITES = (
     {"Manufacturer": "Siemens", "ManufacturersModelName": "Prisma", "MagneticFieldStrength": 3},
@@ -165,7 +168,8 @@ def regrid(volume: np.ndarray, affine: np.ndarray, shape: Sequence[int], target_
            transform: np.ndarray | None = None, *, order: int = 1) -> np.ndarray:
   """Samples `volume` (grid `affine`) on the grid (`shape`, `target_affine`) after moving it by
   `transform` `[4, 4]` (world -> world, mm: the volume's world to the target's world;
-  None = identity): `[*shape]` float32 (order 1) or the input dtype (order 0); 0 outside."""
+  None = identity): `[*shape]` float32 (order > 0: spline of that order, prefiltered) or the
+  input dtype (order 0); 0 outside."""
   moved = affine if transform is None else np.asarray(transform, np.float64) @ affine
   return nifti.resample(volume, moved, shape, target_affine, order=order)
 
@@ -231,11 +235,13 @@ class RawScan:
 
 def acquire(
     images: dict[str, np.ndarray], brain_mask: np.ndarray, config: CohortConfig,
-    anatomy: TemplateAnatomy, nuisance: render.Nuisance, rng: np.random.Generator, *, unit: float = render.SCAN_UNIT,
-    noise_sd: float = 0.03,
+    anatomy: TemplateAnatomy, nuisance: render.Nuisance, rng: np.random.Generator, *,
+    unit: float = render.SCAN_UNIT, noise_sd: float = 0.03, order: int = ACQUISITION_ORDER,
 ) -> RawScan:
   """Turns a template-space subject (`images` seq -> `[X, Y, Z]`, `brain_mask`, on the template
-  grid) into raw scans, drawing head thickness, site, pose and grid from `rng` in that order."""
+  grid) into raw scans, drawing head thickness, site, pose and grid from `rng` in that order;
+  `order`: spline order of the images' sampling on the scanner grid (1: trilinear, as before
+  session 11)."""
   thickness = float(rng.uniform(0.8, 1.25))
   site = dict(SITES[int(rng.integers(len(SITES)))])
   centre = np.asarray(anatomy.centre_mm, np.float64)
@@ -251,7 +257,8 @@ def acquire(
     noise_rng = np.random.default_rng([noise_seed, k])
     head = add_head(padded, brain_pad, pad_affine, seq, unit=unit, thickness=thickness,
                     rng=noise_rng, noise_sd=noise_sd)
-    out[seq] = np.clip(np.rint(regrid(head, pad_affine, shape, affine, pose)), 0, 32767)
+    sampled = regrid(head, pad_affine, shape, affine, pose, order=order)
+    out[seq] = np.clip(np.rint(sampled), 0, 32767)
   brain = regrid(brain_pad.astype(np.float32), pad_affine, shape, affine, pose) >= 0.5
   scan_to_subject = np.linalg.inv(pose)
   return RawScan(
