@@ -64,7 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-glass-brain", action="store_true", help="skip the glass-brain figure")
   p.add_argument("--target", choices=reference.TARGETS, default="age",
                  help="age: relevance of the predicted age (against a zero input); gap: of the "
-                      "difference from the age-matched mean training brain (needs ages)")
+                      "difference from age-matched training brains (needs ages)")
+  p.add_argument("--reference", choices=reference.DESIGNS, default=reference.DEFAULT_DESIGN,
+                 help="--target gap: nearest: the subject's map less the mean map of the "
+                      f"{reference.NEAREST} age-matched training scans most similar to it "
+                      "(image correlation); age: less the mean map of every age-matched "
+                      f"training scan (at most {reference.MAX_SCANS})")
   p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad's noise (0)")
   add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
@@ -98,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
   with lock.hold(args.out, "brainage explain"):
     target = derivative.Target(args.workdir, args.checkpoint, method,
                                batch_size=args.batch_size, seed=args.seed, levels=levels,
-                               members_per_call=args.members_per_call, target=args.target)
+                               members_per_call=args.members_per_call, target=args.target,
+                               reference_design=args.reference)
     dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
                                    skip_bad=args.skip_bad, entities=args.entities,
                                    participants=args.participants)

@@ -32,28 +32,75 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jax_brainage.data import splits
-from jax_brainage.errors import DataError
+from jax_brainage.errors import ConfigError, DataError
 
 TARGETS = ("age", "gap")
+# How the age-matched reference set is chosen (`--reference`): "nearest", the k age-matched
+# training scans most similar to the subject (image correlation), or "age", every age-matched
+# scan up to MAX_SCANS (the nearest in age).
+DESIGNS = ("nearest", "age")
+DEFAULT_DESIGN = "nearest"
 WINDOW = 2.0     # years either side of the subject's (whole-year) age
 MIN_SCANS = 5
-MAX_SCANS = 16   # reference maps cost one relevance pass per scan, once per whole-year age
+MAX_SCANS = 16   # design "age": reference maps cost one relevance pass per scan
+NEAREST = 8      # design "nearest": k most similar age-matched scans
+SIMILARITY_VOXELS = 50_000  # cubes are block-averaged to about this many voxels to compare
+
+
+def pool_factor(shape: Sequence[int], voxels: int = SIMILARITY_VOXELS) -> int:
+  """Block size (voxels per side) that brings a cube `[X, Y, Z]` to at most ~`voxels` voxels."""
+  n = float(np.prod([int(d) for d in shape[:3]]))
+  return max(1, int(np.ceil((n / float(voxels)) ** (1.0 / 3.0) - 1e-9)))
+
+
+def similarity_features(cubes: np.ndarray, pool: int) -> np.ndarray:
+  """Unit-norm, zero-mean features of cubes `[m, X, Y, Z, C]` (as stored or network inputs):
+  block means over `pool`^3 voxels (edges cropped to whole blocks), every channel, float32
+  `[m, D]`; the dot product of two rows is the Pearson correlation of the pooled images."""
+  x = np.asarray(cubes)
+  x = x.astype(np.float32) if x.dtype != np.uint8 else x.astype(np.float32) / 255.0
+  m, c = x.shape[0], x.shape[-1]
+  X, Y, Z = (d // pool * pool for d in x.shape[1:4])
+  x = x[:, :X, :Y, :Z]
+  x = x.reshape(m, X // pool, pool, Y // pool, pool, Z // pool, pool, c).mean(axis=(2, 4, 6))
+  f = x.reshape(m, -1)
+  f = f - f.mean(axis=1, keepdims=True)
+  norm = np.linalg.norm(f, axis=1, keepdims=True)
+  return f / np.where(norm > 0, norm, 1.0)
+
+
+def nearest(subject: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+  """Indices `[min(k, m)]` of the `k` rows of candidate features `[m, D]` most correlated with
+  the subject's features `[D]` (`similarity_features`), most similar first (ties: lower index);
+  identical images (correlation 1: the subject itself among training scans) come last."""
+  corr = np.asarray(candidates, np.float64) @ np.asarray(subject, np.float64)
+  order = np.argsort(-corr, kind="stable")
+  # A training subject explained against its own cohort is not its own reference.
+  other = order[corr[order] < 1.0 - 1e-6]
+  return (other if len(other) >= min(int(k), len(corr)) else order)[:min(int(k), len(corr))]
 
 
 class References:
-  """Age-matched training scans per sub-ensemble input, and their mean maps.
+  """Age-matched training scans per sub-ensemble input: which rows serve a subject.
 
   Args:
     ensemble: the model (`artifact.load`); views, of_sub: `predict.model_inputs`' (the training
       caches and each sub-ensemble's view key and channels).
+    design: "nearest" (the `k` age-matched scans most correlated with the subject, per
+      sub-ensemble input) or "age" (every age-matched scan, at most `max_scans`).
   """
 
   def __init__(self, ensemble, views: Mapping[str, Any],
                of_sub: Mapping[str, tuple[str, Sequence[int] | None]], *,
-               window: float = WINDOW, min_scans: int = MIN_SCANS, max_scans: int = MAX_SCANS):
+               design: str = DEFAULT_DESIGN, k: int = NEAREST, window: float = WINDOW,
+               min_scans: int = MIN_SCANS, max_scans: int = MAX_SCANS):
+    if design not in DESIGNS:
+      raise ConfigError(f"--reference {design}: choose one of {', '.join(DESIGNS)}")
+    self.design, self.k = design, int(k)
     self.window, self.min_scans, self.max_scans = float(window), int(min_scans), int(max_scans)
     parts = splits.subject_parts(ensemble.workdir) if ensemble.workdir else {}
-    self.maps: dict[int, Any] = {}  # whole-year age -> mean maps (filled by the Target)
+    self.maps: dict[int, Any] = {}  # design "age": whole-year age -> mean maps (Target fills)
+    self._features: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     self._source: dict[str, tuple[Any, list[int], np.ndarray, np.ndarray]] = {}
     for sub in ensemble.subs:
       key, _ = of_sub[sub.name]
@@ -72,22 +119,58 @@ class References:
     """The whole-year age whose reference set serves a subject of `age` (years)."""
     return int(round(float(age)))
 
-  def rows_for(self, name: str, age: float) -> np.ndarray:
-    """Cache rows `[k]` of the reference set of sub-ensemble `name` at whole-year `age`."""
+  def age_matched(self, name: str, age: float, at_most: int) -> np.ndarray:
+    """Training cache rows `[k]` of sub-ensemble `name` within +-window years of the whole-year
+    `age` (at least `min_scans`: the nearest in age when the window holds fewer; at most
+    `at_most`, the nearest in age), in row order."""
     _, _, rows, ages = self._source[name]
     distance = np.abs(ages - float(self.key(age)))
     order = np.argsort(distance, kind="stable")
     inside = int(np.sum(distance <= self.window))
-    k = min(max(inside, self.min_scans), self.max_scans, len(rows))
+    k = min(max(inside, self.min_scans), at_most, len(rows))
     return np.sort(rows[order[:k]])
 
+  def rows_for(self, name: str, age: float, cube: np.ndarray | None = None) -> np.ndarray:
+    """Cache rows `[k]` of the reference set of sub-ensemble `name` for a subject of `age`
+    (years) whose input is `cube` `[X, Y, Z, C]` (as stored; design "nearest" needs it): most
+    similar first for "nearest", row order for "age"."""
+    if self.design == "age":
+      return self.age_matched(name, age, self.max_scans)
+    if cube is None:
+      raise ValueError("design 'nearest' needs the subject's cube")
+    rows, features = self._candidates(name, age)
+    pool = pool_factor(np.shape(cube))
+    mine = similarity_features(np.asarray(cube)[None], pool)[0]
+    return rows[nearest(mine, features, self.k)]
+
+  def size(self) -> int:
+    """Reference scans per subject under design "nearest" (the same for every sub-ensemble)."""
+    return min([self.k] + [len(self._source[n][2]) for n in self._source])
+
+  def _candidates(self, name: str, age: float) -> tuple[np.ndarray, np.ndarray]:
+    """(age-matched rows `[m]`, their similarity features `[m, D]`), kept for 8 ages."""
+    key = (name, self.key(age))
+    if key not in self._features:
+      while len(self._features) >= 8:  # bounded memory: features of ~300 scans per age
+        del self._features[next(iter(self._features))]
+      cache, channels, _, _ = self._source[name]
+      rows = self.age_matched(name, age, len(self._source[name][2]))
+      rows = rows if len(rows) >= self.size() else self.age_matched(name, age, self.size())
+      pool = pool_factor(cache.volumes.shape[1:4])
+      feats = [similarity_features(np.asarray(cache.volumes[rows[i:i + 64]])[..., channels],
+                                   pool) for i in range(0, len(rows), 64)]
+      self._features[key] = (rows, np.concatenate(feats))
+    return self._features[key]
+
+  def volumes(self, name: str, rows: np.ndarray) -> np.ndarray:
+    """Training scans `[k, X, Y, Z, C]` of sub-ensemble `name` at cache `rows`, as stored."""
+    cache, channels, _, _ = self._source[name]
+    return np.asarray(cache.volumes[np.asarray(rows)])[..., channels]
+
   def inputs(self, age: float) -> dict[str, np.ndarray]:
-    """{sub name: the reference scans `[k, X, Y, Z, C]` as stored} at whole-year `age`."""
-    out = {}
-    for name, (cache, channels, _, _) in self._source.items():
-      rows = self.rows_for(name, age)
-      out[name] = np.asarray(cache.volumes[rows])[..., channels]
-    return out
+    """Design "age": {sub name: the reference scans `[k, X, Y, Z, C]` as stored} at whole-year
+    `age`."""
+    return {name: self.volumes(name, self.rows_for(name, age)) for name in self._source}
 
 
 def ages_of(subjects: Sequence[Any]) -> list[float]:
