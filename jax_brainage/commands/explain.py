@@ -5,7 +5,7 @@
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
         [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
-        [--skip-bad] [--seed S] [--target age|gap]
+        [--skip-bad] [--seed S] [--target age|gap] [--reference nearest|age]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),
@@ -39,9 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="BIDS dataset, fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIR, "
                       "or image files (one subject each)")
   p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-  p.add_argument("--composite", default=maps.DEFAULT_METHOD, metavar="NAME",
+  p.add_argument("--composite", default=None, metavar="NAME",
                  help=f"LRP composite or baseline ({', '.join(maps.METHODS)}; default "
-                      f"{maps.DEFAULT_METHOD})")
+                      f"{maps.DEFAULT_METHOD}, with --target gap {reference.DEFAULT_GAP_METHOD})")
   p.add_argument("--subjects", nargs="+", default=None, metavar="ID",
                  help="explain only these subjects (default: all)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per jitted call (8)")
@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
   if bad or "ensemble" not in levels:
     raise ConfigError(f"--levels {args.levels}: choose from {', '.join(derivative.LEVELS)} "
                       "(ensemble always included)")
-  method = maps.get_method(args.composite)
+  method = maps.get_method(args.composite if args.composite is not None else
+                           reference.DEFAULT_GAP_METHOD if args.target == "gap" else
+                           maps.DEFAULT_METHOD)
   if args.members_per_call < 0:
     raise ConfigError(f"--members-per-call {args.members_per_call} must be 0 (all) or more")
   if args.atlas is not None and not args.atlas.is_file():

@@ -323,6 +323,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       "method_summary": target.method.summary, "model": target.description,
       "levels": list(target.levels), "sequences": list(target.sequences),
       "target": target.target,
+      "reference": None if target.references is None else target.references.design,
       "units": ("years of predicted age per voxel (positive: older)" if target.target == "age"
                 else "years of predicted age above the age-matched reference brain per voxel "
                      "(positive: older than expected at this age)"),

@@ -1,28 +1,38 @@
-"""Maps of the brain-age gap: relevance against an age-matched reference brain.
+"""Maps of the brain-age gap: relevance against age-matched reference brains.
 
 A relevance map of the predicted age (`--target age`) explains f(x) against an all-zero input,
 so most of it says "this is an adult brain". What a clinician asks is why THIS subject's estimate
-differs from what is expected at their chronological age. `--target gap` answers with the
-subject's map less the mean map of age-matched training subjects:
+differs from what is expected at their chronological age. `--target gap` answers against a
+reference set of the model's TRAINING scans (training split of W/split.json; every cached scan
+when the workdir records none) of about the subject's age (+-`WINDOW` years of the whole-year
+age), read from the training cache:
 
-    R_gap(x) = R(x) - mean_j R(x_j),   x_j: training scans within +-WINDOW years of the age
-    sum_i R_gap_i ~= f(x) - mean_j f(x_j)   (conservative methods; ~ the bias-corrected gap)
+- `--reference nearest` (default): the `NEAREST` age-matched scans most similar to the subject
+  (Pearson correlation of the block-averaged cubes, every channel; `similarity_features`), so
+  that head size, folding and ventricles of other people cancel better than in a mean over all
+  peers; the subject itself is never its own reference.
+- `--reference age`: every age-matched scan (at least `MIN_SCANS`, at most `MAX_SCANS`, the
+  nearest in age), their mean maps computed once per whole-year age.
 
-The reference set is the model's TRAINING scans (training split of W/split.json; every cached
-scan when the workdir records none) within +-`WINDOW` years of the subject's age rounded to whole
-years (at least `MIN_SCANS`, the nearest in age when the window holds fewer; at most `MAX_SCANS`,
-the nearest), read from the training cache; its mean maps are computed once per whole-year age
-through the one relevance path (`maps.ensemble_maps`) with the same method, so the gap map is
-defined for every method and level (members, sub-ensembles, the ensemble). The reference set's
-mean prediction is reported beside it.
+For most methods the gap map is the subject's map less the mean map of the set (through the one
+relevance path, `maps.ensemble_maps`, so it is defined for every method and level):
 
-Why the mean of maps and not the map of a mean brain (DeepLIFT-style reference input): the
-voxel-wise mean of misaligned brains is blurred (partial volume everywhere), which the network
-reads as atrophy: on the cpu preset it was predicted OLDER than the subjects with risk factors it
-should explain (mean gap-map sum -7.5 years for subjects whose latent gap exceeds +4 years;
-benchmarks/RESULTS.md, session 10). And why not relevance of the corrected gap through the head:
-the bias correction is an affine function of age added after the network, so that map is the age
-map plus a constant no voxel owns.
+    R_gap(x) = R(x) - mean_j R(x_j),   sum_i R_gap_i ~= f(x) - mean_j f(x_j)  (conservative)
+
+A method that explains against reference inputs (`maps.Method.references`: integrated
+gradients) instead integrates the gradient along the straight paths from each reference scan to
+x and averages (expected gradients over the set, Erion et al. 2021): with `--reference nearest`
+its map sums to f(x) - mean_j f(x_j) up to the midpoint rule's error, and a voxel gets relevance
+only where the subject differs from its references. The set's mean prediction is reported beside
+the map (explain.json).
+
+Why not the map of a mean brain (DeepLIFT-style single reference input): the voxel-wise mean of
+misaligned brains is blurred (partial volume everywhere), which the network reads as atrophy: on
+the cpu preset it was predicted OLDER than the subjects with risk factors it should explain
+(benchmarks/RESULTS.md, session 10). Why not relevance of the corrected gap through the head: the
+bias correction is an affine function of age added after the network, so that map is the age
+map plus a constant no voxel owns. Which design is the default was chosen on the simulated
+cohort (benchmarks/bench_gap_maps.py; README, "Maps of the gap").
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ TARGETS = ("age", "gap")
 # scan up to MAX_SCANS (the nearest in age).
 DESIGNS = ("nearest", "age")
 DEFAULT_DESIGN = "nearest"
+# `brainage explain --target gap`'s default method: paths from the nearest reference scans
+# (README, "Maps of the gap": chosen on the simulated cohort).
+DEFAULT_GAP_METHOD = "integrated_gradients"
 WINDOW = 2.0     # years either side of the subject's (whole-year) age
 MIN_SCANS = 5
 MAX_SCANS = 16   # design "age": reference maps cost one relevance pass per scan
@@ -119,15 +132,15 @@ class References:
     """The whole-year age whose reference set serves a subject of `age` (years)."""
     return int(round(float(age)))
 
-  def age_matched(self, name: str, age: float, at_most: int) -> np.ndarray:
+  def age_matched(self, name: str, age: float, at_most: int, at_least: int = 0) -> np.ndarray:
     """Training cache rows `[k]` of sub-ensemble `name` within +-window years of the whole-year
-    `age` (at least `min_scans`: the nearest in age when the window holds fewer; at most
-    `at_most`, the nearest in age), in row order."""
+    `age` (at least `max(min_scans, at_least)`: the nearest in age when the window holds fewer;
+    at most `at_most`, the nearest in age), in row order."""
     _, _, rows, ages = self._source[name]
     distance = np.abs(ages - float(self.key(age)))
     order = np.argsort(distance, kind="stable")
     inside = int(np.sum(distance <= self.window))
-    k = min(max(inside, self.min_scans), at_most, len(rows))
+    k = min(max(inside, self.min_scans, at_least), at_most, len(rows))
     return np.sort(rows[order[:k]])
 
   def rows_for(self, name: str, age: float, cube: np.ndarray | None = None) -> np.ndarray:
@@ -154,8 +167,8 @@ class References:
       while len(self._features) >= 8:  # bounded memory: features of ~300 scans per age
         del self._features[next(iter(self._features))]
       cache, channels, _, _ = self._source[name]
-      rows = self.age_matched(name, age, len(self._source[name][2]))
-      rows = rows if len(rows) >= self.size() else self.age_matched(name, age, self.size())
+      # k + 1: k remain when the subject itself is among them (`nearest`)
+      rows = self.age_matched(name, age, len(self._source[name][2]), self.k + 1)
       pool = pool_factor(cache.volumes.shape[1:4])
       feats = [similarity_features(np.asarray(cache.volumes[rows[i:i + 64]])[..., channels],
                                    pool) for i in range(0, len(rows), 64)]
