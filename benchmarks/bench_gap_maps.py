@@ -111,18 +111,22 @@ def main() -> None:
   groups, latent = subjects(args.workdir, cache, args.part, args.n)
   result = {"workdir": str(args.workdir), "part": args.part, "maps": list(targets),
             "groups": {}, "across": {}}
-  per = {}
-  for group, rows in groups.items():
-    cubes = np.asarray(cache.volumes[np.array(rows)])[..., pick]
-    ages = [float(cache.ages[i]) for i in rows]
+  per, inputs = {}, {}
+  for group, rows in groups.items():  # cubes, ages, masks and latent gaps of each group
     masks = masks_of(cache, rows, sequences)
     gaps = np.array([latent[cache.subject_ids[i]] for i in rows])
-    out = {"n": len(rows), "latent_gap": float(gaps.mean()),
-           "mask_share_of_cube": {k: float(v.mean()) for k, v in masks.items()}}
-    for label, target in targets.items():
+    inputs[group] = (np.asarray(cache.volumes[np.array(rows)])[..., pick],
+                     [float(cache.ages[i]) for i in rows], masks, gaps)
+    result["groups"][group] = {
+        "n": len(rows), "latent_gap": float(gaps.mean()),
+        "mask_share_of_cube": {k: float(v.mean()) for k, v in masks.items()}}
+    print(f"{group}: n {len(rows)}, mean latent gap {gaps.mean():.2f}, mask share of cube "
+          + ", ".join(f"{k} {v.mean():.4f}" for k, v in masks.items()), flush=True)
+  for label, target in targets.items():  # map by map: a stopped run keeps whole maps
+    for group, (cubes, ages, masks, gaps) in inputs.items():
       t0 = time.perf_counter()
-      levels, predicted = target.explain({name: cubes}, np.arange(len(rows)), ages)
-      seconds = (time.perf_counter() - t0) / len(rows)
+      levels, predicted = target.explain({name: cubes}, np.arange(len(cubes)), ages)
+      seconds = (time.perf_counter() - t0) / len(cubes)
       s = scores(levels[target.top][0].sum(-1).astype(np.float64), masks)
       row = {k: float(v.mean()) for k, v in s.items()}
       row["seconds_per_subject"] = seconds
@@ -130,14 +134,12 @@ def main() -> None:
         delta = np.asarray(predicted, np.float64) - target.reference_predicted
         row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
         row["prediction_difference"] = float(delta.mean())
-      out[label] = row
+      result["groups"][group][label] = row
+      fileio.write_json(args.out, fileio.jsonable(result))  # what is done survives a stop
       per.setdefault(label, {})[group] = (s, gaps)
       print(f"{group:<5} {label:<42} frontal {row['share_frontal']:.3f} lesions "
             f"{row['share_lesions']:.4f} mass {row['mass']:9.2f} sum {row['sum']:7.2f} "
             f"({seconds:.1f} s/subject)", flush=True)
-    print(f"{group}: n {len(rows)}, mean latent gap {out['latent_gap']:.2f}, mask share of cube "
-          + ", ".join(f"{k} {v:.4f}" for k, v in out["mask_share_of_cube"].items()), flush=True)
-    result["groups"][group] = out
   for label, by_group in per.items():
     if set(by_group) != {"risk", "null"}:
       continue
