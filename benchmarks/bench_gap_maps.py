@@ -43,9 +43,10 @@ MAPS = (f"age/-/{LRP}", "age/-/gradient", "age/-/gradient_x_input",
         f"gap/nearest/{LRP}", "gap/nearest/gradient_x_input", "gap/nearest/integrated_gradients")
 
 
-def subjects(workdir: Path, cache, part: str, n: int) -> tuple[dict[str, list[int]], dict]:
-  """{"risk": cache rows, "null": cache rows} of the test split (`part`: even / odd positions)
-  and {subject id: latent gap (years)}."""
+def subjects(workdir: Path, cache, part: str, n: int, offset: int = 0
+             ) -> tuple[dict[str, list[int]], dict]:
+  """{"risk": cache rows, "null": cache rows} of the test split (`part`: even / odd positions;
+  `n` from the `offset`-th on) and {subject id: latent gap (years)}."""
   data = Path(cache.index["source"])
   with open(simulate.derivatives_dir(data) / "brain_age.tsv", newline="") as fh:
     latent = {r["participant_id"]: float(r["brain_age"]) - float(r["age"])
@@ -54,8 +55,8 @@ def subjects(workdir: Path, cache, part: str, n: int) -> tuple[dict[str, list[in
   ids = cache.subject_ids
   test = [i for i, s in enumerate(ids) if parts.get(s) == "test"]
   start = 0 if part == "selection" else 1
-  groups = {"risk": [i for i in test if latent[ids[i]] > 4.0][start::2][:n],
-            "null": [i for i in test if abs(latent[ids[i]]) < 1.0][start::2][:n]}
+  groups = {"risk": [i for i in test if latent[ids[i]] > 4.0][start::2][offset:offset + n],
+            "null": [i for i in test if abs(latent[ids[i]]) < 1.0][start::2][offset:offset + n]}
   return groups, latent
 
 
@@ -91,6 +92,7 @@ def main() -> None:
   p.add_argument("--workdir", type=Path, required=True)
   p.add_argument("--n", type=int, default=20, help="subjects per group (risk, null)")
   p.add_argument("--part", choices=("selection", "report"), default="selection")
+  p.add_argument("--offset", type=int, default=0, help="skip the part's first OFFSET subjects")
   p.add_argument("--maps", default=",".join(MAPS), help="target/reference/method, ...")
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
   stored = list(cache.index["sequences"])
   sequences = first.ensemble.subs[0].sequences
   pick = [stored.index(q) for q in sequences]
-  groups, latent = subjects(args.workdir, cache, args.part, args.n)
+  groups, latent = subjects(args.workdir, cache, args.part, args.n, args.offset)
   result = {"workdir": str(args.workdir), "part": args.part, "maps": list(targets),
             "groups": {}, "across": {}}
   per, inputs = {}, {}
@@ -130,6 +132,8 @@ def main() -> None:
       s = scores(levels[target.top][0].sum(-1).astype(np.float64), masks)
       row = {k: float(v.mean()) for k, v in s.items()}
       row["seconds_per_subject"] = seconds
+      row["per_subject"] = {k: v.tolist() for k, v in s.items()}
+      row["latent_gaps"] = gaps.tolist()
       if target.reference_predicted is not None:  # sum R against f(x) - f(reference set)
         delta = np.asarray(predicted, np.float64) - target.reference_predicted
         row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
