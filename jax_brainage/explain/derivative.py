@@ -35,9 +35,10 @@ only complete files):
                      relevance sum, maps; with --target gap the reference's predicted age),
                      groups, tables, figures.
 
-`--target gap` (Target(target="gap")) writes maps of R(x) less the mean map of age-matched
-training scans: why this subject's estimate differs from what is expected at their age
-(`jax_brainage.explain.reference`).
+`--target gap` (Target(target="gap", reference_design=...)) writes maps against age-matched
+training scans (by default the 8 most similar): why this subject's estimate differs from what is
+expected at their age; integrated gradients from each reference scan, any other method R(x)
+less their mean map (`jax_brainage.explain.reference`).
 """
 
 from __future__ import annotations
