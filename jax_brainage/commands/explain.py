@@ -5,7 +5,7 @@
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
         [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
-        [--skip-bad] [--seed S] [--target age|gap]
+        [--skip-bad] [--seed S] [--target age|gap] [--reference nearest|age]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),
@@ -39,9 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="BIDS dataset, fMRIPrep derivatives, FreeSurfer/FastSurfer SUBJECTS_DIR, "
                       "or image files (one subject each)")
   p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-  p.add_argument("--composite", default=maps.DEFAULT_METHOD, metavar="NAME",
+  p.add_argument("--composite", default=None, metavar="NAME",
                  help=f"LRP composite or baseline ({', '.join(maps.METHODS)}; default "
-                      f"{maps.DEFAULT_METHOD})")
+                      f"{maps.DEFAULT_METHOD}, with --target gap {reference.DEFAULT_GAP_METHOD})")
   p.add_argument("--subjects", nargs="+", default=None, metavar="ID",
                  help="explain only these subjects (default: all)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per jitted call (8)")
@@ -64,7 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--no-glass-brain", action="store_true", help="skip the glass-brain figure")
   p.add_argument("--target", choices=reference.TARGETS, default="age",
                  help="age: relevance of the predicted age (against a zero input); gap: of the "
-                      "difference from the age-matched mean training brain (needs ages)")
+                      "difference from age-matched training brains (needs ages)")
+  p.add_argument("--reference", choices=reference.DESIGNS, default=reference.DEFAULT_DESIGN,
+                 help="--target gap: nearest: the subject's map less the mean map of the "
+                      f"{reference.NEAREST} age-matched training scans most similar to it "
+                      "(image correlation); age: less the mean map of every age-matched "
+                      f"training scan (at most {reference.MAX_SCANS})")
   p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad's noise (0)")
   add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
   if bad or "ensemble" not in levels:
     raise ConfigError(f"--levels {args.levels}: choose from {', '.join(derivative.LEVELS)} "
                       "(ensemble always included)")
-  method = maps.get_method(args.composite)
+  method = maps.get_method(args.composite if args.composite is not None else
+                           reference.DEFAULT_GAP_METHOD if args.target == "gap" else
+                           maps.DEFAULT_METHOD)
   if args.members_per_call < 0:
     raise ConfigError(f"--members-per-call {args.members_per_call} must be 0 (all) or more")
   if args.atlas is not None and not args.atlas.is_file():
@@ -98,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
   with lock.hold(args.out, "brainage explain"):
     target = derivative.Target(args.workdir, args.checkpoint, method,
                                batch_size=args.batch_size, seed=args.seed, levels=levels,
-                               members_per_call=args.members_per_call, target=args.target)
+                               members_per_call=args.members_per_call, target=args.target,
+                               reference_design=args.reference)
     dataset = predict.read_dataset(args.data, target.required_sequences, session=args.session,
                                    skip_bad=args.skip_bad, entities=args.entities,
                                    participants=args.participants)

@@ -35,9 +35,10 @@ only complete files):
                      relevance sum, maps; with --target gap the reference's predicted age),
                      groups, tables, figures.
 
-`--target gap` (Target(target="gap")) writes maps of R(x) less the mean map of age-matched
-training scans: why this subject's estimate differs from what is expected at their age
-(`jax_brainage.explain.reference`).
+`--target gap` (Target(target="gap", reference_design=...)) writes maps against age-matched
+training scans (by default the 8 most similar): why this subject's estimate differs from what is
+expected at their age; integrated gradients from each reference scan, any other method R(x)
+less their mean map (`jax_brainage.explain.reference`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Target:
 
   def __init__(self, workdir: Path, checkpoint: str, method: maps.Method, *, batch_size: int,
                seed: int, levels: Sequence[str], members_per_call: int = 0,
-               target: str = "age"):
+               target: str = "age", reference_design: str = reference.DEFAULT_DESIGN):
     if target not in reference.TARGETS:
       raise DataError(f"--target {target}: choose one of {', '.join(reference.TARGETS)}")
     self.target = target
@@ -120,7 +121,8 @@ class Target:
     self.sequences = maps.ensemble_sequences(self.ensemble)
     self._explainers: dict[str, list] = {}
     # --target gap: maps less those of age-matched training scans (explain/reference.py).
-    self.references = (reference.References(self.ensemble, self.views, self.of_sub)
+    self.references = (reference.References(self.ensemble, self.views, self.of_sub,
+                                            design=reference_design)
                        if target == "gap" else None)
     if artifact.is_single_model(self.ensemble):
       # One model: its maps only, named after its architecture (no member/sub-ensemble maps).
@@ -168,34 +170,55 @@ class Target:
     """Maps of one batch: ({model label: (relevance [n, X, Y, Z, C], channel names)}, the top
     level's predicted age [n] (years)); the top level comes first.
 
-    With target "gap", `ages` `[n]` (years) pick each subject's age-matched training scans and
-    the maps are R(x) less their mean map (`self.reference_predicted` then holds their mean
-    predicted age `[n]`)."""
-    levels, predicted = self._levels(dict(cubes), rows)
+    With target "gap", `ages` `[n]` (years) pick each subject's reference set of training scans
+    (`reference.References`: its k most similar age-matched scans, or all age-matched ones) and
+    the maps are R(x) less the mean map of the set (`self.reference_predicted` then holds the
+    set's mean predicted age `[n]`)."""
     self.reference_predicted = None
-    if self.references is not None:
-      keys = [self.references.key(a) for a in ages]
-      for k in dict.fromkeys(keys):
-        if k not in self.references.maps:  # mean maps of the reference set, once per age
-          while len(self.references.maps) >= 16:  # bounded memory at study-sized cubes
-            del self.references.maps[next(iter(self.references.maps))]
-          inputs = self.references.inputs(k)
-          n_ref = len(next(iter(inputs.values())))
-          ref_levels, ref_pred = self._levels(inputs, np.arange(n_ref))
-          self.references.maps[k] = ({name: (r.mean(axis=0), q)
-                                      for name, (r, q) in ref_levels.items()},
-                                     float(np.mean(ref_pred)))
-      levels = {name: (r - np.stack([self.references.maps[k][0][name][0] for k in keys]), q)
+    refs = self.references
+    if refs is None:
+      return self._levels(dict(cubes), rows)
+    if refs.design == "nearest":
+      # Each subject's own k nearest scans (per sub-ensemble input).
+      k = refs.size()
+      inputs = {name: np.concatenate([refs.volumes(name, refs.rows_for(name, a, cube))
+                                      for a, cube in zip(ages, np.asarray(cubes[name]))])
+                for name in self.of_sub}
+      if self.method.references:  # the method explains f(x) against the scans themselves
+        paths = {name: v.reshape(len(ages), k, *v.shape[1:]) for name, v in inputs.items()}
+        levels, predicted = self._levels(dict(cubes), rows, paths)
+        ref_pred = np.asarray(self.ensemble.predict(inputs).ensemble, np.float64)
+        self.reference_predicted = ref_pred.reshape(len(ages), k).mean(1)
+        return levels, predicted
+      levels, predicted = self._levels(dict(cubes), rows)
+      ref_levels, ref_pred = self._levels(inputs, np.arange(len(ages) * k))
+      levels = {name: (r - ref_levels[name][0].reshape(len(ages), k, *r.shape[1:]).mean(1), q)
                 for name, (r, q) in levels.items()}
-      self.reference_predicted = np.array([self.references.maps[k][1] for k in keys])
+      self.reference_predicted = ref_pred.reshape(len(ages), k).mean(1)
+      return levels, predicted
+    levels, predicted = self._levels(dict(cubes), rows)
+    keys = [refs.key(a) for a in ages]
+    for k in dict.fromkeys(keys):
+      if k not in refs.maps:  # mean maps of the reference set, once per whole-year age
+        while len(refs.maps) >= 16:  # bounded memory at study-sized cubes
+          del refs.maps[next(iter(refs.maps))]
+        inputs = refs.inputs(k)
+        n_ref = len(next(iter(inputs.values())))
+        ref_levels, ref_pred = self._levels(inputs, np.arange(n_ref))
+        refs.maps[k] = ({name: (r.mean(axis=0), q) for name, (r, q) in ref_levels.items()},
+                        float(np.mean(ref_pred)))
+    levels = {name: (r - np.stack([refs.maps[k][0][name][0] for k in keys]), q)
+              for name, (r, q) in levels.items()}
+    self.reference_predicted = np.array([refs.maps[k][1] for k in keys])
     return levels, predicted
 
-  def _levels(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray
+  def _levels(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
+              references: Mapping[str, np.ndarray] | None = None
               ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
     em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
                             batch_size=self.batch_size, seed=self.seed, rows=rows,
                             members_per_call=self.members_per_call,
-                            explainers=self._explainers)
+                            explainers=self._explainers, references=references)
     out = {self.top: (em.ensemble, em.sequences)}
     if "subs" in self.levels:
       for name, r in em.subs.items():
@@ -301,6 +324,7 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
       "method_summary": target.method.summary, "model": target.description,
       "levels": list(target.levels), "sequences": list(target.sequences),
       "target": target.target,
+      "reference": None if target.references is None else target.references.design,
       "units": ("years of predicted age per voxel (positive: older)" if target.target == "age"
                 else "years of predicted age above the age-matched reference brain per voxel "
                      "(positive: older than expected at this age)"),

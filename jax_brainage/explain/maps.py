@@ -60,12 +60,17 @@ class Method:
     summary: one line on what it does.
     attribute: `attribute(apply_fn, variables, x [n, ...], *, keys [n, 2] uint32, low, high)
       -> [n, ...]`, traceable; `low`/`high` bound the input (for ZBox), broadcastable to x.
+      With `references`, it also takes `baseline` `[n, k, ...]` (k reference inputs per sample)
+      and explains f(x) against their mean prediction.
+    references: whether it explains against reference inputs (`--target gap`, integrated
+      gradients from each reference scan) instead of against its own fixed baseline.
   """
 
   name: str
   kind: str
   summary: str
   attribute: Attribute
+  references: bool = False
 
 
 def _lrp(make_composite: Callable[[Any, Any], Any]) -> Attribute:
@@ -101,10 +106,24 @@ def _gradient_x_input(apply_fn, variables, x, *, keys, low, high):
   return lrp.attribution.gradient_x_input(apply_fn, variables, x)
 
 
-def _integrated_gradients(apply_fn, variables, x, *, keys, low, high):
+IG_STEPS = 32
+
+
+def _integrated_gradients(apply_fn, variables, x, *, keys, low, high, baseline=None):
   del keys, low, high
-  # Baseline: the all-zero input (background intensity of a minmax cube), 32 midpoint steps.
-  return lrp.attribution.integrated_gradients(apply_fn, variables, x, n_steps=32)
+  if baseline is None:
+    # Baseline: the all-zero input (background intensity of a minmax cube), 32 midpoint steps.
+    return lrp.attribution.integrated_gradients(apply_fn, variables, x, n_steps=IG_STEPS)
+  # k reference inputs per sample `[n, k, ...]`: the mean of the paths from each (expected
+  # gradients over the reference set, Erion et al. 2021), the 32 gradient evaluations shared
+  # out (at least 4 per path); sums to f(x) - mean_j f(x_j) up to the midpoint rule's error.
+  steps = max(4, IG_STEPS // baseline.shape[1])
+
+  def one(b):
+    return lrp.attribution.integrated_gradients(apply_fn, variables, x, baseline=b,
+                                                n_steps=steps)
+
+  return jnp.mean(jax.lax.map(one, jnp.moveaxis(baseline, 1, 0)), axis=0)
 
 
 _C = lrp.composites
@@ -144,8 +163,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _per_sample(lambda f, v, x, k: lrp.attribution.smoothgrad(
                f, v, x, key=k, n_samples=16, noise_level=0.1))),
     Method("integrated_gradients", "baseline",
-           "Integrated Gradients from the all-zero input, 32 midpoint steps",
-           _integrated_gradients),
+           "Integrated Gradients from the all-zero input (--target gap: from each reference "
+           "scan), 32 midpoint steps", _integrated_gradients, references=True),
 )}
 # Chosen by `brainage evaluate-explanations` on the simulated cohort (README, "Default
 # composite"): tied best on ageing-mask mass/rank accuracy and ABPC with LRP-epsilon everywhere,
@@ -223,15 +242,19 @@ class Explainer:
     self.seed = int(seed)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = sharding.put_replicated(self.mesh, variables)
+    self._model = model
+    self._fn_ref = None  # compiled on first use with reference inputs
     self._fn = _compiled(model, self.method, stacked, self.mesh)
 
-  def __call__(self, volumes: np.ndarray, rows: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+  def __call__(self, volumes: np.ndarray, rows: np.ndarray | None = None,
+               references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Relevance and predicted age of volumes `[n, X, Y, Z, C]`.
 
     Args:
       volumes: uint8 / float16 cubes as stored, or float32 network inputs.
       rows: int `[n]` identities of the volumes for the random methods' keys (default 0..n-1).
+      references: `[n, k, X, Y, Z, C]` reference inputs per volume (stored like `volumes`), for
+        methods with `Method.references` (relevance of f(x) against their mean prediction).
     Returns:
       (relevance float32 `[n, X, Y, Z, C]` (`[M, n, ...]` for a stack), predicted age float32
       `[n]` (`[M, n]`), years).
@@ -240,10 +263,22 @@ class Explainer:
     if volumes.ndim != 5:
       raise DataError(f"volumes must be [n, X, Y, Z, C], got shape {volumes.shape}")
     rows = np.arange(len(volumes)) if rows is None else np.asarray(rows)
+    if references is not None:
+      if not self.method.references:
+        raise ConfigError(f"{self.method.name}: explains against its own baseline, not against "
+                          "reference inputs")
+      references = np.asarray(references)
+      if references.shape[:1] + references.shape[2:] != volumes.shape:
+        raise DataError(f"references must be [n, k, X, Y, Z, C] for volumes {volumes.shape}, "
+                        f"got {references.shape}")
+      if self._fn_ref is None:
+        self._fn_ref = _compiled(self._model, self.method, self.stacked, self.mesh, True)
     rel, pred = [], []
     for start in range(0, len(volumes), self.batch_size):
       r, p = self._batch(volumes[start:start + self.batch_size],
-                         rows[start:start + self.batch_size])
+                         rows[start:start + self.batch_size],
+                         None if references is None
+                         else references[start:start + self.batch_size])
       rel.append(r)
       pred.append(p)
     axis = 1 if self.stacked else 0
@@ -251,36 +286,50 @@ class Explainer:
       return (np.zeros(volumes.shape, np.float32), np.zeros((0,), np.float32))
     return np.concatenate(rel, axis=axis), np.concatenate(pred, axis=axis)
 
-  def _batch(self, chunk: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def _batch(self, chunk: np.ndarray, rows: np.ndarray, refs: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray]:
     k = len(chunk)
     if k < self.batch_size:  # one compiled shape: pad with zero volumes, dropped below
       chunk = np.concatenate([chunk, np.zeros((self.batch_size - k, *chunk.shape[1:]),
                                               chunk.dtype)])
       rows = np.concatenate([rows, np.zeros(self.batch_size - k, rows.dtype)])
+      if refs is not None:
+        refs = np.concatenate([refs, np.zeros((self.batch_size - k, *refs.shape[1:]),
+                                              refs.dtype)])
     base = jax.random.PRNGKey(self.seed)
     keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
     volumes = jax.device_put(np.ascontiguousarray(chunk), self._batch_sharding)
     keys = jax.device_put(keys, self._batch_sharding)
-    r, p = jax.device_get(self._fn(self._variables, volumes, keys))
+    if refs is None:
+      r, p = jax.device_get(self._fn(self._variables, volumes, keys))
+    else:
+      refs = jax.device_put(np.ascontiguousarray(refs), self._batch_sharding)
+      r, p = jax.device_get(self._fn_ref(self._variables, volumes, keys, refs))
     if self.stacked:
       return np.asarray(r)[:, :k], np.asarray(p)[:, :k]
     return np.asarray(r)[:k], np.asarray(p)[:k]
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model, method: Method, stacked: bool, mesh) -> Callable:
-  """The jitted `(variables, volumes, keys) -> (relevance, predicted age)` of a model and method,
-  shared by every Explainer of the same model, method and mesh (compiled once per shape)."""
+def _compiled(model, method: Method, stacked: bool, mesh, with_references: bool = False
+              ) -> Callable:
+  """The jitted `(variables, volumes, keys[, references]) -> (relevance, predicted age)` of a
+  model and method, shared by every Explainer of the same model, method and mesh (compiled once
+  per shape)."""
   apply_fn = regression_apply(model)
   attribute = method.attribute
 
-  def one(variables, volumes, keys):
+  def one(variables, volumes, keys, references=None):
     x = _network_input(volumes)
     low, high = input_bounds(x, volumes.dtype)
-    r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high)
+    extra = {} if references is None else {"baseline": _network_input(references)}
+    r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high, **extra)
     return r.astype(jnp.float32), apply_fn(variables, x)
 
-  fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
+  if not with_references:
+    fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
+  else:
+    fn = jax.vmap(one, in_axes=(0, None, None, None)) if stacked else one
   return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
@@ -351,7 +400,8 @@ def _member_groups(sub, method, *, batch_size: int, seed: int,
 def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
                   batch_size: int = 8, seed: int = 0, rows: np.ndarray | None = None,
                   members_per_call: int = 0,
-                  explainers: dict[str, list] | None = None) -> EnsembleMaps:
+                  explainers: dict[str, list] | None = None,
+                  references: Mapping[str, np.ndarray] | None = None) -> EnsembleMaps:
   """Relevance of every member, sub-ensemble and the ensemble.
 
   Args:
@@ -363,6 +413,8 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
     members_per_call: members explained by one jitted call (0 = all of a sub-ensemble); fewer
       bound device memory at study-sized volumes (M x batch maps and activations per call).
     explainers: reuse explainers across calls ({sub name: [(Explainer, members)]}, filled in).
+    references: {sub-ensemble name: `[n, k, X, Y, Z, C_sub]`} reference inputs per volume, for a
+      method with `Method.references` (`Explainer`).
   """
   inputs = _sub_inputs(ensemble, inputs)
   weights_total = ensemble.head.member_weights()
@@ -374,7 +426,8 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
     if sub.name not in explainers:
       explainers[sub.name] = _member_groups(sub, method, batch_size=batch_size, seed=seed,
                                             members_per_call=members_per_call)
-    parts = [(e(inputs[sub.name], rows), k) for e, k in explainers[sub.name]]
+    refs = None if references is None else references[sub.name]
+    parts = [(e(inputs[sub.name], rows, refs), k) for e, k in explainers[sub.name]]
     r = np.concatenate([rp[0][:k] for rp, k in parts])  # [M, n, ...]
     p = np.concatenate([rp[1][:k] for rp, k in parts])  # [M, n]
     level1 = np.asarray(ensemble.head.level1[sub.name].weights, np.float64)

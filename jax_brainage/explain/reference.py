@@ -1,28 +1,38 @@
-"""Maps of the brain-age gap: relevance against an age-matched reference brain.
+"""Maps of the brain-age gap: relevance against age-matched reference brains.
 
 A relevance map of the predicted age (`--target age`) explains f(x) against an all-zero input,
 so most of it says "this is an adult brain". What a clinician asks is why THIS subject's estimate
-differs from what is expected at their chronological age. `--target gap` answers with the
-subject's map less the mean map of age-matched training subjects:
+differs from what is expected at their chronological age. `--target gap` answers against a
+reference set of the model's TRAINING scans (training split of W/split.json; every cached scan
+when the workdir records none) of about the subject's age (+-`WINDOW` years of the whole-year
+age), read from the training cache:
 
-    R_gap(x) = R(x) - mean_j R(x_j),   x_j: training scans within +-WINDOW years of the age
-    sum_i R_gap_i ~= f(x) - mean_j f(x_j)   (conservative methods; ~ the bias-corrected gap)
+- `--reference nearest` (default): the `NEAREST` age-matched scans most similar to the subject
+  (Pearson correlation of the block-averaged cubes, every channel; `similarity_features`), so
+  that head size, folding and ventricles of other people cancel better than in a mean over all
+  peers; the subject itself is never its own reference.
+- `--reference age`: every age-matched scan (at least `MIN_SCANS`, at most `MAX_SCANS`, the
+  nearest in age), their mean maps computed once per whole-year age.
 
-The reference set is the model's TRAINING scans (training split of W/split.json; every cached
-scan when the workdir records none) within +-`WINDOW` years of the subject's age rounded to whole
-years (at least `MIN_SCANS`, the nearest in age when the window holds fewer; at most `MAX_SCANS`,
-the nearest), read from the training cache; its mean maps are computed once per whole-year age
-through the one relevance path (`maps.ensemble_maps`) with the same method, so the gap map is
-defined for every method and level (members, sub-ensembles, the ensemble). The reference set's
-mean prediction is reported beside it.
+For most methods the gap map is the subject's map less the mean map of the set (through the one
+relevance path, `maps.ensemble_maps`, so it is defined for every method and level):
 
-Why the mean of maps and not the map of a mean brain (DeepLIFT-style reference input): the
-voxel-wise mean of misaligned brains is blurred (partial volume everywhere), which the network
-reads as atrophy: on the cpu preset it was predicted OLDER than the subjects with risk factors it
-should explain (mean gap-map sum -7.5 years for subjects whose latent gap exceeds +4 years;
-benchmarks/RESULTS.md, session 10). And why not relevance of the corrected gap through the head:
-the bias correction is an affine function of age added after the network, so that map is the age
-map plus a constant no voxel owns.
+    R_gap(x) = R(x) - mean_j R(x_j),   sum_i R_gap_i ~= f(x) - mean_j f(x_j)  (conservative)
+
+A method that explains against reference inputs (`maps.Method.references`: integrated
+gradients) instead integrates the gradient along the straight paths from each reference scan to
+x and averages (expected gradients over the set, Erion et al. 2021): with `--reference nearest`
+its map sums to f(x) - mean_j f(x_j) up to the midpoint rule's error, and a voxel gets relevance
+only where the subject differs from its references. The set's mean prediction is reported beside
+the map (explain.json).
+
+Why not the map of a mean brain (DeepLIFT-style single reference input): the voxel-wise mean of
+misaligned brains is blurred (partial volume everywhere), which the network reads as atrophy: on
+the cpu preset it was predicted OLDER than the subjects with risk factors it should explain
+(benchmarks/RESULTS.md, session 10). Why not relevance of the corrected gap through the head: the
+bias correction is an affine function of age added after the network, so that map is the age
+map plus a constant no voxel owns. Which design is the default was chosen on the simulated
+cohort (benchmarks/bench_gap_maps.py; README, "Maps of the gap").
 """
 
 from __future__ import annotations
@@ -32,28 +42,78 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jax_brainage.data import splits
-from jax_brainage.errors import DataError
+from jax_brainage.errors import ConfigError, DataError
 
 TARGETS = ("age", "gap")
+# How the age-matched reference set is chosen (`--reference`): "nearest", the k age-matched
+# training scans most similar to the subject (image correlation), or "age", every age-matched
+# scan up to MAX_SCANS (the nearest in age).
+DESIGNS = ("nearest", "age")
+DEFAULT_DESIGN = "nearest"
+# `brainage explain --target gap`'s default method: paths from the nearest reference scans
+# (README, "Maps of the gap": chosen on the simulated cohort).
+DEFAULT_GAP_METHOD = "integrated_gradients"
 WINDOW = 2.0     # years either side of the subject's (whole-year) age
 MIN_SCANS = 5
-MAX_SCANS = 16   # reference maps cost one relevance pass per scan, once per whole-year age
+MAX_SCANS = 16   # design "age": reference maps cost one relevance pass per scan
+NEAREST = 8      # design "nearest": k most similar age-matched scans
+SIMILARITY_VOXELS = 50_000  # cubes are block-averaged to about this many voxels to compare
+
+
+def pool_factor(shape: Sequence[int], voxels: int = SIMILARITY_VOXELS) -> int:
+  """Block size (voxels per side) that brings a cube `[X, Y, Z]` to at most ~`voxels` voxels."""
+  n = float(np.prod([int(d) for d in shape[:3]]))
+  return max(1, int(np.ceil((n / float(voxels)) ** (1.0 / 3.0) - 1e-9)))
+
+
+def similarity_features(cubes: np.ndarray, pool: int) -> np.ndarray:
+  """Unit-norm, zero-mean features of cubes `[m, X, Y, Z, C]` (as stored or network inputs):
+  block means over `pool`^3 voxels (edges cropped to whole blocks), every channel, float32
+  `[m, D]`; the dot product of two rows is the Pearson correlation of the pooled images."""
+  x = np.asarray(cubes)
+  x = x.astype(np.float32) if x.dtype != np.uint8 else x.astype(np.float32) / 255.0
+  m, c = x.shape[0], x.shape[-1]
+  X, Y, Z = (d // pool * pool for d in x.shape[1:4])
+  x = x[:, :X, :Y, :Z]
+  x = x.reshape(m, X // pool, pool, Y // pool, pool, Z // pool, pool, c).mean(axis=(2, 4, 6))
+  f = x.reshape(m, -1)
+  f = f - f.mean(axis=1, keepdims=True)
+  norm = np.linalg.norm(f, axis=1, keepdims=True)
+  return f / np.where(norm > 0, norm, 1.0)
+
+
+def nearest(subject: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+  """Indices `[min(k, m)]` of the `k` rows of candidate features `[m, D]` most correlated with
+  the subject's features `[D]` (`similarity_features`), most similar first (ties: lower index);
+  identical images (correlation 1: the subject itself among training scans) come last."""
+  corr = np.asarray(candidates, np.float64) @ np.asarray(subject, np.float64)
+  order = np.argsort(-corr, kind="stable")
+  # A training subject explained against its own cohort is not its own reference.
+  other = order[corr[order] < 1.0 - 1e-6]
+  return (other if len(other) >= min(int(k), len(corr)) else order)[:min(int(k), len(corr))]
 
 
 class References:
-  """Age-matched training scans per sub-ensemble input, and their mean maps.
+  """Age-matched training scans per sub-ensemble input: which rows serve a subject.
 
   Args:
     ensemble: the model (`artifact.load`); views, of_sub: `predict.model_inputs`' (the training
       caches and each sub-ensemble's view key and channels).
+    design: "nearest" (the `k` age-matched scans most correlated with the subject, per
+      sub-ensemble input) or "age" (every age-matched scan, at most `max_scans`).
   """
 
   def __init__(self, ensemble, views: Mapping[str, Any],
                of_sub: Mapping[str, tuple[str, Sequence[int] | None]], *,
-               window: float = WINDOW, min_scans: int = MIN_SCANS, max_scans: int = MAX_SCANS):
+               design: str = DEFAULT_DESIGN, k: int = NEAREST, window: float = WINDOW,
+               min_scans: int = MIN_SCANS, max_scans: int = MAX_SCANS):
+    if design not in DESIGNS:
+      raise ConfigError(f"--reference {design}: choose one of {', '.join(DESIGNS)}")
+    self.design, self.k = design, int(k)
     self.window, self.min_scans, self.max_scans = float(window), int(min_scans), int(max_scans)
     parts = splits.subject_parts(ensemble.workdir) if ensemble.workdir else {}
-    self.maps: dict[int, Any] = {}  # whole-year age -> mean maps (filled by the Target)
+    self.maps: dict[int, Any] = {}  # design "age": whole-year age -> mean maps (Target fills)
+    self._features: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     self._source: dict[str, tuple[Any, list[int], np.ndarray, np.ndarray]] = {}
     for sub in ensemble.subs:
       key, _ = of_sub[sub.name]
@@ -72,22 +132,58 @@ class References:
     """The whole-year age whose reference set serves a subject of `age` (years)."""
     return int(round(float(age)))
 
-  def rows_for(self, name: str, age: float) -> np.ndarray:
-    """Cache rows `[k]` of the reference set of sub-ensemble `name` at whole-year `age`."""
+  def age_matched(self, name: str, age: float, at_most: int, at_least: int = 0) -> np.ndarray:
+    """Training cache rows `[k]` of sub-ensemble `name` within +-window years of the whole-year
+    `age` (at least `max(min_scans, at_least)`: the nearest in age when the window holds fewer;
+    at most `at_most`, the nearest in age), in row order."""
     _, _, rows, ages = self._source[name]
     distance = np.abs(ages - float(self.key(age)))
     order = np.argsort(distance, kind="stable")
     inside = int(np.sum(distance <= self.window))
-    k = min(max(inside, self.min_scans), self.max_scans, len(rows))
+    k = min(max(inside, self.min_scans, at_least), at_most, len(rows))
     return np.sort(rows[order[:k]])
 
+  def rows_for(self, name: str, age: float, cube: np.ndarray | None = None) -> np.ndarray:
+    """Cache rows `[k]` of the reference set of sub-ensemble `name` for a subject of `age`
+    (years) whose input is `cube` `[X, Y, Z, C]` (as stored; design "nearest" needs it): most
+    similar first for "nearest", row order for "age"."""
+    if self.design == "age":
+      return self.age_matched(name, age, self.max_scans)
+    if cube is None:
+      raise ValueError("design 'nearest' needs the subject's cube")
+    rows, features = self._candidates(name, age)
+    pool = pool_factor(np.shape(cube))
+    mine = similarity_features(np.asarray(cube)[None], pool)[0]
+    return rows[nearest(mine, features, self.k)]
+
+  def size(self) -> int:
+    """Reference scans per subject under design "nearest" (the same for every sub-ensemble)."""
+    return min([self.k] + [len(self._source[n][2]) for n in self._source])
+
+  def _candidates(self, name: str, age: float) -> tuple[np.ndarray, np.ndarray]:
+    """(age-matched rows `[m]`, their similarity features `[m, D]`), kept for 8 ages."""
+    key = (name, self.key(age))
+    if key not in self._features:
+      while len(self._features) >= 8:  # bounded memory: features of ~300 scans per age
+        del self._features[next(iter(self._features))]
+      cache, channels, _, _ = self._source[name]
+      # k + 1: k remain when the subject itself is among them (`nearest`)
+      rows = self.age_matched(name, age, len(self._source[name][2]), self.k + 1)
+      pool = pool_factor(cache.volumes.shape[1:4])
+      feats = [similarity_features(np.asarray(cache.volumes[rows[i:i + 64]])[..., channels],
+                                   pool) for i in range(0, len(rows), 64)]
+      self._features[key] = (rows, np.concatenate(feats))
+    return self._features[key]
+
+  def volumes(self, name: str, rows: np.ndarray) -> np.ndarray:
+    """Training scans `[k, X, Y, Z, C]` of sub-ensemble `name` at cache `rows`, as stored."""
+    cache, channels, _, _ = self._source[name]
+    return np.asarray(cache.volumes[np.asarray(rows)])[..., channels]
+
   def inputs(self, age: float) -> dict[str, np.ndarray]:
-    """{sub name: the reference scans `[k, X, Y, Z, C]` as stored} at whole-year `age`."""
-    out = {}
-    for name, (cache, channels, _, _) in self._source.items():
-      rows = self.rows_for(name, age)
-      out[name] = np.asarray(cache.volumes[rows])[..., channels]
-    return out
+    """Design "age": {sub name: the reference scans `[k, X, Y, Z, C]` as stored} at whole-year
+    `age`."""
+    return {name: self.volumes(name, self.rows_for(name, age)) for name in self._source}
 
 
 def ages_of(subjects: Sequence[Any]) -> list[float]:
