@@ -78,10 +78,6 @@ def _problems(cohort, i, raw, template, template_affine):
                    raw.scan_to_subject)}
 
 
-def _schedule(name: str) -> register.Schedule:
-  return register.Schedule() if name == "default" else register.Schedule.named(name)
-
-
 def run_register(args) -> dict:
   config = simulate.CohortConfig(seed=0, n=max(args.n, 1), resolution_mm=args.resolution,
                                  sequences=("T1w",))
@@ -90,7 +86,7 @@ def run_register(args) -> dict:
   points = _brain_points(cohort.anatomy)
   raws = [_raw(cohort, i) for i in range(args.n)]
   engines = args.engines.split(",")
-  schedule = _schedule(args.schedule)
+  schedule = register.Schedule(polish=args.polish)
   problems = args.problems.split(",")
   rows = []
   for i, raw in enumerate(raws):
@@ -134,7 +130,7 @@ def run_register(args) -> dict:
           row[f"{name}_ants_mm"] = acquisition.mean_displacement_mm(
               np.linalg.inv(m), np.linalg.inv(truth), points)
         print(json.dumps(rows), flush=True)
-  summary = {"resolution_mm": args.resolution, "n": args.n, "schedule": args.schedule,
+  summary = {"resolution_mm": args.resolution, "n": args.n, "polish": args.polish,
              "threads": os.environ.get("XLA_FLAGS", ""), "rows": rows,
              "load_average": os.getloadavg()}
   for key in sorted({k for r in rows for k in r if k not in ("subject", "orientation")}):
@@ -201,7 +197,8 @@ def main(argv=None) -> int:
   r.add_argument("--problems", default="template,pose",
                  help="comma-separated: template (to the head template), pose (to the "
                  "subject's own template-space image: the exact pose/grid change)")
-  r.add_argument("--schedule", default="default", help="register.Schedule preset")
+  r.add_argument("--polish", type=int, default=register.Schedule().polish,
+                 help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish)")
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)

@@ -47,7 +47,8 @@ scans' range. Measures that a reference lacks (an older cache without scan measu
 Files (written by `brainage prepare` into the cache; `load_reference` computes the cube part from
 the cache's volumes when they are missing):
   CACHE/conformity.npz   mean and std image `[X, Y, Z, C]` float32, brain mask `[X, Y, Z]`,
-                         pooled brain-intensity histogram `[C, BINS]` and its bin edges.
+                         pooled brain-intensity histogram `[C, BINS]` and its bin edges, the
+                         tilt's group-wise template `[X, Y, Z]` float32.
   CACHE/conformity.json  the calibration: {measure: {centre, spread, low, high, scale}}.
   CACHE/qc.tsv           every training scan's measures and flags.
 """
