@@ -91,11 +91,12 @@ TILT_SCHEDULE = register.Schedule(stages=("similarity",), levels_mm=(8.0, 4.0), 
 TILT_TEMPLATE_SCANS = 64  # training cubes averaged into the group-wise template
 TILT_CALIBRATION_SCANS = 512  # training rows whose tilt is measured (an evenly spaced subset)
 CHI3_MEDIAN = 1.5382  # median of |v| for v ~ N(0, I_3)
-# sigma's multiple where a tilt is flagged (P(chi_3 > 2.8) = 4%); chosen on the benchmark's
-# seed-0 run (the training scans' own pose is ~3 degrees per axis, so a 10-degree tilt against a
-# scan's opposite pose can look clean: even an exact estimate flags ~96% of 10-20 degree tilts at
-# a 4% false alarm rate), checked on seeds 1 and 2 (benchmarks/RESULTS.md, session 11).
-TILT_Z = 2.8
+# sigma's multiple where a tilt is flagged (P(chi_3 > 3.2) = 1.7%). The training scans' own pose
+# is ~3 degrees per axis, so a 10-degree tilt against a scan's opposite pose can look clean: even
+# an exact estimate flags only ~96% of 10-20 degree tilts at a 5% false alarm rate. 2.8 (chosen
+# on the benchmark's seed 0) flagged 3 of 40 clean scans on seed 1; 3.2 leaves room for the other
+# measures' false alarms (seeds 0 and 1; seed 2 held out: benchmarks/RESULTS.md, session 11).
+TILT_Z = 3.2
 
 
 @dataclasses.dataclass(frozen=True)
