@@ -41,7 +41,8 @@ rotation vector whose axes are each about N(0, sigma^2) over the training scans 
 its spread is sigma = median / `CHI3_MEDIAN` (the median of a chi distribution with 3 degrees of
 freedom, robust to odd scans) and its limit `TILT_Z` sigma above 0 (`Measure.rotation`). On a
 cache of more than `TILT_CALIBRATION_SCANS` rows the tilt is measured (and calibrated) on an
-evenly spaced subset of that many; the other rows' tilt is "n/a" in the QC table (not checked). The voxel size is accepted within `VOXEL_TOLERANCE` of the training
+evenly spaced subset of that many; the other rows' tilt is "n/a" in the QC table (not checked);
+a cache of fewer than `TILT_MIN_SCANS` rows has no tilt check. The voxel size is accepted within `VOXEL_TOLERANCE` of the training
 scans' range. Measures that a reference lacks (an older cache without scan measures) are skipped.
 
 Files (written by `brainage prepare` into the cache; `load_reference` computes the cube part from
@@ -90,6 +91,9 @@ TILT_SCHEDULE = register.Schedule(stages=("similarity",), levels_mm=(8.0, 4.0), 
                                   learning_rates=(0.2, 0.1))
 TILT_TEMPLATE_SCANS = 64  # training cubes averaged into the group-wise template
 TILT_CALIBRATION_SCANS = 512  # training rows whose tilt is measured (an evenly spaced subset)
+# Fewer training scans: no group-wise template and no tilt check (a chi_3 spread from a handful
+# of scans means little, and tiny caches, e.g. in tests, skip the registrations).
+TILT_MIN_SCANS = 20
 CHI3_MEDIAN = 1.5382  # median of |v| for v ~ N(0, I_3)
 # sigma's multiple where a tilt is flagged (P(chi_3 > 3.2) = 1.7%). The training scans' own pose
 # is ~3 degrees per axis, so a 10-degree tilt against a scan's opposite pose can look clean: even
@@ -308,9 +312,10 @@ def build_reference(volumes: np.ndarray, scaling: str, voxel_mm: float) -> Refer
   std = np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
   margin = max(1, int(round(MASK_MARGIN_MM / float(voxel_mm))))
   mask = ndimage.binary_dilation(occupancy / n >= 0.5, iterations=margin)
-  rows = np.unique(np.linspace(0, n - 1, min(n, TILT_TEMPLATE_SCANS)).astype(int))
-  template = tilt_template(_as_float(volumes[rows], scaling)[..., 0],
-                           mean[..., 0].astype(np.float32), voxel_mm)
+  template = mean[..., 0].astype(np.float32)
+  if n >= TILT_MIN_SCANS:
+    rows = np.unique(np.linspace(0, n - 1, min(n, TILT_TEMPLATE_SCANS)).astype(int))
+    template = tilt_template(_as_float(volumes[rows], scaling)[..., 0], template, voxel_mm)
   return Reference(scaling, float(voxel_mm), mean.astype(np.float32), std.astype(np.float32),
                    mask, histogram, edges, template)
 
@@ -436,7 +441,7 @@ def assess(measures: Mapping[str, float], reference: Reference) -> Assessment:
 def assess_cubes(cubes: np.ndarray, scan: Sequence[Mapping[str, float]],
                  reference: Reference) -> list[Assessment]:
   """Assessments of prepared cubes `[n, X, Y, Z, C]` with their scan measures (one dict each)."""
-  cube = cube_measures(cubes, reference)
+  cube = cube_measures(cubes, reference, tilt="tilt_deg" in reference.calibration)
   return [assess({**scan[i], **{k: float(v[i]) for k, v in cube.items()}}, reference)
           for i in range(len(cubes))]
 
@@ -500,6 +505,7 @@ def calibrated_reference(volumes: np.ndarray, scaling: str, voxel_mm: float,
   # The tilt (a registration per scan) on an evenly spaced subset of a large cache.
   tilted = np.unique(np.linspace(0, len(volumes) - 1,
                                  min(len(volumes), TILT_CALIBRATION_SCANS)).astype(int))
+  tilted = tilted if len(volumes) >= TILT_MIN_SCANS else tilted[:0]
   for start in range(0, len(tilted), CHUNK):
     rows = tilted[start:start + CHUNK]
     x = _as_float(volumes[rows], scaling)[..., 0]
