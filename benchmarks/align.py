@@ -1,14 +1,18 @@
 """Affine registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the
 trained model's estimate after `--align template` vs the template-space scan.
 
-    python benchmarks/align.py register --resolution 2 --n 6 [--ants] [--out FILE]
+    python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
+        [--problems template,pose] [--out FILE]
     python benchmarks/align.py model --workdir W --n 20 [--out FILE]
 
-`register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0), registers them
-to the head template at the same resolution one at a time (JAX, compile excluded: the first
-subject is registered twice), then all in one vmapped call, and with ANTsPy's `Affine`
+`register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
+them, for each problem, one at a time (JAX, compile excluded: the first subject is registered
+twice), then (template) all in one vmapped call, and with ANTsPy's `Affine`
 (`ants.registration`, default settings) on the same NIfTI files; prints the mean displacement
-over the template's brain against the true transform and seconds per subject.
+over the template's brain against the true transform and seconds per subject. Problems:
+"template" (to the head template; truth `scan_to_template`, the least-squares affine of the
+simulator's non-linear warp) and "pose" (to the subject's own template-space image; truth
+`scan_to_subject`, exactly the pose and grid change).
 `model`: the same subjects of W's cohort (its seed, resolution, sequences) raw and in template
 space; predicts both with W's model (`predict.predict_dataset`, the raw ones with alignment)
 and prints the mean absolute difference of the estimates (years).
