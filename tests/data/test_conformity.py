@@ -143,7 +143,7 @@ def test_calibration_is_median_and_mad():
   assert "cube_edge 50" in a.details[1]
 
 
-@pytest.mark.slow  # ~3 min at load 10: 66 tilt registrations (calibration + 48 scans)
+@pytest.mark.slow  # 83 s at load 10: 78 tilt registrations (calibration, template, 48 scans)
 def test_gate_flags_corrupted_scans_and_passes_clean_ones():
   """Calibrated on 30 simulated 4 mm subjects; 6 others clean and corrupted."""
   cohort = simulate.Cohort(simulate.CohortConfig(seed=3, n=36, resolution_mm=4,
