@@ -1,14 +1,18 @@
 """Affine registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the
 trained model's estimate after `--align template` vs the template-space scan.
 
-    python benchmarks/align.py register --resolution 2 --n 6 [--ants] [--out FILE]
-    python benchmarks/align.py model --workdir W --n 20 [--out FILE]   # nice -n 5 on shared CPUs
+    python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
+        [--problems template,pose] [--out FILE]
+    python benchmarks/align.py model --workdir W --n 20 [--out FILE]
 
-`register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0), registers them
-to the head template at the same resolution one at a time (JAX, compile excluded: the first
-subject is registered twice), then all in one vmapped call, and with ANTsPy's `Affine`
+`register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
+them, for each problem, one at a time (JAX, compile excluded: the first subject is registered
+twice), then (template) all in one vmapped call, and with ANTsPy's `Affine`
 (`ants.registration`, default settings) on the same NIfTI files; prints the mean displacement
-over the template's brain against the true transform and seconds per subject.
+over the template's brain against the true transform and seconds per subject. Problems:
+"template" (to the head template; truth `scan_to_template`, the least-squares affine of the
+simulator's non-linear warp) and "pose" (to the subject's own template-space image; truth
+`scan_to_subject`, exactly the pose and grid change).
 `model`: W's held-out test subjects (its cohort's seed, resolution, sequences) in template space
 and as acquired (`acquisition.acquire`); each raw scan through `align.to_template` with the TRUE
 transform or the JAX registration and the subject's own mask, the refined mask or the carried
@@ -69,6 +73,18 @@ def _ants_affine(fixed_path: str, moving_path: str) -> tuple[np.ndarray, float]:
   return np.linalg.inv(lps @ fixed_to_moving @ lps), seconds
 
 
+def _problems(cohort, i, raw, template, template_affine):
+  """The two yardsticks of subject i's raw scan: {name: (fixed, fixed_affine, truth)} with truth
+  the scan -> fixed world transform. "template": to the head template, truth `scan_to_template`
+  (the least-squares affine of the simulator's non-linear warp, ~2.6 mm off any affine);
+  "pose": to the same subject's template-space image (skull-stripped), truth `scan_to_subject`:
+  exactly the simulated pose and grid change, so an affine engine can reach it."""
+  s = cohort.subject(i, ground_truth=False)
+  return {"template": (template, template_affine, raw.scan_to_template),
+          "pose": (s.images["T1w"].astype(np.float32), cohort.anatomy.affine,
+                   raw.scan_to_subject)}
+
+
 def run_register(args) -> dict:
   config = simulate.CohortConfig(seed=0, n=max(args.n, 1), resolution_mm=args.resolution,
                                  sequences=("T1w",))
@@ -76,45 +92,55 @@ def run_register(args) -> dict:
   fixed, fixed_affine = acquisition.head_template(cohort.anatomy)
   points = _brain_points(cohort.anatomy)
   raws = [_raw(cohort, i) for i in range(args.n)]
+  engines = args.engines.split(",")
+  schedule = register.Schedule(polish=args.polish)
+  problems = args.problems.split(",")
   rows = []
-  register.register([raws[0].images["T1w"]], [raws[0].affine], fixed, fixed_affine)  # compile
   for i, raw in enumerate(raws):
-    t0, c0 = time.perf_counter(), time.process_time()
-    m, loss = register.register([raw.images["T1w"]], [raw.affine], fixed, fixed_affine)
-    rows.append({"subject": i, "orientation": raw.orientation,
-                 "jax_seconds": time.perf_counter() - t0,
-                 "jax_cpu_seconds": time.process_time() - c0,
-                 "jax_mm": acquisition.mean_displacement_mm(
-                     np.linalg.inv(m[0]), np.linalg.inv(raw.scan_to_template), points),
-                 "start_mm": acquisition.mean_displacement_mm(
-                     np.eye(4), np.linalg.inv(raw.scan_to_template), points)})
-  # One vmapped call: every scan resampled onto one shape per level inside `register`.
-  t0, c0 = time.perf_counter(), time.process_time()
-  batch, _ = register.register([r.images["T1w"] for r in raws], [r.affine for r in raws],
-                               fixed, fixed_affine)
-  batch_seconds = time.perf_counter() - t0
-  batch_cpu = time.process_time() - c0
-  for row, m, raw in zip(rows, batch, raws):
-    row["jax_batch_mm"] = acquisition.mean_displacement_mm(
-        np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
-  if args.ants:
-    with tempfile.TemporaryDirectory() as tmp:
-      fixed_path = os.path.join(tmp, "template.nii.gz")
-      nib.save(nib.Nifti1Image(fixed.astype(np.float32), fixed_affine), fixed_path)
-      for row, raw in zip(rows, raws):
-        path = os.path.join(tmp, f"scan{row['subject']}.nii.gz")
-        nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.float32), raw.affine), path)
-        m, seconds = _ants_affine(fixed_path, path)
-        row["ants_seconds"] = seconds
-        row["ants_cpu_seconds"] = _CPU["ants"]
-        row["ants_mm"] = acquisition.mean_displacement_mm(
-            np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
-  summary = {"resolution_mm": args.resolution, "n": args.n, "rows": rows,
-             "batch_seconds_per_subject": batch_seconds / args.n,
-             "batch_cpu_seconds_per_subject": batch_cpu / args.n,
+    rows.append({"subject": i, "orientation": raw.orientation})
+  for name in problems:
+    cases = [_problems(cohort, i, raw, fixed, fixed_affine)[name] for i, raw in enumerate(raws)]
+    for row, (_, _, truth) in zip(rows, cases):
+      row[f"{name}_start_mm"] = acquisition.mean_displacement_mm(
+          np.eye(4), np.linalg.inv(truth), points)
+    if "jax" in engines:
+      f, fa, _ = cases[0]
+      register.register([raws[0].images["T1w"]], [raws[0].affine], f, fa, schedule)  # compile
+      for row, raw, (f, fa, truth) in zip(rows, raws, cases):
+        t0, c0 = time.perf_counter(), time.process_time()
+        m, _ = register.register([raw.images["T1w"]], [raw.affine], f, fa, schedule)
+        row[f"{name}_jax_seconds"] = time.perf_counter() - t0
+        row[f"{name}_jax_cpu_seconds"] = time.process_time() - c0
+        row[f"{name}_jax_mm"] = acquisition.mean_displacement_mm(
+            np.linalg.inv(m[0]), np.linalg.inv(truth), points)
+      if name == "template" and args.n > 1:
+        # One vmapped call: every scan resampled onto one shape per level inside `register`.
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch, _ = register.register([r.images["T1w"] for r in raws], [r.affine for r in raws],
+                                     fixed, fixed_affine, schedule)
+        for row in rows:
+          row["template_jax_batch_seconds_per_subject"] = (time.perf_counter() - t0) / args.n
+          row["template_jax_batch_cpu_seconds_per_subject"] = (time.process_time() - c0) / args.n
+        for row, m, raw in zip(rows, batch, raws):
+          row["template_jax_batch_mm"] = acquisition.mean_displacement_mm(
+              np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
+    if "ants" in engines:
+      with tempfile.TemporaryDirectory() as tmp:
+        for row, raw, (f, fa, truth) in zip(rows, raws, cases):
+          fixed_path = os.path.join(tmp, f"fixed{row['subject']}.nii.gz")
+          nib.save(nib.Nifti1Image(np.asarray(f, np.float32), fa), fixed_path)
+          path = os.path.join(tmp, f"scan{row['subject']}.nii.gz")
+          nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.float32), raw.affine), path)
+          m, seconds = _ants_affine(fixed_path, path)
+          row[f"{name}_ants_seconds"] = seconds
+          row[f"{name}_ants_cpu_seconds"] = _CPU["ants"]
+          row[f"{name}_ants_mm"] = acquisition.mean_displacement_mm(
+              np.linalg.inv(m), np.linalg.inv(truth), points)
+        print(json.dumps(rows), flush=True)
+  summary = {"resolution_mm": args.resolution, "n": args.n, "polish": args.polish,
+             "threads": os.environ.get("XLA_FLAGS", ""), "rows": rows,
              "load_average": os.getloadavg()}
-  for key in ("jax_mm", "jax_seconds", "jax_cpu_seconds", "jax_batch_mm", "ants_mm",
-              "ants_seconds", "ants_cpu_seconds", "start_mm"):
+  for key in sorted({k for r in rows for k in r if k not in ("subject", "orientation")}):
     if all(key in r for r in rows):
       summary[f"mean_{key}"] = float(np.mean([r[key] for r in rows]))
   return summary
@@ -246,7 +272,12 @@ def main(argv=None) -> int:
   r = sub.add_parser("register")
   r.add_argument("--resolution", type=int, default=2)
   r.add_argument("--n", type=int, default=6)
-  r.add_argument("--ants", action="store_true")
+  r.add_argument("--engines", default="jax,ants", help="comma-separated: jax, ants")
+  r.add_argument("--problems", default="template,pose",
+                 help="comma-separated: template (to the head template), pose (to the "
+                 "subject's own template-space image: the exact pose/grid change)")
+  r.add_argument("--polish", type=int, default=register.Schedule().polish,
+                 help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish)")
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)

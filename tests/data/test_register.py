@@ -40,6 +40,47 @@ def test_rotation_parameters_match_scipy():
   np.testing.assert_allclose(np.asarray(t), 0, atol=1e-7)
 
 
+# An analytic object (world mm): Gaussian blobs of different sizes and weights, asymmetric so
+# that every affine degree of freedom shows. Sampled exactly (no resampling) on any grid.
+BLOBS = np.array([[0, 0, 0, 22, 1.0], [18, 6, -9, 9, 0.8], [-15, 12, 6, 12, 0.7],
+                  [6, -21, 9, 10, 0.9], [-9, -9, -18, 8, 0.6], [12, 15, 18, 9, 0.5]])
+
+
+def _analytic(shape, affine, world_to_object=np.eye(4)):
+  """The blobs sampled on (shape, affine) after `world_to_object` `[4, 4]` (mm -> mm)."""
+  world = np.indices(shape).reshape(3, -1).T @ affine[:3, :3].T + affine[:3, 3]
+  y = world @ world_to_object[:3, :3].T + world_to_object[:3, 3]
+  out = np.zeros(len(y))
+  for cx, cy, cz, width, weight in BLOBS:
+    out += weight * np.exp(-np.sum((y - [cx, cy, cz]) ** 2, axis=1) / (2 * width * width))
+  return out.reshape(shape).astype(np.float32)
+
+
+def test_recovers_a_known_affine_of_an_analytic_volume():
+  """Truth by construction: the moving scan is the object moved by a known affine (rotation 14
+  degrees, scales 0.94-1.06, shear, 12 mm shift), sampled analytically on an LPS grid of
+  anisotropic 4-5 mm voxels; the recovered transform is within 1 mm of it over the object."""
+  fixed_affine = acquisition.grid_affine("RAS", (4.0, 4.0, 4.0), (27, 27, 27), (0, 0, 0))
+  fixed = _analytic((27, 27, 27), fixed_affine)
+  truth = np.eye(4)  # fixed world -> moving world
+  truth[:3, :3] = (Rotation.from_euler("xyz", [8, -10, 6], degrees=True).as_matrix()
+                   @ np.diag([1.06, 0.94, 1.03]) @ np.array([[1, 0.05, 0], [0, 1, 0], [0, 0, 1]]))
+  truth[:3, 3] = [12.0, -7.0, 5.0]
+  grid = acquisition.grid_affine("LPS", (4.4, 3.7, 4.8), (27, 30, 26), (4, -3, 2))
+  moving = _analytic((27, 30, 26), grid, np.linalg.inv(truth))
+  inside = fixed.reshape(-1) > 0.2
+  points = (np.indices(fixed.shape).reshape(3, -1).T @ fixed_affine[:3, :3].T
+            + fixed_affine[:3, 3])[inside]
+  assert acquisition.mean_displacement_mm(np.eye(4), truth, points) > 10
+  # Adam alone, then with the Levenberg-Marquardt polish (never worse in 1 - NCC).
+  results = [register.register([moving], [grid], fixed, fixed_affine,
+                               register.Schedule(polish=k)) for k in (0, 4)]
+  for m, loss in results:
+    error = acquisition.mean_displacement_mm(np.linalg.inv(m[0]), truth, points)
+    assert error < 1.0 and loss[0] < 0.01, (error, loss)
+  assert results[1][1][0] <= results[0][1][0] + 1e-6
+
+
 @pytest.mark.slow
 def test_recovers_a_known_affine_of_the_template(setting):
   """The template moved by a known affine (nibabel resampling onto a LPS grid) comes back."""
