@@ -15,7 +15,9 @@ positive relevance in the frontal cortex (risk factors thin it: cohort.md) and i
 lesion mask, mass sum |R| and signed sum (years); across groups: null mass / risk mass and the
 correlation of the signed sum with the latent gap. `--part selection` takes the even positions
 of the test split's risk and null lists, `--part report` the odd ones (disjoint sets: choose
-on one, report on the other).
+on one, report on the other). `--smooth-vox S1,S2` (issue 22's design (d)) also scores every map
+after a signed Gaussian smoothing of sigma S voxels (scipy.ndimage, the same for every map), as
+rows "label@sS": does local +/- cancellation make null mass small and the frontal share specific?
 
   python benchmarks/bench_gap_maps.py --workdir /work/runs/cpu-demo --n 20 --part report \
       --maps age/-/epsilon_alpha2_beta1,gap/nearest/integrated_gradients --out /tmp/gap.json
@@ -32,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from jax_brainage import fileio  # noqa: E402
 from jax_brainage.data import simulate, splits  # noqa: E402
@@ -87,6 +90,14 @@ def scores(r: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]
   return out
 
 
+def smoothed(r: np.ndarray, sigma: float) -> np.ndarray:
+  """Signed Gaussian smoothing of maps `[n, X, Y, Z]` over space only (sigma in voxels; the
+  cube's edges reflect, so the signed sum is kept)."""
+  if sigma <= 0:
+    return r
+  return ndimage.gaussian_filter(r, sigma=(0.0, sigma, sigma, sigma), mode="reflect")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", type=Path, required=True)
@@ -94,9 +105,12 @@ def main() -> None:
   p.add_argument("--part", choices=("selection", "report"), default="selection")
   p.add_argument("--offset", type=int, default=0, help="skip the part's first OFFSET subjects")
   p.add_argument("--maps", default=",".join(MAPS), help="target/reference/method, ...")
+  p.add_argument("--smooth-vox", default="0",
+                 help="Gaussian sigmas (voxels) applied alike to every map before scoring; 0 = none")
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args()
   specs = [m.split("/") for m in args.maps.split(",")]
+  sigmas = [float(v) for v in args.smooth_vox.split(",")]
   targets = {}
   for t, design, method in specs:
     targets["/".join((t, design, method))] = derivative.Target(
@@ -129,21 +143,24 @@ def main() -> None:
       t0 = time.perf_counter()
       levels, predicted = target.explain({name: cubes}, np.arange(len(cubes)), ages)
       seconds = (time.perf_counter() - t0) / len(cubes)
-      s = scores(levels[target.top][0].sum(-1).astype(np.float64), masks)
-      row = {k: float(v.mean()) for k, v in s.items()}
-      row["seconds_per_subject"] = seconds
-      row["per_subject"] = {k: v.tolist() for k, v in s.items()}
-      row["latent_gaps"] = gaps.tolist()
-      if target.reference_predicted is not None:  # sum R against f(x) - f(reference set)
-        delta = np.asarray(predicted, np.float64) - target.reference_predicted
-        row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
-        row["prediction_difference"] = float(delta.mean())
-      result["groups"][group][label] = row
+      raw = levels[target.top][0].sum(-1).astype(np.float64)
+      for sigma in sigmas:
+        tag = label if sigma <= 0 else f"{label}@s{sigma:g}"
+        s = scores(smoothed(raw, sigma), masks)
+        row = {k: float(v.mean()) for k, v in s.items()}
+        row["seconds_per_subject"] = seconds
+        row["per_subject"] = {k: v.tolist() for k, v in s.items()}
+        row["latent_gaps"] = gaps.tolist()
+        if target.reference_predicted is not None:  # sum R against f(x) - f(reference set)
+          delta = np.asarray(predicted, np.float64) - target.reference_predicted
+          row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
+          row["prediction_difference"] = float(delta.mean())
+        result["groups"][group][tag] = row
+        per.setdefault(tag, {})[group] = (s, gaps)
+        print(f"{group:<5} {tag:<48} frontal {row['share_frontal']:.3f} lesions "
+              f"{row['share_lesions']:.4f} mass {row['mass']:9.2f} sum {row['sum']:7.2f} "
+              f"({seconds:.1f} s/subject)", flush=True)
       fileio.write_json(args.out, fileio.jsonable(result))  # what is done survives a stop
-      per.setdefault(label, {})[group] = (s, gaps)
-      print(f"{group:<5} {label:<42} frontal {row['share_frontal']:.3f} lesions "
-            f"{row['share_lesions']:.4f} mass {row['mass']:9.2f} sum {row['sum']:7.2f} "
-            f"({seconds:.1f} s/subject)", flush=True)
   for label, by_group in per.items():
     if set(by_group) != {"risk", "null"}:
       continue
@@ -154,7 +171,7 @@ def main() -> None:
         "sum_latent_gap_correlation": float(np.corrcoef(sums, gaps)[0, 1]),
         "risk_minus_null_sum": float(sr["sum"].mean() - sn["sum"].mean())}
     a = result["across"][label]
-    print(f"{label:<42} null/risk mass {a['null_over_risk_mass']:.2f}, corr(sum, latent gap) "
+    print(f"{label:<48} null/risk mass {a['null_over_risk_mass']:.2f}, corr(sum, latent gap) "
           f"{a['sum_latent_gap_correlation']:.2f}, risk - null sum {a['risk_minus_null_sum']:.2f}")
   fileio.write_json(args.out, fileio.jsonable(result))
 
