@@ -106,7 +106,7 @@ def main() -> None:
   p.add_argument("--offset", type=int, default=0, help="skip the part's first OFFSET subjects")
   p.add_argument("--maps", default=",".join(MAPS), help="target/reference/method, ...")
   p.add_argument("--smooth-vox", default="0",
-                 help="Gaussian sigmas (voxels) applied alike to every map before scoring; 0 = none")
+                 help="Gaussian sigmas (voxels) applied alike to every map; 0 = none")
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args()
   specs = [m.split("/") for m in args.maps.split(",")]
