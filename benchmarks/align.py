@@ -3,7 +3,7 @@ trained model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
         [--problems template,pose] [--out FILE]
-    python benchmarks/align.py model --workdir W --n 20 [--out FILE]
+    python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
 them, for each problem, one at a time (JAX, compile excluded: the first subject is registered
@@ -198,7 +198,9 @@ def run_model(args) -> dict:
   split = json.loads((workdir / "split.json").read_text())
   # The model's held-out test subjects (ids 'sub-0004' -> cohort index 3).
   test = split.get("subject_ids", {}).get("test", [])
-  indices = sorted(int(t.split("-")[-1]) - 1 for t in test)[:args.n] or list(range(args.n))
+  # --offset skips the first test subjects (e.g. those a setting was chosen on).
+  held_out = sorted(int(t.split("-")[-1]) - 1 for t in test)
+  indices = held_out[args.offset:args.offset + args.n] or list(range(args.n))
   model = artifact.load(workdir)
   inputs = predict.model_inputs(model)  # template-space preprocessing; alignment done here
   key, view = next(iter(inputs.views.items()))
@@ -281,6 +283,8 @@ def main(argv=None) -> int:
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)
+  m.add_argument("--offset", type=int, default=0,
+                 help="skip this many of the sorted test subjects first")
   for q in (r, m):
     q.add_argument("--out", default=None)
   args = p.parse_args(argv)
