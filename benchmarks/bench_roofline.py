@@ -118,12 +118,12 @@ def conv_dot_flops(jaxpr) -> float:
       out = eqn.outvars[0].aval
       total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
     scale = eqn.params.get("length", 1) if name == "scan" else 1
-    for sub in _sub_jaxprs(eqn.params):
+    for sub in sub_jaxprs(eqn.params):
       total += scale * conv_dot_flops(sub)
   return total
 
 
-def _sub_jaxprs(params: dict[str, Any]):
+def sub_jaxprs(params: dict[str, Any]):
   """The jaxprs held in an equation's parameters (jit, custom_jvp/vjp, cond branches, scan)."""
   for value in params.values():
     for v in value if isinstance(value, (list, tuple)) else (value,):

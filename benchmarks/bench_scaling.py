@@ -117,7 +117,7 @@ def _activation_bytes(jaxpr) -> float:
     if eqn.primitive.name in ("conv_general_dilated", "reduce_window_max"):
       aval = eqn.outvars[0].aval
       total += math.prod(aval.shape) * aval.dtype.itemsize
-    for sub in bench_roofline._sub_jaxprs(eqn.params):
+    for sub in bench_roofline.sub_jaxprs(eqn.params):
       total += _activation_bytes(sub)
   return total
 
