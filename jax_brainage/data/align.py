@@ -2,10 +2,15 @@
 
 Each subject's reference (first) sequence is registered to the template with a head
 (`simulation.acquisition.head_template`: the simulated template's tissue contrasts with a
-synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then affine
-unless `transform="rigid"`), or moved by a transform the caller knows (`scan_to_template`). Every
-sequence is then resampled once onto the template grid, where the template-space cohort's images
-live, and preprocessing goes on as for them.
+synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then
+affine), or moved by a transform the caller knows (`scan_to_template`). `transform="rigid"`
+keeps only the rigid part of that registration (`rigid_part`: its rotation, about the template
+brain's centre): the scan's pose and grid are undone, its head size and shape kept. (A rigid-only
+NCC registration of a head to a template head of another size stops in a wrong optimum, 14-22 mm
+off on 3 of 4 subjects at 4 mm; the rigid part of the affine is 1-2 mm from the rigid part of
+the true transform: RESULTS.md, session 12.) Every sequence is then resampled once onto the
+template grid, where the template-space cohort's images live, and preprocessing goes on as for
+them.
 
 Resampling (`brain_resample`), as the simulator renders a skull-stripped subject on that grid:
 inside the brain a cubic B-spline (scipy's prefiltered `order=3`, `IMAGE_ORDER`), clipped at 0;
@@ -41,7 +46,7 @@ import functools
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import linalg, ndimage
 
 from jax_brainage.data import nifti, prune, register, skullstrip
 from jax_brainage.data.anatomy import RESOLUTIONS_MM, TemplateAnatomy, load_anatomy
@@ -83,7 +88,8 @@ class Aligned:
       (skull-stripped scan: its nonzero voxels).
     scan_to_template: world -> world `[4, 4]` (mm) found by the registration.
     skull_stripped: whether the scan was taken as skull-stripped (no mask given).
-    loss: 1 - normalised cross-correlation with the template at the finest level.
+    loss: 1 - normalised cross-correlation with the template at the finest level (of the
+      affine registration, also for "rigid").
   """
 
   images: list
@@ -92,6 +98,23 @@ class Aligned:
   skull_stripped: bool
   loss: float
   masking: str = "none"
+
+
+def rigid_part(scan_to_template: np.ndarray, centre_mm) -> np.ndarray:
+  """The rigid transform `[4, 4]` (world -> world, mm) nearest an affine one: the rotation of its
+  linear part's polar decomposition (scale and shear dropped), placed so that the scan point the
+  affine maps onto `centre_mm` `[3]` (the template brain's centre) still maps there. So the pose
+  and position are undone and the head keeps its size and shape about its own centre."""
+  m = np.asarray(scan_to_template, np.float64)
+  rotation, _ = linalg.polar(m[:3, :3])
+  if np.linalg.det(rotation) < 0:
+    raise ValueError("the transform mirrors the scan; it has no rigid part")
+  centre = np.asarray(centre_mm, np.float64)
+  origin = np.linalg.solve(m[:3, :3], centre - m[:3, 3])  # scan point mapped onto the centre
+  out = np.eye(4)
+  out[:3, :3] = rotation
+  out[:3, 3] = centre - rotation @ origin
+  return out
 
 
 def resample_image(volume: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
@@ -123,7 +146,9 @@ def to_template(
   Args:
     images: loaded `nib` images, one per sequence, `images[0]` the reference.
     sequences: their names (the reference's picks the template contrast).
-    transform: "affine" (rigid, then affine: 12 degrees of freedom) or "rigid".
+    transform: "affine" (rigid, then affine: 12 degrees of freedom) or "rigid" (6: the rigid
+      part of that registration, `rigid_part`; head size and shape kept). A known
+      `scan_to_template` is used as given.
     voxel_size_mm: template grid voxel size; default from the scan (`template_resolution`).
     mask: the scan's own brain mask (any grid), carried over; None: see the module docstring.
     subject: for error messages.
@@ -142,11 +167,12 @@ def to_template(
       template_resolution(voxel_size_mm if voxel_size_mm is not None
                           else float(np.max(nifti.voxel_size(ref_affine)))), sequences[0])
   if scan_to_template is None:
-    stages = ("rigid",) if transform == "rigid" else ("rigid", "affine")
     matrices, loss = register.register(
         [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
-        register.Schedule(stages=stages))
+        register.Schedule(stages=("rigid", "affine")))
     m, loss0 = matrices[0], float(loss[0])
+    if transform == "rigid" and np.all(np.isfinite(m)):
+      m = rigid_part(m, anatomy.centre_mm)
   else:
     m, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
   if not np.all(np.isfinite(m)):
