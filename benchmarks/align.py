@@ -36,7 +36,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jax_brainage.data import bids, register, simulate
+from jax_brainage.data import align, bids, register, simulate
 from jax_brainage.data.simulation import acquisition
 
 
@@ -54,33 +54,43 @@ def _raw(cohort, i):
                              cohort.nuisance(i), acquisition.session_rng(cohort.config.seed, i, 0))
 
 
-def _ants_affine(fixed_path: str, moving_path: str) -> tuple[np.ndarray, float]:
-  """ANTsPy Affine registration: (scan -> template world matrix in RAS mm, seconds)."""
+def _ants_affine(fixed_path: str, moving_path: str, kind: str = "Affine"
+                 ) -> tuple[np.ndarray, float]:
+  """ANTsPy registration of type `kind` ("Affine" or "Rigid"): (scan -> template world matrix
+  in RAS mm, seconds)."""
   import ants
 
   fixed, moving = ants.image_read(fixed_path), ants.image_read(moving_path)
   t0, c0 = time.perf_counter(), time.process_time()
-  out = ants.registration(fixed, moving, type_of_transform="Affine")
+  out = ants.registration(fixed, moving, type_of_transform=kind)
   seconds = time.perf_counter() - t0
   _CPU["ants"] = time.process_time() - c0
   tx = ants.read_transform(out["fwdtransforms"][0])
-  p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
-  a = p[:9].reshape(3, 3)
   fixed_to_moving = np.eye(4)  # ITK: y = A (x - c) + c + t, in LPS physical mm
-  fixed_to_moving[:3, :3] = a
-  fixed_to_moving[:3, 3] = c - a @ c + p[9:12]
+  if kind == "Affine":
+    p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
+    a = p[:9].reshape(3, 3)
+    fixed_to_moving[:3, :3] = a
+    fixed_to_moving[:3, 3] = c - a @ c + p[9:12]
+  else:  # any linear transform: the matrix from where it sends the origin and the unit axes
+    x = np.vstack([np.zeros(3), np.eye(3)])
+    y = np.array([tx.apply_to_point(tuple(v)) for v in x], np.float64)
+    fixed_to_moving[:3, :3] = (y[1:] - y[0]).T
+    fixed_to_moving[:3, 3] = y[0]
   lps = np.diag([-1.0, -1.0, 1.0, 1.0])
   return np.linalg.inv(lps @ fixed_to_moving @ lps), seconds
 
 
-def _problems(cohort, i, raw, template, template_affine):
+def _problems(cohort, i, raw, template, template_affine, rigid=False):
   """The two yardsticks of subject i's raw scan: {name: (fixed, fixed_affine, truth)} with truth
   the scan -> fixed world transform. "template": to the head template, truth `scan_to_template`
-  (the least-squares affine of the simulator's non-linear warp, ~2.6 mm off any affine);
+  (the least-squares affine of the simulator's non-linear warp, ~2.6 mm off any affine), or
+  with `rigid` `scan_to_subject` (the pose: what a rigid alignment is meant to undo);
   "pose": to the same subject's template-space image (skull-stripped), truth `scan_to_subject`:
   exactly the simulated pose and grid change, so an affine engine can reach it."""
   s = cohort.subject(i, ground_truth=False)
-  return {"template": (template, template_affine, raw.scan_to_template),
+  return {"template": (template, template_affine,
+                       raw.scan_to_subject if rigid else raw.scan_to_template),
           "pose": (s.images["T1w"].astype(np.float32), cohort.anatomy.affine,
                    raw.scan_to_subject)}
 
@@ -94,25 +104,40 @@ def run_register(args) -> dict:
   raws = [_raw(cohort, i) for i in range(args.n)]
   engines = args.engines.split(",")
   schedule = register.Schedule(polish=args.polish)
+  rigid = args.transform == "rigid"
+  centre = np.asarray(cohort.anatomy.centre_mm, np.float64)
+
+  def kept(m):  # what `align.to_template(transform=...)` keeps of a registration
+    return align.rigid_part(m, centre) if rigid else m
   problems = args.problems.split(",")
   rows = []
   for i, raw in enumerate(raws):
     rows.append({"subject": i, "orientation": raw.orientation})
   for name in problems:
-    cases = [_problems(cohort, i, raw, fixed, fixed_affine)[name] for i, raw in enumerate(raws)]
+    cases = [_problems(cohort, i, raw, fixed, fixed_affine, rigid)[name]
+             for i, raw in enumerate(raws)]
     for row, (_, _, truth) in zip(rows, cases):
       row[f"{name}_start_mm"] = acquisition.mean_displacement_mm(
           np.eye(4), np.linalg.inv(truth), points)
+    if rigid and name == "template":  # the rigid truth a registration can reach
+      rigid_truths = [align.rigid_part(r.scan_to_template, centre) for r in raws]
+      for row, raw, t in zip(rows, raws, rigid_truths):
+        row["template_rigid_truth_vs_pose_mm"] = acquisition.mean_displacement_mm(
+            np.linalg.inv(t), np.linalg.inv(raw.scan_to_subject), points)
     if "jax" in engines:
       f, fa, _ = cases[0]
       register.register([raws[0].images["T1w"]], [raws[0].affine], f, fa, schedule)  # compile
       for row, raw, (f, fa, truth) in zip(rows, raws, cases):
         t0, c0 = time.perf_counter(), time.process_time()
         m, _ = register.register([raw.images["T1w"]], [raw.affine], f, fa, schedule)
+        m = kept(m[0])
         row[f"{name}_jax_seconds"] = time.perf_counter() - t0
         row[f"{name}_jax_cpu_seconds"] = time.process_time() - c0
         row[f"{name}_jax_mm"] = acquisition.mean_displacement_mm(
-            np.linalg.inv(m[0]), np.linalg.inv(truth), points)
+            np.linalg.inv(m), np.linalg.inv(truth), points)
+        if rigid and name == "template":
+          row["template_jax_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
+              np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
       if name == "template" and args.n > 1:
         # One vmapped call: every scan resampled onto one shape per level inside `register`.
         t0, c0 = time.perf_counter(), time.process_time()
@@ -121,9 +146,9 @@ def run_register(args) -> dict:
         for row in rows:
           row["template_jax_batch_seconds_per_subject"] = (time.perf_counter() - t0) / args.n
           row["template_jax_batch_cpu_seconds_per_subject"] = (time.process_time() - c0) / args.n
-        for row, m, raw in zip(rows, batch, raws):
+        for row, m, (_, _, truth) in zip(rows, batch, cases):
           row["template_jax_batch_mm"] = acquisition.mean_displacement_mm(
-              np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
+              np.linalg.inv(kept(m)), np.linalg.inv(truth), points)
     if "ants" in engines:
       with tempfile.TemporaryDirectory() as tmp:
         for row, raw, (f, fa, truth) in zip(rows, raws, cases):
@@ -131,13 +156,17 @@ def run_register(args) -> dict:
           nib.save(nib.Nifti1Image(np.asarray(f, np.float32), fa), fixed_path)
           path = os.path.join(tmp, f"scan{row['subject']}.nii.gz")
           nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.float32), raw.affine), path)
-          m, seconds = _ants_affine(fixed_path, path)
+          m, seconds = _ants_affine(fixed_path, path, "Rigid" if rigid else "Affine")
           row[f"{name}_ants_seconds"] = seconds
           row[f"{name}_ants_cpu_seconds"] = _CPU["ants"]
           row[f"{name}_ants_mm"] = acquisition.mean_displacement_mm(
               np.linalg.inv(m), np.linalg.inv(truth), points)
+          if rigid and name == "template":
+            row["template_ants_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
+                np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
         print(json.dumps(rows), flush=True)
   summary = {"resolution_mm": args.resolution, "n": args.n, "polish": args.polish,
+             "transform": args.transform,
              "threads": os.environ.get("XLA_FLAGS", ""), "rows": rows,
              "load_average": os.getloadavg()}
   for key in sorted({k for r in rows for k in r if k not in ("subject", "orientation")}):
@@ -167,7 +196,7 @@ REGISTRATIONS = ("affine", "rigid")  # `align.TRANSFORMS`, each registered once 
 def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
   """One raw scan through `align.to_template` (known or registered transform), then the view's
   preprocessing (template grid): the cube `predict_dataset` would make."""
-  from jax_brainage.data import align, nifti, skullstrip
+  from jax_brainage.data import nifti, skullstrip
 
   masking, _, threshold = masking.partition("@")
   refinement = skullstrip.Refinement(**({"threshold": float(threshold)} if threshold else {}))
@@ -190,7 +219,7 @@ def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
 
 def run_model(args) -> dict:
   from jax_brainage import predict
-  from jax_brainage.data import align, skullstrip
+  from jax_brainage.data import skullstrip
   from jax_brainage.train import artifact
 
   workdir = Path(args.workdir)
@@ -314,6 +343,10 @@ def main(argv=None) -> int:
                  "subject's own template-space image: the exact pose/grid change)")
   r.add_argument("--polish", type=int, default=register.Schedule().polish,
                  help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish)")
+  r.add_argument("--transform", choices=("affine", "rigid"), default="affine",
+                 help="rigid: keep the registration's rigid part (align.rigid_part), scored "
+                 "against the pose (scan_to_subject) and the rigid part of scan_to_template; "
+                 "ANTs runs its Rigid")
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)
