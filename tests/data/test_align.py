@@ -206,3 +206,68 @@ def test_the_brain_edge_takes_nothing_from_outside_the_brain():
   error, plain_error = np.abs(out[rim] - 800).mean(), np.abs(plain[rim] - 800).mean()
   assert plain_error > 150 and error < 0.35 * plain_error, (error, plain_error)
   np.testing.assert_allclose(np.median(out[rim]), 800.0, rtol=0.01)
+
+
+def test_rigid_part_is_the_rotation_about_the_template_centre():
+  """A similarity (rotation x 1.12, translation) plus a small shear: the rigid part is the
+  rotation (polar decomposition, checked against the rotation built here), and the scan point the
+  affine sends to the centre still goes there."""
+  from scipy.spatial.transform import Rotation
+
+  r = Rotation.from_euler("xyz", [14, -9, 6], degrees=True).as_matrix()
+  centre = np.array([1.5, -18.0, 12.0])
+  m = np.eye(4)
+  m[:3, :3] = r * 1.12
+  m[:3, 3] = [7.0, -3.0, 11.0]
+  rigid = align.rigid_part(m, centre)
+  np.testing.assert_allclose(rigid[:3, :3], r, atol=1e-10)
+  origin = np.linalg.solve(m[:3, :3], centre - m[:3, 3])
+  np.testing.assert_allclose(rigid[:3, :3] @ origin + rigid[:3, 3], centre, atol=1e-9)
+  # Shear and anisotropic scale: still a proper rotation, the same centre.
+  shear = m.copy()
+  shear[:3, :3] = r @ np.array([[1.05, 0.04, 0.0], [0.0, 0.97, 0.03], [0.0, 0.0, 1.1]])
+  rigid = align.rigid_part(shear, centre)
+  np.testing.assert_allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3), atol=1e-10)
+  assert np.linalg.det(rigid[:3, :3]) > 0
+  origin = np.linalg.solve(shear[:3, :3], centre - shear[:3, 3])
+  np.testing.assert_allclose(rigid[:3, :3] @ origin + rigid[:3, 3], centre, atol=1e-9)
+
+
+def test_rigid_alignment_keeps_a_scaled_heads_size():
+  """The head template itself, 1.1 times larger about its brain centre, rotated and moved, on an
+  LPS grid of 4.4 mm voxels (a scan with no deformation: the truth is known exactly). Rigid
+  alignment undoes the rotation and the position and keeps the size: the carried brain mask
+  holds 1.1^3 times the template brain's voxels (through the true affine: 1x)."""
+  from scipy.spatial.transform import Rotation
+
+  from jax_brainage.data import anatomy as anatomy_lib, nifti
+
+  anatomy = anatomy_lib.load_anatomy(4)
+  head, head_affine = acquisition.head_template(anatomy)
+  centre = np.asarray(anatomy.centre_mm, np.float64)
+  r = Rotation.from_euler("xyz", [12, -8, 5], degrees=True).as_matrix()
+  place = np.eye(4)  # template world -> scan world
+  place[:3, :3] = 1.1 * r
+  place[:3, 3] = centre + [6.0, -9.0, 4.0] - 1.1 * r @ centre
+  shape = (60, 62, 58)
+  scan_affine = acquisition.grid_affine("LPS", np.full(3, 4.4), shape, centre)
+  scan = acquisition.regrid(head, head_affine, shape, scan_affine, place, order=3)
+  brain = acquisition.regrid(anatomy.brain.astype(np.float32), anatomy.affine, shape,
+                             scan_affine, place, order=1) >= 0.5
+  images = [nifti.make_image(np.clip(scan, 0, None), scan_affine)]
+  mask = nifti.make_image(brain.astype(np.uint8), scan_affine)
+  template_voxels = int((anatomy.brain > 0.5).sum())
+  rigid = align.to_template(images, ("T1w",), mask=mask, transform="rigid")
+  truth = np.eye(4)  # the rotation undone about the brain centre, the size kept
+  truth[:3, :3] = r.T
+  truth[:3, 3] = centre - r.T @ (centre + [6.0, -9.0, 4.0])
+  points = np.argwhere(anatomy.brain > 0.5) @ anatomy.affine[:3, :3].T + anatomy.affine[:3, 3]
+  error = acquisition.mean_displacement_mm(np.linalg.inv(rigid.scan_to_template),
+                                           np.linalg.inv(truth), points)
+  ratio = (np.asarray(rigid.mask.dataobj) > 0).sum() / template_voxels
+  assert error < 0.5, error
+  np.testing.assert_allclose(ratio, 1.1 ** 3, rtol=0.02)
+  # The yardstick itself: through the true affine (size normalised) the mask is 1x again.
+  moved = align.to_template(images, ("T1w",), mask=mask, scan_to_template=np.linalg.inv(place))
+  ratio = (np.asarray(moved.mask.dataobj) > 0).sum() / template_voxels
+  np.testing.assert_allclose(ratio, 1.0, rtol=0.02)
