@@ -175,27 +175,31 @@ def run_register(args) -> dict:
   return summary
 
 
-# Model-check rows: (name, transform: "true_subject" | "true_template" | "affine" | "rigid"
-# (registrations), mask: "own" | "refined" | "template", spline order of acquisition and
-# alignment). The affine rows keep their session-11 names ("registration + ...").
+# Model-check rows: (name, transform: "true_subject" | "true_template" | "registered" (the JAX
+# rigid+affine registration), what `align.to_template` keeps of it: "affine" (all) | "rigid"
+# (`align.rigid_part`), mask: "own" | "refined[@threshold]" | "template", spline order of
+# acquisition and alignment). The affine rows keep their session-11 names.
 MODEL_ROWS = (
-    ("true transform (pose undone) + own mask", "true_subject", "own", 3),
-    ("true transform (pose undone) + own mask, trilinear (session 10)", "true_subject", "own", 1),
-    ("true scan_to_template + own mask", "true_template", "own", 3),
-    ("rigid part of the true scan_to_template + own mask", "true_rigid", "own", 3),
-    ("registration + own mask", "affine", "own", 3),
-    ("registration + refined mask, threshold 0.5", "affine", "refined@0.5", 3),
-    ("registration + refined mask (default, threshold 0.6)", "affine", "refined", 3),
-    ("registration + carried template mask", "affine", "template", 3),
-    ("rigid registration + own mask", "rigid", "own", 3),
-    ("rigid registration + refined mask (default threshold)", "rigid", "refined", 3),
+    ("true transform (pose undone) + own mask", "true_subject", "affine", "own", 3),
+    ("true transform (pose undone) + own mask, trilinear (session 10)", "true_subject", "affine",
+     "own", 1),
+    ("true scan_to_template + own mask", "true_template", "affine", "own", 3),
+    ("rigid part of the true scan_to_template + own mask", "true_template", "rigid", "own", 3),
+    ("registration + own mask", "registered", "affine", "own", 3),
+    ("registration + refined mask, threshold 0.5", "registered", "affine", "refined@0.5", 3),
+    ("registration + refined mask (default, threshold 0.6)", "registered", "affine", "refined",
+     3),
+    ("registration + carried template mask", "registered", "affine", "template", 3),
+    ("rigid registration + own mask", "registered", "rigid", "own", 3),
+    ("rigid registration + refined mask (default threshold)", "registered", "rigid", "refined",
+     3),
 )
-REGISTRATIONS = ("affine", "rigid")  # `align.TRANSFORMS`, each registered once per subject
 
 
-def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
-  """One raw scan through `align.to_template` (known or registered transform), then the view's
-  preprocessing (template grid): the cube `predict_dataset` would make."""
+def _aligned_cube(view, raw, sequences, transform, kept, masking, order, anatomy):
+  """One raw scan through `align.to_template` (known or registered transform `[4, 4]`, of which
+  `kept` "affine" | "rigid"), then the view's preprocessing (template grid): the cube
+  `predict_dataset` would make."""
   from jax_brainage.data import nifti, skullstrip
 
   masking, _, threshold = masking.partition("@")
@@ -204,7 +208,7 @@ def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
   own = nifti.make_image(raw.brain_mask.astype(np.uint8), raw.affine)
   if order == 3:
     a = align.to_template(images, sequences, mask=own if masking == "own" else None,
-                          scan_to_template=transform, refinement=refinement,
+                          scan_to_template=transform, transform=kept, refinement=refinement,
                           masking=masking if masking != "own" else "refined")
     imgs, mask = a.images, a.mask
   else:  # session 10's resampling: trilinear images, nearest-neighbour mask
@@ -243,12 +247,13 @@ def run_model(args) -> dict:
   shape, aff = anatomy.shape, np.asarray(anatomy.affine, np.float64)
   cubes: dict[str, list] = {"template": []}
   dice: dict[str, list] = {"refined": [], "template": [], "rigid_refined": []}
-  # Registration error (mm): the affine against the true scan_to_template, the rigid against the
-  # true pose (scan_to_subject) and against the rigid part of the true scan_to_template.
-  registered_mm: dict[str, list] = {t: [] for t in (*REGISTRATIONS, "rigid_vs_rigid_truth")}
-  seconds: dict[str, list] = {t: [] for t in REGISTRATIONS}
+  # Registration error (mm): the affine against the true scan_to_template; its rigid part
+  # against the true pose (scan_to_subject) and against the rigid part of the true
+  # scan_to_template (the subject's own small misalignment, cohort.md, is in that one only).
+  registered_mm: dict[str, list] = {"affine": [], "rigid": [], "rigid_vs_rigid_truth": []}
+  seconds, true_rigid_vs_pose, ages = [], [], []
+  centre = np.asarray(anatomy.centre_mm, np.float64)
   points = _brain_points(anatomy)
-  ages, true_rigid_vs_pose = [], []
   for i in indices:
     s = cohort.subject(i, ground_truth=False)
     ages.append(float(s.age))
@@ -258,36 +263,36 @@ def run_model(args) -> dict:
                                    acquisition.session_rng(config.seed, i, 0), order=o)
             for o in (1, 3)}
     raw = raws[3]
+    t0 = time.perf_counter()
     ref = [nifti_image(raw.images[sequences[0]], raw.affine)]
-    # The rigid truth a registration can reach: the subject's own small rigid misalignment
-    # (cohort.md) is in scan_to_template, not in the pose.
+    # Registered once (mask=ref: no mask refinement); "rigid" keeps its rigid part.
+    m = align.to_template(ref, sequences[:1], mask=ref[0], transform="affine").scan_to_template
+    seconds.append(time.perf_counter() - t0)
+    rigid, true_rigid = (align.rigid_part(t, centre) for t in (m, raw.scan_to_template))
+
+    def error(a, b):
+      return acquisition.mean_displacement_mm(np.linalg.inv(a), np.linalg.inv(b), points)
+
+    registered_mm["affine"].append(error(m, raw.scan_to_template))
+    registered_mm["rigid"].append(error(rigid, raw.scan_to_subject))
+    registered_mm["rigid_vs_rigid_truth"].append(error(rigid, true_rigid))
+    true_rigid_vs_pose.append(error(true_rigid, raw.scan_to_subject))
     transforms = {"true_subject": raw.scan_to_subject, "true_template": raw.scan_to_template,
-                  "true_rigid": align.rigid_part(raw.scan_to_template, anatomy.centre_mm)}
-    truths = {"affine": raw.scan_to_template, "rigid": raw.scan_to_subject}
-    for t in REGISTRATIONS:  # registered once per transform (mask=ref: no mask refinement)
-      t0 = time.perf_counter()
-      m = align.to_template(ref, sequences[:1], mask=ref[0], transform=t).scan_to_template
-      seconds[t].append(time.perf_counter() - t0)
-      registered_mm[t].append(acquisition.mean_displacement_mm(
-          np.linalg.inv(m), np.linalg.inv(truths[t]), points))
-      transforms[t] = m
-    true_rigid_vs_pose.append(acquisition.mean_displacement_mm(
-        np.linalg.inv(transforms["true_rigid"]), np.linalg.inv(raw.scan_to_subject), points))
-    registered_mm["rigid_vs_rigid_truth"].append(acquisition.mean_displacement_mm(
-        np.linalg.inv(transforms["rigid"]), np.linalg.inv(transforms["true_rigid"]), points))
-    for name, how, masking, order in MODEL_ROWS:
-      cubes.setdefault(name, []).append(
-          _aligned_cube(view, raws[order], sequences, transforms[how], masking, order, anatomy))
-    # Masks against the subject's true brain, on the template grid through each registration.
+                  "registered": m}
+    for name, how, kept, masking, order in MODEL_ROWS:
+      cubes.setdefault(name, []).append(_aligned_cube(
+          view, raws[order], sequences, transforms[how], kept, masking, order, anatomy))
+    # Masks against the subject's true brain, on the template grid through each alignment; the
+    # template's brain placed by the affine (as `align.to_template` does for "rigid" too).
     carried = anatomy.brain > 0.5
-    for t, which in (("affine", "refined"), ("rigid", "rigid_refined")):
-      truth = align.carry_mask(raw.brain_mask, raw.affine, shape, aff, transforms[t])
-      image = align.resample_image(raw.images[sequences[0]], raw.affine, shape, aff,
-                                   transforms[t])
-      if t == "affine":
+    for t, which in ((m, "refined"), (rigid, "rigid_refined")):
+      truth = align.carry_mask(raw.brain_mask, raw.affine, shape, aff, t)
+      image = align.resample_image(raw.images[sequences[0]], raw.affine, shape, aff, t)
+      fitted = align.carry_mask(carried, aff, shape, aff, t @ np.linalg.inv(m))
+      if t is m:
         dice["template"].append(skullstrip.dice(carried, truth))
       dice[which].append(skullstrip.dice(skullstrip.refine_mask(
-          image, carried, [anatomy.resolution_mm] * 3), truth))
+          image, fitted, [anatomy.resolution_mm] * 3), truth))
     print(f"subject {i}: affine {registered_mm['affine'][-1]:.2f} mm (scan_to_template), rigid "
           f"{registered_mm['rigid'][-1]:.2f} mm (pose) "
           f"{registered_mm['rigid_vs_rigid_truth'][-1]:.2f} mm (true rigid part), Dice refined "
@@ -308,13 +313,12 @@ def run_model(args) -> dict:
   return {"workdir": str(workdir), "indices": indices, "ages": ages, "rows": rows,
           "predicted": {k: v.tolist() for k, v in predicted.items()},
           "registration_mm": float(np.mean(registered_mm["affine"])),
-          "registration_seconds_per_subject": float(np.mean(seconds["affine"])),
+          "registration_seconds_per_subject": float(np.mean(seconds)),
           "rigid_registration_mm_vs_pose": float(np.mean(registered_mm["rigid"])),
           "rigid_registration_mm_vs_pose_max": float(np.max(registered_mm["rigid"])),
           "rigid_registration_mm_vs_rigid_truth": float(
               np.mean(registered_mm["rigid_vs_rigid_truth"])),
           "true_rigid_mm_vs_pose": float(np.mean(true_rigid_vs_pose)),
-          "rigid_registration_seconds_per_subject": float(np.mean(seconds["rigid"])),
           "registration_mm_per_subject": registered_mm,
           "dice_refined": float(np.mean(dice["refined"])),
           "dice_refined_min": float(np.min(dice["refined"])),

@@ -1,4 +1,4 @@
-"""`prepare --align template`: native-space scans brought to the template frame before preprocessing.
+"""`prepare --align template`: native-space scans brought to the template frame, then prepared.
 
 Each subject's reference (first) sequence is registered to the template with a head
 (`simulation.acquisition.head_template`: the simulated template's tissue contrasts with a
@@ -86,7 +86,8 @@ class Aligned:
       the template mask (scans with a head), or a skull-stripped scan's nonzero voxels.
     masking: where the mask came from: "own" (given), "refined", "template", or "none"
       (skull-stripped scan: its nonzero voxels).
-    scan_to_template: world -> world `[4, 4]` (mm) found by the registration.
+    scan_to_template: world -> world `[4, 4]` (mm) the images were moved by (found by the
+      registration, or known; for "rigid" its rigid part).
     skull_stripped: whether the scan was taken as skull-stripped (no mask given).
     loss: 1 - normalised cross-correlation with the template at the finest level (of the
       affine registration, also for "rigid").
@@ -147,13 +148,14 @@ def to_template(
     images: loaded `nib` images, one per sequence, `images[0]` the reference.
     sequences: their names (the reference's picks the template contrast).
     transform: "affine" (rigid, then affine: 12 degrees of freedom) or "rigid" (6: the rigid
-      part of that registration, `rigid_part`; head size and shape kept). A known
-      `scan_to_template` is used as given.
+      part of that registration or of a known `scan_to_template`, `rigid_part`; head size and
+      shape kept; the template's brain mask, where one is needed, still follows the affine, so
+      that it fits the head's size).
     voxel_size_mm: template grid voxel size; default from the scan (`template_resolution`).
     mask: the scan's own brain mask (any grid), carried over; None: see the module docstring.
     subject: for error messages.
-    scan_to_template: a known scanner world -> template world transform `[4, 4]` (mm): used
-      instead of a registration (e.g. the simulator's true one).
+    scan_to_template: a known scanner world -> template world affine `[4, 4]` (mm): used
+      instead of a registration (e.g. the simulator's true one; with "rigid", its rigid part).
     masking: for a scan with a head and no `mask`: "refined" (`skullstrip.refine_mask`) or
       "template" (the carried template brain mask as it is); `refinement`: its settings.
   """
@@ -170,16 +172,17 @@ def to_template(
     matrices, loss = register.register(
         [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
         register.Schedule(stages=("rigid", "affine")))
-    m, loss0 = matrices[0], float(loss[0])
-    if transform == "rigid" and np.all(np.isfinite(m)):
-      m = rigid_part(m, anatomy.centre_mm)
+    fit, loss0 = matrices[0], float(loss[0])  # the affine: where the template lies on the scan
   else:
-    m, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
-  if not np.all(np.isfinite(m)):
+    fit, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
+  if not np.all(np.isfinite(fit)):
     raise DataError(f"{subject or 'subject'}: registration to the template failed (non-finite "
                     "transform)")
+  m = rigid_part(fit, anatomy.centre_mm) if transform == "rigid" else fit
   shape, affine = anatomy.shape, np.asarray(anatomy.affine, np.float64)
   brain = anatomy.brain > 0.5
+  if m is not fit:  # rigid: the template's brain fitted to this head by the affine, then moved
+    brain = carry_mask(brain, affine, shape, affine, m @ np.linalg.inv(fit))
   skull_stripped, how = True, "none"
   if mask is not None:
     brain, how = carry_mask(mask.dataobj, mask.affine, shape, affine, m), "own"

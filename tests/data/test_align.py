@@ -161,9 +161,10 @@ def test_known_transform_and_refined_mask_without_registration():
   raw = acquisition.acquire(s.images, s.brain_mask, CONFIG, cohort.anatomy, cohort.nuisance(1),
                             acquisition.session_rng(0, 1, 0))
   img = [nifti.make_image(raw.images["T1w"], raw.affine)]
-  refined = align.to_template(img, ("T1w",), scan_to_template=raw.scan_to_template)
+  refined = align.to_template(img, ("T1w",), scan_to_template=raw.scan_to_template,
+                              transform="affine")
   carried = align.to_template(img, ("T1w",), scan_to_template=raw.scan_to_template,
-                              masking="template")
+                              masking="template", transform="affine")
   np.testing.assert_array_equal(refined.scan_to_template, raw.scan_to_template)
   assert not refined.skull_stripped and (refined.masking, carried.masking) == ("refined",
                                                                                "template")
@@ -268,6 +269,7 @@ def test_rigid_alignment_keeps_a_scaled_heads_size():
   assert error < 0.5, error
   np.testing.assert_allclose(ratio, 1.1 ** 3, rtol=0.02)
   # The yardstick itself: through the true affine (size normalised) the mask is 1x again.
-  moved = align.to_template(images, ("T1w",), mask=mask, scan_to_template=np.linalg.inv(place))
+  moved = align.to_template(images, ("T1w",), mask=mask, scan_to_template=np.linalg.inv(place),
+                            transform="affine")
   ratio = (np.asarray(moved.mask.dataobj) > 0).sum() / template_voxels
   np.testing.assert_allclose(ratio, 1.0, rtol=0.02)
