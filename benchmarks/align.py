@@ -1,8 +1,8 @@
-"""Affine registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the
-trained model's estimate after `--align template` vs the template-space scan.
+"""Registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the trained
+model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
-        [--problems template,pose] [--out FILE]
+        [--problems template,pose] [--transform affine|rigid] [--out FILE]
     python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
@@ -12,13 +12,19 @@ twice), then (template) all in one vmapped call, and with ANTsPy's `Affine`
 over the template's brain against the true transform and seconds per subject. Problems:
 "template" (to the head template; truth `scan_to_template`, the least-squares affine of the
 simulator's non-linear warp) and "pose" (to the subject's own template-space image; truth
-`scan_to_subject`, exactly the pose and grid change).
+`scan_to_subject`, exactly the pose and grid change). `--transform rigid`: the rigid part of the
+JAX registration (`align.rigid_part`, what `align.to_template(transform="rigid")` keeps) and
+ANTs' `Rigid`, against `scan_to_subject` for both problems, and for "template" also against the
+rigid part of `scan_to_template` (the subject's own small misalignment, which no registration
+can tell from the pose, is in that one only).
 `model`: W's held-out test subjects (its cohort's seed, resolution, sequences) in template space
 and as acquired (`acquisition.acquire`); each raw scan through `align.to_template` with the TRUE
-transform or the JAX registration and the subject's own mask, the refined mask or the carried
-template mask (`MODEL_ROWS`), then W's preprocessing, exactly the cube `predict --align template`
-makes; prints per row the mean absolute difference (years) of W's estimates from the
-template-space estimates, the registration error (mm) and the masks' Dice against the true brain.
+transform or the JAX registration (all of it, "affine", or its rigid part, "rigid"), and the
+subject's own mask, the refined mask or the carried template mask (`MODEL_ROWS`), then W's
+preprocessing, exactly the cube `predict --align template` makes; prints per row the mean
+absolute difference (years) of W's estimates from the template-space estimates, the
+registration errors (mm: affine vs scan_to_template, rigid vs the pose and vs the rigid part of
+scan_to_template) and the masks' Dice against the true brain.
 
 ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requirements.txt).
 """
