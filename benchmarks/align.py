@@ -32,6 +32,7 @@ ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requiremen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from jax_brainage.data import align, bids, register, simulate
-from jax_brainage.data.simulation import acquisition
+from jax_brainage.data.simulation import acquisition, render
 
 
 _CPU: dict[str, float] = {}  # CPU seconds (all threads) of the last call: the machine is shared
@@ -202,6 +203,9 @@ MODEL_ROWS = (
 )
 
 
+FLOOR_ROW = "template-space render without the subject's own rigid misalignment"
+
+
 def _aligned_cube(view, raw, sequences, transform, kept, masking, order, anatomy):
   """One raw scan through `align.to_template` (known or registered transform `[4, 4]`, of which
   `kept` "affine" | "rigid"), then the view's preprocessing (template grid): the cube
@@ -265,6 +269,17 @@ def run_model(args) -> dict:
     ages.append(float(s.age))
     cube, _ = view.preprocess({q: nifti_image(s.images[q], s.affine) for q in sequences})
     cubes["template"].append(cube)
+    # The floor of any registration to the template: the same person rendered by the simulator
+    # without its own small rigid misalignment (cohort.md), which every registration undoes
+    # with the pose (no registration can tell the two apart); no resampling at all.
+    p = cohort.participants(i)
+    still = dataclasses.replace(cohort.nuisance(i), rotation_deg=np.zeros(3),
+                                translation_mm=np.zeros(3))
+    aligned = render.render(config, anatomy, float(p.brain_age[0]), float(p.risk_shift[0]),
+                            still, ground_truth=False)
+    cube, _ = view.preprocess({q: nifti_image(aligned.images[q], s.affine) for q in sequences},
+                              mask=nifti_image(aligned.brain_mask, s.affine))
+    cubes.setdefault(FLOOR_ROW, []).append(cube)
     raws = {o: acquisition.acquire(s.images, s.brain_mask, config, anatomy, cohort.nuisance(i),
                                    acquisition.session_rng(config.seed, i, 0), order=o)
             for o in (1, 3)}
