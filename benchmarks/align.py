@@ -1,8 +1,8 @@
-"""Affine registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the
-trained model's estimate after `--align template` vs the template-space scan.
+"""Registration of raw scans to the template: JAX (`data.register`) vs ANTsPy, and the trained
+model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
-        [--problems template,pose] [--out FILE]
+        [--problems template,pose] [--transform affine|rigid] [--out FILE]
     python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
@@ -12,13 +12,19 @@ twice), then (template) all in one vmapped call, and with ANTsPy's `Affine`
 over the template's brain against the true transform and seconds per subject. Problems:
 "template" (to the head template; truth `scan_to_template`, the least-squares affine of the
 simulator's non-linear warp) and "pose" (to the subject's own template-space image; truth
-`scan_to_subject`, exactly the pose and grid change).
+`scan_to_subject`, exactly the pose and grid change). `--transform rigid`: the rigid part of the
+JAX registration (`align.rigid_part`, what `align.to_template(transform="rigid")` keeps) and
+ANTs' `Rigid`, against `scan_to_subject` for both problems, and for "template" also against the
+rigid part of `scan_to_template` (the subject's own small misalignment, which no registration
+can tell from the pose, is in that one only).
 `model`: W's held-out test subjects (its cohort's seed, resolution, sequences) in template space
 and as acquired (`acquisition.acquire`); each raw scan through `align.to_template` with the TRUE
-transform or the JAX registration and the subject's own mask, the refined mask or the carried
-template mask (`MODEL_ROWS`), then W's preprocessing, exactly the cube `predict --align template`
-makes; prints per row the mean absolute difference (years) of W's estimates from the
-template-space estimates, the registration error (mm) and the masks' Dice against the true brain.
+transform or the JAX registration (all of it, "affine", or its rigid part, "rigid"), and the
+subject's own mask, the refined mask or the carried template mask (`MODEL_ROWS`), then W's
+preprocessing, exactly the cube `predict --align template` makes; prints per row the mean
+absolute difference (years) of W's estimates from the template-space estimates, the
+registration errors (mm: affine vs scan_to_template, rigid vs the pose and vs the rigid part of
+scan_to_template) and the masks' Dice against the true brain.
 
 ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requirements.txt).
 """
@@ -26,6 +32,7 @@ ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requiremen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,8 +43,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jax_brainage.data import bids, register, simulate
-from jax_brainage.data.simulation import acquisition
+from jax_brainage.data import align, bids, register, simulate
+from jax_brainage.data.simulation import acquisition, render
 
 
 _CPU: dict[str, float] = {}  # CPU seconds (all threads) of the last call: the machine is shared
@@ -54,33 +61,43 @@ def _raw(cohort, i):
                              cohort.nuisance(i), acquisition.session_rng(cohort.config.seed, i, 0))
 
 
-def _ants_affine(fixed_path: str, moving_path: str) -> tuple[np.ndarray, float]:
-  """ANTsPy Affine registration: (scan -> template world matrix in RAS mm, seconds)."""
+def _ants_affine(fixed_path: str, moving_path: str, kind: str = "Affine"
+                 ) -> tuple[np.ndarray, float]:
+  """ANTsPy registration of type `kind` ("Affine" or "Rigid"): (scan -> template world matrix
+  in RAS mm, seconds)."""
   import ants
 
   fixed, moving = ants.image_read(fixed_path), ants.image_read(moving_path)
   t0, c0 = time.perf_counter(), time.process_time()
-  out = ants.registration(fixed, moving, type_of_transform="Affine")
+  out = ants.registration(fixed, moving, type_of_transform=kind)
   seconds = time.perf_counter() - t0
   _CPU["ants"] = time.process_time() - c0
   tx = ants.read_transform(out["fwdtransforms"][0])
-  p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
-  a = p[:9].reshape(3, 3)
   fixed_to_moving = np.eye(4)  # ITK: y = A (x - c) + c + t, in LPS physical mm
-  fixed_to_moving[:3, :3] = a
-  fixed_to_moving[:3, 3] = c - a @ c + p[9:12]
+  if kind == "Affine":
+    p, c = np.asarray(tx.parameters), np.asarray(tx.fixed_parameters)
+    a = p[:9].reshape(3, 3)
+    fixed_to_moving[:3, :3] = a
+    fixed_to_moving[:3, 3] = c - a @ c + p[9:12]
+  else:  # any linear transform: the matrix from where it sends the origin and the unit axes
+    x = np.vstack([np.zeros(3), np.eye(3)])
+    y = np.array([tx.apply_to_point(tuple(v)) for v in x], np.float64)
+    fixed_to_moving[:3, :3] = (y[1:] - y[0]).T
+    fixed_to_moving[:3, 3] = y[0]
   lps = np.diag([-1.0, -1.0, 1.0, 1.0])
   return np.linalg.inv(lps @ fixed_to_moving @ lps), seconds
 
 
-def _problems(cohort, i, raw, template, template_affine):
+def _problems(cohort, i, raw, template, template_affine, rigid=False):
   """The two yardsticks of subject i's raw scan: {name: (fixed, fixed_affine, truth)} with truth
   the scan -> fixed world transform. "template": to the head template, truth `scan_to_template`
-  (the least-squares affine of the simulator's non-linear warp, ~2.6 mm off any affine);
+  (the least-squares affine of the simulator's non-linear warp, ~2.6 mm off any affine), or
+  with `rigid` `scan_to_subject` (the pose: what a rigid alignment is meant to undo);
   "pose": to the same subject's template-space image (skull-stripped), truth `scan_to_subject`:
   exactly the simulated pose and grid change, so an affine engine can reach it."""
   s = cohort.subject(i, ground_truth=False)
-  return {"template": (template, template_affine, raw.scan_to_template),
+  return {"template": (template, template_affine,
+                       raw.scan_to_subject if rigid else raw.scan_to_template),
           "pose": (s.images["T1w"].astype(np.float32), cohort.anatomy.affine,
                    raw.scan_to_subject)}
 
@@ -94,25 +111,40 @@ def run_register(args) -> dict:
   raws = [_raw(cohort, i) for i in range(args.n)]
   engines = args.engines.split(",")
   schedule = register.Schedule(polish=args.polish)
+  rigid = args.transform == "rigid"
+  centre = np.asarray(cohort.anatomy.centre_mm, np.float64)
+
+  def kept(m):  # what `align.to_template(transform=...)` keeps of a registration
+    return align.rigid_part(m, centre) if rigid else m
   problems = args.problems.split(",")
   rows = []
   for i, raw in enumerate(raws):
     rows.append({"subject": i, "orientation": raw.orientation})
   for name in problems:
-    cases = [_problems(cohort, i, raw, fixed, fixed_affine)[name] for i, raw in enumerate(raws)]
+    cases = [_problems(cohort, i, raw, fixed, fixed_affine, rigid)[name]
+             for i, raw in enumerate(raws)]
     for row, (_, _, truth) in zip(rows, cases):
       row[f"{name}_start_mm"] = acquisition.mean_displacement_mm(
           np.eye(4), np.linalg.inv(truth), points)
+    if rigid and name == "template":  # the rigid truth a registration can reach
+      rigid_truths = [align.rigid_part(r.scan_to_template, centre) for r in raws]
+      for row, raw, t in zip(rows, raws, rigid_truths):
+        row["template_rigid_truth_vs_pose_mm"] = acquisition.mean_displacement_mm(
+            np.linalg.inv(t), np.linalg.inv(raw.scan_to_subject), points)
     if "jax" in engines:
       f, fa, _ = cases[0]
       register.register([raws[0].images["T1w"]], [raws[0].affine], f, fa, schedule)  # compile
       for row, raw, (f, fa, truth) in zip(rows, raws, cases):
         t0, c0 = time.perf_counter(), time.process_time()
         m, _ = register.register([raw.images["T1w"]], [raw.affine], f, fa, schedule)
+        m = kept(m[0])
         row[f"{name}_jax_seconds"] = time.perf_counter() - t0
         row[f"{name}_jax_cpu_seconds"] = time.process_time() - c0
         row[f"{name}_jax_mm"] = acquisition.mean_displacement_mm(
-            np.linalg.inv(m[0]), np.linalg.inv(truth), points)
+            np.linalg.inv(m), np.linalg.inv(truth), points)
+        if rigid and name == "template":
+          row["template_jax_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
+              np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
       if name == "template" and args.n > 1:
         # One vmapped call: every scan resampled onto one shape per level inside `register`.
         t0, c0 = time.perf_counter(), time.process_time()
@@ -121,9 +153,9 @@ def run_register(args) -> dict:
         for row in rows:
           row["template_jax_batch_seconds_per_subject"] = (time.perf_counter() - t0) / args.n
           row["template_jax_batch_cpu_seconds_per_subject"] = (time.process_time() - c0) / args.n
-        for row, m, raw in zip(rows, batch, raws):
+        for row, m, (_, _, truth) in zip(rows, batch, cases):
           row["template_jax_batch_mm"] = acquisition.mean_displacement_mm(
-              np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), points)
+              np.linalg.inv(kept(m)), np.linalg.inv(truth), points)
     if "ants" in engines:
       with tempfile.TemporaryDirectory() as tmp:
         for row, raw, (f, fa, truth) in zip(rows, raws, cases):
@@ -131,13 +163,17 @@ def run_register(args) -> dict:
           nib.save(nib.Nifti1Image(np.asarray(f, np.float32), fa), fixed_path)
           path = os.path.join(tmp, f"scan{row['subject']}.nii.gz")
           nib.save(nib.Nifti1Image(raw.images["T1w"].astype(np.float32), raw.affine), path)
-          m, seconds = _ants_affine(fixed_path, path)
+          m, seconds = _ants_affine(fixed_path, path, "Rigid" if rigid else "Affine")
           row[f"{name}_ants_seconds"] = seconds
           row[f"{name}_ants_cpu_seconds"] = _CPU["ants"]
           row[f"{name}_ants_mm"] = acquisition.mean_displacement_mm(
               np.linalg.inv(m), np.linalg.inv(truth), points)
+          if rigid and name == "template":
+            row["template_ants_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
+                np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
         print(json.dumps(rows), flush=True)
   summary = {"resolution_mm": args.resolution, "n": args.n, "polish": args.polish,
+             "transform": args.transform,
              "threads": os.environ.get("XLA_FLAGS", ""), "rows": rows,
              "load_average": os.getloadavg()}
   for key in sorted({k for r in rows for k in r if k not in ("subject", "orientation")}):
@@ -146,23 +182,35 @@ def run_register(args) -> dict:
   return summary
 
 
-# Model-check rows: (name, transform: "true_subject" | "true_template" | "registered",
-# mask: "own" | "refined" | "template", spline order of acquisition and alignment).
+# Model-check rows: (name, transform: "true_subject" | "true_template" | "registered" (the JAX
+# rigid+affine registration), what `align.to_template` keeps of it: "affine" (all) | "rigid"
+# (`align.rigid_part`), mask: "own" | "refined[@threshold]" | "template", spline order of
+# acquisition and alignment). The affine rows keep their session-11 names.
 MODEL_ROWS = (
-    ("true transform (pose undone) + own mask", "true_subject", "own", 3),
-    ("true transform (pose undone) + own mask, trilinear (session 10)", "true_subject", "own", 1),
-    ("true scan_to_template + own mask", "true_template", "own", 3),
-    ("registration + own mask", "registered", "own", 3),
-    ("registration + refined mask, threshold 0.5", "registered", "refined@0.5", 3),
-    ("registration + refined mask (default, threshold 0.6)", "registered", "refined", 3),
-    ("registration + carried template mask", "registered", "template", 3),
+    ("true transform (pose undone) + own mask", "true_subject", "affine", "own", 3),
+    ("true transform (pose undone) + own mask, trilinear (session 10)", "true_subject", "affine",
+     "own", 1),
+    ("true scan_to_template + own mask", "true_template", "affine", "own", 3),
+    ("rigid part of the true scan_to_template + own mask", "true_template", "rigid", "own", 3),
+    ("registration + own mask", "registered", "affine", "own", 3),
+    ("registration + refined mask, threshold 0.5", "registered", "affine", "refined@0.5", 3),
+    ("registration + refined mask (default, threshold 0.6)", "registered", "affine", "refined",
+     3),
+    ("registration + carried template mask", "registered", "affine", "template", 3),
+    ("rigid registration + own mask", "registered", "rigid", "own", 3),
+    ("rigid registration + refined mask (default threshold)", "registered", "rigid", "refined",
+     3),
 )
 
 
-def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
-  """One raw scan through `align.to_template` (known or registered transform), then the view's
-  preprocessing (template grid): the cube `predict_dataset` would make."""
-  from jax_brainage.data import align, nifti, skullstrip
+FLOOR_ROW = "template-space render without the subject's own rigid misalignment"
+
+
+def _aligned_cube(view, raw, sequences, transform, kept, masking, order, anatomy):
+  """One raw scan through `align.to_template` (known or registered transform `[4, 4]`, of which
+  `kept` "affine" | "rigid"), then the view's preprocessing (template grid): the cube
+  `predict_dataset` would make."""
+  from jax_brainage.data import nifti, skullstrip
 
   masking, _, threshold = masking.partition("@")
   refinement = skullstrip.Refinement(**({"threshold": float(threshold)} if threshold else {}))
@@ -170,7 +218,7 @@ def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
   own = nifti.make_image(raw.brain_mask.astype(np.uint8), raw.affine)
   if order == 3:
     a = align.to_template(images, sequences, mask=own if masking == "own" else None,
-                          scan_to_template=transform, refinement=refinement,
+                          scan_to_template=transform, transform=kept, refinement=refinement,
                           masking=masking if masking != "own" else "refined")
     imgs, mask = a.images, a.mask
   else:  # session 10's resampling: trilinear images, nearest-neighbour mask
@@ -185,7 +233,7 @@ def _aligned_cube(view, raw, sequences, transform, masking, order, anatomy):
 
 def run_model(args) -> dict:
   from jax_brainage import predict
-  from jax_brainage.data import align, skullstrip
+  from jax_brainage.data import skullstrip
   from jax_brainage.train import artifact
 
   workdir = Path(args.workdir)
@@ -208,37 +256,71 @@ def run_model(args) -> dict:
   anatomy = cohort.anatomy
   shape, aff = anatomy.shape, np.asarray(anatomy.affine, np.float64)
   cubes: dict[str, list] = {"template": []}
-  dice: dict[str, list] = {"refined": [], "template": []}
-  registered_mm, ages, seconds = [], [], []
+  dice: dict[str, list] = {"refined": [], "template": [], "rigid_refined": []}
+  # Registration error (mm): the affine against the true scan_to_template; its rigid part
+  # against the true pose (scan_to_subject) and against the rigid part of the true
+  # scan_to_template (the subject's own small misalignment, cohort.md, is in that one only).
+  registered_mm: dict[str, list] = {"affine": [], "rigid": [], "rigid_vs_rigid_truth": []}
+  seconds, true_rigid_vs_pose, ages = [], [], []
+  centre = np.asarray(anatomy.centre_mm, np.float64)
+  points = _brain_points(anatomy)
   for i in indices:
     s = cohort.subject(i, ground_truth=False)
     ages.append(float(s.age))
     cube, _ = view.preprocess({q: nifti_image(s.images[q], s.affine) for q in sequences})
     cubes["template"].append(cube)
+    # The floor of any registration to the template: the same person rendered by the simulator
+    # without its own small rigid misalignment (cohort.md), which every registration undoes
+    # with the pose (no registration can tell the two apart); no resampling at all.
+    p = cohort.participants(i)
+    still = dataclasses.replace(cohort.nuisance(i), rotation_deg=np.zeros(3),
+                                translation_mm=np.zeros(3))
+    aligned = render.render(config, anatomy, float(p.brain_age[0]), float(p.risk_shift[0]),
+                            still, ground_truth=False)
+    cube, _ = view.preprocess({q: nifti_image(aligned.images[q], s.affine) for q in sequences},
+                              mask=nifti_image(aligned.brain_mask, s.affine))
+    cubes.setdefault(FLOOR_ROW, []).append(cube)
+    if args.floor_only:
+      continue
     raws = {o: acquisition.acquire(s.images, s.brain_mask, config, anatomy, cohort.nuisance(i),
                                    acquisition.session_rng(config.seed, i, 0), order=o)
             for o in (1, 3)}
     raw = raws[3]
     t0 = time.perf_counter()
     ref = [nifti_image(raw.images[sequences[0]], raw.affine)]
-    m = align.to_template(ref, sequences[:1], mask=ref[0]).scan_to_template  # registered once
+    # Registered once (mask=ref: no mask refinement); "rigid" keeps its rigid part.
+    m = align.to_template(ref, sequences[:1], mask=ref[0], transform="affine").scan_to_template
     seconds.append(time.perf_counter() - t0)
-    registered_mm.append(acquisition.mean_displacement_mm(
-        np.linalg.inv(m), np.linalg.inv(raw.scan_to_template), _brain_points(anatomy)))
+    rigid, true_rigid = (align.rigid_part(t, centre) for t in (m, raw.scan_to_template))
+
+    def error(a, b):
+      return acquisition.mean_displacement_mm(np.linalg.inv(a), np.linalg.inv(b), points)
+
+    registered_mm["affine"].append(error(m, raw.scan_to_template))
+    registered_mm["rigid"].append(error(rigid, raw.scan_to_subject))
+    registered_mm["rigid_vs_rigid_truth"].append(error(rigid, true_rigid))
+    true_rigid_vs_pose.append(error(true_rigid, raw.scan_to_subject))
     transforms = {"true_subject": raw.scan_to_subject, "true_template": raw.scan_to_template,
                   "registered": m}
-    for name, how, masking, order in MODEL_ROWS:
-      cubes.setdefault(name, []).append(
-          _aligned_cube(view, raws[order], sequences, transforms[how], masking, order, anatomy))
-    # Masks against the subject's true brain, on the template grid through the registration.
-    truth = align.carry_mask(raw.brain_mask, raw.affine, shape, aff, m)
-    image = align.resample_image(raw.images[sequences[0]], raw.affine, shape, aff, m)
+    for name, how, kept, masking, order in MODEL_ROWS:
+      cubes.setdefault(name, []).append(_aligned_cube(
+          view, raws[order], sequences, transforms[how], kept, masking, order, anatomy))
+    # Masks against the subject's true brain, on the template grid through each alignment; the
+    # template's brain placed by the affine (as `align.to_template` does for "rigid" too).
     carried = anatomy.brain > 0.5
-    dice["template"].append(skullstrip.dice(carried, truth))
-    dice["refined"].append(skullstrip.dice(skullstrip.refine_mask(
-        image, carried, [anatomy.resolution_mm] * 3), truth))
-    print(f"subject {i}: registered {registered_mm[-1]:.2f} mm, Dice refined "
-          f"{dice['refined'][-1]:.3f} template {dice['template'][-1]:.3f}", flush=True)
+    for t, which in ((m, "refined"), (rigid, "rigid_refined")):
+      truth = align.carry_mask(raw.brain_mask, raw.affine, shape, aff, t)
+      image = align.resample_image(raw.images[sequences[0]], raw.affine, shape, aff, t)
+      fitted = align.carry_mask(carried, aff, shape, aff, t @ np.linalg.inv(m))
+      if t is m:
+        dice["template"].append(skullstrip.dice(carried, truth))
+      dice[which].append(skullstrip.dice(skullstrip.refine_mask(
+          image, fitted, [anatomy.resolution_mm] * 3), truth))
+    print(f"subject {i}: affine {registered_mm['affine'][-1]:.2f} mm (scan_to_template), rigid "
+          f"{registered_mm['rigid'][-1]:.2f} mm (pose) "
+          f"{registered_mm['rigid_vs_rigid_truth'][-1]:.2f} mm (true rigid part), Dice refined "
+          f"affine {dice['refined'][-1]:.3f} rigid {dice['rigid_refined'][-1]:.3f}, template "
+          f"{dice['template'][-1]:.3f}", flush=True)
   predicted = {}
   for name, cs in cubes.items():
     volumes = inputs.volumes(model, {key: np.stack(cs)})
@@ -251,15 +333,26 @@ def run_model(args) -> dict:
                  "mean_difference_years": float(d.mean()),
                  "max_abs_difference_years": float(np.abs(d).max()),
                  "mae_vs_age_years": float(np.abs(p - np.asarray(ages)).mean())})
-  return {"workdir": str(workdir), "indices": indices, "ages": ages, "rows": rows,
-          "predicted": {k: v.tolist() for k, v in predicted.items()},
-          "registration_mm": float(np.mean(registered_mm)),
+  out = {"workdir": str(workdir), "indices": indices, "ages": ages, "rows": rows,
+         "predicted": {k: v.tolist() for k, v in predicted.items()},
+         "load_average": os.getloadavg()}
+  if args.floor_only:
+    return out
+  return {**out,
+          "registration_mm": float(np.mean(registered_mm["affine"])),
           "registration_seconds_per_subject": float(np.mean(seconds)),
+          "rigid_registration_mm_vs_pose": float(np.mean(registered_mm["rigid"])),
+          "rigid_registration_mm_vs_pose_max": float(np.max(registered_mm["rigid"])),
+          "rigid_registration_mm_vs_rigid_truth": float(
+              np.mean(registered_mm["rigid_vs_rigid_truth"])),
+          "true_rigid_mm_vs_pose": float(np.mean(true_rigid_vs_pose)),
+          "registration_mm_per_subject": registered_mm,
           "dice_refined": float(np.mean(dice["refined"])),
           "dice_refined_min": float(np.min(dice["refined"])),
+          "dice_rigid_refined": float(np.mean(dice["rigid_refined"])),
+          "dice_rigid_refined_min": float(np.min(dice["rigid_refined"])),
           "dice_template": float(np.mean(dice["template"])),
-          "dice_template_min": float(np.min(dice["template"])),
-          "load_average": os.getloadavg()}
+          "dice_template_min": float(np.min(dice["template"]))}
 
 
 def nifti_image(data, affine):
@@ -280,17 +373,24 @@ def main(argv=None) -> int:
                  "subject's own template-space image: the exact pose/grid change)")
   r.add_argument("--polish", type=int, default=register.Schedule().polish,
                  help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish)")
+  r.add_argument("--transform", choices=("affine", "rigid"), default="affine",
+                 help="rigid: keep the registration's rigid part (align.rigid_part), scored "
+                 "against the pose (scan_to_subject) and the rigid part of scan_to_template; "
+                 "ANTs runs its Rigid")
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)
   m.add_argument("--offset", type=int, default=0,
                  help="skip this many of the sorted test subjects first")
+  m.add_argument("--floor-only", action="store_true",
+                 help="only the floor row (no acquisition, no registration: fast)")
   for q in (r, m):
     q.add_argument("--out", default=None)
   args = p.parse_args(argv)
   result = run_register(args) if args.mode == "register" else run_model(args)
   text = json.dumps(result, indent=1)
-  print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "predicted")},
+  skip = ("rows", "predicted", "registration_mm_per_subject")
+  print(json.dumps({k: v for k, v in result.items() if k not in skip},
                    indent=1))
   for row in result["rows"]:
     print("\t".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"

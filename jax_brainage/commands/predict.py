@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from jax_brainage import calibration, predict
-from jax_brainage.data import bids, splits
+from jax_brainage.data import align, bids, splits
 from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage import fileio
@@ -75,8 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--align", choices=("template",), default=None,
                  help="register each scan to the template first (scans as acquired; see "
                       "`brainage prepare --align`)")
-  p.add_argument("--align-transform", choices=("affine", "rigid"), default="affine",
-                 help="with --align: affine (default) or rigid")
+  p.add_argument("--align-transform", choices=align.TRANSFORMS, default=align.DEFAULT_TRANSFORM,
+                 help="with --align: affine (head size normalised) or rigid (head size kept)")
   p.add_argument("--qc-out", type=Path, default=None, metavar="TSV",
                  help="conformity measures and flags per scan (default: beside --out, "
                       "NAME.qc.tsv)")

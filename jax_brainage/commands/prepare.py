@@ -118,8 +118,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "without skull) to the template with a JAX affine registration and "
                       "resample it onto the template grid first; a scan with skull gets the "
                       "template's brain mask (coarse; --mask-suffix gives one's own)")
-  p.add_argument("--align-transform", choices=align.TRANSFORMS, default="affine",
-                 help="with --align: affine (rigid, then 12 degrees of freedom; default) or rigid")
+  p.add_argument("--align-transform", choices=align.TRANSFORMS, default=align.DEFAULT_TRANSFORM,
+                 help="with --align: affine (rigid, then 12 degrees of freedom: head size "
+                      "normalised) or rigid (that registration's rigid part: head size kept)")
   p.add_argument("--skip-bad", action="store_true",
                  help="report and skip subjects with bad data instead of stopping")
   p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,11 +1,16 @@
-"""`prepare --align template`: native-space scans brought to the template frame before preprocessing.
+"""`prepare --align template`: native-space scans brought to the template frame, then prepared.
 
 Each subject's reference (first) sequence is registered to the template with a head
 (`simulation.acquisition.head_template`: the simulated template's tissue contrasts with a
-synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then affine
-unless `transform="rigid"`), or moved by a transform the caller knows (`scan_to_template`). Every
-sequence is then resampled once onto the template grid, where the template-space cohort's images
-live, and preprocessing goes on as for them.
+synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then
+affine), or moved by a transform the caller knows (`scan_to_template`). `transform="rigid"`
+keeps only the rigid part of that registration (`rigid_part`: its rotation, about the template
+brain's centre): the scan's pose and grid are undone, its head size and shape kept. (A rigid-only
+NCC registration of a head to a template head of another size stops in a wrong optimum, 14-22 mm
+off on 3 of 4 subjects at 4 mm; the rigid part of the affine is 1-2 mm from the rigid part of
+the true transform: RESULTS.md, session 12.) Every sequence is then resampled once onto the
+template grid, where the template-space cohort's images live, and preprocessing goes on as for
+them.
 
 Resampling (`brain_resample`), as the simulator renders a skull-stripped subject on that grid:
 inside the brain a cubic B-spline (scipy's prefiltered `order=3`, `IMAGE_ORDER`), clipped at 0;
@@ -41,7 +46,7 @@ import functools
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import linalg, ndimage
 
 from jax_brainage.data import nifti, prune, register, skullstrip
 from jax_brainage.data.anatomy import RESOLUTIONS_MM, TemplateAnatomy, load_anatomy
@@ -49,6 +54,9 @@ from jax_brainage.data.simulation import acquisition
 from jax_brainage.errors import DataError
 
 TRANSFORMS = ("affine", "rigid")
+# `--align-transform`'s default. Rigid (head size kept) was tried as the default in session 12
+# and is no closer to the template-space estimate than affine (RESULTS.md, session 12).
+DEFAULT_TRANSFORM = "affine"
 MASKINGS = ("refined", "template")  # without a mask: the refined or the carried template mask
 IMAGE_ORDER = 3  # spline order of the images' resampling (module docstring)
 SKULL_MARGIN_MM = 6.0
@@ -81,9 +89,11 @@ class Aligned:
       the template mask (scans with a head), or a skull-stripped scan's nonzero voxels.
     masking: where the mask came from: "own" (given), "refined", "template", or "none"
       (skull-stripped scan: its nonzero voxels).
-    scan_to_template: world -> world `[4, 4]` (mm) found by the registration.
+    scan_to_template: world -> world `[4, 4]` (mm) the images were moved by (found by the
+      registration, or known; for "rigid" its rigid part).
     skull_stripped: whether the scan was taken as skull-stripped (no mask given).
-    loss: 1 - normalised cross-correlation with the template at the finest level.
+    loss: 1 - normalised cross-correlation with the template at the finest level (of the
+      affine registration, also for "rigid").
   """
 
   images: list
@@ -92,6 +102,23 @@ class Aligned:
   skull_stripped: bool
   loss: float
   masking: str = "none"
+
+
+def rigid_part(scan_to_template: np.ndarray, centre_mm) -> np.ndarray:
+  """The rigid transform `[4, 4]` (world -> world, mm) nearest an affine one: the rotation of its
+  linear part's polar decomposition (scale and shear dropped), placed so that the scan point the
+  affine maps onto `centre_mm` `[3]` (the template brain's centre) still maps there. So the pose
+  and position are undone and the head keeps its size and shape about its own centre."""
+  m = np.asarray(scan_to_template, np.float64)
+  rotation, _ = linalg.polar(m[:3, :3])
+  if np.linalg.det(rotation) < 0:
+    raise ValueError("the transform mirrors the scan; it has no rigid part")
+  centre = np.asarray(centre_mm, np.float64)
+  origin = np.linalg.solve(m[:3, :3], centre - m[:3, 3])  # scan point mapped onto the centre
+  out = np.eye(4)
+  out[:3, :3] = rotation
+  out[:3, 3] = centre - rotation @ origin
+  return out
 
 
 def resample_image(volume: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
@@ -113,7 +140,7 @@ def carry_mask(mask: np.ndarray, affine: np.ndarray, shape, target_affine: np.nd
 
 
 def to_template(
-    images: list, sequences: tuple[str, ...], *, transform: str = "affine",
+    images: list, sequences: tuple[str, ...], *, transform: str = DEFAULT_TRANSFORM,
     voxel_size_mm: float | None = None, mask: nib.spatialimages.SpatialImage | None = None,
     subject: str | None = None, scan_to_template: np.ndarray | None = None,
     masking: str = "refined", refinement: skullstrip.Refinement = skullstrip.Refinement(),
@@ -123,12 +150,15 @@ def to_template(
   Args:
     images: loaded `nib` images, one per sequence, `images[0]` the reference.
     sequences: their names (the reference's picks the template contrast).
-    transform: "affine" (rigid, then affine: 12 degrees of freedom) or "rigid".
+    transform: "affine" (rigid, then affine: 12 degrees of freedom) or "rigid" (6: the rigid
+      part of that registration or of a known `scan_to_template`, `rigid_part`; head size and
+      shape kept; the template's brain mask, where one is needed, still follows the affine, so
+      that it fits the head's size).
     voxel_size_mm: template grid voxel size; default from the scan (`template_resolution`).
     mask: the scan's own brain mask (any grid), carried over; None: see the module docstring.
     subject: for error messages.
-    scan_to_template: a known scanner world -> template world transform `[4, 4]` (mm): used
-      instead of a registration (e.g. the simulator's true one).
+    scan_to_template: a known scanner world -> template world affine `[4, 4]` (mm): used
+      instead of a registration (e.g. the simulator's true one; with "rigid", its rigid part).
     masking: for a scan with a head and no `mask`: "refined" (`skullstrip.refine_mask`) or
       "template" (the carried template brain mask as it is); `refinement`: its settings.
   """
@@ -142,18 +172,20 @@ def to_template(
       template_resolution(voxel_size_mm if voxel_size_mm is not None
                           else float(np.max(nifti.voxel_size(ref_affine)))), sequences[0])
   if scan_to_template is None:
-    stages = ("rigid",) if transform == "rigid" else ("rigid", "affine")
     matrices, loss = register.register(
         [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
-        register.Schedule(stages=stages))
-    m, loss0 = matrices[0], float(loss[0])
+        register.Schedule(stages=("rigid", "affine")))
+    fit, loss0 = matrices[0], float(loss[0])  # the affine: where the template lies on the scan
   else:
-    m, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
-  if not np.all(np.isfinite(m)):
+    fit, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
+  if not np.all(np.isfinite(fit)):
     raise DataError(f"{subject or 'subject'}: registration to the template failed (non-finite "
                     "transform)")
+  m = rigid_part(fit, anatomy.centre_mm) if transform == "rigid" else fit
   shape, affine = anatomy.shape, np.asarray(anatomy.affine, np.float64)
   brain = anatomy.brain > 0.5
+  if m is not fit:  # rigid: the template's brain fitted to this head by the affine, then moved
+    brain = carry_mask(brain, affine, shape, affine, m @ np.linalg.inv(fit))
   skull_stripped, how = True, "none"
   if mask is not None:
     brain, how = carry_mask(mask.dataobj, mask.affine, shape, affine, m), "own"
