@@ -2,7 +2,7 @@
 trained model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
-        [--metric ncc,mi,mi@0.5] [--problems template,pose] [--out FILE]
+        [--metric ncc,mi,mi@jitter=0.5] [--problems template,pose] [--out FILE]
     python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
@@ -105,10 +105,12 @@ def run_register(args) -> dict:
       row[f"{name}_start_mm"] = acquisition.mean_displacement_mm(
           np.eye(4), np.linalg.inv(truth), points)
     for spec in metrics if "jax" in engines else ():
-      metric, _, jitter = spec.partition("@")
-      jax_key = f"jax_{metric}" + (f"_jitter{jitter}" if jitter else "")
-      schedule = register.Schedule(polish=args.polish if metric == "ncc" else 0, metric=metric,
-                                   jitter=float(jitter or 0))
+      # "mi@jitter=0.5@sampling=0.25": the metric, then other Schedule fields.
+      metric, *fields = spec.split("@")
+      jax_key = "_".join([f"jax_{metric}"] + [f.replace("=", "") for f in fields])
+      schedule = register.Schedule(
+          polish=args.polish if metric == "ncc" else 0, metric=metric,
+          **{k: float(v) for k, v in (f.split("=") for f in fields)})
       f, fa, _ = cases[0]
       register.register([raws[0].images["T1w"]], [raws[0].affine], f, fa, schedule)  # compile
       for row, raw, (f, fa, truth) in zip(rows, raws, cases):
@@ -118,7 +120,7 @@ def run_register(args) -> dict:
         row[f"{name}_{jax_key}_cpu_seconds"] = time.process_time() - c0
         row[f"{name}_{jax_key}_mm"] = acquisition.mean_displacement_mm(
             np.linalg.inv(m[0]), np.linalg.inv(truth), points)
-      if name == "template" and args.n > 1:
+      if name == "template" and args.n > 1 and not args.no_batch:
         # One vmapped call: every scan resampled onto one shape per level inside `register`
         # (compiled once for this batch size first: the steady cost per subject).
         images, affines = [r.images["T1w"] for r in raws], [r.affine for r in raws]
@@ -294,7 +296,9 @@ def main(argv=None) -> int:
                  "ncc only)")
   r.add_argument("--metric", default="ncc,mi",
                  help="comma-separated JAX similarities (register.Schedule.metric): ncc, mi; "
-                 "NAME@J: with the fixed points jittered by J voxels (Schedule.jitter)")
+                 "NAME@FIELD=V[@...]: other float register.Schedule fields, e.g. "
+                 "mi@jitter=0.5@sampling=0.25")
+  r.add_argument("--no-batch", action="store_true", help="skip the vmapped batch call")
   m = sub.add_parser("model")
   m.add_argument("--workdir", required=True)
   m.add_argument("--n", type=int, default=20)
