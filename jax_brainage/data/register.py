@@ -111,6 +111,14 @@ class Schedule:
         raise ValueError(f"unknown transform model {s!r}; choose from {', '.join(ACTIVE)}")
 
 
+# For a scan to the template with a head (`align.to_template`): Mattes MI on a jittered random
+# quarter of the fixed points, rigid then affine. On raw 2 mm scans (benchmarks/RESULTS.md,
+# session 12) it is closer to the true affine than NCC and than ANTsPy's `Affine`, in less CPU
+# time than either. `Schedule()`'s own default stays NCC: the conformity gate's tilt check was
+# calibrated with it.
+TEMPLATE_SCHEDULE = Schedule(metric="mi", jitter=0.5, sampling=0.25)
+
+
 def _rotation(v: jnp.ndarray) -> jnp.ndarray:
   """Rotation matrix `[3, 3]` of a rotation vector `[3]` (radians), smooth at 0."""
   theta2 = jnp.sum(v * v)

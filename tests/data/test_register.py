@@ -165,16 +165,22 @@ def test_mutual_information_recovers_a_known_affine_across_a_contrast_inversion(
                    @ np.diag([1.06, 0.94, 1.03]) @ np.array([[1, 0.05, 0], [0, 1, 0], [0, 0, 1]]))
   truth[:3, 3] = [12.0, -7.0, 5.0]
   grid = acquisition.grid_affine("LPS", (4.4, 3.7, 4.8), (27, 30, 26), (4, -3, 2))
-  moving = _tissues((27, 30, 26), grid, np.linalg.inv(truth))
-  moving = np.where(moving > 0.05, 1.2 - moving, 0.0)
+  same = _tissues((27, 30, 26), grid, np.linalg.inv(truth))
+  inverted = np.where(same > 0.05, 1.2 - same, 0.0)
   points = (np.indices(fixed.shape).reshape(3, -1).T @ fixed_affine[:3, :3].T
             + fixed_affine[:3, 3])[fixed.reshape(-1) > 0.2]
   errors = {}
   for metric in ("mi", "ncc"):
-    m, _ = register.register([moving], [grid], fixed, fixed_affine,
+    m, _ = register.register([inverted], [grid], fixed, fixed_affine,
                              register.Schedule(metric=metric, jitter=0.5))
     errors[metric] = acquisition.mean_displacement_mm(np.linalg.inv(m[0]), truth, points)
   assert errors["mi"] < 1.0 < 5.0 < errors["ncc"], errors
+  # The template setting (a jittered random quarter of the points): the same contrast comes
+  # back, and the seeded points give the same transform on every call.
+  runs = [register.register([same], [grid], fixed, fixed_affine, register.TEMPLATE_SCHEDULE)[0]
+          for _ in range(2)]
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert acquisition.mean_displacement_mm(np.linalg.inv(runs[0][0]), truth, points) < 1.0
 
 
 def test_schedule_refuses_unknown_metrics_and_polish_without_ncc():
@@ -182,6 +188,8 @@ def test_schedule_refuses_unknown_metrics_and_polish_without_ncc():
     register.Schedule(metric="mse")
   with pytest.raises(ValueError, match="polish"):
     register.Schedule(metric="mi", polish=4)
+  with pytest.raises(ValueError, match="sampling"):
+    register.Schedule(sampling=0.0)
 
 
 @pytest.mark.slow
