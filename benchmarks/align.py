@@ -2,12 +2,14 @@
 model's estimate after `--align template` vs the template-space scan.
 
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
-        [--problems template,pose] [--transform affine|rigid] [--out FILE]
+        [--metric ncc,mi,mi@jitter=0.5] [--problems template,pose] [--transform affine|rigid]
+        [--out FILE]
     python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
-them, for each problem, one at a time (JAX, compile excluded: the first subject is registered
-twice), then (template) all in one vmapped call, and with ANTsPy's `Affine`
+them, for each problem, one at a time (JAX with each `--metric`, compile excluded: the first
+subject is registered twice), then (template) all in one vmapped call (compiled by a first
+call), and with ANTsPy's `Affine`
 (`ants.registration`, default settings) on the same NIfTI files; prints the mean displacement
 over the template's brain against the true transform and seconds per subject. Problems:
 "template" (to the head template; truth `scan_to_template`, the least-squares affine of the
@@ -110,7 +112,7 @@ def run_register(args) -> dict:
   points = _brain_points(cohort.anatomy)
   raws = [_raw(cohort, i) for i in range(args.n)]
   engines = args.engines.split(",")
-  schedule = register.Schedule(polish=args.polish)
+  metrics = args.metric.split(",")
   rigid = args.transform == "rigid"
   centre = np.asarray(cohort.anatomy.centre_mm, np.float64)
 
@@ -131,31 +133,42 @@ def run_register(args) -> dict:
       for row, raw, t in zip(rows, raws, rigid_truths):
         row["template_rigid_truth_vs_pose_mm"] = acquisition.mean_displacement_mm(
             np.linalg.inv(t), np.linalg.inv(raw.scan_to_subject), points)
-    if "jax" in engines:
+    for spec in metrics if "jax" in engines else ():
+      # "mi@jitter=0.5@sampling=0.25": the metric, then other Schedule fields.
+      metric, *fields = spec.split("@")
+      jax_key = "_".join([f"jax_{metric}"] + [f.replace("=", "") for f in fields])
+      schedule = register.Schedule(
+          polish=args.polish if metric == "ncc" else 0, metric=metric,
+          **{k: float(v) for k, v in (f.split("=") for f in fields)})
       f, fa, _ = cases[0]
       register.register([raws[0].images["T1w"]], [raws[0].affine], f, fa, schedule)  # compile
       for row, raw, (f, fa, truth) in zip(rows, raws, cases):
         t0, c0 = time.perf_counter(), time.process_time()
         m, _ = register.register([raw.images["T1w"]], [raw.affine], f, fa, schedule)
         m = kept(m[0])
-        row[f"{name}_jax_seconds"] = time.perf_counter() - t0
-        row[f"{name}_jax_cpu_seconds"] = time.process_time() - c0
-        row[f"{name}_jax_mm"] = acquisition.mean_displacement_mm(
+        row[f"{name}_{jax_key}_seconds"] = time.perf_counter() - t0
+        row[f"{name}_{jax_key}_cpu_seconds"] = time.process_time() - c0
+        row[f"{name}_{jax_key}_mm"] = acquisition.mean_displacement_mm(
             np.linalg.inv(m), np.linalg.inv(truth), points)
         if rigid and name == "template":
-          row["template_jax_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
+          row[f"template_{jax_key}_mm_vs_rigid_truth"] = acquisition.mean_displacement_mm(
               np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
-      if name == "template" and args.n > 1:
-        # One vmapped call: every scan resampled onto one shape per level inside `register`.
+      if name == "template" and args.n > 1 and not args.no_batch:
+        # One vmapped call: every scan resampled onto one shape per level inside `register`
+        # (compiled once for this batch size first: the steady cost per subject).
+        images, affines = [r.images["T1w"] for r in raws], [r.affine for r in raws]
+        register.register(images, affines, fixed, fixed_affine, schedule)
         t0, c0 = time.perf_counter(), time.process_time()
-        batch, _ = register.register([r.images["T1w"] for r in raws], [r.affine for r in raws],
-                                     fixed, fixed_affine, schedule)
+        batch, _ = register.register(images, affines, fixed, fixed_affine, schedule)
         for row in rows:
-          row["template_jax_batch_seconds_per_subject"] = (time.perf_counter() - t0) / args.n
-          row["template_jax_batch_cpu_seconds_per_subject"] = (time.process_time() - c0) / args.n
+          row[f"template_{jax_key}_batch_seconds_per_subject"] = (
+              time.perf_counter() - t0) / args.n
+          row[f"template_{jax_key}_batch_cpu_seconds_per_subject"] = (
+              time.process_time() - c0) / args.n
         for row, m, (_, _, truth) in zip(rows, batch, cases):
-          row["template_jax_batch_mm"] = acquisition.mean_displacement_mm(
+          row[f"template_{jax_key}_batch_mm"] = acquisition.mean_displacement_mm(
               np.linalg.inv(kept(m)), np.linalg.inv(truth), points)
+      print(json.dumps(rows), flush=True)
     if "ants" in engines:
       with tempfile.TemporaryDirectory() as tmp:
         for row, raw, (f, fa, truth) in zip(rows, raws, cases):
@@ -173,7 +186,7 @@ def run_register(args) -> dict:
                 np.linalg.inv(m), np.linalg.inv(rigid_truths[row["subject"]]), points)
         print(json.dumps(rows), flush=True)
   summary = {"resolution_mm": args.resolution, "n": args.n, "polish": args.polish,
-             "transform": args.transform,
+             "transform": args.transform, "metrics": metrics,
              "threads": os.environ.get("XLA_FLAGS", ""), "rows": rows,
              "load_average": os.getloadavg()}
   for key in sorted({k for r in rows for k in r if k not in ("subject", "orientation")}):
@@ -372,7 +385,13 @@ def main(argv=None) -> int:
                  help="comma-separated: template (to the head template), pose (to the "
                  "subject's own template-space image: the exact pose/grid change)")
   r.add_argument("--polish", type=int, default=register.Schedule().polish,
-                 help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish)")
+                 help="Levenberg-Marquardt iterations after Adam (register.Schedule.polish; "
+                 "ncc only)")
+  r.add_argument("--metric", default="ncc,mi",
+                 help="comma-separated JAX similarities (register.Schedule.metric): ncc, mi; "
+                 "NAME@FIELD=V[@...]: other float register.Schedule fields, e.g. "
+                 "mi@jitter=0.5@sampling=0.25")
+  r.add_argument("--no-batch", action="store_true", help="skip the vmapped batch call")
   r.add_argument("--transform", choices=("affine", "rigid"), default="affine",
                  help="rigid: keep the registration's rigid part (align.rigid_part), scored "
                  "against the pose (scan_to_subject) and the rigid part of scan_to_template; "
