@@ -6,17 +6,25 @@ f(x) - E(a) with E(a) from the model's correction line)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 import pytest
 
+import lrp
+from jax_brainage import predict
+from jax_brainage.commands import explain as explain_command
 from jax_brainage.data import cache as cache_lib
+from jax_brainage.data import intensity
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.errors import ConfigError
 from jax_brainage.explain import derivative, maps, reference
+from jax_brainage.train import artifact
 from test_maps import Linear, SmallConv
 
 
@@ -171,3 +179,57 @@ def test_expected_design_on_a_trained_workdir(explain_workdir):
   with pytest.raises(ConfigError, match="expected"):
     derivative.Target(explain_workdir, "best", maps.get_method("gradient"), batch_size=4,
                       seed=0, levels=("ensemble",), target="gap", reference_design="expected")
+
+
+def test_explain_command_with_reference_expected(explain_workdir, tmp_path):
+  w = explain_workdir
+  index = json.loads((w / "cache" / "index.json").read_text())
+  subject = index["subjects"][1]
+  sid, age = subject["subject_id"], float(subject["age"])
+  parser = argparse.ArgumentParser()
+  explain_command.add_parser(parser.add_subparsers())
+  args = parser.parse_args(["explain", "--workdir", str(w), "--data", str(w / "data"),
+                            "--out", str(tmp_path / "e"), "--subjects", sid, "--target", "gap",
+                            "--reference", "expected", "--figures", "0", "--no-glass-brain",
+                            "--quiet", "--workers", "1"])
+  assert args.func(args) == 0
+  record = json.loads((tmp_path / "e" / "explain.json").read_text())
+  entry = record["subjects"][0]
+  assert record["reference"] == "expected" and record["method"] == "integrated_gradients"
+  model = artifact.load(w)
+  sub = model.subs[0]
+  variables = jax.tree.map(lambda a: np.asarray(a)[0], sub.variables)  # the one member
+  f = maps.regression_apply(sub.model)
+  unit = lambda v: jnp.asarray(intensity.to_unit_float(np.asarray(v)))  # noqa: E731
+  # E(a), no bias correction: the mean estimate of the training scans within +-2 years of the
+  # whole-year age (at least 5: the nearest in age), brute force from split.json
+  train = set(json.loads((w / "split.json").read_text())["subject_ids"]["train"])
+  rows = np.array([i for i, s in enumerate(index["subjects"]) if s["subject_id"] in train])
+  distance = np.abs(np.array([index["subjects"][i]["age"] for i in rows]) - round(age))
+  k = min(max(int(np.sum(distance <= 2.0)), 5), len(rows))
+  volumes = np.load(w / "cache" / "volumes.npy")
+  channels = [index["sequences"].index(q) for q in sub.sequences]
+  scans = volumes[rows[np.argsort(distance, kind="stable")[:k]]][..., channels]
+  assert entry["reference_predicted_age"] == pytest.approx(
+      float(np.mean(np.asarray(f(variables, unit(scans))))), abs=1e-3)
+  # The map: lrp's integrated gradients (4 midpoint steps) from x + t_k (x_k - x) to x,
+  # averaged over the paths with t_k > 0 (t_k as recorded in explain.json).
+  cache = cache_lib.Cache.open(w / "cache")
+  view, _ = predict.preprocessor_for(sub.sequences, cache, "the model")
+  images = {q: str(next((w / "data" / sid / "anat").glob(f"{sid}_*{q}.nii.gz")))
+            for q in sub.sequences}
+  x, inverse = view.preprocess(images, subject=sid)
+  inputs = predict.model_inputs(model)
+  refs = reference.References(model, inputs.views, inputs.of_sub, design="expected")
+  x_k = refs.volumes(sub.name, refs.rows_for(sub.name, age, x))
+  t = np.array(entry["path_fractions"])
+  assert entry["reference_paths"] == int(np.sum(t > 0))
+  x0 = unit(x)[None]
+  paths = [np.asarray(lrp.attribution.integrated_gradients(
+      f, variables, x0, baseline=x0 + float(tk) * (unit(xk)[None] - x0), n_steps=4))[0]
+      for tk, xk in zip(t, x_k) if tk > 0]
+  want_cube = np.mean(paths, axis=0) if paths else np.zeros(x.shape, np.float32)
+  written = np.asarray(nib.load(tmp_path / "e" / entry["maps"][next(iter(entry["maps"]))][0])
+                       .dataobj)
+  want = np.asarray(maps.to_subject_space(want_cube[..., 0], inverse).dataobj)
+  np.testing.assert_allclose(written, want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-9)
