@@ -162,6 +162,7 @@ def main() -> None:
         if target.reference_predicted is not None:  # sum R against f(x) - f(reference set)
           delta = np.asarray(predicted, np.float64) - target.reference_predicted
           row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
+          row["per_subject"]["prediction_difference"] = delta.tolist()
           row["prediction_difference"] = float(delta.mean())
         if target.path_fractions is not None:  # --reference expected: how far paths went
           t_k = np.asarray(target.path_fractions, np.float64)
