@@ -38,7 +38,10 @@ only complete files):
 `--target gap` (Target(target="gap", reference_design=...)) writes maps against age-matched
 training scans (by default the 8 most similar): why this subject's estimate differs from what is
 expected at their age; integrated gradients from each reference scan, any other method R(x)
-less their mean map (`jax_brainage.explain.reference`).
+less their mean map (`jax_brainage.explain.reference`). `--reference expected` cuts each path
+where the estimate reaches the one expected at the subject's age (explain.json then gives that
+expected estimate as reference_predicted_age, and per subject the path fractions t_k and the
+number of references walked).
 """
 
 from __future__ import annotations

@@ -14,6 +14,20 @@ age), read from the training cache:
 - `--reference age`: every age-matched scan (at least `MIN_SCANS`, at most `MAX_SCANS`, the
   nearest in age), their mean maps computed once per whole-year age.
 
+- `--reference expected` ("peer paths to the expected age", integrated gradients only): the
+  gap is g = f(x) - E(a), E(a) the estimate expected at the chronological age a (the model's
+  bias-correction line a + bias(a) where the workdir has one, else the mean estimate of up to
+  `EXPECTED_SCANS` age-matched training scans: `References.expected`). From x towards each of
+  the `NEAREST` scans x_k (d_k = f(x) - f(x_k)) the path walks only until the estimate has
+  dropped by g: t_k = clip(g / d_k, 0, 1) where g and d_k have the same sign, else no path
+  (`path_fractions`), refined by `REFINE_STEPS` regula-falsi steps on f along the path
+  (`regula_falsi`: a blend of two brains is read as older, so the drop is not linear in t);
+  the map is the mean over the walked paths of the integrated gradients along
+  [x + t_k (x_k - x), x], sums to about g (not to f(x) - mean f(x_k)), and is all zero for a
+  subject whose estimate is the expected one. On the simulated cohort it roughly halves null
+  subjects' mass next to the default's but keeps most of it, because the model's own error
+  (not the latent gap) sets g (benchmarks/RESULTS.md, session 12): an option, not the default.
+
 For most methods the gap map is the subject's map less the mean map of the set (through the one
 relevance path, `maps.ensemble_maps`, so it is defined for every method and level):
 
