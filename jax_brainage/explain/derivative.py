@@ -112,10 +112,11 @@ class Target:
                target: str = "age", reference_design: str = reference.DEFAULT_DESIGN):
     if target not in reference.TARGETS:
       raise DataError(f"--target {target}: choose one of {', '.join(reference.TARGETS)}")
-    if target == "gap" and reference_design == "expected" and not method.references:
-      raise ConfigError(f"--reference expected: {method.name} explains against its own "
-                        "baseline; the paths to the expected age need a method with reference "
-                        "paths (integrated_gradients)")
+    paths = reference_design in reference.PATH_DESIGNS
+    if target == "gap" and paths and not method.references:
+      raise ConfigError(f"--reference {reference_design}: {method.name} explains against its "
+                        "own baseline; the paths to the expected age need a method with "
+                        "reference paths (integrated_gradients)")
     self.target = target
     self.method = method
     self.members_per_call = members_per_call
@@ -186,6 +187,8 @@ class Target:
     refs = self.references
     if refs is None:
       return self._levels(dict(cubes), rows)
+    if refs.design == "ageing":
+      return self._expected_paths(cubes, rows, ages)
     if refs.design in ("nearest", "expected"):
       # Each subject's own k nearest scans (per sub-ensemble input).
       k = refs.size()
@@ -193,7 +196,7 @@ class Target:
                                       for a, cube in zip(ages, np.asarray(cubes[name]))])
                 for name in self.of_sub}
       if refs.design == "expected":
-        return self._expected_paths(cubes, rows, ages, inputs, k)
+        return self._expected_paths(cubes, rows, ages, inputs)
       if self.method.references:  # the method explains f(x) against the scans themselves
         paths = {name: v.reshape(len(ages), k, *v.shape[1:]) for name, v in inputs.items()}
         levels, predicted = self._levels(dict(cubes), rows, paths)
@@ -223,18 +226,25 @@ class Target:
     return levels, predicted
 
   def _expected_paths(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
-                      ages: Sequence[float], inputs: Mapping[str, np.ndarray], k: int
+                      ages: Sequence[float], inputs: Mapping[str, np.ndarray] | None = None
                       ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
-    """Design "expected": integrated gradients along the paths from x towards its k nearest
-    scans x_j `inputs` {sub: [n * k, ...]}, each cut where the estimate has dropped by the gap
-    g = f(x) - E(a) (`reference.regula_falsi`: `References.refine_steps` steps on f along
-    each path); `self.reference_predicted` is E(a), `self.path_fractions` the fractions `[n, k]`."""
+    """Designs "expected" and "ageing": integrated gradients along paths from x, each cut where
+    the estimate has dropped by the gap g = f(x) - E(a) (`reference.regula_falsi`:
+    `References.refine_steps` steps on f along each path). "expected": towards the k nearest
+    scans `inputs` {sub: [n * k, ...]}; "ageing" (`inputs` None): one path towards
+    `References.ageing_end` (x moved back along the cohort's ageing direction).
+    `self.reference_predicted` is E(a), `self.path_fractions` the fractions `[n, k]`."""
     refs = self.references
     n = len(ages)
     f_x = np.asarray(self.ensemble.predict(dict(cubes)).ensemble, np.float64)
-    f_ref = np.asarray(self.ensemble.predict(inputs).ensemble, np.float64).reshape(n, k)
     expected = refs.expected(ages)
-    gap, differences = f_x - expected, f_x[:, None] - f_ref
+    gap = f_x - expected
+    if inputs is None:
+      inputs = {name: refs.ageing_end(name, ages, np.asarray(cubes[name]), gap)
+                for name in self.of_sub}
+    k = len(next(iter(inputs.values()))) // n
+    f_ref = np.asarray(self.ensemble.predict(inputs).ensemble, np.float64).reshape(n, k)
+    differences = f_x[:, None] - f_ref
     paths = {name: v.reshape(n, k, *v.shape[1:]) for name, v in inputs.items()}
 
     def drop(t: np.ndarray) -> np.ndarray:  # f(x) - f(x + t (x_k - x)), [n, k] years

@@ -64,7 +64,10 @@ TARGETS = ("age", "gap")
 # scan up to MAX_SCANS (the nearest in age).
 # "expected": paths from the subject towards its nearest scans that stop where the estimate has
 # dropped by the gap to the estimate expected at its age (`path_fractions`).
-DESIGNS = ("nearest", "age", "expected")
+# "ageing": one path from the subject's own image back along the training cohort's ageing
+# direction (`References.ageing_direction`), cut the same way.
+DESIGNS = ("nearest", "age", "expected", "ageing")
+PATH_DESIGNS = ("expected", "ageing")  # designs that cut paths at E(a): integrated gradients
 DEFAULT_DESIGN = "nearest"
 # `brainage explain --target gap`'s default method: paths from the nearest reference scans
 # (README, "Maps of the gap": chosen on the simulated cohort).
@@ -74,6 +77,9 @@ MIN_SCANS = 5
 MAX_SCANS = 16   # design "age": reference maps cost one relevance pass per scan
 NEAREST = 8      # design "nearest": k most similar age-matched scans
 EXPECTED_SCANS = 64  # design "expected" without a bias correction: E(a) from this many scans
+AGEING_SCANS = 512   # design "ageing": age-matched scans of the local-linear fit (at most)
+AGEING_REACH = 4.0   # design "ageing": the path runs to x - 4 g dm/da (the model moves ~0.4-0.6
+# years per year of the cohort's ageing: measured, session 12), cut where f has dropped by g
 REFINE_STEPS = 3     # design "expected": regula-falsi steps on f along each path
 SIMILARITY_VOXELS = 50_000  # cubes are block-averaged to about this many voxels to compare
 
@@ -133,6 +139,7 @@ class References:
     self.design, self.k, self.refine_steps = design, int(k), int(refine_steps)
     self.ensemble = ensemble
     self._expected: dict[int, float] = {}  # whole-year age -> mean estimate of its scans
+    self._direction: dict[tuple[str, int], np.ndarray] = {}  # design "ageing": dm/da
     self.window, self.min_scans, self.max_scans = float(window), int(min_scans), int(max_scans)
     parts = splits.subject_parts(ensemble.workdir) if ensemble.workdir else {}
     self.maps: dict[int, Any] = {}  # design "age": whole-year age -> mean maps (Target fills)
@@ -224,6 +231,38 @@ class References:
                   for name in self._source}
         self._expected[key] = float(np.mean(self.ensemble.predict(inputs).ensemble))
     return np.array([self._expected[self.key(a)] for a in ages])
+
+
+  def ageing_direction(self, name: str, age: float) -> np.ndarray:
+    """dm/da float32 `[X, Y, Z, C]` (network-input units per year): the slope of the
+    least-squares line of every voxel's intensity on age over the age-matched training scans of
+    sub-ensemble `name` (+-window of the whole-year `age`, at most `AGEING_SCANS`, the nearest
+    in age): the derivative of the cohort's mean image at that age. Kept for 8 ages."""
+    key = (name, self.key(age))
+    if key not in self._direction:
+      while len(self._direction) >= 8:
+        del self._direction[next(iter(self._direction))]
+      _, _, rows, ages = self._source[name]
+      chosen = self.age_matched(name, age, AGEING_SCANS)
+      a = ages[np.searchsorted(rows, chosen)]  # rows are sorted (np.flatnonzero)
+      c = a - a.mean()
+      total = None
+      for i in range(0, len(chosen), 64):  # sum_i c_i x_i in chunks: bounded memory
+        x = intensity.to_unit_float(self.volumes(name, chosen[i:i + 64])).astype(np.float64)
+        part = np.tensordot(c[i:i + 64], x, axes=1)
+        total = part if total is None else total + part
+      self._direction[key] = (total / max(float(np.sum(c * c)), 1e-12)).astype(np.float32)
+    return self._direction[key]
+
+  def ageing_end(self, name: str, ages: Sequence[float], cubes: np.ndarray,
+                 gap: np.ndarray) -> np.ndarray:
+    """Design "ageing": path ends float32 `[n, X, Y, Z, C]` (network inputs): each subject's
+    cube `[n, X, Y, Z, C]` (as stored) moved back `AGEING_REACH` x its gap g `[n]` (years)
+    along the ageing direction at its age, x - 4 g dm/da; x itself where g = 0."""
+    x = intensity.to_unit_float(np.asarray(cubes))
+    out = [xi - np.float32(AGEING_REACH * g) * self.ageing_direction(name, a)
+           for xi, a, g in zip(x, ages, np.asarray(gap, np.float64))]
+    return np.stack(out).astype(np.float32)
 
 
 def path_fractions(gap: np.ndarray, differences: np.ndarray) -> np.ndarray:

@@ -233,3 +233,46 @@ def test_explain_command_with_reference_expected(explain_workdir, tmp_path):
                        .dataobj)
   want = np.asarray(maps.to_subject_space(want_cube[..., 0], inverse).dataobj)
   np.testing.assert_allclose(written, want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-9)
+
+
+def test_ageing_design_on_a_trained_workdir(explain_workdir):
+  w = explain_workdir
+  target = derivative.Target(w, "best", maps.get_method("integrated_gradients"), batch_size=4,
+                             seed=0, levels=("ensemble",), target="gap",
+                             reference_design="ageing")
+  index = json.loads((w / "cache" / "index.json").read_text())
+  cache = cache_lib.Cache.open(w / "cache")
+  rows = np.array([0, 1])
+  cubes = np.asarray(cache.volumes[rows])
+  ages = [float(a) for a in np.asarray(cache.ages)[rows]]
+  name = target.ensemble.subs[0].name
+  # dm/da: numpy's least-squares line (np.polyfit) of every voxel on age over the training
+  # scans within +-2 years of the whole-year age (at least 5, the nearest in age)
+  train = set(json.loads((w / "split.json").read_text())["subject_ids"]["train"])
+  train_rows = np.array([i for i, s in enumerate(index["subjects"]) if s["subject_id"] in train])
+  train_ages = np.array([index["subjects"][i]["age"] for i in train_rows])
+  distance = np.abs(train_ages - round(ages[1]))
+  k = min(max(int(np.sum(distance <= 2.0)), 5), len(train_rows))
+  pick = np.argsort(distance, kind="stable")[:k]
+  x_fit = np.load(w / "cache" / "volumes.npy")[train_rows[pick]].astype(np.float64) / 255.0
+  slope = np.polyfit(train_ages[pick], x_fit.reshape(k, -1), 1)[0].reshape(x_fit.shape[1:])
+  np.testing.assert_allclose(target.references.ageing_direction(name, ages[1]), slope,
+                             rtol=1e-4, atol=1e-5 * np.abs(slope).max())
+  # subject 0 exactly at E(a), subject 1 one year above (the correction line)
+  f_x = np.asarray(target.ensemble.predict(cubes).ensemble, np.float64)
+  c1 = ((f_x[1] - 1.0 - ages[1]) - (f_x[0] - ages[0])) / (ages[1] - ages[0])
+  c0 = f_x[0] - ages[0] - c1 * ages[0]
+  target.ensemble = dataclasses.replace(
+      target.ensemble, correction=correction_lib.Correction("linear", (c0, c1)))
+  target.references.ensemble = target.ensemble
+  levels, _ = target.explain({name: cubes}, rows, ages)
+  r = levels[target.top][0]
+  t = target.path_fractions
+  assert t.shape == (2, 1) and t[0, 0] == 0 and np.all(r[0] == 0)
+  if t[1, 0] > 0:  # a path: complete along it (f at its start from the model's forward pass)
+    start = cubes[1:] / 255.0 - float(t[1, 0] * reference.AGEING_REACH * 1.0) * slope[None]
+    walked = f_x[1] - float(np.asarray(target.ensemble.predict(start.astype(np.float32))
+                                       .ensemble)[0])
+    assert float(r[1].sum()) == pytest.approx(walked, rel=0.1, abs=0.02)
+  else:  # the model's estimate does not move that way along the ageing direction
+    assert np.all(r[1] == 0)
