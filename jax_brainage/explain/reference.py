@@ -24,9 +24,15 @@ age), read from the training cache:
   (`regula_falsi`: a blend of two brains is read as older, so the drop is not linear in t);
   the map is the mean over the walked paths of the integrated gradients along
   [x + t_k (x_k - x), x], sums to about g (not to f(x) - mean f(x_k)), and is all zero for a
-  subject whose estimate is the expected one. On the simulated cohort it roughly halves null
-  subjects' mass next to the default's but keeps most of it, because the model's own error
-  (not the latent gap) sets g (benchmarks/RESULTS.md, session 12): an option, not the default.
+  subject whose estimate is the expected one. On the simulated cohort null subjects' mass falls
+  to 0.68 of risk subjects' (default 0.99) with the default's lesion and frontal shares, but
+  is not small: the model's own error, not the latent gap, sets g (benchmarks/RESULTS.md,
+  session 12). An option, not the default.
+- `--reference ageing`: one path from the subject's own image x to x - 4 g dm/da, dm/da the
+  voxel-wise least-squares slope of intensity on age over the age-matched training scans
+  (`References.ageing_direction`: the derivative of the cohort's mean image), cut the same
+  way: no one else's anatomy in the difference and mass proportional to |g|, but the subject's
+  lesions are not on that direction and the frontal share drops (session 12). An option.
 
 For most methods the gap map is the subject's map less the mean map of the set (through the one
 relevance path, `maps.ensemble_maps`, so it is defined for every method and level):
