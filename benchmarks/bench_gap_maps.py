@@ -13,7 +13,9 @@ cubes, through `derivative.Target` (brainage explain's path). Maps ("target/refe
 - gap/expected[:S]/integrated_gradients: the same paths cut where the estimate has dropped by
   the gap g = f(x) - E(a) to the estimate expected at the subject's age (`--reference
   expected`; S regula-falsi steps on f per path, default `reference.REFINE_STEPS`); the row
-  also reports the paths walked per subject and their mean length t.
+  also reports the paths walked per subject and their mean length t;
+- gap/ageing[:S]/integrated_gradients: one path from x to x - 4 g dm/da (the cohort's ageing
+  direction at the subject's age, `--reference ageing`), cut the same way.
 Per map and group ("risk": latent gap > +4 years, "null": |latent gap| < 1 year): share of the
 positive relevance in the frontal cortex (risk factors thin it: cohort.md) and in the subject's
 lesion mask, mass sum |R| and signed sum (years); across groups: null mass / risk mass and the
