@@ -84,7 +84,7 @@ MAX_SCANS = 16   # design "age": reference maps cost one relevance pass per scan
 NEAREST = 8      # design "nearest": k most similar age-matched scans
 EXPECTED_SCANS = 64  # design "expected" without a bias correction: E(a) from this many scans
 AGEING_SCANS = 512   # design "ageing": age-matched scans of the local-linear fit (at most)
-AGEING_REACH = 4.0   # design "ageing": the path runs to x - 4 g dm/da (the model moves ~0.4-0.6
+AGEING_REACH = 4.0   # design "ageing": the path runs to x - 4 g dm/da (the model moves 0.36-0.59
 # years per year of the cohort's ageing: measured, session 12), cut where f has dropped by g
 REFINE_STEPS = 3     # design "expected": regula-falsi steps on f along each path
 SIMILARITY_VOXELS = 50_000  # cubes are block-averaged to about this many voxels to compare
