@@ -86,7 +86,7 @@ EXPECTED_SCANS = 64  # design "expected" without a bias correction: E(a) from th
 AGEING_SCANS = 512   # design "ageing": age-matched scans of the local-linear fit (at most)
 AGEING_REACH = 4.0   # design "ageing": the path runs to x - 4 g dm/da (the model moves 0.36-0.59
 # years per year of the cohort's ageing: measured, session 12), cut where f has dropped by g
-REFINE_STEPS = 3     # design "expected": regula-falsi steps on f along each path
+REFINE_STEPS = 3     # designs "expected", "ageing": regula-falsi steps on f along each path
 SIMILARITY_VOXELS = 50_000  # cubes are block-averaged to about this many voxels to compare
 
 
