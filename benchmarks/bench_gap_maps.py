@@ -9,7 +9,13 @@ cubes, through `derivative.Target` (brainage explain's path). Maps ("target/refe
 - gap/age/M: R(x) less the mean map of every age-matched training scan (`--reference age`);
 - gap/nearest/M: R(x) less the mean map of the k age-matched training scans most similar to the
   subject (`--reference nearest`); for integrated_gradients, the mean of the integrated
-  gradients along the paths from each of those scans to x (sums to f(x) - mean f(x_j)).
+  gradients along the paths from each of those scans to x (sums to f(x) - mean f(x_j));
+- gap/expected[:S]/integrated_gradients: the same paths cut where the estimate has dropped by
+  the gap g = f(x) - E(a) to the estimate expected at the subject's age (`--reference
+  expected`; S regula-falsi steps on f per path, default `reference.REFINE_STEPS`); the row
+  also reports the paths walked per subject and their mean length t;
+- gap/ageing[:S]/integrated_gradients: one path from x to x - 4 g dm/da (the cohort's ageing
+  direction at the subject's age, `--reference ageing`), cut the same way.
 Per map and group ("risk": latent gap > +4 years, "null": |latent gap| < 1 year): share of the
 positive relevance in the frontal cortex (risk factors thin it: cohort.md) and in the subject's
 lesion mask, mass sum |R| and signed sum (years); across groups: null mass / risk mass and the
@@ -113,10 +119,14 @@ def main() -> None:
   sigmas = [float(v) for v in args.smooth_vox.split(",")]
   targets = {}
   for t, design, method in specs:
-    targets["/".join((t, design, method))] = derivative.Target(
+    design, _, steps = design.partition(":")  # expected:S = S regula-falsi steps
+    target = derivative.Target(
         args.workdir, "best", maps.get_method(method), batch_size=8, seed=0,
         levels=("ensemble",), target=t,
         **({} if t == "age" else {"reference_design": design}))
+    if steps:
+      target.references.refine_steps = int(steps)
+    targets["/".join((t, design + (f":{steps}" if steps else ""), method))] = target
   first = next(iter(targets.values()))
   name = next(iter(first.of_sub))
   key, _ = first.of_sub[name]
@@ -154,7 +164,13 @@ def main() -> None:
         if target.reference_predicted is not None:  # sum R against f(x) - f(reference set)
           delta = np.asarray(predicted, np.float64) - target.reference_predicted
           row["sum_minus_prediction_difference"] = float(np.mean(np.abs(s["sum"] - delta)))
+          row["per_subject"]["prediction_difference"] = delta.tolist()
           row["prediction_difference"] = float(delta.mean())
+        if target.path_fractions is not None:  # --reference expected: how far paths went
+          t_k = np.asarray(target.path_fractions, np.float64)
+          row["paths_walked"] = float((t_k > 0).sum(1).mean())
+          row["mean_fraction"] = float(t_k[t_k > 0].mean()) if (t_k > 0).any() else 0.0
+          row["gap_abs"] = float(np.abs(delta).mean())
         result["groups"][group][tag] = row
         per.setdefault(tag, {})[group] = (s, gaps)
         print(f"{group:<5} {tag:<48} frontal {row['share_frontal']:.3f} lesions "

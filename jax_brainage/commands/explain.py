@@ -5,7 +5,7 @@
         [--groups COL,...] [--levels ensemble,subs,members] [--members-per-call N]
         [--figures N] [--no-glass-brain]
         [--session S] [--entities KEY=VALUE,...] [--participants TSV] [--workers N]
-        [--skip-bad] [--seed S] [--target age|gap] [--reference nearest|age]
+        [--skip-bad] [--seed S] [--target age|gap] [--reference nearest|age|expected|ageing]
 
 The run is `jax_brainage.explain.derivative.explain_dataset` (its module docstring lists what is
 written under --out: subject-space maps, group maps, region tables, figures, explain.json),
@@ -69,7 +69,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                  help="--target gap: nearest: the subject's map less the mean map of the "
                       f"{reference.NEAREST} age-matched training scans most similar to it "
                       "(image correlation); age: less the mean map of every age-matched "
-                      f"training scan (at most {reference.MAX_SCANS})")
+                      f"training scan (at most {reference.MAX_SCANS}); expected: integrated "
+                      "gradients on the paths towards the nearest scans, each cut where the "
+                      "estimate reaches the one expected at the subject's age (the map sums "
+                      "to the gap); ageing: one such path from the subject's own image back "
+                      "along the training cohort's ageing direction")
   p.add_argument("--seed", type=int, default=0, help="seed of SmoothGrad's noise (0)")
   add_layout_options(p)
   p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),

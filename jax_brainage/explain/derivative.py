@@ -38,7 +38,10 @@ only complete files):
 `--target gap` (Target(target="gap", reference_design=...)) writes maps against age-matched
 training scans (by default the 8 most similar): why this subject's estimate differs from what is
 expected at their age; integrated gradients from each reference scan, any other method R(x)
-less their mean map (`jax_brainage.explain.reference`).
+less their mean map (`jax_brainage.explain.reference`). `--reference expected` cuts each path
+where the estimate reaches the one expected at the subject's age (explain.json then gives that
+expected estimate as reference_predicted_age, and per subject the path fractions t_k and the
+number of references walked).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from jax_brainage import fileio, lock, plots, predict
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import bids, nifti, prune, simulate
 from jax_brainage.data import regions as atlas_lib
-from jax_brainage.errors import DataError
+from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.explain import figures, maps, reference
 from jax_brainage.explain import regions as region_tables
 from jax_brainage.explain.groups import GroupMaps, entity, subject_groups
@@ -109,6 +112,11 @@ class Target:
                target: str = "age", reference_design: str = reference.DEFAULT_DESIGN):
     if target not in reference.TARGETS:
       raise DataError(f"--target {target}: choose one of {', '.join(reference.TARGETS)}")
+    paths = reference_design in reference.PATH_DESIGNS
+    if target == "gap" and paths and not method.references:
+      raise ConfigError(f"--reference {reference_design}: {method.name} explains against its "
+                        "own baseline; the paths to the expected age need a method with "
+                        "reference paths (integrated_gradients)")
     self.target = target
     self.method = method
     self.members_per_call = members_per_call
@@ -175,15 +183,20 @@ class Target:
     the maps are R(x) less the mean map of the set (`self.reference_predicted` then holds the
     set's mean predicted age `[n]`)."""
     self.reference_predicted = None
+    self.path_fractions = None
     refs = self.references
     if refs is None:
       return self._levels(dict(cubes), rows)
-    if refs.design == "nearest":
+    if refs.design == "ageing":
+      return self._expected_paths(cubes, rows, ages)
+    if refs.design in ("nearest", "expected"):
       # Each subject's own k nearest scans (per sub-ensemble input).
       k = refs.size()
       inputs = {name: np.concatenate([refs.volumes(name, refs.rows_for(name, a, cube))
                                       for a, cube in zip(ages, np.asarray(cubes[name]))])
                 for name in self.of_sub}
+      if refs.design == "expected":
+        return self._expected_paths(cubes, rows, ages, inputs)
       if self.method.references:  # the method explains f(x) against the scans themselves
         paths = {name: v.reshape(len(ages), k, *v.shape[1:]) for name, v in inputs.items()}
         levels, predicted = self._levels(dict(cubes), rows, paths)
@@ -212,13 +225,48 @@ class Target:
     self.reference_predicted = np.array([refs.maps[k][1] for k in keys])
     return levels, predicted
 
+  def _expected_paths(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
+                      ages: Sequence[float], inputs: Mapping[str, np.ndarray] | None = None
+                      ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
+    """Designs "expected" and "ageing": integrated gradients along paths from x, each cut where
+    the estimate has dropped by the gap g = f(x) - E(a) (`reference.regula_falsi`:
+    `References.refine_steps` steps on f along each path). "expected": towards the k nearest
+    scans `inputs` {sub: [n * k, ...]}; "ageing" (`inputs` None): one path towards
+    `References.ageing_end` (x moved back along the cohort's ageing direction).
+    `self.reference_predicted` is E(a), `self.path_fractions` the fractions `[n, k]`."""
+    refs = self.references
+    n = len(ages)
+    f_x = np.asarray(self.ensemble.predict(dict(cubes)).ensemble, np.float64)
+    expected = refs.expected(ages)
+    gap = f_x - expected
+    if inputs is None:
+      inputs = {name: refs.ageing_end(name, ages, np.asarray(cubes[name]), gap)
+                for name in self.of_sub}
+    k = len(next(iter(inputs.values()))) // n
+    f_ref = np.asarray(self.ensemble.predict(inputs).ensemble, np.float64).reshape(n, k)
+    differences = f_x[:, None] - f_ref
+    paths = {name: v.reshape(n, k, *v.shape[1:]) for name, v in inputs.items()}
+
+    def drop(t: np.ndarray) -> np.ndarray:  # f(x) - f(x + t (x_k - x)), [n, k] years
+      starts = reference.path_starts(cubes, paths, t)
+      return f_x[:, None] - np.asarray(self.ensemble.predict(starts).ensemble,
+                                       np.float64).reshape(n, k)
+
+    fractions = reference.regula_falsi(drop, gap, differences, refs.refine_steps)
+    levels, predicted = self._levels(dict(cubes), rows, paths, fractions)
+    self.reference_predicted = expected
+    self.path_fractions = fractions
+    return levels, predicted
+
   def _levels(self, cubes: Mapping[str, np.ndarray], rows: np.ndarray,
-              references: Mapping[str, np.ndarray] | None = None
+              references: Mapping[str, np.ndarray] | None = None,
+              fractions: np.ndarray | None = None
               ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], np.ndarray]:
     em = maps.ensemble_maps(self.ensemble, dict(cubes), self.method,
                             batch_size=self.batch_size, seed=self.seed, rows=rows,
                             members_per_call=self.members_per_call,
-                            explainers=self._explainers, references=references)
+                            explainers=self._explainers, references=references,
+                            fractions=fractions)
     out = {self.top: (em.ensemble, em.sequences)}
     if "subs" in self.levels:
       for name, r in em.subs.items():
@@ -358,6 +406,9 @@ def _write_derivative(target: Target, dataset, out: Path, *, subjects, workers, 
                "age": subject.age, "predicted_age": float(predicted[j]), "maps": {}}
       if target.references is not None:
         entry["reference_predicted_age"] = float(target.reference_predicted[j])
+      if target.path_fractions is not None:  # --reference expected: E(a), paths it walked
+        entry["reference_paths"] = int(np.sum(target.path_fractions[j] > 0))
+        entry["path_fractions"] = [float(t) for t in target.path_fractions[j]]
       labels = region_tables.atlas_in_cube(atlas, inverse) if atlas is not None else None
       for level, (rel, seqs) in levels.items():
         r = rel[j]

@@ -61,7 +61,8 @@ class Method:
     attribute: `attribute(apply_fn, variables, x [n, ...], *, keys [n, 2] uint32, low, high)
       -> [n, ...]`, traceable; `low`/`high` bound the input (for ZBox), broadcastable to x.
       With `references`, it also takes `baseline` `[n, k, ...]` (k reference inputs per sample)
-      and explains f(x) against their mean prediction.
+      and explains f(x) against their mean prediction, and optionally `fraction` `[n, k]` in
+      [0, 1]: each path starts only that far along from x towards its reference (0: no path).
     references: whether it explains against reference inputs (`--target gap`, integrated
       gradients from each reference scan) instead of against its own fixed baseline.
   """
@@ -109,7 +110,8 @@ def _gradient_x_input(apply_fn, variables, x, *, keys, low, high):
 IG_STEPS = 32
 
 
-def _integrated_gradients(apply_fn, variables, x, *, keys, low, high, baseline=None):
+def _integrated_gradients(apply_fn, variables, x, *, keys, low, high, baseline=None,
+                          fraction=None):
   del keys, low, high
   if baseline is None:
     # Baseline: the all-zero input (background intensity of a minmax cube), 32 midpoint steps.
@@ -118,12 +120,26 @@ def _integrated_gradients(apply_fn, variables, x, *, keys, low, high, baseline=N
   # gradients over the reference set, Erion et al. 2021), the 32 gradient evaluations shared
   # out (at least 4 per path); sums to f(x) - mean_j f(x_j) up to the midpoint rule's error.
   steps = max(4, IG_STEPS // baseline.shape[1])
+  weight = None
+  if fraction is not None:
+    # Shortened paths (`--reference expected`): from x'_k = x + t_k (x_k - x) to x. t_k = 0 is
+    # a path of length 0 (x'_k == x exactly: a zero map); the mean is over the paths with
+    # t_k > 0, so the map sums to the mean of f(x) - f(x'_k) over them.
+    t = fraction.astype(x.dtype)
+    tb = t.reshape(t.shape + (1,) * (x.ndim - 1))
+    baseline = x[:, None] + tb * (baseline - x[:, None])
+    used = (t > 0).astype(x.dtype)
+    weight = used / jnp.maximum(1.0, jnp.sum(used, axis=1, keepdims=True))  # [n, k]
 
   def one(b):
     return lrp.attribution.integrated_gradients(apply_fn, variables, x, baseline=b,
                                                 n_steps=steps)
 
-  return jnp.mean(jax.lax.map(one, jnp.moveaxis(baseline, 1, 0)), axis=0)
+  per_path = jax.lax.map(one, jnp.moveaxis(baseline, 1, 0))  # [k, n, ...]
+  if weight is None:
+    return jnp.mean(per_path, axis=0)
+  w = jnp.moveaxis(weight, 1, 0).reshape(weight.shape[::-1] + (1,) * (x.ndim - 1))
+  return jnp.sum(per_path * w, axis=0)
 
 
 _C = lrp.composites
@@ -243,11 +259,12 @@ class Explainer:
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = sharding.put_replicated(self.mesh, variables)
     self._model = model
-    self._fn_ref = None  # compiled on first use with reference inputs
+    self._fn_ref: dict[str, Callable] = {}  # compiled on first use with reference inputs
     self._fn = _compiled(model, self.method, stacked, self.mesh)
 
   def __call__(self, volumes: np.ndarray, rows: np.ndarray | None = None,
-               references: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               references: np.ndarray | None = None, fractions: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Relevance and predicted age of volumes `[n, X, Y, Z, C]`.
 
     Args:
@@ -255,6 +272,8 @@ class Explainer:
       rows: int `[n]` identities of the volumes for the random methods' keys (default 0..n-1).
       references: `[n, k, X, Y, Z, C]` reference inputs per volume (stored like `volumes`), for
         methods with `Method.references` (relevance of f(x) against their mean prediction).
+      fractions: `[n, k]` in [0, 1] with `references`: each path runs from
+        x + t (reference - x) to x (0: none; `reference.path_fractions`).
     Returns:
       (relevance float32 `[n, X, Y, Z, C]` (`[M, n, ...]` for a stack), predicted age float32
       `[n]` (`[M, n]`), years).
@@ -271,14 +290,22 @@ class Explainer:
       if references.shape[:1] + references.shape[2:] != volumes.shape:
         raise DataError(f"references must be [n, k, X, Y, Z, C] for volumes {volumes.shape}, "
                         f"got {references.shape}")
-      if self._fn_ref is None:
-        self._fn_ref = _compiled(self._model, self.method, self.stacked, self.mesh, True)
+      if fractions is not None:
+        fractions = np.asarray(fractions, np.float32)
+        if fractions.shape != references.shape[:2]:
+          raise DataError(f"fractions must be [n, k] = {list(references.shape[:2])}, got "
+                          f"{list(fractions.shape)}")
+      mode = "references" if fractions is None else "paths"
+      if mode not in self._fn_ref:
+        self._fn_ref[mode] = _compiled(self._model, self.method, self.stacked, self.mesh, mode)
+    elif fractions is not None:
+      raise DataError("fractions need references")
     rel, pred = [], []
     for start in range(0, len(volumes), self.batch_size):
-      r, p = self._batch(volumes[start:start + self.batch_size],
-                         rows[start:start + self.batch_size],
-                         None if references is None
-                         else references[start:start + self.batch_size])
+      window = slice(start, start + self.batch_size)
+      r, p = self._batch(volumes[window], rows[window],
+                         None if references is None else references[window],
+                         None if fractions is None else fractions[window])
       rel.append(r)
       pred.append(p)
     axis = 1 if self.stacked else 0
@@ -286,8 +313,8 @@ class Explainer:
       return (np.zeros(volumes.shape, np.float32), np.zeros((0,), np.float32))
     return np.concatenate(rel, axis=axis), np.concatenate(pred, axis=axis)
 
-  def _batch(self, chunk: np.ndarray, rows: np.ndarray, refs: np.ndarray | None
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def _batch(self, chunk: np.ndarray, rows: np.ndarray, refs: np.ndarray | None,
+             fractions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     k = len(chunk)
     if k < self.batch_size:  # one compiled shape: pad with zero volumes, dropped below
       chunk = np.concatenate([chunk, np.zeros((self.batch_size - k, *chunk.shape[1:]),
@@ -296,40 +323,46 @@ class Explainer:
       if refs is not None:
         refs = np.concatenate([refs, np.zeros((self.batch_size - k, *refs.shape[1:]),
                                               refs.dtype)])
+      if fractions is not None:
+        fractions = np.concatenate([fractions, np.zeros((self.batch_size - k,
+                                                         fractions.shape[1]), np.float32)])
     base = jax.random.PRNGKey(self.seed)
     keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
     volumes = jax.device_put(np.ascontiguousarray(chunk), self._batch_sharding)
     keys = jax.device_put(keys, self._batch_sharding)
     if refs is None:
       r, p = jax.device_get(self._fn(self._variables, volumes, keys))
+    elif fractions is None:
+      refs = jax.device_put(np.ascontiguousarray(refs), self._batch_sharding)
+      r, p = jax.device_get(self._fn_ref["references"](self._variables, volumes, keys, refs))
     else:
       refs = jax.device_put(np.ascontiguousarray(refs), self._batch_sharding)
-      r, p = jax.device_get(self._fn_ref(self._variables, volumes, keys, refs))
+      t = jax.device_put(np.ascontiguousarray(fractions), self._batch_sharding)
+      r, p = jax.device_get(self._fn_ref["paths"](self._variables, volumes, keys, refs, t))
     if self.stacked:
       return np.asarray(r)[:, :k], np.asarray(p)[:, :k]
     return np.asarray(r)[:k], np.asarray(p)[:k]
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model, method: Method, stacked: bool, mesh, with_references: bool = False
-              ) -> Callable:
-  """The jitted `(variables, volumes, keys[, references]) -> (relevance, predicted age)` of a
-  model and method, shared by every Explainer of the same model, method and mesh (compiled once
-  per shape)."""
+def _compiled(model, method: Method, stacked: bool, mesh, mode: str = "plain") -> Callable:
+  """The jitted `(variables, volumes, keys[, references[, fractions]]) -> (relevance, predicted
+  age)` of a model and method (mode "plain", "references" or "paths"), shared by every
+  Explainer of the same model, method and mesh (compiled once per shape)."""
   apply_fn = regression_apply(model)
   attribute = method.attribute
 
-  def one(variables, volumes, keys, references=None):
+  def one(variables, volumes, keys, references=None, fractions=None):
     x = _network_input(volumes)
     low, high = input_bounds(x, volumes.dtype)
     extra = {} if references is None else {"baseline": _network_input(references)}
+    if fractions is not None:
+      extra["fraction"] = fractions
     r = attribute(apply_fn, variables, x, keys=keys, low=low, high=high, **extra)
     return r.astype(jnp.float32), apply_fn(variables, x)
 
-  if not with_references:
-    fn = jax.vmap(one, in_axes=(0, None, None)) if stacked else one
-  else:
-    fn = jax.vmap(one, in_axes=(0, None, None, None)) if stacked else one
+  n_data = {"plain": 2, "references": 3, "paths": 4}[mode]
+  fn = jax.vmap(one, in_axes=(0,) + (None,) * n_data) if stacked else one
   return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
@@ -401,7 +434,8 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
                   batch_size: int = 8, seed: int = 0, rows: np.ndarray | None = None,
                   members_per_call: int = 0,
                   explainers: dict[str, list] | None = None,
-                  references: Mapping[str, np.ndarray] | None = None) -> EnsembleMaps:
+                  references: Mapping[str, np.ndarray] | None = None,
+                  fractions: np.ndarray | None = None) -> EnsembleMaps:
   """Relevance of every member, sub-ensemble and the ensemble.
 
   Args:
@@ -415,6 +449,8 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
     explainers: reuse explainers across calls ({sub name: [(Explainer, members)]}, filled in).
     references: {sub-ensemble name: `[n, k, X, Y, Z, C_sub]`} reference inputs per volume, for a
       method with `Method.references` (`Explainer`).
+    fractions: `[n, k]` with `references`: how far along each path starts (the same for every
+      sub-ensemble: one path in the joint input space; `Explainer`).
   """
   inputs = _sub_inputs(ensemble, inputs)
   weights_total = ensemble.head.member_weights()
@@ -427,7 +463,7 @@ def ensemble_maps(ensemble, inputs, method: Method | str = DEFAULT_METHOD, *,
       explainers[sub.name] = _member_groups(sub, method, batch_size=batch_size, seed=seed,
                                             members_per_call=members_per_call)
     refs = None if references is None else references[sub.name]
-    parts = [(e(inputs[sub.name], rows, refs), k) for e, k in explainers[sub.name]]
+    parts = [(e(inputs[sub.name], rows, refs, fractions), k) for e, k in explainers[sub.name]]
     r = np.concatenate([rp[0][:k] for rp, k in parts])  # [M, n, ...]
     p = np.concatenate([rp[1][:k] for rp, k in parts])  # [M, n]
     level1 = np.asarray(ensemble.head.level1[sub.name].weights, np.float64)
