@@ -85,7 +85,7 @@ VOXEL_TOLERANCE = 0.15  # relative: a voxel edge within 15% of the training rang
 MASK_MARGIN_MM = 12.0  # dilation of the training brain mask (pose and head-size variation)
 BINS = 256  # histogram bins of the scaled brain intensities
 ZSCORE_RANGE = (-6.0, 6.0)  # histogram range of z-scored caches
-CHUNK = 16  # cache rows read at a time when building a reference; scans per tilt registration
+CHUNK = 16  # cache rows read at a time when building a reference
 # The tilt: a similarity registration at 8 and 4 mm (never finer: cheap at any cube voxel size).
 TILT_SCHEDULE = register.Schedule(stages=("similarity",), levels_mm=(8.0, 4.0), steps=(60, 30),
                                   learning_rates=(0.2, 0.1))
@@ -247,23 +247,11 @@ def rotation_deg(matrices: np.ndarray) -> np.ndarray:
 
 
 def _register_cubes(x: np.ndarray, template: np.ndarray, voxel_mm: float) -> np.ndarray:
-  """Cube -> template world transforms `[n, 4, 4]` of cubes `x [n, X, Y, Z]` (`TILT_SCHEDULE`).
-
-  Registered `CHUNK` cubes per call, the last call padded with copies of its first cube: one
-  batch shape per template, so one compilation serves the calibration and every later batch of
-  scans, whatever their number (a compilation costs about as much CPU as 80 registrations; the
-  padding at most 15).
-  """
+  """Cube -> template world transforms `[n, 4, 4]` of cubes `x [n, X, Y, Z]` (`TILT_SCHEDULE`)."""
   affine = np.diag([float(voxel_mm)] * 3 + [1.0])
-  out = [np.zeros((0, 4, 4))]
-  for start in range(0, len(x), CHUNK):
-    chunk = list(x[start:start + CHUNK])
-    n = len(chunk)
-    matrices, _ = register.register(chunk + chunk[:1] * (CHUNK - n),
-                                    np.broadcast_to(affine, (CHUNK, 4, 4)), template, affine,
-                                    TILT_SCHEDULE)
-    out.append(matrices[:n])
-  return np.concatenate(out)
+  matrices, _ = register.register(list(x), np.broadcast_to(affine, (len(x), 4, 4)), template,
+                                  affine, TILT_SCHEDULE)
+  return matrices
 
 
 def tilt_template(x: np.ndarray, mean: np.ndarray, voxel_mm: float) -> np.ndarray:
