@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from jax_brainage import sharding  # noqa: E402
 from jax_brainage.train import config as config_lib  # noqa: E402
+from jax_brainage.train import config_checks  # noqa: E402
 from jax_brainage.train import members as train_members  # noqa: E402
 from jax_brainage.train import steps as train_steps  # noqa: E402
 
@@ -60,7 +61,7 @@ def make_config(model: str, members: int, batch: int, width: int = 0, mesh_size:
   c.ensemble.members = members
   c.ensemble.vmap_width = width
   c.ensemble.mesh_size = mesh_size
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from jax_brainage import models, sharding  # noqa: E402
 from jax_brainage.train import config as config_lib  # noqa: E402
+from jax_brainage.train import config_loading  # noqa: E402
 from jax_brainage.train import steps as train_steps  # noqa: E402
 
 # case -> (model name, loss, input (x, y, z) voxels per size)
@@ -71,15 +72,15 @@ def experiment_config(case: str, dtype: str, batch_size: int, size: str,
   `lowering` is `model.conv_lowering`: "auto" is what the trainer ships)."""
   name, loss, _ = CASES[case]
   config = config_lib.base_config()
-  config_lib.set_key(config, "model.conv_lowering", lowering)
-  config_lib.set_key(config, "data.cache", "unused")
-  config_lib.set_key(config, "model.name", name)
-  config_lib.set_key(config, "loss", loss)
-  config_lib.set_key(config, "model.compute_dtype", dtype)
-  config_lib.set_key(config, "batch_size", batch_size)
-  config_lib.set_key(config, "optimizer.learning_rate", LEARNING_RATE)
+  config_loading.set_key(config, "model.conv_lowering", lowering)
+  config_loading.set_key(config, "data.cache", "unused")
+  config_loading.set_key(config, "model.name", name)
+  config_loading.set_key(config, "loss", loss)
+  config_loading.set_key(config, "model.compute_dtype", dtype)
+  config_loading.set_key(config, "batch_size", batch_size)
+  config_loading.set_key(config, "optimizer.learning_rate", LEARNING_RATE)
   if size == "tiny" and name == "sfcn":
-    config_lib.set_key(config, "model.conv_features", TINY_SFCN_CHANNELS)
+    config_loading.set_key(config, "model.conv_features", TINY_SFCN_CHANNELS)
   return config
 
 

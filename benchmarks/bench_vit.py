@@ -30,12 +30,13 @@ import common  # noqa: E402
 import lrp  # noqa: E402
 from jax_brainage import models  # noqa: E402
 from jax_brainage.train import config as config_lib  # noqa: E402
+from jax_brainage.train import config_loading  # noqa: E402
 
 SHAPE = (40, 50, 40, 3)
 
 
 def _model(preset: str, lowering: str):
-  config = config_lib.load_config(str(common.REPO / "configs" / preset))
+  config = config_loading.load_config(str(common.REPO / "configs" / preset))
   kwargs = config_lib.model_kwargs(config, mean_age=50.0, age_scale=10.0)
   kwargs.update(flip_average=False, conv_lowering=lowering)
   return models.get_model(config.model.name, **kwargs)

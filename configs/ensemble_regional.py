@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jax_brainage.train.config import import_config
+from jax_brainage.train.config_loading import import_config
 
 # The whole-brain ensemble's cohort, members, head and correction; sub-ensembles per region.
 ensemble_wholebrain = import_config(Path(__file__).with_name("ensemble_wholebrain.py"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jax_brainage.train.config import import_config
+from jax_brainage.train.config_loading import import_config
 
 # The members are the study's MRInet at 2 mm, trained as configs/mrinet_2mm.py trains one.
 mrinet_2mm = import_config(Path(__file__).with_name("mrinet_2mm.py"))

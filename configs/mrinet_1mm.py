@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jax_brainage.train.config import import_config
+from jax_brainage.train.config_loading import import_config
 
 # The same study recipe as at 2 mm (model, optimiser, batch, augmentation); what 1 mm changes
 # is below.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jax_brainage.train.config import import_config
+from jax_brainage.train.config_loading import import_config
 
 cpu = import_config(Path(__file__).with_name("cpu.py"))
 

@@ -55,12 +55,14 @@ from jax_brainage import calibration, fileio, lock, plots, predict
 from jax_brainage.analyse import forest, gap, report
 from jax_brainage.data import bids, simulate, splits
 from jax_brainage.data import cache as cache_lib
+from jax_brainage.data import prepare as prepare_lib
 from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble import model as ensemble_model
 from jax_brainage.errors import ConfigError, DataError, SmallSampleWarning
 from jax_brainage.explain import derivative, evaluate, maps, scoring, truth
 from jax_brainage.train import artifact
-from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import data as train_data
 from jax_brainage.train import experiment
 
@@ -96,14 +98,14 @@ def preset_config(preset: str, workdir: Path, data_dir: Path,
   if not path.is_file():
     raise ConfigError(f"preset {preset}: config file {path} not found (run from a source "
                       "checkout of jax-brainage)")
-  config = config_lib.load_config(str(path) + (f":{arg}" if arg else ""))
-  config = config_lib.apply_overrides(config, list(overrides))
+  config = config_loading.load_config(str(path) + (f":{arg}" if arg else ""))
+  config = config_loading.apply_overrides(config, list(overrides))
   with config.unlocked():
     config.data.simulate.out = str(data_dir.resolve())
     config.data.cache = str((workdir / "cache").resolve())
   if config.data.simulate.n <= 0:
     raise ConfigError(f"preset {preset}: config.data.simulate.n must be > 0 for the demo")
-  config_lib.validate(config)
+  config_checks.validate(config)
   return config
 
 
@@ -219,7 +221,7 @@ def _run_stages(workdir: Path, preset: str, data_dir: Path, overrides: list[str]
   if cache is None:
     _log(quiet, f"prepare {cache_dir}")
     dataset = bids.read_bids(data_dir, sequences)
-    cache = cache_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
+    cache = prepare_lib.prepare(dataset, cache_dir, prep, workers=workers, progress=not quiet)
     stages["prepare_seconds"] = time.perf_counter() - t0
     save_record()
   else:

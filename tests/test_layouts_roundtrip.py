@@ -15,6 +15,7 @@ import pytest
 from jax_brainage.cli import main as cli
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
 from jax_brainage.train import trainer
 
 SUBJECTS = 8  # x 2 sessions = 16 rows; 6-7 participants train, 1 validates, 1 tests
@@ -70,7 +71,7 @@ def test_sessions_prepare_train_predict(tmp_path, capsys):
   c.num_epochs = 1
   c.patience = 0
   c.num_image_summaries = 0
-  config_lib.validate(c)
+  config_checks.validate(c)
   workdir = tmp_path / "W"
   trainer.train_and_evaluate(c, workdir, quiet=True)
   split = json.loads((workdir / "split.json").read_text())

@@ -41,11 +41,11 @@ def workdir(tmp_path_factory) -> Path:
   record = json.loads((demo_dir / "config.json").read_text())["config"]
   if not artifact.is_ensemble_workdir(demo_dir) and tuple(record["data"]["sequences"]) == ("T1w",):
     return demo_dir
-  from jax_brainage.train import config as config_lib
+  from jax_brainage.train import config_loading
   from jax_brainage.train import trainer
 
   w = tmp_path_factory.mktemp("single") / "W"
-  c = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
+  c = config_loading.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
   c.data.simulate.n = int(record["data"]["simulate"]["n"])
   c.data.simulate.out = str(demo_dir / "data")
   c.data.cache = str(demo_dir / "cache")

@@ -7,7 +7,7 @@
         [--age-range MIN,MAX] [--no-resample-oblique] [--align template
         [--align-transform affine|rigid]] [--skip-bad] [--quiet]
 
-The work is `jax_brainage.data.cache.prepare` with a `Preprocessing` record made of the options
+The work is `jax_brainage.data.prepare.prepare` with a `Preprocessing` record made of the options
 (`jax_brainage.data.preprocess` says what happens to each subject; `cache` the cache's layout).
 `--data` is a BIDS dataset (with sessions: one row each), fMRIPrep derivatives, a FreeSurfer or
 FastSurfer SUBJECTS_DIR (`jax_brainage.data.layouts`), or a list of image files (one subject
@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 from jax_brainage.data import align, bids, conformity, intensity, layouts, regions
-from jax_brainage.data.cache import Preprocessing, prepare
+from jax_brainage.data.prepare import prepare
+from jax_brainage.data.preprocess import Preprocessing
 from jax_brainage.errors import ConfigError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jax_brainage import sharding
 from jax_brainage.commands import parsing
-from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_loading
 from jax_brainage.train import experiment
 
 
@@ -57,8 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
   """Loads the config with its overrides, trains, prints one line (process 0)."""
-  config = config_lib.load_config(args.config)
-  config = config_lib.apply_overrides(config, getattr(args, "overrides", []) or [])
+  config = config_loading.load_config(args.config)
+  config = config_loading.apply_overrides(config, getattr(args, "overrides", []) or [])
   summary = experiment.train(config, args.workdir, quiet=args.quiet, max_steps=args.max_steps)
   if not sharding.is_main_process():
     return 0

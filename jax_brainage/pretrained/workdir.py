@@ -6,8 +6,8 @@ An imported workdir W is what `train.artifact.load(W)` reads as any trained one:
     W/ensemble/        the ensemble store (`ensemble.store`): one sub-ensemble "model" of one
                        member, identity head, no bias correction -- a single model, so predict and
                        explain treat it as one; its manifest's info holds the import record
-    W/preprocessing/   a cache of no subjects (`data.cache.write_record`): the `Preprocessing` that
-                       prepares new data for the model (cube shape, voxel size, scaling)
+    W/preprocessing/   a cache of no subjects (`data.prepare.write_record`): the `Preprocessing`
+                       that prepares new data for the model (cube shape, voxel size, scaling)
     W/import.json      the import record: format, the source project and what it was trained
                        with (orientation, intensity scaling, age range), the weights file's name,
                        size and sha256
@@ -40,6 +40,7 @@ import numpy as np
 
 from jax_brainage import fileio, models, predict
 from jax_brainage.data import cache as cache_lib
+from jax_brainage.data import prepare as prepare_lib
 from jax_brainage.data.preprocess import Preprocessing
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
@@ -91,7 +92,7 @@ def _write(workdir: Path, subs: Sequence[SubEnsemble], head: head_lib.MultiLevel
 
 def _preprocessing_record(workdir: Path, name: str, prep: Preprocessing, source: str) -> Path:
   where = workdir / PREPROCESSING / name
-  cache_lib.write_record(where, prep, source=source)
+  prepare_lib.write_record(where, prep, source=source)
   return where.resolve()
 
 

@@ -2,7 +2,8 @@
 
 Modules: trainer.py (one model, or M stacked members), steps.py (schedule, optimiser, loss,
 jitted update and evaluation steps), members.py (stacked ensemble members), loop.py (the loop
-shared by both), data.py (what the trainer reads), config.py, checkpoint.py, summary.py.
+shared by both), data.py (what the trainer reads), config.py (the keys), config_checks.py,
+config_loading.py (files and overrides), checkpoint.py, summary.py.
 
 `brainage train --config configs/cpu.py --workdir W [--config.KEY VALUE ...]` runs it.
 """
@@ -10,7 +11,8 @@ shared by both), data.py (what the trainer reads), config.py, checkpoint.py, sum
 from __future__ import annotations
 
 from jax_brainage.train.checkpoint import Checkpoints
-from jax_brainage.train.config import apply_overrides, base_config, load_config
+from jax_brainage.train.config import base_config
+from jax_brainage.train.config_loading import apply_overrides, load_config
 from jax_brainage.train.data import TrainingData, from_arrays, open_training_data
 from jax_brainage.train.loop import NonFiniteLossError
 from jax_brainage.train.steps import make_optimizer, make_schedule

@@ -1,10 +1,10 @@
-"""Experiment configs: the base ConfigDict, loading `configs/*.py`, command-line overrides, checks.
+"""Experiment configs: the base ConfigDict (every key, its type and default), and what is read off
+a config: sub-ensemble specs, model fields, the experiment's fingerprint.
 
 A config file exposes `get_config(arg=None)` returning a locked `ml_collections.ConfigDict` built
 on `base_config()`; so every experiment has the same keys and types, and a typo'd or mistyped key
-is an error instead of a silently ignored setting. Overrides follow big_vision:
-
-    brainage train --config configs/cpu.py:arg --workdir W --config.optimizer.learning_rate 1e-3
+is an error instead of a silently ignored setting. Loading files and command-line overrides is
+`train.config_loading`; the checks of keys and values are `train.config_checks`.
 
 `fingerprint(config)` is the part of a config that defines the experiment (model, data, loss,
 optimiser, seed, ...); a workdir stores it, and resuming with a different one is refused.
@@ -12,24 +12,14 @@ optimiser, seed, ...); a workdir stores it, and resuming with a different one is
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib.util
-import math
 import os
 import re
-import types
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
-from jax_brainage.data.augment import AugmentConfig
-from jax_brainage.data.intensity import SCALINGS
 from jax_brainage.errors import ConfigError
-from jax_brainage.models import MODELS
-from jax_brainage.models.lowering import LOWERINGS
-from jax_brainage.models.vit import POS_EMBEDDINGS
 
 LOSSES = ("mse", "mae", "soft_label")
 SCHEDULES = ("constant", "cosine")
@@ -151,319 +141,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and overriding.
-# ---------------------------------------------------------------------------------------------
-
-
-def import_config(path: str | os.PathLike) -> types.ModuleType:
-  """The module of config file `path`, run but not called: for a config that builds on another,
-  e.g. `mrinet_2mm = import_config(Path(__file__).with_name("mrinet_2mm.py"))`, then
-  `c = mrinet_2mm.get_config("3seq")` in its own `get_config`.
-
-  Raises ConfigError naming the file if it is missing or fails to run.
-  """
-  file = Path(path)
-  if not file.is_file():
-    raise ConfigError(f"config file {path} not found")
-  module_name = f"_brainage_config_{abs(hash(str(file.resolve())))}"
-  module_spec = importlib.util.spec_from_file_location(module_name, file)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except ConfigError:
-    raise
-  except Exception as e:  # A config is user code: report where it broke, in one line.
-    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
-  return module
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; checks it.
-
-  Raises ConfigError naming the file if it is missing, has no `get_config`, or fails checks.
-  """
-  path, _, arg = str(spec).partition(":")
-  module = import_config(path)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} defines no get_config(arg=None)")
-  try:
-    config = module.get_config(arg) if arg else module.get_config()
-  except ConfigError:
-    raise
-  except Exception as e:  # e.g. an argument the config does not know (`file.py:bogus`)
-    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config file {path}: get_config() must return an ml_collections.ConfigDict")
-  check_keys(config, base_config(), source=path)
-  validate(config)
-  return config
-
-
-def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
-               source: str = "config", prefix: str = "") -> None:
-  """Every key of `config` exists in `reference` with a compatible type, and vice versa."""
-  for key in config.keys():
-    name = f"{prefix}{key}"
-    if key not in reference:
-      raise ConfigError(f"{source}: unknown config key {name!r}")
-    value, ref = config[key], reference[key]
-    if isinstance(ref, ml_collections.ConfigDict):
-      if not isinstance(value, ml_collections.ConfigDict):
-        raise ConfigError(f"{source}: config key {name!r} must be a group of keys")
-      check_keys(value, ref, source, prefix=f"{name}.")
-    elif not _same_type(value, ref):
-      raise ConfigError(f"{source}: config key {name!r} must be {type(ref).__name__}, "
-                        f"got {value!r}")
-  for key in reference.keys():
-    if key not in config:
-      raise ConfigError(f"{source}: config key {prefix}{key!r} is missing (start from "
-                        "jax_brainage.train.config.base_config())")
-
-
-def _same_type(value: Any, ref: Any) -> bool:
-  if isinstance(ref, bool):
-    return isinstance(value, bool)
-  if isinstance(ref, float):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if isinstance(ref, int):
-    return isinstance(value, int) and not isinstance(value, bool)
-  if isinstance(ref, (tuple, list)):
-    return isinstance(value, (tuple, list))
-  return isinstance(value, type(ref))
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies `--config.a.b VALUE` / `--config.a.b=VALUE` pairs (values as Python literals).
-
-  Returns a checked copy; an unknown key, a missing value, a wrong type or a value `validate`
-  refuses is a one-line ConfigError naming the key. A path the user names must exist
-  (`check_named_paths`): an overridden `init_from`, and an overridden `data.cache` without a
-  prepared cache there unless the overrides also ask to simulate (`data.simulate.n` or `.out`).
-  """
-  before = str(config.data.cache)
-  config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
-  items = list(overrides)
-  named: set[str] = set()
-  i = 0
-  while i < len(items):
-    flag = items[i]
-    if not isinstance(flag, str) or not flag.startswith("--config."):
-      raise ConfigError(f"unrecognised argument {flag!r} (overrides look like "
-                        "--config.optimizer.learning_rate 1e-3)")
-    if "=" in flag:
-      flag, text = flag.split("=", 1)
-      i += 1
-    else:
-      if i + 1 >= len(items):
-        raise ConfigError(f"override {flag} has no value")
-      text = items[i + 1]
-      i += 2
-    key = flag[len("--config."):]
-    set_key(config, key, text)
-    named.add(key)
-  config.lock()
-  validate(config)
-  check_named_paths(config, named, before)
-  return config
-
-
-def check_named_paths(config: ml_collections.ConfigDict, named: set[str] | Sequence[str],
-                      before: str) -> None:
-  """Paths the user named on the command line must exist: `init_from` (a workdir), and
-  `data.cache` (a prepared cache) unless the same overrides ask to simulate.
-
-  A config that simulates (`data.simulate.n > 0`) prepares its cache on first use; that is for
-  the path its file chose. A different path given as an override (`named` holds the overridden
-  keys, `before` the file's `data.cache`) is where the user says a cache IS: preparing a
-  simulated cohort there (the issue's `--config.data.cache /nonexistent`: 100 synthetic
-  subjects trained on without a word) is only right when the same overrides ask to simulate
-  (`data.simulate.n` or `data.simulate.out`).
-
-  Raises:
-    ConfigError: one line naming the key and the path.
-  """
-  named = set(named)
-  # os.path (not Path) checks: they answer False for a name the OS refuses (too long, ...).
-  if "init_from" in named and config.init_from and not os.path.isdir(config.init_from):
-    raise ConfigError(f"config.init_from={config.init_from!r}: no such workdir")
-  cache = str(config.data.cache)
-  if ("data.cache" not in named or cache == before or config.data.simulate.n <= 0
-      or named & {"data.simulate.n", "data.simulate.out"}):
-    return
-  if not os.path.isfile(os.path.join(cache, "index.json")):
-    raise ConfigError(f"config.data.cache={cache!r}: no prepared cache there (no index.json); "
-                      f"prepare one (brainage prepare --out {cache}), or to simulate the "
-                      "config's cohort into it also set --config.data.simulate.n")
-
-
-def set_key(config: ml_collections.ConfigDict, dotted: str, text: str | Any) -> None:
-  """Sets `config.<dotted>` from a string (parsed as a Python literal) or a value."""
-  *parents, leaf = dotted.split(".")
-  node = config
-  for i, part in enumerate(parents):
-    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
-    node = node[part]
-  if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-    raise ConfigError(f"unknown config key {dotted!r}")
-  ref = node[leaf]
-  value = _parse(text, ref) if isinstance(text, str) else text
-  if not _same_type(value, ref):
-    raise ConfigError(f"config key {dotted!r} must be {type(ref).__name__}, got {text!r}")
-  if isinstance(ref, float):
-    value = float(value)
-  if isinstance(ref, (tuple, list)):
-    value = tuple(value)
-  with node.unlocked():
-    node[leaf] = value
-
-
-def _parse(text: str, ref: Any) -> Any:
-  if isinstance(ref, str):
-    return text
-  if isinstance(ref, bool):
-    low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-      return True
-    if low in ("false", "0", "no"):
-      return False
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
-    return text  # not a literal: the type check names the key
-  if isinstance(ref, (tuple, list)) and not isinstance(value, (tuple, list)):
-    value = (value,)
-  return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks.
-# ---------------------------------------------------------------------------------------------
-
-
-# Integers are bounded so that nothing downstream overflows (step counters and seeds are
-# int32/uint32 on the device); cube sides are bounded so that a typo cannot size a memmap of
-# petabytes.
-MAX_INT = 2**31 - 1
-MAX_CUBE_SIDE = 2048  # voxels
-PATH_KEYS = ("data.cache", "data.simulate.out", "init_from")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """One-line ConfigError for the first value that cannot work (names the key).
-
-  Besides each key's own rule: every float is finite (no NaN or infinity, which JSON cannot
-  store and no optimiser survives), every int lies in [-MAX_INT, MAX_INT], seeds are >= 0,
-  paths hold no NUL byte, tuples hold the element type their key needs.
-  """
-  def need(ok: bool, key: str, what: str) -> None:
-    if not ok:
-      raise ConfigError(f"config.{key}={_get(config, key)!r}: {what}")
-
-  for key, value in _flatten(config.to_dict()).items():
-    for v in (value if isinstance(value, (list, tuple)) else [value]):
-      if isinstance(v, float):
-        need(math.isfinite(v), key, "must be a finite number")
-      elif isinstance(v, int) and not isinstance(v, bool):
-        need(-MAX_INT <= v <= MAX_INT, key, f"must lie in [-{MAX_INT}, {MAX_INT}]")
-  for key in ("seed", "data.split_seed", "data.simulate.seed"):
-    need(_get(config, key) >= 0, key, "must be >= 0")
-  need(config.seed + config.ensemble.members <= MAX_INT, "seed",
-       f"seed + ensemble.members must stay <= {MAX_INT} (member m trains with seed + m)")
-  for key in PATH_KEYS:
-    need("\0" not in str(_get(config, key)), key, "a path cannot hold a NUL byte")
-
-  need(config.model.name in MODELS, "model.name", f"unknown model (one of {sorted(MODELS)})")
-  need(config.loss in LOSSES, "loss", f"unknown loss (one of {LOSSES})")
-  need((config.loss == "soft_label") == (config.model.name == "sfcn"), "loss",
-       "soft_label goes with model.name='sfcn' (age-bin output) and only with it")
-  need(config.soft_label_sigma > 0, "soft_label_sigma", "must be > 0 years")
-  need(config.finetune.pretrained_lr_scale >= 0, "finetune.pretrained_lr_scale", "must be >= 0")
-  for key in ("finetune.freeze", "finetune.reinit"):
-    need(all(isinstance(p, str) and p for p in _get(config, key)), key,
-         "layer name patterns (strings), e.g. ('conv0', 'bn*')")
-  need(config.model.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype",
-       f"one of {COMPUTE_DTYPES}")
-  need(0.0 <= config.model.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
-  need(all(_is_int(f) and f > 0 for f in config.model.conv_features), "model.conv_features",
-       "channel counts must be positive integers")
-  need(config.data.scaling in SCALINGS, "data.scaling", f"must be one of {SCALINGS}")
-  need(0 <= config.data.bias_sigma_mm < 1000, "data.bias_sigma_mm",
-       "must be 0 (no correction) or a Gaussian width in mm")
-  need(config.model.conv_lowering in LOWERINGS, "model.conv_lowering",
-       f"must be one of {LOWERINGS}")
-  need(config.model.dense_features > 0, "model.dense_features", "must be > 0")
-  need(config.model.patch_stem == 0 or (config.model.patch_stem > 1
-                                        and config.model.name == "mrinet"),
-       "model.patch_stem", "must be 0, or a patch side > 1 for model.name='mrinet'")
-  need(not config.model.flip_average or config.model.name in ("mrinet", "vit"),
-       "model.flip_average", "is an MRInet option (and ViT's: model.name='mrinet' or 'vit')")
-  v = config.model.vit
-  for key in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
-    need(v[key] > 0, f"model.vit.{key}", "must be > 0")
-  need(v.width % v.num_heads == 0, "model.vit.width", "must be a multiple of model.vit.num_heads")
-  need(v.pos_embedding in POS_EMBEDDINGS, "model.vit.pos_embedding", f"one of {POS_EMBEDDINGS}")
-  need(not config.model.scale_output or config.model.name != "sfcn", "model.scale_output",
-       "scales a regression output in years; sfcn predicts age bins")
-  age_range = tuple(config.model.age_range)
-  need(len(age_range) == 2 and all(_is_number(a) for a in age_range)
-       and age_range[0] < age_range[1], "model.age_range", "must be (youngest, oldest) years")
-  need(config.model.bin_width > 0, "model.bin_width", "must be > 0 years")
-  need(config.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
-  need(config.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
-  need(math.isfinite(config.optimizer.learning_rate) and config.optimizer.learning_rate > 0,
-       "optimizer.learning_rate", "must be > 0")
-  need(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
-  need(config.optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0")
-  need(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-  need(0 <= config.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
-  need(config.batch_size > 0, "batch_size", "must be > 0")
-  need(config.eval_batch_size >= 0, "eval_batch_size", "must be >= 0 (0: batch_size)")
-  need(config.num_epochs > 0, "num_epochs", "must be > 0")
-  need(config.patience >= 0, "patience", "must be >= 0 (0: no early stopping)")
-  need(config.log_every_steps > 0, "log_every_steps", "must be > 0")
-  need(config.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
-  need(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
-  need(config.num_image_summaries >= 0, "num_image_summaries", "must be >= 0")
-  need(config.data.mode in ("auto", "host", "device"), "data.mode", "auto, host or device")
-  need(config.data.workers >= 0, "data.workers", "must be >= 0")
-  need(len(config.data.sequences) > 0 and all(isinstance(s, str) and s.strip()
-                                              for s in config.data.sequences),
-       "data.sequences", "a tuple of sequence names, e.g. ('T1w', 'FLAIR')")
-  need(len(set(config.data.sequences)) == len(config.data.sequences), "data.sequences",
-       "names a sequence twice")
-  shape = tuple(config.data.image_shape)
-  need(len(shape) == 3 and all(_is_int(s) and 0 <= s <= MAX_CUBE_SIDE for s in shape)
-       and (all(shape) or not any(shape)), "data.image_shape",
-       f"(x, y, z) voxels (each 1..{MAX_CUBE_SIDE}), or (0, 0, 0) for the cache's shape")
-  need(config.data.simulate.n >= 0, "data.simulate.n", "must be >= 0 (0: no simulation)")
-  need(bool(config.data.cache) or config.data.simulate.n > 0, "data.cache",
-       "set data.cache to a prepared cache (brainage prepare), or data.simulate.n > 0")
-  if config.data.simulate.n > 0:
-    need(config.data.simulate.resolution in (1, 2, 3, 4), "data.simulate.resolution",
-         "1, 2, 3 or 4 mm")
-    need(bool(config.data.cache) and bool(config.data.simulate.out), "data.simulate.out",
-         "a simulated cohort needs data.simulate.out and data.cache directories")
-  e = config.ensemble
-  need(e.members >= 1, "ensemble.members", "must be >= 1")
-  need(e.vmap_width >= 0, "ensemble.vmap_width", "must be >= 0 (0: as many as fit in memory)")
-  need(e.mesh_size >= 0, "ensemble.mesh_size", "must be >= 0 (0: auto)")
-  need(e.mesh_size == 0 or e.members % e.mesh_size == 0, "ensemble.mesh_size",
-       f"must divide ensemble.members={e.members}")
-  need(e.vmap_width == 0 or e.mesh_size == 0 or e.vmap_width % e.mesh_size == 0,
-       "ensemble.vmap_width", f"must be a multiple of ensemble.mesh_size={e.mesh_size}")
-  need(not e.bootstrap or e.members > 1, "ensemble.bootstrap",
-       "resamples the training split per member: needs ensemble.members > 1")
-  need(e.head in ENSEMBLE_HEADS, "ensemble.head", f"one of {ENSEMBLE_HEADS}")
-  need(e.head_folds >= 2, "ensemble.head_folds", "must be >= 2")
-  need(e.correction in CORRECTIONS, "ensemble.correction", f"one of {CORRECTIONS}")
-  parse_sub_ensembles(config)  # Raises a one-line ConfigError naming the bad spec.
-  AugmentConfig.from_config(config.augment)  # Raises its own one-line ConfigError.
-
-
 @dataclasses.dataclass(frozen=True)
 class SubEnsembleSpec:
   """One sub-ensemble of an experiment: its input sequences and, optionally, atlas regions.
@@ -522,21 +199,6 @@ def parse_sub_ensembles(config: ml_collections.ConfigDict) -> tuple[SubEnsembleS
   return tuple(out)
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
 def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
                  age_scale: float = 1.0) -> dict[str, Any]:
   """The `get_model` fields this config sets for its model.
@@ -583,7 +245,7 @@ def model_kwargs(config: ml_collections.ConfigDict, mean_age: float,
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings that define an experiment: all but `RESUMABLE_KEYS`, flattened to JSON."""
-  flat = _flatten(config.to_dict())
+  flat = flatten(config.to_dict())
   for key in RESUMABLE_KEYS:
     flat.pop(key, None)
   # Paths may be written differently (relative, symlinked) and still name the same data.
@@ -593,11 +255,12 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return flat
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts as one dict of dotted keys (`"optimizer.learning_rate"`); tuples as lists."""
   out: dict[str, Any] = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
@@ -607,7 +270,7 @@ def fingerprint_difference(stored: dict[str, Any], current: dict[str, Any]) -> s
   """First key whose value differs, as 'key is A there, B here'; None if they agree."""
   # Keys added to base_config later (e.g. ensemble.*) are absent from older workdirs: there,
   # the default is what the experiment ran with.
-  defaults = _flatten(base_config().to_dict())
+  defaults = flatten(base_config().to_dict())
   for key in sorted(set(stored) | set(current)):
     a, b = stored.get(key, "<unset>"), current.get(key, "<unset>")
     if key not in stored and key in defaults:

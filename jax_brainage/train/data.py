@@ -25,7 +25,9 @@ from jax_brainage import sharding
 from jax_brainage.data import bids, simulate
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
+from jax_brainage.data import prepare as prepare_lib
 from jax_brainage.data import splits as splits_lib
+from jax_brainage.data.preprocess import Preprocessing
 from jax_brainage.errors import ConfigError, DataError
 
 
@@ -225,7 +227,7 @@ def open_training_data(config) -> TrainingData:
       split, tuple(config.data.sequences), str(cache_dir))
 
 
-def cohort_and_preprocessing(config) -> tuple[simulate.CohortConfig, cache_lib.Preprocessing]:
+def cohort_and_preprocessing(config) -> tuple[simulate.CohortConfig, Preprocessing]:
   """The simulated cohort `config.data.simulate` describes and how to prepare it.
 
   Returns:
@@ -239,7 +241,7 @@ def cohort_and_preprocessing(config) -> tuple[simulate.CohortConfig, cache_lib.P
   cohort = simulate.CohortConfig(seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution),
                                  sequences=sequences)
   shape = tuple(int(v) for v in config.data.image_shape)
-  prep = cache_lib.Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
+  prep = Preprocessing(sequences=sequences, shape=shape if any(shape) else None,
                                  scaling=str(config.data.scaling),
                                  bias_sigma_mm=float(config.data.bias_sigma_mm))
   return cohort, prep
@@ -253,5 +255,5 @@ def _simulate_and_prepare(config) -> None:
   out = simulate.write_cohort(config.data.simulate.out, cohort,
                               workers=int(config.data.workers) or None)
   dataset = bids.read_bids(out, tuple(config.data.sequences))
-  cache_lib.prepare(dataset, config.data.cache, prep,
+  prepare_lib.prepare(dataset, config.data.cache, prep,
                     workers=max(1, int(config.data.workers)))

@@ -48,6 +48,7 @@ from jax_brainage import fileio, lock, sharding
 from jax_brainage.data import bids
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.data import pipeline as pipeline_lib
+from jax_brainage.data import prepare as prepare_lib
 from jax_brainage.data import regions as regions_lib
 from jax_brainage.data import splits as splits_lib
 from jax_brainage.ensemble import correction as correction_lib
@@ -56,6 +57,7 @@ from jax_brainage.ensemble import store as store_lib
 from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.train import artifact
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
 from jax_brainage.train import data as data_lib
 from jax_brainage.train import trainer
 
@@ -80,7 +82,7 @@ def sub_config(config: ml_collections.ConfigDict, spec: config_lib.SubEnsembleSp
     c.data.simulate.n = 0
     c.data.simulate.out = ""
   c.lock()
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c
 
 
@@ -100,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quie
   inside the workdir's lock (`workdir_lock`) and after `check_before_training`.
 
   Args:
-    config: a checked config (`config_lib.load_config`, overrides applied).
+    config: a checked config (`config_loading.load_config`, overrides applied).
     workdir: the experiment directory W.
     quiet: no progress bars.
     max_steps: stop (resumably) after this global step.
@@ -113,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quie
     ConfigError: another process writes `workdir` (one line: its pid, host and command); a
       split or batch size, or the validation ages, cannot work (see `check_before_training`).
   """
-  config_lib.validate(config)
+  config_checks.validate(config)
   with workdir_lock(workdir, "brainage train"):
     if is_ensemble(config):
       return train_ensemble(config, workdir, quiet=quiet, max_steps=max_steps, data=data)
@@ -220,7 +222,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     DataError: no atlas for a regional sub-ensemble; a regional cache whose subjects differ.
   """
   workdir = Path(workdir)
-  config_lib.validate(config)
+  config_checks.validate(config)
   specs = config_lib.parse_sub_ensembles(config)
   for spec in specs:
     missing = [s for s in spec.sequences if s not in tuple(config.data.sequences)]
@@ -343,7 +345,7 @@ def regional_cache(config: ml_collections.ConfigDict, regions: tuple[str, ...],
   if not (out / "index.json").is_file():
     dataset = bids.read_bids(root, prep.sequences)
     if sharding.is_main_process():
-      cache_lib.prepare(dataset, out, prep, atlas=atlas,
+      prepare_lib.prepare(dataset, out, prep, atlas=atlas,
                         workers=max(1, int(config.data.workers)))
   prepared = cache_lib.Cache.open(out)
   ids = getattr(base.source, "subject_ids", None)

@@ -33,7 +33,7 @@ from jax_brainage.data import splits as splits_lib
 from jax_brainage.errors import ConfigError
 from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
-from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
 from jax_brainage.train import data as data_lib
 from jax_brainage.train import finetune
 from jax_brainage.train import loop, members as members_lib, steps
@@ -46,7 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   """Trains (or resumes training) the configured model; returns the final metrics.
 
   Args:
-    config: a checked config (`config_lib.load_config` / `base_config()` based).
+    config: a checked config (`config_loading.load_config` / `base_config()` based).
     workdir: where checkpoints, TensorBoard logs, config.json and metrics.json go. If it holds
       a checkpoint of this experiment, training resumes exactly where it stopped: from the
       newest latest checkpoint that verifies against its checksums (a corrupt one is moved to
@@ -67,7 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     loop.NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
   """
   workdir = Path(workdir)
-  config_lib.validate(config)
+  config_checks.validate(config)
 
   # --- Workdir: one experiment per directory. ------------------------------------------------
   artifact.claim_workdir(config, workdir)

@@ -1,4 +1,4 @@
-"""cache.py: brainage prepare end to end, Cache.open, atomic replacement, skip mode, regions."""
+"""cache.py, prepare.py: brainage prepare end to end, Cache.open, atomic replacement, skip mode."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import scipy.stats
 
 from jax_brainage.commands import prepare as prepare_command
-from jax_brainage.data import bids, cache, prune, regions
+from jax_brainage.data import bids, cache, prepare, prune, regions
+from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError, ConfigError, DataError
 from tests.data.conftest import oriented_affine, with_header
 
@@ -52,7 +53,7 @@ def dataset(make_bids):
   return make_bids(subjects)
 
 
-PREP = cache.Preprocessing(sequences=("T1w", "FLAIR"), shape=(16, 16, 16))
+PREP = Preprocessing(sequences=("T1w", "FLAIR"), shape=(16, 16, 16))
 
 
 def _replica_uint8(values: np.ndarray, brain: np.ndarray, q: float = 99.5) -> np.ndarray:
@@ -64,7 +65,7 @@ def _replica_uint8(values: np.ndarray, brain: np.ndarray, q: float = 99.5) -> np
 
 def test_prepare_open_and_map_back(dataset, tmp_path):
   ds = bids.read_bids(dataset, "T1w,FLAIR")
-  c = cache.prepare(ds, tmp_path / "cache", PREP)
+  c = prepare.prepare(ds, tmp_path / "cache", PREP)
   assert len(c) == 3 and c.volumes.shape == (3, 16, 16, 16, 2) and c.volumes.dtype == np.uint8
   assert isinstance(c.volumes, np.memmap)
   np.testing.assert_array_equal(c.ages, np.array([25.0, 47.5, 80.0], np.float32))
@@ -94,9 +95,9 @@ def test_prepare_open_and_map_back(dataset, tmp_path):
 
 def test_in_memory_images_give_the_same_cube(dataset, tmp_path):
   ds = bids.read_bids(dataset, "T1w,FLAIR")
-  c = cache.prepare(ds, tmp_path / "cache", PREP)
+  c = prepare.prepare(ds, tmp_path / "cache", PREP)
   t1 = _brain(1)
-  cube, inverse = cache.preprocess_subject(
+  cube, inverse = preprocess_subject(
       {"T1w": nib.Nifti1Image(t1, AFFINE), "FLAIR": _flair_on_flipped_grid(t1)}, PREP)
   np.testing.assert_array_equal(cube, c.volumes[1])
   assert inverse == c.inverse(1)
@@ -122,9 +123,9 @@ def test_cli_with_worker_processes(dataset, tmp_path, capsys):
 
 def test_default_shape_from_voxel_size(dataset, tmp_path):
   ds = bids.read_bids(dataset, "T1w")
-  c = cache.prepare(ds, tmp_path / "cache", cache.Preprocessing())
+  c = prepare.prepare(ds, tmp_path / "cache", Preprocessing())
   assert c.shape == (98, 98, 98)  # 2 mm voxels: the study's MNI cube
-  c4 = cache.prepare(ds, tmp_path / "c4", cache.Preprocessing(voxel_size=4.0))
+  c4 = prepare.prepare(ds, tmp_path / "c4", Preprocessing(voxel_size=4.0))
   assert c4.shape == (50, 50, 50) and c4.inverse(0).resampled
   assert c4.index["voxel_size"] == [4.0, 4.0, 4.0]
 
@@ -135,12 +136,12 @@ def _snapshot(path):
 
 def test_failed_prepare_keeps_the_existing_cache(dataset, tmp_path):
   out = tmp_path / "cache"
-  cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(16, 16, 16)))
+  prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(16, 16, 16)))
   before = _snapshot(out)
   bad = dataset / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
   bad.write_bytes(bad.read_bytes()[:200])  # truncated
   with pytest.raises(DataError) as e:
-    cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(16, 16, 16)))
+    prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(16, 16, 16)))
   assert "\n" not in str(e.value) and "sub-02" in str(e.value) and str(bad) in str(e.value)
   assert _snapshot(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds"]  # no temporaries left
@@ -149,10 +150,10 @@ def test_failed_prepare_keeps_the_existing_cache(dataset, tmp_path):
 
 def test_interrupted_prepare_keeps_the_existing_cache(dataset, tmp_path, monkeypatch):
   out = tmp_path / "cache"
-  cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(16, 16, 16)))
+  prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(16, 16, 16)))
   before = _snapshot(out)
   calls = []
-  real_work = cache.prepare_row
+  real_work = prepare.prepare_row
 
   def interrupted(item):
     calls.append(item[0])
@@ -160,16 +161,16 @@ def test_interrupted_prepare_keeps_the_existing_cache(dataset, tmp_path, monkeyp
       raise KeyboardInterrupt
     return real_work(item)
 
-  monkeypatch.setattr(cache, "prepare_row", interrupted)
+  monkeypatch.setattr(prepare, "prepare_row", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
+    prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(8, 8, 8)))
   assert _snapshot(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds"]
 
 
 def test_skip_bad_subjects(dataset, tmp_path, make_bids):
-  prep = cache.Preprocessing(shape=(16, 16, 16))
-  clean = cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "clean", prep)
+  prep = Preprocessing(shape=(16, 16, 16))
+  clean = prepare.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "clean", prep)
   # sub-02: NaN voxels; sub-04: 4D; sub-05: empty brain; sub-06: in the table without images.
   t1 = _brain(1).astype(np.float32)
   t1[3, 4, 5] = np.nan
@@ -184,8 +185,8 @@ def test_skip_bad_subjects(dataset, tmp_path, make_bids):
     bids.read_bids(dataset, "T1w")
   ds = bids.read_bids(dataset, "T1w", skip_bad=True)
   with pytest.raises(DataError, match="sub-02.*NaN"):
-    cache.prepare(ds, tmp_path / "strict", prep)
-  c = cache.prepare(ds, tmp_path / "skip", prep, skip_bad=True)
+    prepare.prepare(ds, tmp_path / "strict", prep)
+  c = prepare.prepare(ds, tmp_path / "skip", prep, skip_bad=True)
   assert c.subject_ids == ["sub-01", "sub-03"]
   np.testing.assert_array_equal(np.asarray(c.volumes), np.asarray(clean.volumes)[[0, 2]])
   np.testing.assert_array_equal(c.ages, [25.0, 80.0])
@@ -198,7 +199,7 @@ def test_skip_bad_subjects(dataset, tmp_path, make_bids):
 
 def test_zscore_cache(dataset, tmp_path):
   ds = bids.read_bids(dataset, "T1w")
-  c = cache.prepare(ds, tmp_path / "z", cache.Preprocessing(shape=(16, 16, 16), scaling="zscore"))
+  c = prepare.prepare(ds, tmp_path / "z", Preprocessing(shape=(16, 16, 16), scaling="zscore"))
   assert c.volumes.dtype == np.float16 and c.scaling == "zscore"
   back = np.asarray(prune.to_subject_space(np.asarray(c.volumes[0][..., 0]), c.inverse(0)).dataobj)
   t1 = _brain(0)
@@ -212,9 +213,9 @@ def test_voxel_size_check_and_resampling(dataset, tmp_path):
   nib.save(nib.Nifti1Image(_brain(2), coarse), path)
   ds = bids.read_bids(dataset, "T1w")
   with pytest.raises(DataError) as e:
-    cache.prepare(ds, tmp_path / "c", cache.Preprocessing(shape=(16, 16, 16)))
+    prepare.prepare(ds, tmp_path / "c", Preprocessing(shape=(16, 16, 16)))
   assert "sub-03" in str(e.value) and str(path) in str(e.value) and "--voxel-size" in str(e.value)
-  c = cache.prepare(ds, tmp_path / "c", cache.Preprocessing(shape=(30, 30, 30), voxel_size=2.0))
+  c = prepare.prepare(ds, tmp_path / "c", Preprocessing(shape=(30, 30, 30), voxel_size=2.0))
   assert not c.inverse(0).resampled and c.inverse(2).resampled
   assert c.inverse(2).voxel_size == (2.0, 2.0, 2.0)
   # Back on the 3 mm grid, the brain's voxels are where they were (linear interpolation).
@@ -236,7 +237,7 @@ def test_regions_with_atlas_on_another_grid(dataset, tmp_path):
   nib.save(nib.Nifti1Image(labels, affine), atlas_path)
   (tmp_path / "atlas_dseg.tsv").write_text("index\tname\n1\tleft\n2\tright\n3\ttop\n")
   ds = bids.read_bids(dataset, "T1w")
-  whole = cache.prepare(ds, tmp_path / "whole", cache.Preprocessing(shape=(16, 16, 16)))
+  whole = prepare.prepare(ds, tmp_path / "whole", Preprocessing(shape=(16, 16, 16)))
   atlas = regions.load_atlas(atlas_path)
   assert atlas.names == {1: "left", 2: "right", 3: "top"}
   keep = regions.parse_labels("Left,3", atlas)
@@ -245,8 +246,8 @@ def test_regions_with_atlas_on_another_grid(dataset, tmp_path):
     regions.parse_labels("middle", atlas)
   with pytest.raises(ConfigError, match="label 7 does not occur"):
     regions.parse_labels("7", atlas)
-  c = cache.prepare(ds, tmp_path / "regional",
-                    cache.Preprocessing(shape=(16, 16, 16), regions=keep), atlas=atlas)
+  c = prepare.prepare(ds, tmp_path / "regional",
+                      Preprocessing(shape=(16, 16, 16), regions=keep), atlas=atlas)
   assert (tmp_path / "regional" / "atlas.nii.gz").exists()
   assert c.atlas.names == atlas.names and c.index["regions"]["labels"] == [1, 3]
   for i in range(3):
@@ -271,7 +272,7 @@ def test_open_errors(dataset, tmp_path):
   (tmp_path / "empty").mkdir()
   fails(tmp_path / "empty", "index.json")
   out = tmp_path / "cache"
-  cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
+  prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(8, 8, 8)))
   index_text = (out / "index.json").read_text()
   (out / "index.json").write_text(index_text[:100])
   fails(out, "corrupt cache index")
@@ -293,10 +294,10 @@ def test_out_must_be_a_cache_or_empty(dataset, tmp_path):
   precious.mkdir()
   (precious / "notes.txt").write_text("keep me")
   with pytest.raises(ConfigError, match="not a cache"):
-    cache.prepare(ds, precious, cache.Preprocessing(shape=(8, 8, 8)))
+    prepare.prepare(ds, precious, Preprocessing(shape=(8, 8, 8)))
   assert (precious / "notes.txt").read_text() == "keep me"
   (tmp_path / "empty").mkdir()
-  assert len(cache.prepare(ds, tmp_path / "empty", cache.Preprocessing(shape=(8, 8, 8)))) == 3
+  assert len(prepare.prepare(ds, tmp_path / "empty", Preprocessing(shape=(8, 8, 8)))) == 3
 
 
 def test_cli_errors_are_one_line(dataset, tmp_path):
@@ -323,7 +324,7 @@ def test_image_list_prepare_has_unknown_ages(dataset, tmp_path):
 
 def test_cache_preprocesses_new_data_like_its_subjects(dataset, tmp_path):
   ds = bids.read_bids(dataset, "T1w,FLAIR")
-  c = cache.prepare(ds, tmp_path / "cache", PREP)
+  c = prepare.prepare(ds, tmp_path / "cache", PREP)
   t1 = _brain(2)
   cube, inverse = c.preprocess({"T1w": nib.Nifti1Image(t1, AFFINE),
                                 "FLAIR": _flair_on_flipped_grid(t1)}, subject="new")
@@ -343,14 +344,14 @@ def test_stale_temporaries_of_killed_runs_are_removed(dataset, tmp_path):
   (stale / "volumes.npy").write_bytes(b"half")
   mine = tmp_path / f".cache.tmp-{__import__('os').getpid()}-live"  # A live process's: kept.
   mine.mkdir()
-  cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache",
-                cache.Preprocessing(shape=(8, 8, 8)))
+  prepare.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache",
+                  Preprocessing(shape=(8, 8, 8)))
   assert not stale.exists() and mine.exists()
   # Killed between moving the old cache aside and the new one in: the old one comes back.
   before = _snapshot(tmp_path / "cache")
   (tmp_path / "cache").rename(tmp_path / ".cache.old-1234abcd")
   with pytest.raises(ConfigError):
-    cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache", cache.Preprocessing(
+    prepare.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "cache", Preprocessing(
         sequences=("FLAIR",), shape=(8, 8, 8)))  # fails after the clean-up, before any work
   assert _snapshot(tmp_path / "cache") == before
 
@@ -360,8 +361,8 @@ def test_default_shape_when_the_first_subject_is_bad(dataset, tmp_path):
   bad.write_bytes(b"not an image")
   ds = bids.read_bids(dataset, "T1w")
   with pytest.raises(DataError, match="sub-01.*corrupt"):
-    cache.prepare(ds, tmp_path / "strict", cache.Preprocessing())
-  c = cache.prepare(ds, tmp_path / "skip", cache.Preprocessing(), skip_bad=True)
+    prepare.prepare(ds, tmp_path / "strict", Preprocessing())
+  c = prepare.prepare(ds, tmp_path / "skip", Preprocessing(), skip_bad=True)
   assert c.shape == (98, 98, 98) and c.subject_ids == ["sub-02", "sub-03"]
 
 
@@ -371,7 +372,7 @@ def test_freesurfer_conformed_mgz(make_bids, tmp_path):
   brains = [_brain(i).astype(np.float32) for i in range(2)]
   root = make_bids({f"sub-{i}": {"age": 30 + i, "T1w": nib.MGHImage(b, lia)}
                     for i, b in enumerate(brains)}, ext=".mgz")
-  c = cache.prepare(bids.read_bids(root, "T1w"), tmp_path / "c", cache.Preprocessing())
+  c = prepare.prepare(bids.read_bids(root, "T1w"), tmp_path / "c", Preprocessing())
   assert c.shape == (98, 98, 98)
   for i, t1 in enumerate(brains):
     back = prune.to_subject_space(np.asarray(c.volumes[i][..., 0]), c.inverse(i))
@@ -386,7 +387,7 @@ def test_bias_corrected_cache_records_and_reapplies_the_correction(dataset, tmp_
                 "T1w,FLAIR", "--shape", "16", "--scaling", "zscore", "--bias-sigma", "6",
                 "--workers", "1", "--quiet"])
   corrected = cache.Cache.open(tmp_path / "bc")
-  plain = cache.prepare(ds, tmp_path / "plain", cache.Preprocessing(
+  plain = prepare.prepare(ds, tmp_path / "plain", Preprocessing(
       sequences=("T1w", "FLAIR"), shape=(16, 16, 16), scaling="zscore"))
   assert corrected.preprocessing.bias_sigma_mm == 6.0 and plain.preprocessing.bias_sigma_mm == 0
   a = np.asarray(corrected.volumes[0], np.float32)
@@ -397,7 +398,7 @@ def test_bias_corrected_cache_records_and_reapplies_the_correction(dataset, tmp_
                                   "FLAIR": _flair_on_flipped_grid(t1)}, subject="new")
   np.testing.assert_array_equal(cube, corrected.volumes[1])
   with pytest.raises(ConfigError, match="bias_sigma_mm"):
-    cache.Preprocessing(bias_sigma_mm=-1)
+    Preprocessing(bias_sigma_mm=-1)
 
 
 def _row_offset(volumes_path, row: int) -> int:
@@ -412,7 +413,7 @@ def _row_offset(volumes_path, row: int) -> int:
 
 def test_checksums_are_written_and_a_garbled_cache_is_refused(dataset, tmp_path):
   out = tmp_path / "cache"
-  c = cache.prepare(bids.read_bids(dataset, "T1w,FLAIR"), out, PREP)
+  c = prepare.prepare(bids.read_bids(dataset, "T1w,FLAIR"), out, PREP)
   # Independent reference: zlib's CRC-32 of each row's bytes.
   rows = [zlib.crc32(np.ascontiguousarray(v).tobytes()) for v in np.load(out / "volumes.npy")]
   assert c.index["checksums"] == {"algorithm": "crc32", "rows": rows}
@@ -440,7 +441,7 @@ def test_checksums_are_written_and_a_garbled_cache_is_refused(dataset, tmp_path)
 
 def test_an_index_without_checksums_is_refused_unless_it_predates_them(dataset, tmp_path):
   out = tmp_path / "cache"
-  cache.prepare(bids.read_bids(dataset, "T1w"), out, cache.Preprocessing(shape=(8, 8, 8)))
+  prepare.prepare(bids.read_bids(dataset, "T1w"), out, Preprocessing(shape=(8, 8, 8)))
   index = json.loads((out / "index.json").read_text())
   for broken in ({k: v for k, v in index.items() if k != "checksums"},
                  {**index, "checksums": {"algorithm": "md5", "rows": index["checksums"]["rows"]}},
@@ -466,9 +467,9 @@ def test_a_row_that_does_not_read_back_is_an_error(dataset, tmp_path, monkeypatc
     calls.append(1)
     return honest(row) + (1 if len(calls) == 2 else 0)
 
-  monkeypatch.setattr(cache, "row_checksum", lying)
+  monkeypatch.setattr(prepare, "row_checksum", lying)
   with pytest.raises(DataError, match="row 1 \\(sub-02\\) reads back different"):
-    cache.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "c", cache.Preprocessing(
+    prepare.prepare(bids.read_bids(dataset, "T1w"), tmp_path / "c", Preprocessing(
         shape=(8, 8, 8)))
   assert not (tmp_path / "c").exists()
 
@@ -484,8 +485,8 @@ def test_implausible_first_header_does_not_size_the_cube(dataset, tmp_path):
     path.write_bytes(gzip.compress(with_header(raw, **fields)))
     ds = bids.read_bids(dataset, "T1w")
     with pytest.raises(DataError, match=f"sub-01: {path}: .*{what}"):
-      cache.prepare(ds, tmp_path / "strict", cache.Preprocessing())
-    c = cache.prepare(ds, tmp_path / "skip", cache.Preprocessing(), skip_bad=True)
+      prepare.prepare(ds, tmp_path / "strict", Preprocessing())
+    c = prepare.prepare(ds, tmp_path / "skip", Preprocessing(), skip_bad=True)
     assert c.shape == (98, 98, 98) and c.subject_ids == ["sub-02", "sub-03"]
     assert what in c.index["skipped"][0]["reason"]
 

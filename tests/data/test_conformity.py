@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from jax_brainage.data import bids, cache, conformity, simulate
+from jax_brainage.data import bids, cache, conformity, prepare, simulate
 from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -193,8 +193,8 @@ def test_prepare_writes_the_gate_and_an_old_cache_gets_it(make_bids, tmp_path):
     data[4:18, 5:21, 4:17] = rng.integers(300, 900, (14, 16, 13)) * (1 + 0.1 * i)
     subjects[f"sub-{i + 1:02d}"] = {"age": 30 + i, "T1w": nib.Nifti1Image(data, affine)}
   root = make_bids(subjects)
-  prepared = cache.prepare(bids.read_bids(root, "T1w"), tmp_path / "cache",
-                           cache.Preprocessing(shape=(20, 20, 20)))
+  prepared = prepare.prepare(bids.read_bids(root, "T1w"), tmp_path / "cache",
+                             Preprocessing(shape=(20, 20, 20)))
   lines = (tmp_path / "cache" / conformity.QC_TSV).read_text().splitlines()
   header = lines[0].split("\t")
   rows = {r[0]: dict(zip(header, r)) for r in (line.split("\t") for line in lines[1:])}

@@ -1,5 +1,5 @@
 """Fuzz: hostile NIfTI headers and bytes, and hostile participants tables, through
-`bids.read_bids` + `cache.prepare` on a 3-subject 4 mm dataset.
+`bids.read_bids` + `prepare.prepare` on a 3-subject 4 mm dataset.
 
 Every case ends in one of three ways, and the test checks which one is allowed:
 - a one-line `BrainAgeError` naming the culprit (the file, the subject or the table);
@@ -31,7 +31,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jax_brainage.data import bids, cache
+from jax_brainage.data import bids, prepare
+from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import BrainAgeError
 from tests.data.conftest import with_header
 
@@ -40,7 +41,7 @@ ZOOM = 4.0
 AGES = {"sub-01": 25.0, "sub-02": 47.5, "sub-03": 80.0}
 # LAS voxel order, 4 mm, off-centre origin (an ordinary scanner-like header).
 AFFINE = np.array([[-ZOOM, 0, 0, 38.0], [0, ZOOM, 0, -50.0], [0, 0, ZOOM, -30.0], [0, 0, 0, 1]])
-PREP = cache.Preprocessing()  # Default cube from the voxel size: 50^3 at 4 mm.
+PREP = Preprocessing()  # Default cube from the voxel size: 50^3 at 4 mm.
 DEADLINE_S = 20
 # How the mutated file of sub-01 may end: "error" (a one-line BrainAgeError), "same" (success
 # with the unmutated cube), "nibabel" (an error, or success matching nibabel's reading).
@@ -80,7 +81,7 @@ def base(tmp_path_factory):
     anat.mkdir(parents=True)
     (anat / f"{sid}_T1w.nii.gz").write_bytes(gzip.compress(raw[sid], compresslevel=1))
   (root / "participants.tsv").write_text(TABLE)
-  prepared = cache.prepare(bids.read_bids(root), root.parent / "base_cache", PREP)
+  prepared = prepare.prepare(bids.read_bids(root), root.parent / "base_cache", PREP)
   assert prepared.subject_ids == list(AGES) and prepared.shape == (50, 50, 50)
   return {"root": root, "raw": raw, "volumes": np.array(prepared.volumes),
           "records": prepared.records}
@@ -121,7 +122,7 @@ def _run(root: Path, out: Path, skip_bad: bool):
   with _deadline(DEADLINE_S):
     try:
       dataset = bids.read_bids(root, skip_bad=skip_bad)
-      return cache.prepare(dataset, out, PREP, skip_bad=skip_bad), dataset, None
+      return prepare.prepare(dataset, out, PREP, skip_bad=skip_bad), dataset, None
     except BrainAgeError as e:
       return None, None, e
 
@@ -324,7 +325,7 @@ def test_nifti_mutation(base, tmp_path, name, mutate, expect):
     return
   reference = _nibabel_reading(path)
   assert reference is not None, f"{name}: read a file nibabel cannot read"
-  expected, inverse = cache.preprocess_subject({"T1w": reference}, prepared.preprocessing,
+  expected, inverse = preprocess_subject({"T1w": reference}, prepared.preprocessing,
                                                subject="sub-01")
   np.testing.assert_array_equal(cube, expected)
   np.testing.assert_allclose(prepared.inverse(rows["sub-01"]).original_affine,

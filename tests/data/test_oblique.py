@@ -13,6 +13,7 @@ import pytest
 
 from jax_brainage.commands import prepare as prepare_command
 from jax_brainage.data import bids, cache, nifti, prune
+from jax_brainage.data.preprocess import Preprocessing, preprocess_subject
 from jax_brainage.errors import DataError
 from tests.data.conftest import NIBABEL_DATA
 
@@ -70,9 +71,9 @@ def test_oblique_scan_is_resampled_where_its_world_coordinates_say(tmp_path):
   data = _brain()
   oblique_affine = _rotation(30) @ BASE
   img = nib.Nifti1Image(data, oblique_affine)
-  prep = cache.Preprocessing(shape=(40, 40, 40))
-  cube, inverse = cache.preprocess_subject({"T1w": img}, prep, subject="sub-01")
-  straight, _ = cache.preprocess_subject({"T1w": nib.Nifti1Image(data, BASE)}, prep)
+  prep = Preprocessing(shape=(40, 40, 40))
+  cube, inverse = preprocess_subject({"T1w": img}, prep, subject="sub-01")
+  straight, _ = preprocess_subject({"T1w": nib.Nifti1Image(data, BASE)}, prep)
   assert not np.array_equal(cube, straight)  # Before: the same cube as the unrotated scan.
   assert inverse.resampled
   np.testing.assert_allclose(inverse.cube_affine[:3, :3], np.diag([4.0, 4.0, 4.0]), atol=1e-9)
@@ -106,8 +107,8 @@ def test_second_sequence_and_mask_follow_the_oblique_reference():
   affine = _rotation(20, axis=1) @ BASE
   flair = nib.as_closest_canonical(nib.Nifti1Image(data * 0.5, affine))  # Its own voxel order.
   mask = nib.Nifti1Image((data > 0).astype(np.uint8), affine)
-  prep = cache.Preprocessing(sequences=("T1w", "FLAIR"), shape=(40, 40, 40))
-  cube, inverse = cache.preprocess_subject({"T1w": nib.Nifti1Image(data, affine),
+  prep = Preprocessing(sequences=("T1w", "FLAIR"), shape=(40, 40, 40))
+  cube, inverse = preprocess_subject({"T1w": nib.Nifti1Image(data, affine),
                                             "FLAIR": flair}, prep, mask=mask)
   assert inverse.resampled
   np.testing.assert_array_equal(cube[..., 0] > 0, cube[..., 1] > 0)
@@ -116,9 +117,9 @@ def test_second_sequence_and_mask_follow_the_oblique_reference():
 
 def test_oblique_scan_refused_when_resampling_is_off(tmp_path, make_bids):
   affine = _rotation(30) @ BASE
-  prep = cache.Preprocessing(shape=(40, 40, 40), resample_oblique=False)
+  prep = Preprocessing(shape=(40, 40, 40), resample_oblique=False)
   with pytest.raises(DataError, match="oblique voxel-to-world affine .*30.0 degrees") as e:
-    cache.preprocess_subject({"T1w": nib.Nifti1Image(_brain(), affine)}, prep, subject="sub-01")
+    preprocess_subject({"T1w": nib.Nifti1Image(_brain(), affine)}, prep, subject="sub-01")
   assert "\n" not in str(e.value) and "sub-01" in str(e.value)
   root = make_bids({"sub-01": {"age": 30, "T1w": nib.Nifti1Image(_brain(), affine)},
                     "sub-02": {"age": 40, "T1w": nib.Nifti1Image(_brain(), BASE)}})

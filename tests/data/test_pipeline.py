@@ -361,14 +361,15 @@ def test_make_pipeline_is_reiterable_and_picks_host_on_cpu(cohort):
 
 @pytest.mark.parametrize("scaling", ["minmax", "zscore"])
 def test_simulator_source_equals_the_simulated_then_prepared_cache(tmp_path, scaling):
-  from jax_brainage.data import bids, cache, simulate
+  from jax_brainage.data import bids, prepare, simulate
+  from jax_brainage.data.preprocess import Preprocessing
   from jax_brainage.data.simulation.config import CohortConfig
 
   cfg = CohortConfig(seed=3, n=2, resolution_mm=4, sequences=("T1w", "FLAIR"))
   simulate.write_cohort(tmp_path / "bids", cfg, workers=1)
-  prep = cache.Preprocessing(sequences=cfg.sequences, scaling=scaling)
-  prepared = cache.prepare(bids.read_bids(tmp_path / "bids", sequences=cfg.sequences),
-                           tmp_path / "cache", prep)
+  prep = Preprocessing(sequences=cfg.sequences, scaling=scaling)
+  prepared = prepare.prepare(bids.read_bids(tmp_path / "bids", sequences=cfg.sequences),
+                             tmp_path / "cache", prep)
   src = pl.SimulatorSource(cfg, None if scaling == "minmax" else prep)
   assert src.dtype == prepared.volumes.dtype == (np.uint8 if scaling == "minmax" else np.float16)
   assert src.read(np.array([0])).dtype == src.dtype

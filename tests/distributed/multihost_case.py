@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import data as data_lib
 
 STEPS_PER_EPOCH = 4  # 32 training subjects / batch 8
@@ -55,8 +57,8 @@ def make_config(members: int | None = None):
   c.augment.shift_voxels = 1
   members = (2 if members_supported() else 1) if members is None else members
   if members > 1:
-    config_lib.set_key(c, "ensemble.members", members)
-  config_lib.validate(c)
+    config_loading.set_key(c, "ensemble.members", members)
+  config_checks.validate(c)
   return c
 
 
@@ -69,5 +71,5 @@ def simulate_config(root):
   c.data.cache = str(root / "cache")
   c.data.sequences = ("T1w",)
   c.data.workers = 1
-  config_lib.validate(c)
+  config_checks.validate(c)
   return c

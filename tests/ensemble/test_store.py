@@ -156,7 +156,7 @@ def test_inputs_that_do_not_match(ensemble, data):
 
 
 def test_check_cache(two_subs):
-  from jax_brainage.data.cache import Preprocessing
+  from jax_brainage.data.preprocess import Preprocessing
 
   sub = two_subs["subs"][1]
   prep = Preprocessing(sequences=("T1w", "FLAIR"), shape=(16, 16, 16), regions=(3,))

@@ -22,8 +22,9 @@ def explain_workdir(tmp_path_factory) -> Path:
   W/cache."""
   from jax_brainage import demo
   from jax_brainage.data import bids
-  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.data import prepare as prepare_lib
   from jax_brainage.data import simulate
+  from jax_brainage.data.preprocess import Preprocessing
   from jax_brainage.train import trainer
 
   workdir = (tmp_path_factory.mktemp("explain") / "demo").resolve()
@@ -36,9 +37,8 @@ def explain_workdir(tmp_path_factory) -> Path:
   simulate.write_cohort(data, simulate.CohortConfig(
       seed=int(s.seed), n=int(s.n), resolution_mm=int(s.resolution), sequences=sequences),
       workers=1, progress=False)
-  prep = cache_lib.Preprocessing(sequences=sequences,
-                                 shape=tuple(int(v) for v in config.data.image_shape))
-  cache_lib.prepare(bids.read_bids(data, sequences), config.data.cache, prep, workers=1,
-                    progress=False)
+  prep = Preprocessing(sequences=sequences, shape=tuple(int(v) for v in config.data.image_shape))
+  prepare_lib.prepare(bids.read_bids(data, sequences), config.data.cache, prep, workers=1,
+                      progress=False)
   trainer.train_and_evaluate(config, workdir, quiet=True)
   return workdir

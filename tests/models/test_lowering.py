@@ -16,7 +16,8 @@ from jax_brainage import models
 from jax_brainage.errors import ConfigError
 from jax_brainage.explain import maps
 from jax_brainage.models import lowering
-from jax_brainage.train import checkpoint, config as config_lib
+from jax_brainage.train import checkpoint, config_checks
+from jax_brainage.train import config as config_lib
 
 KEY = lambda seed: jax.random.key(seed, impl="rbg")
 
@@ -190,7 +191,7 @@ def test_bad_lowering_is_a_one_line_config_error():
   config = config_lib.base_config()
   config.model.conv_lowering = "winograd"
   with pytest.raises(ConfigError, match="model.conv_lowering"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_lowering_is_not_part_of_the_architecture():

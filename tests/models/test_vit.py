@@ -24,6 +24,8 @@ from jax_brainage.errors import ConfigError, DataError
 from jax_brainage.models import vit as vit_lib
 from jax_brainage.train import artifact, experiment
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import data as data_lib
 from tests.train.conftest import blob_cohort, tiny_config
 
@@ -189,15 +191,15 @@ def test_config_keys_reach_the_model_and_bad_values_are_refused():
                      ("model.vit.num_heads", 3), ("model.vit.depth", 1),
                      ("model.vit.pos_embedding", "sincos"), ("model.flip_average", True),
                      ("model.scale_output", True)):
-    config_lib.set_key(c, key, value)
-  config_lib.validate(c)
+    config_loading.set_key(c, key, value)
+  config_checks.validate(c)
   model = models.get_model("vit", **config_lib.model_kwargs(c, 40.0, 9.0))
   assert (model.patch_size, model.width, model.num_heads, model.depth, model.pos_embedding,
           model.flip_average, model.age_scale, model.mean_age) == (4, 12, 3, 1, "sincos", True,
                                                                     9.0, 40.0)
-  config_lib.set_key(c, "model.vit.num_heads", 5)
+  config_loading.set_key(c, "model.vit.num_heads", 5)
   with pytest.raises(ConfigError, match=r"config.model.vit.width=12: must be a multiple"):
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +216,8 @@ def test_tiny_vit_trains_through_the_experiment_and_loads_as_an_ensemble(tmp_pat
                      ("model.vit.mlp_dim", 24), ("model.scale_output", True),
                      ("optimizer.learning_rate", 3e-3), ("optimizer.name", "adamw"),
                      ("optimizer.grad_clip_norm", 1.0)):
-    config_lib.set_key(config, key, value)
-  config_lib.validate(config)
+    config_loading.set_key(config, key, value)
+  config_checks.validate(config)
   result = experiment.train(config, tmp_path, quiet=True, data=data)
   assert result["stopped"] == "done" and result["step"] == 12
   assert all(np.isfinite(h["val_loss"]) for h in result["history"])

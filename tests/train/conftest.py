@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import data as data_lib
 
 
@@ -37,8 +39,8 @@ def tiny_config(**overrides):
   c.log_every_steps = 2
   c.num_image_summaries = 1
   for key, value in overrides.items():
-    config_lib.set_key(c, key, value)
-  config_lib.validate(c)
+    config_loading.set_key(c, key, value)
+  config_checks.validate(c)
   return c
 
 

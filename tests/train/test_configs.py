@@ -12,6 +12,8 @@ from jax_brainage.errors import ConfigError
 from jax_brainage import models
 from jax_brainage.models import get_model, num_parameters
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import data as data_lib
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +36,9 @@ def test_config_loads_validates_and_documents_its_command(path):
   assert f"brainage train --config configs/{path.name}" in text, "docstring states the command"
   assert "Expected" in text, "docstring states the expected result"
   for arg in [None] + ARGS.get(path.name, []):
-    config = config_lib.load_config(str(path) + (f":{arg}" if arg else ""))
+    config = config_loading.load_config(str(path) + (f":{arg}" if arg else ""))
     assert config.is_locked
-    config_lib.validate(config)
+    config_checks.validate(config)
     kwargs = config_lib.model_kwargs(config, mean_age=50.0)
     get_model(config.model.name, **kwargs)  # every model field the config sets exists
 
@@ -44,7 +46,7 @@ def test_config_loads_validates_and_documents_its_command(path):
 def test_study_configs_build_the_study_networks():
   """MRInet parameter counts from the study (paper.md): 781,265 at 198^3, 209,873 at 98^3."""
   for name, side, expected in (("mrinet_1mm.py", 198, 781_265), ("mrinet_2mm.py", 98, 209_873)):
-    config = config_lib.load_config(str(ROOT / "configs" / name))
+    config = config_loading.load_config(str(ROOT / "configs" / name))
     assert tuple(config.data.image_shape) == (side,) * 3
     model = get_model("mrinet", **config_lib.model_kwargs(config, 50.0))
     assert num_parameters(model, (1, side, side, side, 1)) == expected
@@ -55,8 +57,8 @@ def test_study_configs_build_the_study_networks():
 def test_vit_config_is_the_cpu_presets_cohort_with_a_small_vit():
   """configs/vit.py trains on configs/cpu.py's data (same cohort, cache, split, augmentation)
   and builds the ViT it documents: 10^3 patches of 3 channels, 80 tokens, width 96, 4 blocks."""
-  vit = config_lib.load_config(str(ROOT / "configs" / "vit.py"))
-  cpu = config_lib.load_config(str(ROOT / "configs" / "cpu.py"))
+  vit = config_loading.load_config(str(ROOT / "configs" / "vit.py"))
+  cpu = config_loading.load_config(str(ROOT / "configs" / "cpu.py"))
   assert vit.data.to_dict() == cpu.data.to_dict() and vit.augment.to_dict() == \
       cpu.augment.to_dict() and vit.batch_size == cpu.batch_size
   model = get_model(vit.model.name, **config_lib.model_kwargs(vit, 50.0, 10.0))
@@ -69,8 +71,8 @@ def test_vit_config_is_the_cpu_presets_cohort_with_a_small_vit():
 
 
 def test_overrides_set_typed_values():
-  config = config_lib.load_config(str(ROOT / "configs" / "tiny.py"))
-  config = config_lib.apply_overrides(config, [
+  config = config_loading.load_config(str(ROOT / "configs" / "tiny.py"))
+  config = config_loading.apply_overrides(config, [
       "--config.optimizer.learning_rate", "1e-3", "--config.batch_size=4",
       "--config.data.sequences", "('T1w', 'FLAIR')", "--config.augment.flip_lr", "true",
       "--config.model.name", "sfcn_regression", "--config.optimizer.warmup_steps", "10"])
@@ -79,7 +81,7 @@ def test_overrides_set_typed_values():
   assert config.batch_size == 4 and config.data.sequences == ("T1w", "FLAIR")
   assert config.augment.flip_lr is True and config.model.name == "sfcn_regression"
   # An integer where a float is expected is accepted and stored as float.
-  config = config_lib.apply_overrides(config, ["--config.optimizer.learning_rate", "1"])
+  config = config_loading.apply_overrides(config, ["--config.optimizer.learning_rate", "1"])
   assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate,
                                                               float)
 
@@ -106,9 +108,9 @@ def test_overrides_set_typed_values():
      r"model.flip_average=True: is an MRInet option"),
 ])
 def test_bad_overrides_give_one_line_errors(overrides, match):
-  config = config_lib.load_config(str(ROOT / "configs" / "tiny.py"))
+  config = config_loading.load_config(str(ROOT / "configs" / "tiny.py"))
   with pytest.raises(ConfigError, match=match) as info:
-    config_lib.apply_overrides(config, overrides)
+    config_loading.apply_overrides(config, overrides)
   assert "\n" not in str(info.value)
 
 
@@ -121,7 +123,7 @@ def test_config_file_with_unknown_or_mistyped_key_is_refused(tmp_path):
                      "    c.optimizer.lr = 1e-3\n"
                      "  return c\n")
   with pytest.raises(ConfigError, match=r"unknown.py: unknown config key 'optimizer.lr'"):
-    config_lib.load_config(str(unknown))
+    config_loading.load_config(str(unknown))
   mistyped = tmp_path / "mistyped.py"
   mistyped.write_text("import ml_collections\n"
                       "from jax_brainage.train.config import base_config\n"
@@ -130,27 +132,27 @@ def test_config_file_with_unknown_or_mistyped_key_is_refused(tmp_path):
                       "  c['num_epochs'] = 'many'\n"
                       "  return ml_collections.ConfigDict(c)\n")
   with pytest.raises(ConfigError, match=r"config key 'num_epochs' must be int, got 'many'"):
-    config_lib.load_config(str(mistyped))
+    config_loading.load_config(str(mistyped))
   # Setting an unknown key on a locked base config fails at once (ml_collections' own check).
   with pytest.raises(AttributeError):
     config_lib.base_config().optimizer.lr = 1.0
   with pytest.raises(ConfigError, match="config file .*missing.py not found"):
-    config_lib.load_config(str(tmp_path / "missing.py"))
+    config_loading.load_config(str(tmp_path / "missing.py"))
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(arg=None):\n  return 1 / 0\n")
   with pytest.raises(ConfigError, match="broken.py: ZeroDivisionError"):
-    config_lib.load_config(str(broken))
+    config_loading.load_config(str(broken))
 
 
 def test_fingerprint_ignores_run_length_and_logging_but_not_the_experiment():
   a = config_lib.base_config()
   a.data.cache = "cache"
-  b = config_lib.apply_overrides(a, ["--config.num_epochs", "99", "--config.patience", "3",
+  b = config_loading.apply_overrides(a, ["--config.num_epochs", "99", "--config.patience", "3",
                                      "--config.log_every_steps", "7", "--config.data.workers",
                                      "2"])
   assert config_lib.fingerprint_difference(config_lib.fingerprint(a),
                                            config_lib.fingerprint(b)) is None
-  c = config_lib.apply_overrides(a, ["--config.model.dense_features", "32"])
+  c = config_loading.apply_overrides(a, ["--config.model.dense_features", "32"])
   assert config_lib.fingerprint_difference(config_lib.fingerprint(a), config_lib.fingerprint(c)) \
       == "config.model.dense_features is 64 there, 32 here"
   assert isinstance(a, ml_collections.ConfigDict)
@@ -165,31 +167,31 @@ TINY = str(ROOT / "configs" / "tiny.py")
 def test_a_cache_named_on_the_command_line_must_exist_unless_simulating(tmp_path):
   """`--config.data.cache /nonexistent` with the tiny preset used to simulate 100 subjects there
   and train on them (exit 0); the preset's own cache path is still prepared on first use."""
-  config = config_lib.load_config(TINY)
+  config = config_loading.load_config(TINY)
   missing = str(tmp_path / "nonexistent")
   with pytest.raises(ConfigError, match=rf"config.data.cache='{missing}': no prepared cache "
                                         r"there") as info:
-    config_lib.apply_overrides(config, ["--config.data.cache", missing])
+    config_loading.apply_overrides(config, ["--config.data.cache", missing])
   assert "\n" not in str(info.value)
   # Asking to simulate into it, restating the preset's path, or naming a prepared cache is fine.
   for overrides in (["--config.data.cache", missing, "--config.data.simulate.n", "20"],
                     [f"--config.data.cache={missing}", "--config.data.simulate.out",
                      str(tmp_path / "sim")],
                     ["--config.data.cache", config.data.cache], []):
-    assert config_lib.apply_overrides(config, overrides).data.cache in (missing,
+    assert config_loading.apply_overrides(config, overrides).data.cache in (missing,
                                                                         config.data.cache)
   prepared = tmp_path / "cache"
   prepared.mkdir()
   (prepared / "index.json").write_text("{}")
-  assert config_lib.apply_overrides(config, ["--config.data.cache", str(prepared)]) \
+  assert config_loading.apply_overrides(config, ["--config.data.cache", str(prepared)]) \
       .data.cache == str(prepared)
   # A workdir to start from must be there.
   with pytest.raises(ConfigError, match=rf"config.init_from='{missing}': no such workdir"):
-    config_lib.apply_overrides(config, ["--config.init_from", missing])
-  assert config_lib.apply_overrides(config, ["--config.init_from", str(tmp_path)]).init_from \
+    config_loading.apply_overrides(config, ["--config.init_from", missing])
+  assert config_loading.apply_overrides(config, ["--config.init_from", str(tmp_path)]).init_from \
       == str(tmp_path)
   # Without simulation a missing cache is a ConfigError naming the key (before any training).
-  plain = config_lib.apply_overrides(config_lib.base_config(), [
+  plain = config_loading.apply_overrides(config_lib.base_config(), [
       "--config.data.cache", missing])
   with pytest.raises(ConfigError, match=rf"config.data.cache='{missing}': no such directory"):
     data_lib.open_training_data(plain)
@@ -240,24 +242,24 @@ def _fuzz_cases(seed: int = 0, n: int = 400):
 
 def _check_sane(config):
   """What an accepted config promises: it validates, every float is finite, ints bounded."""
-  config_lib.validate(config)
+  config_checks.validate(config)
   for key, value in _leaves(config):
     for v in (value if isinstance(value, tuple) else (value,)):
       if isinstance(v, float):
         assert np.isfinite(v), key
       if isinstance(v, int) and not isinstance(v, bool):
-        assert abs(v) <= config_lib.MAX_INT, key
+        assert abs(v) <= config_checks.MAX_INT, key
 
 
 def test_config_value_fuzz_gives_one_line_config_errors():
   """A seeded fuzz over `--config.KEY VALUE` overrides of the tiny preset: wrong types,
   negative numbers, NaN/inf, huge values, empty strings, garbage and unknown keys. Every case is
   a one-line ConfigError or a config whose values can work; never another exception."""
-  base = config_lib.load_config(TINY)
+  base = config_loading.load_config(TINY)
   outcomes = {"refused": 0, "accepted": 0}
   for category, key, overrides in _fuzz_cases():
     try:
-      config = config_lib.apply_overrides(base, overrides)
+      config = config_loading.apply_overrides(base, overrides)
     except ConfigError as e:
       assert "\n" not in str(e) and str(e), (overrides, str(e))
       outcomes["refused"] += 1
@@ -305,6 +307,6 @@ def test_config_files_with_bad_values_give_one_line_config_errors(tmp_path):
   path.write_text("\n".join(lines) + "\n")
   for i, (key, value) in enumerate(FILE_MUTATIONS):
     with pytest.raises(ConfigError) as info:
-      config_lib.load_config(f"{path}:{i}")
+      config_loading.load_config(f"{path}:{i}")
     assert "\n" not in str(info.value), (key, value)
     assert key.split(".")[0] in str(info.value), (key, value, str(info.value))

@@ -19,7 +19,7 @@ from jax_brainage.commands import train as train_command
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble import store as store_lib
 from jax_brainage.train import artifact
-from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_loading
 from jax_brainage.train import experiment
 
 CONFIG = "configs/ensemble_tiny.py"
@@ -40,7 +40,7 @@ def overrides(tmp_path_factory):
 def trained(overrides, tmp_path_factory):
   """Interrupted inside the first sub-ensemble, then finished by `brainage train`
   (commands.train.run)."""
-  config = config_lib.apply_overrides(config_lib.load_config(CONFIG), overrides)
+  config = config_loading.apply_overrides(config_loading.load_config(CONFIG), overrides)
   workdir = tmp_path_factory.mktemp("experiment")
   partial = experiment.train_ensemble(config, workdir, quiet=True, max_steps=3)
   args = argparse.Namespace(config=CONFIG, overrides=overrides, workdir=workdir, quiet=True,
@@ -129,7 +129,7 @@ def test_store_restores_members_head_and_validation_metrics(trained):
 
 
 def test_sub_ensemble_reading_a_missing_sequence_is_one_config_error(overrides, tmp_path):
-  config = config_lib.apply_overrides(config_lib.load_config(CONFIG), overrides + [
+  config = config_loading.apply_overrides(config_loading.load_config(CONFIG), overrides + [
       "--config.ensemble.sub_ensembles", "('t1=T1w', 'swi=swi')"])
   with pytest.raises(Exception, match="'swi', which is not in config.data.sequences") as e:
     experiment.train_ensemble(config, tmp_path, quiet=True)

@@ -19,6 +19,8 @@ from jax_brainage.errors import ConfigError
 from jax_brainage.train import artifact
 from jax_brainage.train import checkpoint as ckpt_lib
 from jax_brainage.train import config as config_lib
+from jax_brainage.train import config_checks
+from jax_brainage.train import config_loading
 from jax_brainage.train import loop, trainer
 from jax_brainage.train import members as members_lib
 
@@ -178,7 +180,7 @@ def test_member_groups_and_mesh_size():
   assert members_lib.ensemble_mesh_size(config, 4, (8,)) == 1
   config.ensemble.members, config.ensemble.mesh_size = 4, 3
   with pytest.raises(ConfigError, match="ensemble.mesh_size"):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_early_stopping_waits_for_every_member(make_config):
@@ -202,9 +204,9 @@ def test_early_stopping_waits_for_every_member(make_config):
 ])
 def test_bad_ensemble_keys_are_one_line_config_errors(make_config, key, value, match):
   config = make_config()
-  config_lib.set_key(config, key, value)
+  config_loading.set_key(config, key, value)
   with pytest.raises(ConfigError, match=match) as e:
-    config_lib.validate(config)
+    config_checks.validate(config)
   assert "\n" not in str(e.value)
 
 

@@ -313,16 +313,17 @@ def test_zscore_cache_trains_an_ensemble_through_the_command(tmp_path, capsys):
   import argparse
 
   from jax_brainage.data import bids
-  from jax_brainage.data import cache as cache_lib
+  from jax_brainage.data import prepare as prepare_lib
   from jax_brainage.data import simulate
+  from jax_brainage.data.preprocess import Preprocessing
 
   data, cache = tmp_path / "data", tmp_path / "cache"
   simulate.write_cohort(data, simulate.CohortConfig(seed=0, n=20, resolution_mm=4,
                                                     sequences=("T1w",)),
                         workers=1, progress=False)
-  prep = cache_lib.Preprocessing(sequences=("T1w",), shape=(32, 32, 32), scaling="zscore")
-  prepared = cache_lib.prepare(bids.read_bids(data, ("T1w",)), cache, prep, workers=1,
-                               progress=False)
+  prep = Preprocessing(sequences=("T1w",), shape=(32, 32, 32), scaling="zscore")
+  prepared = prepare_lib.prepare(bids.read_bids(data, ("T1w",)), cache, prep, workers=1,
+                                 progress=False)
   assert prepared.volumes.dtype == np.float16 and np.asarray(prepared.volumes).min() < 0
   parser = argparse.ArgumentParser(prog="brainage")
   train_command.add_parser(parser.add_subparsers(dest="command"))
