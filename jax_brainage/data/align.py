@@ -174,7 +174,7 @@ def to_template(
   if scan_to_template is None:
     matrices, loss = register.register(
         [np.asarray(ref.dataobj, np.float32)], [ref_affine], fixed, fixed_affine,
-        register.Schedule(stages=("rigid", "affine")))
+        dataclasses.replace(register.TEMPLATE_SCHEDULE, stages=("rigid", "affine")))
     fit, loss0 = matrices[0], float(loss[0])  # the affine: where the template lies on the scan
   else:
     fit, loss0 = np.asarray(scan_to_template, np.float64), float("nan")
