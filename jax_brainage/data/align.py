@@ -3,7 +3,8 @@
 Each subject's reference (first) sequence is registered to the template with a head
 (`simulation.acquisition.head_template`: the simulated template's tissue contrasts with a
 synthetic skull and scalp, at the cache's voxel size) by `register.register` (rigid, then
-affine), or moved by a transform the caller knows (`scan_to_template`). `transform="rigid"`
+affine; Mattes mutual information, `register.TEMPLATE_SCHEDULE`: nearer the true affine than
+NCC and a third of ANTs' CPU time, RESULTS.md session 12), or moved by a transform the caller knows (`scan_to_template`). `transform="rigid"`
 keeps only the rigid part of that registration (`rigid_part`: its rotation, about the template
 brain's centre): the scan's pose and grid are undone, its head size and shape kept. (A rigid-only
 NCC registration of a head to a template head of another size stops in a wrong optimum, 14-22 mm
