@@ -10,7 +10,10 @@ Method (the usual one of ANTs/elastix/FSL FLIRT, written for `jax.jit` + `jax.vm
     y = A (x - c) + c + t (x fixed world, y moving world), A = R diag(exp(s + s_iso)) (I + H):
     rotation vector (3), translation t (3, mm), isotropic log scale s_iso (1), log scales s (3)
     and upper-triangular shear H (3); a "rigid" stage optimises the first 6, "similarity" 7,
-    "affine" all 13 (12 degrees of freedom);
+    "affine" all 13 (12 degrees of freedom). A rigid-only schedule suits images of one size
+    (a subject to its own image: 0.04 mm from the pose at 2 mm); a head against a template head
+    of another size can stop in a wrong optimum (14-22 mm off on 3 of 4 subjects at 4 mm with
+    NCC: RESULTS.md, session 12), which is why `align` takes the rigid part of an affine fit;
   - initialised by the centres of mass (t = moving's minus fixed's, in world mm);
   - stages (default: rigid, then affine), each over a pyramid of levels (default 8, 4, 2 mm;
     never finer than the fixed grid): at each level the fixed image is smoothed (Gaussian,
