@@ -4,7 +4,7 @@ model's estimate after `--align template` vs the template-space scan.
     python benchmarks/align.py register --resolution 2 --n 6 [--engines jax,ants] [--polish K]
         [--metric ncc,mi,mi@jitter=0.5] [--problems template,pose] [--transform affine|rigid]
         [--out FILE]
-    python benchmarks/align.py model --workdir W --n 20 [--offset K] [--out FILE]
+    python benchmarks/align.py model --workdir W --n 20 [--offset K] [--tta N] [--out FILE]
 
 `register`: simulates `n` subjects as acquired (`simulation.acquisition`, seed 0) and registers
 them, for each problem, one at a time (JAX with each `--metric`, compile excluded: the first
@@ -26,7 +26,8 @@ subject's own mask, the refined mask or the carried template mask (`MODEL_ROWS`)
 preprocessing, exactly the cube `predict --align template` makes; prints per row the mean
 absolute difference (years) of W's estimates from the template-space estimates, the
 registration errors (mm: affine vs scan_to_template, rigid vs the pose and vs the rigid part of
-scan_to_template) and the masks' Dice against the true brain.
+scan_to_template) and the masks' Dice against the true brain. `--tta N`: every estimate (the
+template-space one too) averaged over N poses, as `brainage predict --tta N`.
 
 ANTsPy is not a project dependency: `pip install antspyx` (benchmarks/requirements.txt).
 """
@@ -45,7 +46,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from jax_brainage.data import align, bids, register, simulate
+from jax_brainage.data import align, augment, bids, register, simulate
 from jax_brainage.data.simulation import acquisition, render
 
 
@@ -335,9 +336,11 @@ def run_model(args) -> dict:
           f"affine {dice['refined'][-1]:.3f} rigid {dice['rigid_refined'][-1]:.3f}, template "
           f"{dice['template'][-1]:.3f}", flush=True)
   predicted = {}
+  # Test-time augmentation (`predict --tta`), the same poses for every row and the template.
+  poses = augment.PoseAverage(args.tta, args.tta_degrees, args.tta_voxels)
   for name, cs in cubes.items():
     volumes = inputs.volumes(model, {key: np.stack(cs)})
-    predicted[name] = np.asarray(model.predict(volumes).ensemble, np.float64)
+    predicted[name] = np.asarray(model.predict(volumes, pose_average=poses).ensemble, np.float64)
   base = predicted["template"]
   rows = []
   for name, p in predicted.items():
@@ -347,6 +350,7 @@ def run_model(args) -> dict:
                  "max_abs_difference_years": float(np.abs(d).max()),
                  "mae_vs_age_years": float(np.abs(p - np.asarray(ages)).mean())})
   out = {"workdir": str(workdir), "indices": indices, "ages": ages, "rows": rows,
+         "pose_average": poses.describe(),
          "predicted": {k: v.tolist() for k, v in predicted.items()},
          "load_average": os.getloadavg()}
   if args.floor_only:
@@ -401,6 +405,10 @@ def main(argv=None) -> int:
   m.add_argument("--n", type=int, default=20)
   m.add_argument("--offset", type=int, default=0,
                  help="skip this many of the sorted test subjects first")
+  m.add_argument("--tta", type=int, default=1, metavar="N",
+                 help="every estimate averaged over N poses (brainage predict --tta)")
+  m.add_argument("--tta-degrees", type=float, default=augment.PoseAverage().rotate_degrees)
+  m.add_argument("--tta-voxels", type=float, default=augment.PoseAverage().shift_voxels)
   m.add_argument("--floor-only", action="store_true",
                  help="only the floor row (no acquisition, no registration: fast)")
   for q in (r, m):

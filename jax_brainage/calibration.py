@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jax_brainage import predict
-from jax_brainage.data import bids, splits
+from jax_brainage.data import augment, bids, splits
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble.model import Ensemble
@@ -65,8 +65,8 @@ def calibration_dataset(model: Ensemble, data: Sequence[str | os.PathLike] | Non
 
 
 def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, workers: int = 1,
-              normalize: bool | None = None, method: str = conformal.METHOD
-              ) -> conformal.Calibration:
+              normalize: bool | None = None, method: str = conformal.METHOD,
+              pose_average: augment.PoseAverage | None = None) -> conformal.Calibration:
   """Predicts the labelled `dataset` and returns its `conformal.Calibration`.
 
   Args:
@@ -74,6 +74,8 @@ def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, wor
       members; a single model has no spread).
     method: how coverage is made to hold across ages, `conformal.METHODS` ("smooth": scores
       scaled by smooth functions of age, one quantile; "mondrian": age bins).
+    pose_average: test-time augmentation of the calibration scans' predictions; predict with
+      the same (it is recorded: `Calibration.pose_average`).
   Raises:
     DataError: a subject without age (named), too few subjects, a non-finite prediction.
   """
@@ -81,7 +83,8 @@ def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, wor
   if unknown:
     raise DataError(f"{source}: calibration needs every subject's age; {unknown[0]} has none")
   subjects, prediction, skipped = predict.predict_dataset(model, dataset, batch_size=batch_size,
-                                                          workers=workers)
+                                                          workers=workers,
+                                                          pose_average=pose_average)
   predict.check_finite(model, subjects, prediction)
   ages = np.asarray([s.age for s in subjects], np.float64)
   if normalize is None:
@@ -89,7 +92,7 @@ def calibrate(model: Ensemble, dataset, *, source: str, batch_size: int = 8, wor
   return conformal.calibration_from_rows(
       [s.subject_id for s in subjects], ages, prediction.ensemble, prediction.corrected(ages),
       prediction.spread, source=source, normalize=normalize, model=artifact.describe(model),
-      method=method)
+      method=method, pose_average=(pose_average or augment.PoseAverage()).describe())
 
 
 def save(workdir: str | os.PathLike, cal: conformal.Calibration) -> Path:

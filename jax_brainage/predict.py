@@ -62,7 +62,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from jax_brainage import fileio
-from jax_brainage.data import conformity, layouts
+from jax_brainage.data import augment, conformity, layouts
 from jax_brainage.data import cache as cache_lib
 from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble.model import Ensemble, EnsemblePrediction, check_cache
@@ -173,7 +173,8 @@ def read_dataset(data: Sequence[str | os.PathLike], sequences: Sequence[str], *,
 
 def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: int = 1,
                     skip_bad: bool = False, inputs: ModelInputs | None = None,
-                    members_per_call: int = 0, qc: list | None = None
+                    members_per_call: int = 0, qc: list | None = None,
+                    pose_average: augment.PoseAverage | None = None
                     ) -> tuple[list[Any], EnsemblePrediction, list[tuple[str, str]]]:
   """Preprocesses (as in training, per sub-ensemble) and predicts every subject of `dataset`.
 
@@ -187,6 +188,8 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
     qc: when a list, one `conformity.Assessment` per predicted subject is appended to it (in the
       order of the returned subjects): the scan against the conformity gate of the first
       sub-ensemble's training cache (`Cache.conformity`).
+    pose_average: test-time augmentation (`augment.PoseAverage`): every estimate is the mean
+      over small rigid poses of the input (for native-space scans after `--align template`).
   Returns:
     (subjects in dataset order, their `EnsemblePrediction`, skipped (subject id, reason)).
   """
@@ -224,8 +227,8 @@ def predict_dataset(model: Ensemble, dataset, *, batch_size: int = 8, workers: i
       qc += conformity.assess_cubes(cubes[gate_key],
                                     [scan_measures.pop(id(s)) for s in batch_subjects],
                                     inputs.views[gate_key].conformity)
-    for name, p in model.predict_members(volumes, batch_size,
-                                         members_per_call=members_per_call).items():
+    for name, p in model.predict_members(volumes, batch_size, members_per_call=members_per_call,
+                                         pose_average=pose_average).items():
       members[name].append(p)
     subjects.extend(batch_subjects)
   stacked = {name: (np.concatenate(p) if p else np.zeros((0, model.sub(name).members)))

@@ -2,13 +2,16 @@
 
     brainage calibrate --workdir W [--data DIR] [--checkpoint best|latest] [--batch-size N]
         [--workers N] [--session S] [--normalize|--no-normalize] [--method smooth|mondrian]
+        [--tta N [--tta-degrees D] [--tta-voxels V]]
 
 Predicts held-out labelled scans (W's validation split by default, read from the dataset its
 training cache was prepared from; or a labelled BIDS dataset `--data`, e.g. for an imported
 model) and stores their residuals in W/calibration.json (atomically). `brainage predict` then
 adds split-conformal intervals for the brain age and the corrected gap (`jax_brainage.ensemble.
 conformal`; `--method`: scores scaled by smooth functions of age, one quantile (default), or
-Mondrian age bins). Prints the residual range at the default level per calibration age bin.
+Mondrian age bins). `--tta`: predict the calibration scans with test-time augmentation, as
+`brainage predict --tta` will (recorded in the calibration). Prints the residual range at the
+default level per calibration age bin.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 from pathlib import Path
 
 from jax_brainage import calibration
+from jax_brainage.commands.predict import add_pose_average_options, pose_average
 from jax_brainage.ensemble import conformal
 from jax_brainage.errors import ConfigError
 from jax_brainage.train import artifact
@@ -42,6 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--method", choices=conformal.METHODS, default=conformal.METHOD,
                  help="smooth: residuals centred and scaled by smooth functions of age, one "
                       "conformal quantile; mondrian: one per age bin of >= 50 scans")
+  add_pose_average_options(p)
   p.set_defaults(func=run)
   return p
 
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
   dataset, source = calibration.calibration_dataset(model, args.data, session=args.session)
   cal = calibration.calibrate(model, dataset, source=source, batch_size=args.batch_size,
                               workers=args.workers, normalize=args.normalize,
-                              method=args.method)
+                              method=args.method, pose_average=pose_average(args))
   path = calibration.save(args.workdir, cal)
   bins = cal.bin_bounds(conformal.LEVEL)["age"]
   widths = ", ".join(f"{b['from']:.0f}-{b['to']:.0f}: {b['high'] - b['low']:.1f}" for b in bins)

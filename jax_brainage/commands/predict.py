@@ -4,7 +4,7 @@
         [--sequences T1w,...] [--batch-size N] [--workers N] [--session S] [--skip-bad]
         [--entities KEY=VALUE,...] [--participants TSV]
         [--qc-out TSV] [--strict-qc]
-        [--calibration DIR] [--level 0.9]
+        [--calibration DIR] [--level 0.9] [--tta N [--tta-degrees D] [--tta-voxels V]]
 
 The model comes from `artifact.load(W)` (one model or an ensemble, one path); its preprocessing
 is that of the cache it was trained on; the TSV's columns are described in
@@ -19,6 +19,14 @@ checkpoint or ensemble store failing its checksums: the file is named) and any p
 that is NaN or infinite: then NOTHING is written (no TSV with some rows marked), and the line
 names the subjects and the sub-ensemble member (or the head, or the bias correction) that gave
 it, since a table with silent "n/a" predictions would read as a success.
+
+`--tta N` (test-time augmentation, `augment.PoseAverage`): every estimate is the mean over N
+small rigid poses of the input (the identity and N-1 drawn within +-`--tta-degrees` and
++-`--tta-voxels`, always the same ones). It makes the estimate of a scan brought to the template
+by `--align template` nearly independent of the registration's last degree or millimetre (README,
+"Preparing your scans"); it costs N forward passes. Intervals hold for predictions made as the
+calibration's were: `brainage calibrate --tta` with the same setting (a warning says when they
+differ).
 
 The conformity gate (`jax_brainage.data.conformity`): every scan is measured against the
 training cache (skull-stripped, tilt, voxel size, intensities, field of view...); the TSV's last
@@ -38,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from jax_brainage import calibration, predict
-from jax_brainage.data import align, bids, splits
+from jax_brainage.data import align, augment, bids, splits
 from jax_brainage.ensemble import conformal
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage import fileio
@@ -88,8 +96,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "W/calibration.json from brainage calibrate, if any)")
   p.add_argument("--level", type=float, default=conformal.LEVEL,
                  help="coverage of the prediction intervals (0.9)")
+  add_pose_average_options(p)
   p.set_defaults(func=run)
   return p
+
+
+def add_pose_average_options(p: argparse.ArgumentParser) -> None:
+  """`--tta N`, `--tta-degrees`, `--tta-voxels` (test-time augmentation), for predict and
+  calibrate."""
+  default = augment.PoseAverage()
+  p.add_argument("--tta", type=int, default=default.poses, metavar="N",
+                 help="average each estimate over N small rigid poses of the input (1 = off; "
+                      "16 for scans aligned with --align template)")
+  p.add_argument("--tta-degrees", type=float, default=default.rotate_degrees, metavar="D",
+                 help="with --tta: largest rotation about each axis (degrees)")
+  p.add_argument("--tta-voxels", type=float, default=default.shift_voxels, metavar="V",
+                 help="with --tta: largest shift along each axis (voxels)")
+
+
+def pose_average(args: argparse.Namespace) -> augment.PoseAverage:
+  """The `augment.PoseAverage` of `--tta*` (ConfigError naming the option when out of range)."""
+  try:
+    return augment.PoseAverage(args.tta, args.tta_degrees, args.tta_voxels)
+  except ConfigError as e:
+    raise ConfigError(f"--tta {args.tta} --tta-degrees {args.tta_degrees:g} --tta-voxels "
+                      f"{args.tta_voxels:g}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,12 +135,13 @@ def run(args: argparse.Namespace) -> int:
                       f"{','.join(inputs.sequences)} (in that order)")
   if not 0 < args.level < 1:
     raise ConfigError(f"--level {args.level} must lie strictly between 0 and 1")
+  poses = pose_average(args)
   cal = None
   if args.calibration:
     cal_data, source = calibration.calibration_dataset(model, args.calibration,
                                                        session=args.session)
     cal = calibration.calibrate(model, cal_data, source=source, batch_size=args.batch_size,
-                                workers=args.workers)
+                                workers=args.workers, pose_average=poses)
   elif conformal.calibration_path(args.workdir).is_file():
     cal = conformal.load_calibration(conformal.calibration_path(args.workdir))
   parts = splits.subject_parts(args.workdir) or None
@@ -119,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
   qc: list = []
   subjects, prediction, skipped = predict.predict_dataset(
       model, dataset, batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
-      inputs=inputs, members_per_call=args.members_per_call, qc=qc)
+      inputs=inputs, members_per_call=args.members_per_call, qc=qc, pose_average=poses)
   for sid, why in skipped:
     print(f"skipped {sid}: {why}", file=sys.stderr)
   if not subjects:
@@ -147,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
   fileio.write_text(qc_out, predict.qc_table(subjects, qc))
   if cal is not None:
     cal.check(args.level, f" ({cal.source})")
+    if cal.pose_average != poses.describe():
+      made, now = (f"with test-time augmentation ({p})" if p else "without test-time "
+                   "augmentation" for p in (cal.pose_average, poses.describe()))
+      print(f"warning: the calibration ({cal.source}) was predicted {made}, these {now}: the "
+            "intervals may not hold (brainage calibrate with the same --tta)", file=sys.stderr)
   predict.write_predictions(args.out, model, subjects, prediction, qc, calibration=cal,
                             level=args.level, parts=parts)
   seen = {}
@@ -179,5 +216,7 @@ def run(args: argparse.Namespace) -> int:
     line += f"; {len(flagged)} flagged by the conformity gate (qc_flags, {qc_out})"
   if cal is not None:
     line += f"; {args.level:.0%} intervals calibrated on {cal.n} scans"
+  if poses.enabled:
+    line += f"; each estimate averaged over {poses.describe()}"
   print(line)
   return 0

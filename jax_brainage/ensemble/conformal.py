@@ -264,6 +264,9 @@ class Calibration:
       `bin_bounds` for "smooth").
     model: the model they were predicted with (`artifact.describe`).
     method: "smooth" (default) or "mondrian" (module docstring); bandwidth, folds: "smooth"'s.
+    pose_average: the test-time augmentation the calibration scans were predicted with
+      (`augment.PoseAverage.describe()`; "" for none): intervals hold for predictions made
+      the same way.
   """
 
   subject_ids: tuple[str, ...]
@@ -279,6 +282,7 @@ class Calibration:
   method: str = METHOD
   bandwidth: float = BANDWIDTH
   folds: int = FOLDS
+  pose_average: str = ""
 
   def __post_init__(self):
     n = len(self.subject_ids)
@@ -407,7 +411,7 @@ class Calibration:
     return {"format": FORMAT, "source": self.source, "model": self.model, "n": self.n,
             "method": self.method, "bandwidth": self.bandwidth, "folds": self.folds,
             "normalize": self.normalize, "min_per_bin": self.min_per_bin,
-            "max_bins": self.max_bins,
+            "max_bins": self.max_bins, "pose_average": self.pose_average,
             "bins_at_default_level": self.bin_bounds(LEVEL), "default_level": LEVEL,
             "subjects": {"participant_id": list(self.subject_ids), "age": self.age,
                          "predicted_age": self.predicted,
@@ -432,7 +436,8 @@ class Calibration:
                  str(d.get("source", "")), bool(d.get("normalize", False)),
                  int(d.get("min_per_bin", MIN_PER_BIN)), int(d.get("max_bins", MAX_BINS)),
                  str(d.get("model", "")), method,
-                 float(d.get("bandwidth", BANDWIDTH)), int(d.get("folds", FOLDS)))
+                 float(d.get("bandwidth", BANDWIDTH)), int(d.get("folds", FOLDS)),
+                 str(d.get("pose_average", "")))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise DataError(f"{where}: not a calibration record ({e}); run brainage calibrate "
                       "again") from None
@@ -463,10 +468,11 @@ def coverage_by_bin(low: Any, high: Any, truth: Any, by: Any, bins: int = 10
 
 def calibration_from_rows(subject_ids: Sequence[str], age: Any, predicted: Any, corrected: Any,
                           spread: Any, *, source: str, normalize: bool, model: str = "",
-                          min_per_bin: int = MIN_PER_BIN, method: str = METHOD) -> Calibration:
+                          min_per_bin: int = MIN_PER_BIN, method: str = METHOD,
+                          pose_average: str = "") -> Calibration:
   """A `Calibration`; warns (SmallSampleWarning) when it is too small for the default level."""
   cal = Calibration(tuple(subject_ids), age, predicted, corrected, spread, source, normalize,
-                    min_per_bin, MAX_BINS, model, method)
+                    min_per_bin, MAX_BINS, model, method, pose_average=pose_average)
   cal.check(LEVEL, f" ({source})")
   return cal
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jax_brainage import fileio, models, sharding
-from jax_brainage.data import intensity
+from jax_brainage.data import augment, intensity
 from jax_brainage.data.preprocess import Preprocessing
 from jax_brainage.ensemble import correction as correction_lib
 from jax_brainage.ensemble import head as head_lib
@@ -106,24 +106,28 @@ class SubEnsemble:
                       f"{' @ ' + '+'.join(self.regions) if self.regions else ''}), got "
                       f"{list(shape)}")
 
-  def forward(self) -> Callable:
+  def forward(self, pose_average: augment.PoseAverage | None = None) -> Callable:
     """Jitted `(stacked variables, volumes [n, X, Y, Z, C]) -> predicted ages [n, M]` (years).
 
-    Volumes are uint8 (scaled / 255 as in training) or floating (used as they are).
+    Volumes are uint8 (scaled / 255 as in training) or floating (used as they are). With a
+    `pose_average` every member's estimate is its mean over the poses (test-time augmentation).
     """
-    if "forward" not in self._compiled:
+    pose_average = pose_average or augment.PoseAverage()
+    key = ("forward", pose_average)
+    if key not in self._compiled:
       model = models.lowering.for_inference(self.model)  # im2col convs on CPU: same numbers
 
       def apply(variables, volumes):
-        x = intensity.to_unit_float(volumes)
+        def ages(x):
+          def one(v):  # one member on the whole batch
+            return models.predicted_age(model, model.apply(v, x, train=False))
 
-        def one(v):  # one member on the whole batch
-          return models.predicted_age(model, model.apply(v, x, train=False))
+          return jax.vmap(one)(variables).T  # [M, n] -> [n, M]
 
-        return jax.vmap(one)(variables).T  # [M, n] -> [n, M]
+        return pose_average.average(ages, intensity.to_unit_float(volumes))
 
-      self._compiled["forward"] = jax.jit(apply)
-    return self._compiled["forward"]
+      self._compiled[key] = jax.jit(apply)
+    return self._compiled[key]
 
   def member_groups(self, members_per_call: int = 0) -> list[slice]:
     """Member slices evaluated per call: all at once (0, the default) or groups of
@@ -133,12 +137,14 @@ class SubEnsemble:
 
   def predict(self, volumes: Any, batch_size: int = 8,
               devices: Sequence[jax.Device] | None = None, *,
-              members_per_call: int = 0) -> np.ndarray:
+              members_per_call: int = 0,
+              pose_average: augment.PoseAverage | None = None) -> np.ndarray:
     """Every member's predicted age `[n, M]` (years, float32) of volumes `[n, X, Y, Z, C]`.
 
     Fixed-size batches (the last one padded: one compiled shape) split over `devices` (default:
     this process's); all members in the same call unless `members_per_call` > 0 (groups of
-    members one after another, for memory).
+    members one after another, for memory); averaged over the poses of `pose_average`
+    (test-time augmentation, `augment.PoseAverage`) when given.
     """
     volumes = np.asarray(volumes) if not isinstance(volumes, np.ndarray) else volumes
     self.check_inputs(volumes.shape)
@@ -154,7 +160,7 @@ class SubEnsemble:
                              for g in groups]
     placed = self._compiled[key]
     batch = sharding.batch_sharding(mesh)
-    forward = self.forward()
+    forward = self.forward(pose_average)
     out = []
     for start in range(0, len(volumes), batch_size):
       chunk = np.ascontiguousarray(volumes[start:start + batch_size])
@@ -266,20 +272,25 @@ class Ensemble:
     return {s: inputs[s] for s in self.names}
 
   def predict_members(self, inputs: Mapping[str, Any], batch_size: int = 8, *,
-                      members_per_call: int = 0) -> dict[str, np.ndarray]:
+                      members_per_call: int = 0,
+                      pose_average: augment.PoseAverage | None = None) -> dict[str, np.ndarray]:
     """{sub name: volumes `[n, X, Y, Z, C]`} -> {sub name: members' predicted ages `[n, M]`}.
 
-    A single-sub-ensemble ensemble also takes the volumes array itself. `members_per_call`:
-    see `SubEnsemble.predict` (0: every member of a sub-ensemble in one call).
+    A single-sub-ensemble ensemble also takes the volumes array itself. `members_per_call`,
+    `pose_average`: see `SubEnsemble.predict` (0: every member of a sub-ensemble in one call;
+    None: no test-time augmentation).
     """
     inputs = self._inputs(inputs)
-    return {s.name: s.predict(inputs[s.name], batch_size, members_per_call=members_per_call)
+    return {s.name: s.predict(inputs[s.name], batch_size, members_per_call=members_per_call,
+                              pose_average=pose_average)
             for s in self.subs}
 
   def predict(self, inputs: Mapping[str, Any], batch_size: int = 8, *,
-              members_per_call: int = 0) -> EnsemblePrediction:
+              members_per_call: int = 0,
+              pose_average: augment.PoseAverage | None = None) -> EnsemblePrediction:
     """Member, sub-ensemble and ensemble predictions with their spread (years)."""
-    members = self.predict_members(inputs, batch_size, members_per_call=members_per_call)
+    members = self.predict_members(inputs, batch_size, members_per_call=members_per_call,
+                                   pose_average=pose_average)
     return self.combine(members)
 
   def combine(self, members: Mapping[str, np.ndarray]) -> EnsemblePrediction:
