@@ -33,6 +33,9 @@ members adds `uncertainty` (the standard deviation of all members' estimates, ye
 sub-ensemble's prediction `pred_<sub>` and every member's `pred_<sub>_m<k>` (member k was trained
 with seed + k).
 
+With `pose_average` (`brainage predict --tta N`, `augment.PoseAverage`) every estimate is the mean
+over N small rigid poses of the input: for native-space scans after `--align template`.
+
 With a calibration (`brainage calibrate`: W/calibration.json, `jax_brainage.ensemble.conformal`)
 the TSV adds calibrated intervals at `interval_level` (default 0.9): `predicted_age_low
 predicted_age_high` (split-conformal, conditional on the chronological age; on the predicted age

@@ -17,6 +17,9 @@ Per example, in this order (each step off unless configured):
 Nothing clips intensities: the same code augments [0, 1] images and z-scores, and every fill
 (outside the volume after a shift or rotation) is 0, the background of both scalings.
 
+`PoseAverage` is the test-time counterpart (`brainage predict --tta N`): a prediction averaged
+over fixed, seeded rigid poses of the input, through the same `rigid_resample`.
+
 The geometric convention matches `scipy.ndimage.affine_transform`: output voxel o reads the
 input at R^T (o - c - s) + c, with c = (shape - 1) / 2 the centre and s the shift, so content
 moves by +s (like `np.roll(x, s)` without the wrap-around).
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -303,7 +306,7 @@ class PoseAverage:
     return (f"{self.poses} poses within {self.rotate_degrees:g} degrees and "
             f"{self.shift_voxels:g} voxel (seed {self.seed})")
 
-  def average(self, predict_fn, images: jax.Array) -> jax.Array:
+  def average(self, predict_fn: Callable[[jax.Array], jax.Array], images: jax.Array) -> jax.Array:
     """The mean over poses of `predict_fn(posed images)` (traceable: use inside jit).
 
     Args:
