@@ -357,3 +357,41 @@ def test_predict_ensemble_errors(workdir, ensemble_workdir, capsys, tmp_path):
   err = _one_line_error(capsys, argv, "preprocessing shape is [32, 32, 32] now")
   assert "t1x2" in err
   assert not (tmp_path / "p.tsv").exists()
+
+
+def test_predict_with_pose_averaging_and_the_calibration_it_was_made_with(workdir, capsys,
+                                                                          tmp_path):
+  from jax_brainage.data import augment
+
+  data = workdir / "data"
+  files = sorted(data.glob("sub-*/anat/*_T1w.nii.gz"))[:3]
+  ids = [f.name.split("_")[0] for f in files]
+  out = tmp_path / "tta.tsv"
+  assert cli(["predict", "--workdir", str(workdir), "--data", *map(str, files), "--out",
+              str(out), "--workers", "1", "--tta", "3"]) == 0
+  assert "each estimate averaged over 3 poses within 5 degrees" in capsys.readouterr().out
+  model = artifact.load(workdir)
+  index = json.loads((workdir / "cache" / "index.json").read_text())
+  cache_row = {s["subject_id"]: i for i, s in enumerate(index["subjects"])}
+  volumes = np.load(workdir / "cache" / "volumes.npy")[[cache_row[i] for i in ids]]
+  expected = model.predict(volumes[..., model_channels(workdir)],
+                           pose_average=augment.PoseAverage(3)).ensemble
+  np.testing.assert_allclose([float(r["predicted_age"]) for r in read_tsv(out)], expected,
+                             atol=2e-3)
+  # A calibration made without the poses: intervals come with a one-line warning; made with
+  # them, none. (A copy of the workdir: the calibration is written into it.)
+  w = tmp_path / "W"
+  shutil.copytree(workdir, w, symlinks=True)
+  argv = ["predict", "--workdir", str(w), "--data", *map(str, files), "--out", str(out),
+          "--workers", "1", "--tta", "3"]
+  for tta, warned in (("1", True), ("3", False)):
+    assert cli(["calibrate", "--workdir", str(w), "--workers", "1", "--tta", tta]) == 0
+    capsys.readouterr()
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    assert ("was predicted without test-time augmentation, these with test-time augmentation "
+            "(3 poses within 5 degrees and 1 voxel (seed 0))" in err) is warned, err
+  assert cli(["predict", "--workdir", str(w), "--data", str(files[0]), "--out", str(out),
+              "--tta", "0"]) == 2
+  assert "--tta 0 --tta-degrees 5 --tta-voxels 1: poses must be a positive integer" in (
+      capsys.readouterr().err)
